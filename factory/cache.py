@@ -1,0 +1,97 @@
+"""Content-addressed cache of finished work, so that a re-run redoes nothing it has done.
+
+Keys are sha256 digests of (step config, input rows, model id); values are parquet frames
+(step outputs) or JSON (LLM replies). Every write goes to a temporary file first and is
+renamed into place, so a crash never leaves a half-written entry that a later run would
+trust.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import polars as pl
+
+
+def frame_digest(frame: pl.DataFrame) -> str:
+    """A digest of a frame's schema and rows.
+
+    Hashes the Arrow IPC bytes at the oldest compatibility level: that converts polars'
+    string views to plain offsets and data, so the bytes depend on the content only, not
+    on how the buffers were built (a sliced batch and the same rows read back from
+    parquet hash alike).
+    """
+    import hashlib
+
+    sink = io.BytesIO()
+    frame.rechunk().write_ipc(sink, compression="uncompressed", compat_level=pl.CompatLevel.oldest())
+    return hashlib.sha256(sink.getvalue()).hexdigest()
+
+
+class Cache:
+    """Files under ``root/<namespace>/<key[:2]>/<key>.<ext>``."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    def _path(self, namespace: str, key: str, ext: str) -> Path:
+        return self.root / namespace / key[:2] / f"{key}.{ext}"
+
+    def _write(self, path: Path, write) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
+        os.close(fd)
+        try:
+            write(tmp)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def get_frame(self, namespace: str, key: str) -> pl.DataFrame | None:
+        path = self._path(namespace, key, "parquet")
+        if not path.is_file():
+            return None
+        try:
+            return pl.read_parquet(path)
+        except Exception:  # a corrupt entry (disk full, foreign file) is a miss, not a crash
+            return None
+
+    def put_frame(self, namespace: str, key: str, frame: pl.DataFrame) -> None:
+        self._write(self._path(namespace, key, "parquet"), lambda tmp: frame.write_parquet(tmp))
+
+    def get_json(self, namespace: str, key: str):
+        path = self._path(namespace, key, "json")
+        if not path.is_file():
+            return None
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+
+    def put_json(self, namespace: str, key: str, value) -> None:
+        text = json.dumps(value, ensure_ascii=False)
+        self._write(self._path(namespace, key, "json"), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+class NullCache(Cache):
+    """A cache that stores nothing (``--no-cache``)."""
+
+    def __init__(self):
+        super().__init__(os.devnull)
+
+    def get_frame(self, namespace, key):
+        return None
+
+    def put_frame(self, namespace, key, frame):
+        pass
+
+    def get_json(self, namespace, key):
+        return None
+
+    def put_json(self, namespace, key, value):
+        pass

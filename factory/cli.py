@@ -1,0 +1,197 @@
+"""The ``factory`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import textwrap
+
+from .errors import FactoryError, RecipeError
+
+DESCRIPTION = """\
+The factory: build synthetic training datasets from declarative YAML recipes.
+
+A recipe chains task generators, solvers, judges and filters; each run writes an
+immutable, versioned Hugging Face dataset (parquet shards, manifest.json, a dataset card
+and the rejected rows) to OUT/<name>/v<N>.
+"""
+
+EPILOG = """\
+examples:
+  factory validate recipes/quickstart.yaml
+  factory run recipes/quickstart.yaml --out out
+  factory run recipes/quickstart.yaml --set steps[0].self_instruct.num_tasks=8
+  factory inspect out/quickstart/v1
+  factory steps solve
+
+Exit codes: 0 success, 2 bad input (recipe, data, unreachable server), 130 interrupted.
+"""
+
+
+def _add_set(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+                        help="override a recipe key (value read as YAML); repeatable, e.g. "
+                             "--set steps[1].solve.samples=4 --set llm.model=./my-model")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="factory", description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"factory {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run a recipe and write a new dataset version",
+                         description="Run RECIPE and write OUT/<name>/v<N>. Finished batches are cached, so "
+                                     "re-running the same command after a crash resumes. The last line printed "
+                                     "is the version folder.")
+    run.add_argument("recipe", help="the recipe YAML file")
+    run.add_argument("--out", default="out", help="output folder (default: out)")
+    _add_set(run)
+    run.add_argument("--cache-dir", default=None, help="cache folder (default: OUT/.cache)")
+    run.add_argument("--no-cache", action="store_true", help="neither read nor write the cache")
+    run.add_argument("--parent", default=None, help="record this version folder as the parent in the manifest")
+    run.add_argument("--quiet", action="store_true", help="no progress bars")
+    run.set_defaults(func=cmd_run)
+
+    validate = sub.add_parser("validate", help="check a recipe without running it",
+                              description="Check RECIPE (YAML, keys, types, files, columns) without loading any "
+                                          "model. Exit 0 when valid, 2 with one line per problem otherwise.")
+    validate.add_argument("recipe", help="the recipe YAML file")
+    _add_set(validate)
+    validate.add_argument("--print", dest="print_resolved", action="store_true",
+                          help="print the resolved recipe (every default filled in) as YAML")
+    validate.set_defaults(func=cmd_validate)
+
+    inspect = sub.add_parser("inspect", help="show counts, drop reasons, lengths and examples of a version",
+                             description="Summarise a dataset version: rows, columns, per-step counts and drop "
+                                         "reasons, text lengths and a few examples.")
+    inspect.add_argument("version_dir", help="a version folder such as out/quickstart/v1")
+    inspect.add_argument("--examples", type=int, default=3, help="examples to show (default: 3)")
+    inspect.add_argument("--json", action="store_true", help="print the summary as JSON")
+    inspect.set_defaults(func=cmd_inspect)
+
+    model = sub.add_parser("model", help="model utilities (export the embedded model as a Hugging Face folder)",
+                           description="Model utilities.")
+    model_sub = model.add_subparsers(dest="model_command", metavar="ACTION", required=True)
+    export = model_sub.add_parser("export-embedded", help="write the embedded SmolLM2-135M-Instruct as a plain "
+                                  "Hugging Face folder (safetensors, tokenizer, config)",
+                                  description="Write the embedded SmolLM2-135M-Instruct (de-quantised from its GGUF) "
+                                              "as a Hugging Face folder that vLLM, the trainers and other tools "
+                                              "load without any download.")
+    export.add_argument("out_dir", help="folder to write")
+    export.set_defaults(func=cmd_export_embedded)
+
+    steps = sub.add_parser("steps", help="list the steps a recipe can use, with their options",
+                           description="List recipe steps, or every option of one step with its default and help.")
+    steps.add_argument("name", nargs="?", help="a step name, e.g. solve")
+    steps.set_defaults(func=cmd_steps)
+    return parser
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def cmd_run(args) -> int:
+    from .build import format_summary, run_recipe
+    from .recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    version_dir, manifest, _ = run_recipe(recipe, args.out, cache_dir=args.cache_dir, use_cache=not args.no_cache,
+                                          progress=not args.quiet, parent=args.parent)
+    print(format_summary(manifest))
+    if manifest["rows"] == 0:
+        print("warning: the version has no rows; see rejected/ and `factory inspect` for why", file=sys.stderr)
+    print(version_dir)
+    return 0
+
+
+def cmd_validate(args) -> int:
+    from .recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    if args.print_resolved:
+        import yaml
+
+        print(yaml.safe_dump(recipe.resolved(), sort_keys=False).rstrip())
+    chain = " -> ".join(s.name for s in recipe.steps)
+    llm = recipe.llm
+    print(f"{args.recipe}: ok ({len(recipe.steps)} steps: {chain}; llm {llm.backend}:{getattr(llm, 'model', '')}; "
+          f"columns at the end: {', '.join(recipe.columns_after())})")
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from .inspect import render, summarize
+
+    info = summarize(args.version_dir, examples=args.examples)
+    print(json.dumps(info, indent=2, ensure_ascii=False, default=str) if args.json else render(info))
+    return 0
+
+
+def cmd_export_embedded(args) -> int:
+    from .models import EMBEDDED, export_model
+
+    print(export_model(EMBEDDED, args.out_dir))
+    return 0
+
+
+def cmd_steps(args) -> int:
+    import dataclasses
+
+    from .config import closest
+    from .steps import registry
+
+    known = registry()
+    if args.name is None:
+        for name, cls in known.items():
+            doc = (cls.__doc__ or "").strip().splitlines()[0]
+            print(f"{name:<16} {cls.kind:<7} {doc}")
+        return 0
+    if args.name not in known:
+        match = closest(args.name, known)
+        raise FactoryError(f"unknown step '{args.name}'; " + (f"did you mean '{match}'?" if match else
+                                                              f"steps: {', '.join(known)}"))
+    cls = known[args.name]
+    print(textwrap.dedent(cls.__doc__ or "").strip())
+    print("\noptions:")
+    for f in dataclasses.fields(cls.Config):
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else "(required)")
+        print(f"  {f.name} = {default!r}")
+        print(textwrap.fill(f.metadata.get("help", ""), width=96, initial_indent="      ",
+                            subsequent_indent="      "))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    _quiet_libraries()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return args.func(args)
+    except RecipeError as err:
+        for problem in err.problems:
+            print(f"error: {problem.format()}", file=sys.stderr)
+        return 2
+    except FactoryError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # output piped into `head`
+        sys.stderr.close()
+        return 0
+    except KeyboardInterrupt:
+        print("\ninterrupted: finished batches are cached; run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

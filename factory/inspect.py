@@ -1,0 +1,99 @@
+"""``factory inspect``: what is in a dataset version, at a glance."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+
+import polars as pl
+
+from .store import read_manifest, read_version
+
+
+def length_stats(table: pl.DataFrame) -> list[dict]:
+    """Character and word lengths of each text column."""
+    rows = []
+    for column, dtype in table.schema.items():
+        if dtype != pl.String:
+            continue
+        text = table[column].drop_nulls()
+        if text.is_empty():
+            continue
+        chars = text.str.len_chars()
+        words = text.str.split(" ").list.len()
+        rows.append({"column": column, "min": int(chars.min()), "median": int(chars.median()),
+                     "mean": round(float(chars.mean()), 1), "max": int(chars.max()),
+                     "mean_words": round(float(words.mean()), 1)})
+    return rows
+
+
+def summarize(version_dir: str | Path, examples: int = 3) -> dict:
+    """Everything ``inspect`` shows, as data."""
+    manifest = read_manifest(version_dir)
+    table = read_version(version_dir)
+    rejected = read_version(version_dir, "rejected")
+    info = {
+        "path": str(version_dir),
+        "name": manifest["name"],
+        "version": manifest["version"],
+        "created_at": manifest.get("created_at"),
+        "recipe_hash": manifest.get("recipe_hash"),
+        "parent": manifest.get("parent"),
+        "models": sorted({m["model_id"] for m in manifest.get("models", [])}),
+        "rows": table.height,
+        "rejected_rows": rejected.height,
+        "columns": {c: str(t) for c, t in table.schema.items()},
+        "steps": [{k: s[k] for k in ("index", "name", "rows_in", "rows_out", "dropped", "seconds")}
+                  for s in manifest.get("steps", [])],
+        "drop_reasons": (dict(rejected.group_by("drop_step", "drop_reason").len()
+                              .sort("drop_step", "drop_reason")
+                              .select(pl.format("{} {}", "drop_step", "drop_reason"), "len").iter_rows())
+                         if rejected.height else {}),
+        "lengths": length_stats(table.drop("messages") if "messages" in table.columns else table),
+        "examples": table.head(examples).to_dicts(),
+    }
+    for column in ("score",):
+        if column in table.columns and table[column].dtype.is_numeric():
+            values = table[column].drop_nulls()
+            if len(values):
+                info[f"{column}_stats"] = {"min": float(values.min()), "mean": round(float(values.mean()), 3),
+                                           "max": float(values.max())}
+    return info
+
+
+def render(info: dict, width: int = 100) -> str:
+    """``summarize``'s result as text for the terminal."""
+    out = [f"{info['path']}  ({info['name']} v{info['version']}, created {info['created_at']}, "
+           f"recipe {str(info['recipe_hash'])[:12]})"]
+    if info["parent"]:
+        out.append(f"parent: {info['parent']}")
+    if info["models"]:
+        out.append(f"models: {', '.join(info['models'])}")
+    out.append(f"rows: {info['rows']}   rejected: {info['rejected_rows']}")
+    out.append("columns: " + ", ".join(f"{c} ({t})" for c, t in info["columns"].items()))
+    if info["steps"]:
+        out.append("")
+        out.append(f"{'step':<24} {'in':>7} {'out':>7} {'secs':>7}  dropped")
+        for s in info["steps"]:
+            dropped = ", ".join(f"{k}={v}" for k, v in s["dropped"].items()) or "-"
+            out.append(f"{'[' + str(s['index']) + '] ' + s['name']:<24} {s['rows_in']:>7} {s['rows_out']:>7} "
+                       f"{s['seconds']:>7.1f}  {dropped}")
+    if info["lengths"]:
+        out.append("")
+        out.append(f"{'length (chars)':<24} {'min':>7} {'median':>7} {'mean':>9} {'max':>7} {'words':>7}")
+        for row in info["lengths"]:
+            out.append(f"{row['column']:<24} {row['min']:>7} {row['median']:>7} {row['mean']:>9} {row['max']:>7} "
+                       f"{row['mean_words']:>7}")
+    if "score_stats" in info:
+        s = info["score_stats"]
+        out.append(f"\nscore: min {s['min']:g}, mean {s['mean']:g}, max {s['max']:g}")
+    for i, example in enumerate(info["examples"]):
+        out.append(f"\n--- example {i + 1} of {info['rows']} ---")
+        for key, value in example.items():
+            if key == "messages":
+                continue
+            text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, default=str)
+            text = textwrap.shorten(text, width=max(40, width - len(key) - 2) * 3, placeholder=" ...")
+            out.append(textwrap.fill(f"{key}: {text}", width=width, subsequent_indent="    "))
+    return "\n".join(out)

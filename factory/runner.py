@@ -1,0 +1,218 @@
+"""The local runner: executes a recipe's steps in order on one machine.
+
+Row steps run over batches of ``batch_size`` rows and global steps over the whole table.
+Every batch's output is cached under a key made of the step's identity (class, config,
+seed, model) and the batch's content, so a re-run -- or a run restarted after a crash --
+reuses finished batches and redoes only the one that was in flight. Rows a step drops go
+to the rejected table with the step and the reason.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+import polars as pl
+
+from .cache import Cache, NullCache, frame_digest
+from .config import to_dict
+from .errors import FactoryError
+from .llm import create_backend, fingerprint
+from .llm.client import LLMClient
+from .steps.base import DROP, DROP_DETAIL, INTERNAL_PREFIX, RAW_REPLY, Step, _NoProgress
+
+BACKEND_FAILURES = {"backend_error"}
+
+
+@dataclass
+class StepStats:
+    """What one step did: rows in and out, drops per reason, time, cache hits, LLM usage."""
+
+    index: int
+    name: str
+    kind: str
+    rows_in: int = 0
+    rows_out: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+    batches: int = 0
+    cached_batches: int = 0
+    llm: dict | None = None
+
+    @property
+    def label(self) -> str:
+        return f"steps[{self.index}].{self.name}"
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class RunResult:
+    table: pl.DataFrame
+    rejected: pl.DataFrame
+    steps: list[StepStats]
+    seconds: float
+
+
+def split_dropped(frame: pl.DataFrame, label: str) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Splits a step's output into kept rows (internal columns removed) and dropped rows."""
+    if DROP not in frame.columns:
+        frame = frame.with_columns(pl.lit(None, dtype=pl.String).alias(DROP))
+    internal = [c for c in frame.columns if c.startswith(INTERNAL_PREFIX)]
+    kept = frame.filter(pl.col(DROP).is_null()).drop(internal)
+    dropped = frame.filter(pl.col(DROP).is_not_null())
+    renames = {DROP: "drop_reason", RAW_REPLY: "raw_reply", DROP_DETAIL: "drop_detail"}
+    dropped = dropped.rename({k: v for k, v in renames.items() if k in dropped.columns})
+    dropped = dropped.drop([c for c in dropped.columns if c.startswith(INTERNAL_PREFIX)])
+    return kept, dropped.with_columns(pl.lit(label).alias("drop_step"))
+
+
+class LocalRunner:
+    """Runs a recipe in this process.
+
+    Args:
+        cache: where finished batches and LLM replies are kept (None: no cache).
+        progress: show a progress bar per step on stderr.
+        backend_factory: builds a backend from a validated llm config (tests inject
+            scripted backends here).
+    """
+
+    def __init__(self, cache: Cache | None = None, *, progress: bool = True, backend_factory=create_backend):
+        self.cache = cache or NullCache()
+        self.progress = progress
+        self.backend_factory = backend_factory
+        self.backends: dict[str, object] = {}
+
+    def backend_for(self, llm_config):
+        key = fingerprint(to_dict(llm_config))
+        if key not in self.backends:
+            self.backends[key] = self.backend_factory(llm_config)
+        return self.backends[key]
+
+    def preflight(self, recipe) -> None:
+        """Checks every backend the recipe uses (server reachable, GPU present) before any work."""
+        for step in recipe.steps:
+            if step.uses_llm:
+                self.backend_for(step.llm_config).check()
+
+    def run(self, recipe, table: pl.DataFrame | None = None) -> RunResult:
+        """Runs all steps of ``recipe`` on ``table`` (default: the recipe's source)."""
+        start = time.perf_counter()
+        if table is None:
+            table = recipe.source.read() if recipe.source else pl.DataFrame()
+        rejected_parts: list[pl.DataFrame] = []
+        all_stats: list[StepStats] = []
+        try:
+            for step in recipe.steps:
+                stats = StepStats(step.index, step.name, step.kind, rows_in=table.height)
+                began = time.perf_counter()
+                if step.uses_llm:
+                    backend = self.backend_for(step.llm_config)
+                    step.llm = LLMClient(backend, self.cache, seed=recipe.seed)
+                    retries_before = backend.stats.retries
+                    reasons_before = dict(backend.stats.retry_reasons)
+                if step.kind == "global":
+                    kept, dropped = self._run_global(step, table, stats)
+                else:
+                    kept, dropped = self._run_rows(step, table, stats, recipe.header.batch_size,
+                                                   recipe.header.max_failure_rate)
+                stats.rows_out = kept.height
+                stats.dropped = dict(sorted(dropped["drop_reason"].value_counts().iter_rows())) \
+                    if dropped.height else {}
+                stats.seconds = round(time.perf_counter() - began, 3)
+                if step.uses_llm:
+                    stats.llm = {**step.llm.backend.describe(), **asdict(step.llm.usage),
+                                 "retries": backend.stats.retries - retries_before,
+                                 "retry_reasons": _diff(backend.stats.retry_reasons, reasons_before)}
+                all_stats.append(stats)
+                if dropped.height:
+                    rejected_parts.append(dropped)
+                table = kept
+        finally:
+            for backend in self.backends.values():
+                backend.close()
+            self.backends.clear()
+        rejected = pl.concat(rejected_parts, how="diagonal_relaxed") if rejected_parts else pl.DataFrame(
+            schema={"drop_reason": pl.String, "drop_step": pl.String})
+        return RunResult(table, rejected, all_stats, round(time.perf_counter() - start, 3))
+
+    def _bar(self, step: Step, total: int | None):
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, desc=f"[{step.index}] {step.name}", unit="row", file=sys.stderr,
+                    disable=not self.progress, dynamic_ncols=True, mininterval=0.5, leave=True)
+
+    def _run_rows(self, step: Step, table: pl.DataFrame, stats: StepStats, batch_size: int,
+                  max_failure_rate: float):
+        step_key = step.fingerprint()
+        kept_parts, dropped_parts = [], []
+        failures = processed = 0
+        with self._bar(step, table.height) as bar:
+            for offset in range(0, table.height, batch_size):
+                batch = table.slice(offset, batch_size)
+                key = fingerprint([step_key, frame_digest(batch)])
+                out = self.cache.get_frame("steps", key)
+                if out is None:
+                    out = step.process(batch)
+                    if not isinstance(out, pl.DataFrame):
+                        raise TypeError(f"{type(step).__name__}.process returned {type(out).__name__}, "
+                                        "not a polars DataFrame")
+                    self.cache.put_frame("steps", key, out)
+                else:
+                    stats.cached_batches += 1
+                stats.batches += 1
+                kept, dropped = split_dropped(out, stats.label)
+                kept_parts.append(kept)
+                dropped_parts.append(dropped)
+                processed += batch.height
+                if dropped.height and step.uses_llm:
+                    failures += dropped.filter(pl.col("drop_reason").is_in(BACKEND_FAILURES)).height
+                    _check_failures(stats, failures, processed, max_failure_rate, dropped)
+                bar.update(batch.height)
+                if step.llm is not None:
+                    bar.set_postfix_str(_usage_text(step.llm.usage, bar), refresh=False)
+        if not kept_parts:
+            return split_dropped(table.clear(), stats.label)
+        return (pl.concat(kept_parts, how="diagonal_relaxed"),
+                pl.concat(dropped_parts, how="diagonal_relaxed"))
+
+    def _run_global(self, step: Step, table: pl.DataFrame, stats: StepStats):
+        key = fingerprint([step.fingerprint(), frame_digest(table)])
+        out = self.cache.get_frame("steps", key)
+        stats.batches = 1
+        if out is None:
+            with self._bar(step, None) as bar:
+                step.progress = bar
+                try:
+                    out = step.process(table)
+                finally:
+                    step.progress = _NoProgress()
+            if not isinstance(out, pl.DataFrame):
+                raise TypeError(f"{type(step).__name__}.process returned {type(out).__name__}, not a polars DataFrame")
+            self.cache.put_frame("steps", key, out)
+        else:
+            stats.cached_batches = 1
+        return split_dropped(out, stats.label)
+
+
+def _check_failures(stats: StepStats, failures: int, processed: int, rate: float, dropped: pl.DataFrame) -> None:
+    if failures and failures > rate * processed:
+        detail = ""
+        if "drop_detail" in dropped.columns:
+            details = dropped.filter(pl.col("drop_reason").is_in(BACKEND_FAILURES))["drop_detail"].drop_nulls()
+            detail = f" (last error: {details[-1]})" if len(details) else ""
+        raise FactoryError(f"{stats.label}: {failures} of {processed} rows failed in the backend{detail}; "
+                           f"stopping rather than writing a hollow dataset (max_failure_rate={rate}). Fix the "
+                           "backend and run the same command again: finished batches are cached")
+
+
+def _usage_text(usage, bar) -> str:
+    elapsed = bar.format_dict.get("elapsed") or 0
+    rate = usage.completion_tokens / elapsed if elapsed else 0
+    return f"{usage.completion_tokens} tok, {rate:.0f} tok/s"
+
+
+def _diff(now: dict, before: dict) -> dict:
+    return {k: v - before.get(k, 0) for k, v in now.items() if v - before.get(k, 0)}

@@ -1,0 +1,252 @@
+"""Where a recipe's rows come from: a file, a local Hugging Face dataset, or a generator."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import polars as pl
+
+from .config import build, option, suggest
+from .errors import FactoryError, Problem
+from .generators import GENERATORS
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet", ".csv": "csv",
+           ".tsv": "csv"}
+
+
+@dataclass
+class SourceConfig:
+    path: str | None = option(None, help="A .jsonl/.json/.parquet/.csv file, a folder of parquet files, a "
+                                          "dataset saved with save_to_disk, or a factory version folder.")
+    generator: str | None = option(None, help="A programmatic source instead of a file: "
+                                              + ", ".join(GENERATORS) + ".")
+    format: Literal["auto", "jsonl", "json", "parquet", "csv", "hf"] = option(
+        "auto", help="File format; `auto` guesses from the name.")
+    split: str = option("train", help="The split to read from a saved DatasetDict.")
+    limit: int | None = option(None, help="Read only the first N rows.", min=1)
+    rename: dict[str, str] = option(default_factory=dict, help="Rename columns on load, e.g. {question: instruction}.")
+
+
+@dataclass
+class Source:
+    """A validated source: where rows come from, resolved against the recipe's folder."""
+
+    config: SourceConfig
+    resolved_path: Path | None = None
+    generator_config: Any = None
+
+    @property
+    def generator(self):
+        return GENERATORS[self.config.generator] if self.config.generator else None
+
+    def describe(self) -> dict:
+        if self.resolved_path:
+            return {"path": str(self.resolved_path)}
+        return {"generator": self.config.generator}
+
+    def columns(self) -> list[str]:
+        """Column names, read cheaply (a file's header or first lines)."""
+        if self.generator:
+            cols = list(self.generator.columns)
+        else:
+            cols = _peek_columns(self.resolved_path, self.file_format(), self.config.split)
+        return [self.config.rename.get(c, c) for c in cols]
+
+    def file_format(self) -> str:
+        return detect_format(self.resolved_path, self.config.format)
+
+    def read(self) -> pl.DataFrame:
+        if self.generator:
+            frame = self.generator.make(self.generator_config)
+        else:
+            frame = read_table(self.resolved_path, self.file_format(), self.config.split)
+        if self.config.limit is not None:
+            frame = frame.head(self.config.limit)
+        if self.config.rename:
+            frame = frame.rename({k: v for k, v in self.config.rename.items() if k in frame.columns})
+        return frame
+
+    def parent_version(self) -> str | None:
+        """The factory version folder this source was read from, if it is one."""
+        p = self.resolved_path
+        if p is None:
+            return None
+        for candidate in (p, *p.parents):
+            if (candidate / "manifest.json").is_file():
+                return str(candidate)
+        return None
+
+
+def resolve_path(path: str, base_dir: Path) -> Path | None:
+    """Finds ``path``: as given (relative to the working folder), beside the recipe, or in the project."""
+    p = Path(path).expanduser()
+    if p.is_absolute():
+        return p if p.exists() else None
+    for root in (Path.cwd(), base_dir, PROJECT_ROOT):
+        if (root / p).exists():
+            return (root / p).resolve()
+    return None
+
+
+def build_source(data, path: tuple, problems: list[Problem], base_dir: Path) -> Source | None:
+    """Validates a recipe's ``source:`` mapping."""
+    if isinstance(data, str):
+        data = {"path": data}
+    if not isinstance(data, dict):
+        problems.append(Problem("expected a mapping such as {path: data/seeds/tasks.jsonl}", path=path,
+                                fix="write `source:` with a `path:` or `generator:` key"))
+        return None
+    before = len(problems)
+    generator_config = None
+    if "generator" in data:
+        name = data["generator"]
+        if name not in GENERATORS:
+            problems.append(Problem(f"unknown generator '{name}'", path=path + ("generator",),
+                                    fix=suggest(str(name), GENERATORS, "generator")))
+            return None
+        common = {k: v for k, v in data.items() if k in ("generator", "limit", "rename")}
+        generator_config = build(GENERATORS[name].Config, {k: v for k, v in data.items() if k not in common},
+                                 path, problems)
+        config = build(SourceConfig, common, path, problems)
+    else:
+        config = build(SourceConfig, data, path, problems)
+        if config is not None and config.path is None:
+            problems.append(Problem("needs `path:` or `generator:`", path=path,
+                                    fix="add e.g. `path: data/seeds/tasks.jsonl`"))
+    if len(problems) > before or config is None:
+        return None
+    resolved = None
+    if config.path is not None:
+        resolved = resolve_path(config.path, base_dir)
+        if resolved is None:
+            problems.append(Problem(f"source file '{config.path}' does not exist (looked in {Path.cwd()}, "
+                                    f"{base_dir} and {PROJECT_ROOT})", path=path + ("path",),
+                                    fix="fix the path; relative paths are read from the working folder, "
+                                        "the recipe's folder or the project"))
+            return None
+        try:
+            detect_format(resolved, config.format)
+        except FactoryError as err:
+            problems.append(Problem(str(err), path=path + ("path",), fix="set `format:`"))
+            return None
+    return Source(config, resolved, generator_config)
+
+
+def detect_format(path: Path, fmt: str = "auto") -> str:
+    if fmt != "auto":
+        return fmt
+    if path.is_dir():
+        if (path / "manifest.json").is_file() and (path / "data").is_dir():
+            return "parquet"
+        if any((path / n).is_file() for n in ("dataset_info.json", "state.json", "dataset_dict.json")):
+            return "hf"
+        if any(path.glob("*.parquet")) or any(path.glob("data/*.parquet")):
+            return "parquet"
+        if any(path.glob("*.jsonl")):
+            return "jsonl"
+        raise FactoryError(f"{path}: a folder with no parquet, jsonl or saved dataset in it")
+    fmt = FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise FactoryError(f"{path}: cannot tell the format from '{path.suffix}' (known: {', '.join(FORMATS)})")
+    return fmt
+
+
+def _files(path: Path, pattern: str) -> list[Path]:
+    if path.is_file():
+        return [path]
+    files = sorted(path.glob(pattern)) or sorted(path.glob("data/" + pattern))
+    return files
+
+
+def read_table(path: Path, fmt: str, split: str = "train") -> pl.DataFrame:
+    """Reads a whole source into a frame, with errors that name the file and line."""
+    if fmt == "parquet":
+        return pl.concat([pl.read_parquet(f) for f in _files(path, "*.parquet")], how="diagonal_relaxed")
+    if fmt == "csv":
+        sep = "\t" if path.suffix.lower() == ".tsv" else ","
+        try:
+            return pl.read_csv(path, separator=sep, infer_schema_length=None)
+        except (pl.exceptions.ComputeError, UnicodeDecodeError) as err:
+            raise FactoryError(f"{path}: not a readable CSV file ({str(err).splitlines()[0]}); check the "
+                               "delimiter and that it is UTF-8") from None
+    if fmt == "hf":
+        return _read_hf(path, split)
+    rows: list[dict] = []
+    for f in _files(path, "*.jsonl"):
+        rows.extend(_read_json_rows(f, fmt))
+    if not rows:
+        return pl.DataFrame()
+    return pl.from_dicts(rows, infer_schema_length=None, strict=False)
+
+
+def _read_json_rows(path: Path, fmt: str) -> list[dict]:
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw[:err.start].count(b"\n") + 1
+        raise FactoryError(f"{path}:{line}: byte {err.start} is not valid UTF-8; re-encode the file as UTF-8 "
+                           "(e.g. iconv -f latin1 -t utf-8)") from None
+    if fmt == "json" or (path.suffix == ".json" and text.lstrip().startswith("[")):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise FactoryError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
+        if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+            raise FactoryError(f"{path}: expected a JSON list of objects; use one object per line (.jsonl)")
+        return data
+    rows = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise FactoryError(f"{path}:{number}: not valid JSON ({err.msg}); fix or remove that line") from None
+        if not isinstance(row, dict):
+            raise FactoryError(f"{path}:{number}: expected a JSON object per line, got {type(row).__name__}")
+        rows.append(row)
+    return rows
+
+
+def _read_hf(path: Path, split: str) -> pl.DataFrame:
+    import datasets
+
+    ds = datasets.load_from_disk(str(path))
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise FactoryError(f"{path}: no split '{split}' (splits: {', '.join(ds)}); set source.split")
+        ds = ds[split]
+    return pl.from_arrow(ds.flatten_indices().data.table)
+
+
+def _peek_columns(path: Path, fmt: str, split: str) -> list[str]:
+    if fmt == "parquet":
+        files = _files(path, "*.parquet")
+        return list(pl.read_parquet_schema(files[0])) if files else []
+    if fmt == "csv":
+        sep = "\t" if path.suffix.lower() == ".tsv" else ","
+        return pl.read_csv(path, separator=sep, n_rows=1).columns
+    if fmt == "hf":
+        return _read_hf(path, split).columns
+    columns: dict[str, None] = {}
+    for f in _files(path, "*.jsonl"):
+        with open(f, "rb") as fh:
+            for number, line in enumerate(fh):
+                if number >= 1000:
+                    break
+                try:
+                    row = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(row, dict):
+                    columns.update(dict.fromkeys(row))
+        if fmt == "json" and not columns:
+            data = _read_json_rows(f, "json")
+            for row in data[:1000]:
+                columns.update(dict.fromkeys(row))
+    return list(columns)

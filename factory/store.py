@@ -1,0 +1,189 @@
+"""Immutable, versioned datasets: ``OUT/<name>/v<N>/``.
+
+A version is written whole into a hidden temporary folder beside its siblings and then
+renamed into place, so no reader ever sees half of one. N is the next free number; when
+two runs race for the same N, the rename of the second fails (the folder exists and is
+not empty) and it takes N+1.
+
+Layout of a version::
+
+    v3/
+      data/train-00000-of-00001.parquet   the rows (load_dataset("parquet", ...) reads them)
+      rejected/rejected-00000-of-00001.parquet   dropped rows with drop_step and drop_reason
+      manifest.json                       recipe, hash, parent, models, counts, timings, code version
+      README.md                           dataset card with YAML metadata
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+
+import polars as pl
+
+from . import __version__
+
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = "dataset-factory/1"
+_VERSION_DIR = re.compile(r"^v(\d+)$")
+
+
+def versions(dataset_dir: Path) -> list[int]:
+    """Version numbers present under ``OUT/<name>``, ascending."""
+    if not dataset_dir.is_dir():
+        return []
+    found = []
+    for child in dataset_dir.iterdir():
+        m = _VERSION_DIR.match(child.name)
+        if m and child.is_dir():
+            found.append(int(m.group(1)))
+    return sorted(found)
+
+
+def latest_version(dataset_dir: Path) -> Path | None:
+    found = versions(dataset_dir)
+    return dataset_dir / f"v{found[-1]}" if found else None
+
+
+def write_shards(frame: pl.DataFrame, folder: Path, prefix: str, shard_rows: int) -> list[str]:
+    folder.mkdir(parents=True, exist_ok=True)
+    count = max(1, -(-frame.height // shard_rows))
+    names = []
+    for i in range(count):
+        name = f"{prefix}-{i:05d}-of-{count:05d}.parquet"
+        frame.slice(i * shard_rows, shard_rows).write_parquet(folder / name)
+        names.append(f"{folder.name}/{name}")
+    return names
+
+
+def code_version() -> dict:
+    """The factory's version and git commit, and the versions of the libraries that matter."""
+    info = {"factory": __version__, "python": platform.python_version()}
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=5)
+        if commit.returncode == 0:
+            dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                                   capture_output=True, text=True, timeout=5).stdout.strip()
+            info["git_commit"] = commit.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    from importlib.metadata import PackageNotFoundError, version
+
+    for package in ("torch", "transformers", "datasets", "polars", "peft"):
+        try:
+            info[package] = version(package)
+        except PackageNotFoundError:
+            pass
+    return info
+
+
+def write_version(out_root: str | Path, name: str, table: pl.DataFrame, rejected: pl.DataFrame, manifest: dict,
+                  *, shard_rows: int = 100_000, card=None) -> Path:
+    """Writes a new version of dataset ``name`` atomically and returns its folder.
+
+    Args:
+        manifest: everything but the version number, path, files and timestamps, which
+            are filled in here.
+        card: ``card(manifest, table) -> str``, the README.md text (default: :func:`dataset_card`).
+    """
+    dataset_dir = Path(out_root) / name
+    dataset_dir.mkdir(parents=True, exist_ok=True)
+    tmp = dataset_dir / f".tmp-{uuid.uuid4().hex}"
+    tmp.mkdir()
+    try:
+        files = {"data": write_shards(table, tmp / "data", "train", shard_rows),
+                 "rejected": write_shards(rejected, tmp / "rejected", "rejected", shard_rows)}
+        number = (versions(dataset_dir) or [0])[-1] + 1
+        while True:
+            target = dataset_dir / f"v{number}"
+            full = {"format": MANIFEST_FORMAT, "name": name, "version": number, "path": str(target),
+                    "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                    **manifest, "rows": table.height, "rejected_rows": rejected.height,
+                    "columns": {c: str(t) for c, t in table.schema.items()}, "files": files,
+                    "code_version": code_version()}
+            (tmp / MANIFEST).write_text(json.dumps(full, indent=2, ensure_ascii=False, default=str) + "\n",
+                                        encoding="utf-8")
+            (tmp / "README.md").write_text((card or dataset_card)(full, table), encoding="utf-8")
+            if not target.exists():
+                try:
+                    os.rename(tmp, target)
+                    return target
+                except OSError:
+                    pass  # another run took this number between our check and our rename
+            number = max(number + 1, (versions(dataset_dir) or [0])[-1] + 1)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def read_manifest(version_dir: str | Path) -> dict:
+    from .errors import FactoryError
+
+    path = Path(version_dir) / MANIFEST
+    if not path.is_file():
+        raise FactoryError(f"{version_dir}: not a dataset version (no {MANIFEST}); give a folder such as "
+                           "out/<name>/v1")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def read_version(version_dir: str | Path, part: str = "data") -> pl.DataFrame:
+    """The rows (``part="data"``) or dropped rows (``part="rejected"``) of a version."""
+    files = sorted((Path(version_dir) / part).glob("*.parquet"))
+    if not files:
+        return pl.DataFrame()
+    return pl.concat([pl.read_parquet(f) for f in files], how="diagonal_relaxed")
+
+
+def size_category(rows: int) -> str:
+    for limit, label in [(1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"),
+                         (1_000_000, "100K<n<1M"), (10_000_000, "1M<n<10M")]:
+        if rows < limit:
+            return label
+    return "10M<n<100M"
+
+
+def dataset_card(manifest: dict, table: pl.DataFrame) -> str:
+    """A Hugging Face dataset card: YAML metadata, how the data was made, how to load it."""
+    import yaml
+    from huggingface_hub import DatasetCardData
+
+    recipe = manifest.get("recipe", {})
+    output = recipe.get("output", {})
+    data = DatasetCardData(
+        license=output.get("license", "other"), language=["en"], task_categories=["text-generation"],
+        size_categories=[size_category(manifest["rows"])], pretty_name=manifest["name"],
+        tags=["synthetic", "dataset-factory", *output.get("tags", [])],
+        configs=[{"config_name": "default", "data_files": [{"split": "train", "path": "data/train-*"}]}],
+    )
+    name, version = manifest["name"], manifest["version"]
+    lines = [
+        "---", data.to_yaml(), "---", "",
+        f"# {name} (v{version})", "",
+        recipe.get("description") or "A synthetic dataset made with the factory.", "",
+        "## How it was made", "",
+        f"- Recipe: `{manifest.get('recipe_file', '')}` (hash `{manifest.get('recipe_hash', '')[:12]}`)",
+        f"- Parent: {manifest.get('parent') or 'none'}",
+        f"- Source: {json.dumps(manifest.get('source'))}",
+        f"- Models: {', '.join(sorted({m['model_id'] for m in manifest.get('models', [])})) or 'none'}",
+        f"- Rows: {manifest['rows']} kept, {manifest['rejected_rows']} dropped (in `rejected/`)",
+        f"- Created: {manifest['created_at']} with dataset-factory {manifest['code_version'].get('factory')}",
+        "", "| step | rows in | rows out | dropped | seconds |", "|---|---|---|---|---|",
+    ]
+    for s in manifest.get("steps", []):
+        dropped = ", ".join(f"{k}: {v}" for k, v in s["dropped"].items()) or "-"
+        lines.append(f"| {s['index']}. {s['name']} | {s['rows_in']} | {s['rows_out']} | {dropped} | {s['seconds']} |")
+    lines += ["", "## Columns", ""]
+    lines += [f"- `{c}`: {t}" for c, t in manifest["columns"].items()]
+    lines += ["", "## Load it", "", "```python", "from datasets import load_dataset", "",
+              f'ds = load_dataset("parquet", data_files="{manifest.get("path", ".")}/data/*.parquet", split="train")',
+              "```", "", "## Recipe", "", "```yaml", yaml.safe_dump(recipe, sort_keys=False).rstrip(), "```", ""]
+    return "\n".join(lines)

@@ -1,0 +1,76 @@
+"""Shared fixtures: a tiny random Llama with the SmolLM2 tokenizer, recipes, a fake server."""
+
+from __future__ import annotations
+
+import os
+import textwrap
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parent.parent
+SEEDS = ROOT / "data" / "seeds" / "tasks.jsonl"
+
+SCRIPTED_LLM = """\
+llm:
+  backend: scripted
+  rules:
+    - {match: "Rate the response", reply: "Looks fine. Score: {score}"}
+    - {match: "diverse tasks", reply: " Explain idea number {hash} in simple words"}
+    - {match: ".", reply: "Answer {hash}"}
+"""
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A 2-layer random Llama saved with the SmolLM2 tokenizer (a 'local model folder')."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from factory.models import EMBEDDED, load_tokenizer
+
+    out = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = load_tokenizer(EMBEDDED)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=1024,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture
+def write_recipe(tmp_path):
+    """Writes recipe text (dedented) to a file in tmp_path and returns its path."""
+
+    def write(text: str, name: str = "recipe.yaml") -> Path:
+        path = tmp_path / name
+        path.write_text(textwrap.dedent(text), encoding="utf-8")
+        return path
+
+    return write
+
+
+@pytest.fixture
+def scripted_recipe(write_recipe):
+    """A complete recipe on the scripted backend: self_instruct -> solve -> judge -> score."""
+
+    def make(steps: str | None = None, extra: str = "", name: str = "demo") -> Path:
+        steps = steps or """\
+          - self_instruct: {num_tasks: 12, prompts_per_round: 8}
+          - solve: {samples: 2}
+          - judge: {}
+          - score: {min: 5}
+        """
+        text = f"name: {name}\nseed: 3\n{SCRIPTED_LLM}source: {{path: {SEEDS}}}\n{extra}steps:\n" + \
+            textwrap.indent(textwrap.dedent(steps), "  ")
+        return write_recipe(text)
+
+    return make

@@ -1,0 +1,192 @@
+"""The four backends behind one interface."""
+
+from __future__ import annotations
+
+import pytest
+
+from factory.errors import BackendError, FactoryError
+from factory.llm import (GenerationParams, OpenAIBackend, OpenAIConfig, ScriptedBackend, ScriptedConfig,
+                         TransformersBackend, TransformersConfig, VLLMBackend, VLLMConfig)
+from factory.llm.vllm_backend import vllm_available
+
+from .fake_openai import FakeOpenAI
+
+USER = [{"role": "user", "content": "Say something."}]
+
+
+# -- scripted ----------------------------------------------------------------------------
+
+def test_scripted_rules_are_deterministic_and_fill_templates():
+    backend = ScriptedBackend(ScriptedConfig(rules=[{"match": r"capital of (?P<country>\w+)",
+                                                     "reply": "The capital of {country} is X ({sample})"}],
+                                             default="no idea {hash}"))
+    conv = [{"role": "user", "content": "What is the capital of France?"}]
+    [a] = backend.chat([conv], GenerationParams(n=2))
+    assert a.texts == ["The capital of France is X (0)", "The capital of France is X (1)"]
+    [b, c] = backend.chat([USER, USER], GenerationParams())
+    assert b.texts == c.texts and b.texts[0].startswith("no idea ")
+
+
+def test_scripted_applies_stop_strings():
+    backend = ScriptedBackend(ScriptedConfig(default="line one\nline two"))
+    [a] = backend.chat([USER], GenerationParams(stop=("\n",)))
+    assert a.texts == ["line one"]
+
+
+# -- transformers ------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_backend(tiny_model_dir):
+    backend = TransformersBackend(TransformersConfig(model=str(tiny_model_dir), batch_size=4))
+    yield backend
+    backend.close()
+
+
+def test_transformers_batches_keep_order_and_match_single_requests(tiny_backend):
+    convs = [[{"role": "user", "content": "hi " * k}] for k in (1, 9, 3, 14, 2)]
+    params = GenerationParams(max_tokens=6)
+    together = tiny_backend.chat(convs, params)
+    alone = [tiny_backend.chat([c], params)[0] for c in convs]
+    assert [c.texts for c in together] == [c.texts for c in alone]
+    assert [c.prompt_tokens for c in together] == [c.prompt_tokens for c in alone]
+    assert all(0 < c.completion_tokens <= 6 for c in together)
+    assert len({c.prompt_tokens for c in together}) == 5
+
+
+def test_transformers_samples_are_seeded_and_varied(tiny_backend):
+    params = GenerationParams(n=4, temperature=1.5, max_tokens=8, seed=123)
+    [a] = tiny_backend.chat([USER], params)
+    [b] = tiny_backend.chat([USER], params)
+    [c] = tiny_backend.chat([USER], params.with_seed(124))
+    assert len(a.texts) == 4 and a.texts == b.texts
+    assert a.texts != c.texts
+    assert len(set(a.texts)) > 1
+
+
+def test_transformers_prefill_continues_the_assistant_message(tiny_backend):
+    prompt = tiny_backend.render(USER + [{"role": "assistant", "content": "1. apples\n2."}])
+    assert prompt.endswith("1. apples\n2.")
+    assert not prompt.endswith("<|im_end|>\n")
+
+
+def test_transformers_stop_strings_cut_the_reply(tiny_backend):
+    [free] = tiny_backend.chat([USER], GenerationParams(max_tokens=12))
+    text = free.texts[0]
+    assert len(text) > 2
+    stop = text[len(text) // 2: len(text) // 2 + 1]
+    [cut] = tiny_backend.chat([USER], GenerationParams(max_tokens=12, stop=(stop,)))
+    assert stop not in cut.texts[0] and text.startswith(cut.texts[0])
+
+
+def test_transformers_too_long_prompt_fails_only_that_conversation(tiny_model_dir):
+    backend = TransformersBackend(TransformersConfig(model=str(tiny_model_dir), max_input_tokens=60))
+    ok, long = backend.chat([USER, [{"role": "user", "content": "word " * 100}]], GenerationParams(max_tokens=3))
+    assert ok.error is None and long.error_reason == "prompt_too_long"
+
+
+def test_transformers_loads_a_lora_adapter(tiny_model_dir, tmp_path):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    torch.manual_seed(1)
+    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=64, target_modules=["q_proj", "v_proj"],
+                                                 init_lora_weights=False))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    plain = TransformersBackend(TransformersConfig(model=str(tiny_model_dir)))
+    adapted = TransformersBackend(TransformersConfig(model=str(tiny_model_dir), adapter=str(tmp_path / "adapter")))
+    adapted.check()
+    assert plain.model_id != adapted.model_id and "+lora:" in adapted.model_id
+    plain.load(), adapted.load()
+    q_plain = plain.model.model.layers[0].self_attn.q_proj.weight
+    q_adapted = adapted.model.model.layers[0].self_attn.q_proj.weight
+    assert not torch.equal(q_plain, q_adapted)
+    k_plain = plain.model.model.layers[0].self_attn.k_proj.weight
+    assert torch.equal(k_plain, adapted.model.model.layers[0].self_attn.k_proj.weight)
+
+
+def test_transformers_check_names_missing_model_and_adapter(tmp_path):
+    with pytest.raises(FactoryError, match="is not a local folder"):
+        TransformersBackend(TransformersConfig(model=str(tmp_path / "nope"))).check()
+    with pytest.raises(FactoryError, match="not a PEFT adapter folder"):
+        TransformersBackend(TransformersConfig(adapter=str(tmp_path))).check()
+
+
+# -- openai-compatible -------------------------------------------------------------------
+
+def openai(server, **kw):
+    return OpenAIBackend(OpenAIConfig(model="fake", base_url=server.base_url, backoff=0.01, **kw))
+
+
+def test_openai_round_trip_with_samples_and_prefill():
+    with FakeOpenAI() as server:
+        backend = openai(server)
+        backend.check()
+        convs = [USER, USER + [{"role": "assistant", "content": "Sure:"}]]
+        a, b = backend.chat(convs, GenerationParams(n=3, max_tokens=5, stop=("\n",)))
+        assert a.texts == ["echo: Say something. #0", "echo: Say something. #1", "echo: Say something. #2"]
+        assert a.prompt_tokens == 7 and a.completion_tokens == 9
+        first, second = sorted(server.requests, key=lambda r: len(r["messages"]))
+        assert first["n"] == 3 and first["max_tokens"] == 5 and first["stop"] == ["\n"]
+        assert "continue_final_message" not in first
+        assert second["continue_final_message"] is True and second["add_generation_prompt"] is False
+
+
+@pytest.mark.parametrize("fault", [429, "retry_after", 500, 503, "reset", "not_json", "truncated", "empty_choices",
+                                   "slow"])
+def test_openai_retries_transient_faults(fault):
+    with FakeOpenAI() as server:
+        server.faults = [fault, fault]
+        backend = openai(server, timeout=1.0)
+        [c] = backend.chat([USER], GenerationParams())
+        assert c.error is None and c.texts == ["echo: Say something. #0"]
+        assert backend.stats.retries == 2
+
+
+def test_openai_gives_up_after_max_retries_with_the_reason():
+    with FakeOpenAI() as server:
+        server.faults = [503] * 10
+        backend = openai(server, max_retries=2)
+        ok_later = backend.chat([USER], GenerationParams())[0]
+        assert ok_later.error == "http_503: HTTP 503 (after 2 retries)"
+        assert backend.stats.retries == 2 and backend.stats.failures == 1
+
+
+def test_openai_client_errors_are_not_retried():
+    with FakeOpenAI() as server:
+        server.faults = [400]
+        backend = openai(server)
+        [c] = backend.chat([USER], GenerationParams())
+        assert c.error.startswith("http_400: HTTP 400") and backend.stats.retries == 0
+
+
+def test_openai_many_requests_run_concurrently_and_keep_order():
+    with FakeOpenAI(reply_fn=lambda messages, i: messages[-1]["content"].upper()) as server:
+        backend = openai(server, max_concurrency=8)
+        convs = [[{"role": "user", "content": f"item {i}"}] for i in range(40)]
+        out = backend.chat(convs, GenerationParams())
+        assert [c.texts[0] for c in out] == [f"ITEM {i}" for i in range(40)]
+
+
+def test_openai_unreachable_server_is_a_clear_error():
+    backend = OpenAIBackend(OpenAIConfig(model="m", base_url="http://127.0.0.1:9/v1", timeout=2))
+    with pytest.raises(BackendError, match="cannot reach the OpenAI-compatible server"):
+        backend.check()
+
+
+# -- vLLM ----------------------------------------------------------------------------------
+
+def test_vllm_without_gpu_or_package_is_a_clear_error():
+    if vllm_available():
+        pytest.skip("vLLM and a GPU are present")
+    with pytest.raises(FactoryError, match="vllm backend needs"):
+        VLLMBackend(VLLMConfig()).check()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not vllm_available(), reason="needs vLLM and a CUDA GPU")
+def test_vllm_generates_samples_on_gpu():
+    backend = VLLMBackend(VLLMConfig(model="embedded", gpu_memory_utilization=0.3))
+    [c] = backend.chat([USER], GenerationParams(n=2, temperature=0.8, max_tokens=16, seed=1))
+    assert len(c.texts) == 2 and c.completion_tokens > 0

@@ -1,0 +1,103 @@
+"""Sources: files of each format, saved datasets, versions, generators, and bad files."""
+
+from __future__ import annotations
+
+import polars as pl
+import pytest
+
+from factory.errors import FactoryError, RecipeError
+from factory.generators import ArithmeticConfig, arithmetic
+from factory.recipe import load_recipe
+
+from .conftest import SCRIPTED_LLM
+
+
+def recipe_for(write_recipe, source: str, steps: str = "[solve]"):
+    return load_recipe(write_recipe(f"name: s\n{SCRIPTED_LLM}source: {source}\nsteps: {steps}\n"))
+
+
+ROWS = [{"instruction": "add 1 and 2", "input": ""}, {"instruction": "name a colour", "input": "pick one"}]
+
+
+@pytest.mark.parametrize("suffix", ["jsonl", "json", "parquet", "csv"])
+def test_each_file_format_reads_the_same_rows(tmp_path, write_recipe, suffix):
+    path = tmp_path / f"tasks.{suffix}"
+    df = pl.DataFrame(ROWS)
+    {"jsonl": df.write_ndjson, "json": df.write_json, "parquet": df.write_parquet,
+     "csv": df.write_csv}[suffix](path)
+    recipe = recipe_for(write_recipe, f"{{path: {path}}}")
+    assert recipe.source.columns() == ["instruction", "input"]
+    table = recipe.source.read()
+    assert table["instruction"].to_list() == ["add 1 and 2", "name a colour"]
+
+
+def test_saved_hf_dataset_with_split_limit_and_rename(tmp_path, write_recipe):
+    from datasets import Dataset, DatasetDict
+
+    DatasetDict({"train": Dataset.from_list([{"question": f"q{i}"} for i in range(5)]),
+                 "test": Dataset.from_list([{"question": "t"}])}).save_to_disk(str(tmp_path / "saved"))
+    recipe = recipe_for(write_recipe, f"{{path: {tmp_path / 'saved'}, limit: 3, rename: {{question: instruction}}}}")
+    assert recipe.source.read()["instruction"].to_list() == ["q0", "q1", "q2"]
+    recipe = recipe_for(write_recipe, f"{{path: {tmp_path / 'saved'}, split: test, rename: {{question: instruction}}}}")
+    assert recipe.source.read()["instruction"].to_list() == ["t"]
+
+
+def test_a_factory_version_is_a_source_and_becomes_the_parent(tmp_path, write_recipe):
+    from factory.store import write_version
+
+    v = write_version(tmp_path / "out", "base", pl.DataFrame(ROWS), pl.DataFrame(), {})
+    recipe = recipe_for(write_recipe, f"{{path: {v}}}")
+    assert recipe.source.read().height == 2
+    assert recipe.source.parent_version() == str(v)
+
+
+def test_invalid_json_line_names_file_and_line(tmp_path, write_recipe):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"instruction": "ok"}\n{"instruction": oops}\n')
+    recipe = recipe_for(write_recipe, f"{{path: {path}}}")
+    with pytest.raises(FactoryError, match=rf"{path}:2: not valid JSON"):
+        recipe.source.read()
+
+
+def test_non_utf8_bytes_name_file_and_line(tmp_path, write_recipe):
+    path = tmp_path / "latin.jsonl"
+    path.write_bytes(b'{"instruction": "ok"}\n{"instruction": "caf\xe9"}\n')
+    recipe = recipe_for(write_recipe, f"{{path: {path}}}")
+    with pytest.raises(FactoryError, match=rf"{path}:2: byte \d+ is not valid UTF-8"):
+        recipe.source.read()
+
+
+def test_unknown_format_and_generator_are_recipe_errors(tmp_path, write_recipe):
+    (tmp_path / "tasks.txt").write_text("hello")
+    with pytest.raises(RecipeError, match="cannot tell the format from '.txt'"):
+        recipe_for(write_recipe, f"{{path: {tmp_path / 'tasks.txt'}}}")
+    with pytest.raises(RecipeError, match="unknown generator 'arithmatic'; did you mean 'arithmetic'"):
+        recipe_for(write_recipe, "{generator: arithmatic}")
+
+
+def test_arithmetic_generator_is_verifiable_and_splits_never_overlap():
+    train = arithmetic(ArithmeticConfig(num_rows=300, split="train"))
+    evals = arithmetic(ArithmeticConfig(num_rows=100, split="eval"))
+    other_seed = arithmetic(ArithmeticConfig(num_rows=300, split="train", seed=5))
+    assert train.height == 300 and evals.height == 100
+    assert not set(train["instruction"]) & set(evals["instruction"])
+    assert not set(other_seed["instruction"]) & set(evals["instruction"])
+    assert train["instruction"].n_unique() == 300
+    assert set(train["num_steps"].unique()) <= {2, 3, 4}
+    # spot-check answers by recomputing one kind of problem from its text
+    import re
+
+    for text, answer in zip(train["instruction"], train["answer"]):
+        m = re.match(r"A box holds (\d+) pencils\. A teacher buys (\d+) boxes and hands out (\d+)", text)
+        if m:
+            a, b, c = map(int, m.groups())
+            assert int(answer) == a * b - c
+    assert all(int(a) >= 0 for a in train["answer"])
+
+
+def test_generator_source_in_a_recipe(write_recipe):
+    recipe = recipe_for(write_recipe, "{generator: arithmetic, num_rows: 7, max_steps: 3}")
+    table = recipe.source.read()
+    assert table.height == 7 and (table["num_steps"] <= 3).all()
+    with pytest.raises(RecipeError, match="source.num_row: unknown key 'num_row'; did you mean 'num_rows'"):
+        recipe_for(write_recipe, "{generator: arithmetic, num_row: 7}")

@@ -1,0 +1,153 @@
+"""The first steps: robust parsing of real model replies, self_instruct, solve, judge, score."""
+
+from __future__ import annotations
+
+import polars as pl
+import pytest
+
+from factory.errors import ParseError
+from factory.llm import ScriptedBackend, ScriptedConfig
+from factory.llm.client import LLMClient
+from factory.recipe import load_recipe
+from factory.steps.base import DROP, RAW_REPLY
+from factory.steps.judge import parse_score
+from factory.steps.self_instruct import clean_task
+
+from .conftest import SCRIPTED_LLM, SEEDS
+
+
+@pytest.mark.parametrize("reply, score", [
+    ("The answer is right. Score: 8", 8.0),
+    ("Score: 9.5", 9.5),
+    ("**Score:** 7", 7.0),
+    ("The response is rated 10 out of 10.", 10.0),
+    ("The response is rated 1 out of 5 based on feedback.", 2.0),  # rescaled to the 1-10 scale
+    ("I'd give it a 6/10.", 6.0),
+    ("Score: 9.10 out of ", 9.1),
+    ("On a scale of 1 to 10, my score is 4", 4.0),
+    (" 7\n\nThe response is", 7.0),  # a bare number after a 'Score:' prefill
+    ("Rating: 3", 3.0),
+])
+def test_parse_score_reads_what_models_write(reply, score):
+    assert parse_score(reply, 10) == score
+
+
+@pytest.mark.parametrize("reply", ["Score: N", " N, where N is a number from 1 to 10.", "Score: 99.9999",
+                                   "It is good.", "", "Score: 0"])
+def test_parse_score_refuses_what_is_not_a_score(reply):
+    with pytest.raises(ParseError):
+        parse_score(reply, 10)
+
+
+@pytest.mark.parametrize("reply, task", [
+    (" What is the probability of rolling a six on a single die?\n", "What is the probability of rolling a six on a single die?"),
+    ("8. Task: Write a song about summer.", "Write a song about summer."),
+    (' "Explain recursion to a child."\n9. more', "Explain recursion to a child."),
+    ("- List three fruits", "List three fruits"),
+])
+def test_clean_task_takes_one_line_without_numbering(reply, task):
+    assert clean_task(reply) == task
+
+
+def steps_of(write_recipe, steps: str, llm: str = SCRIPTED_LLM):
+    return load_recipe(write_recipe(f"name: s\n{llm}source: {{path: {SEEDS}}}\nsteps:\n{steps}output: {{format: raw}}\n"))
+
+
+def bind(step, rules=None, reply_fn=None):
+    config = ScriptedConfig(rules=rules or step.llm_config.rules, default=step.llm_config.default)
+    step.llm = LLMClient(ScriptedBackend(config, reply_fn=reply_fn))
+    return step
+
+
+def test_self_instruct_filters_candidates_and_reports_reasons(write_recipe):
+    recipe = steps_of(write_recipe, "  - self_instruct: {num_tasks: 6, prompts_per_round: 10, max_rounds: 2}\n")
+    replies = iter([" Draw a picture of a cat", " Hi", " Why does the Moon show phases?", "",
+                    " Describe how rain forms in two sentences", " Describe how rain forms in two sentences",
+                    " Give me three tips for learning a new language"] + [f" Name {i} animals that live in the sea"
+                                                                       for i in range(20)])
+    step = bind(recipe.steps[0], reply_fn=lambda conv, k: next(replies))
+    seeds = recipe.source.read()
+    out = step.process(seeds)
+    kept = out.filter(pl.col(DROP).is_null())
+    reasons = out.filter(pl.col(DROP).is_not_null())[DROP].to_list()
+    assert kept.height == 6
+    assert kept["instruction"][0] == "Describe how rain forms in two sentences"
+    assert set(kept["origin"]) == {"self_instruct"}
+    assert reasons[:5] == ["blacklisted", "too_short", "duplicate", "parse_error", "duplicate"]
+    assert "over_quota" in reasons
+    # later rounds show generated tasks among the examples
+    assert out.filter(pl.col(DROP).is_null())["round"].max() >= 0
+
+
+def test_self_instruct_prompts_mix_seed_and_generated_examples(write_recipe):
+    recipe = steps_of(write_recipe, "  - self_instruct: {num_tasks: 4, prompts_per_round: 2, examples: 4, "
+                                    "machine_examples: 2}\n")
+    seen = []
+
+    def reply(conv, k):
+        seen.append(conv[-1]["content"])
+        return f" Generated task number {len(seen)} about oceans"
+
+    step = bind(recipe.steps[0], reply_fn=reply)
+    step.process(recipe.source.read())
+    first, last = seen[0], seen[-1]
+    assert first.count("\n") == 4 and first.endswith("5.")  # four examples, then the open slot
+    assert "Generated task number" not in first and "Generated task number" in last
+
+
+def test_solve_samples_expand_rows_and_parse_errors_keep_the_raw_reply(write_recipe):
+    recipe = steps_of(write_recipe, "  - solve: {samples: 3}\n")
+    step = bind(recipe.steps[0], reply_fn=lambda conv, k: "" if k == 1 else f"answer {k}")
+    batch = recipe.source.read().head(2)
+    out = step.process(batch)
+    assert out.height == 6
+    assert out.filter(pl.col(DROP).is_null())["sample"].to_list() == [0, 2, 0, 2]
+    bad = out.filter(pl.col(DROP) == "parse_error")
+    assert bad[RAW_REPLY].to_list() == ["", ""] and bad["sample"].to_list() == [1, 1]
+
+
+def test_solve_appends_the_input_to_the_task(write_recipe):
+    recipe = steps_of(write_recipe, "  - solve: {}\n")
+    sent = []
+    step = bind(recipe.steps[0], reply_fn=lambda conv, k: sent.append(conv[-1]["content"]) or "ok")
+    rows = recipe.source.read().filter(pl.col("input") != "").head(1)
+    step.process(rows)
+    assert sent[0] == rows["instruction"][0] + "\n\n" + rows["input"][0]
+
+
+def test_judge_without_reasoning_prefills_and_parses(write_recipe):
+    recipe = steps_of(write_recipe, "  - solve: {}\n  - judge: {reasoning: false}\n")
+    sent = []
+    judge = bind(recipe.steps[1], reply_fn=lambda conv, k: sent.append(conv) or " 7")
+    table = pl.DataFrame({"instruction": ["q"], "response": ["a"]})
+    out = judge.process(table)
+    assert out["score"].to_list() == [7.0] and out["judgement"].to_list() == ["Score: 7"]
+    assert sent[0][-1] == {"role": "assistant", "content": "Score:"}
+    params = judge.generation_params()
+    assert "\n" in params.stop and params.max_tokens == 8
+
+
+def test_custom_template_and_system_prompt(write_recipe, tmp_path):
+    (tmp_path / "ask.j2").write_text("Answer briefly: {{ task }}")
+    recipe = steps_of(write_recipe, "  - solve: {template: ask.j2, system: Be terse.}\n")
+    sent = []
+    step = bind(recipe.steps[0], reply_fn=lambda conv, k: sent.append(conv) or "ok")
+    step.process(pl.DataFrame({"instruction": ["2+2?"]}))
+    assert sent[0] == [{"role": "system", "content": "Be terse."},
+                       {"role": "user", "content": "Answer briefly: 2+2?"}]
+
+
+def test_template_problems_are_recipe_errors(write_recipe):
+    from factory.errors import RecipeError
+
+    with pytest.raises(RecipeError, match="template file 'missing.j2' does not exist"):
+        steps_of(write_recipe, "  - solve: {template: missing.j2}\n")
+    with pytest.raises(RecipeError, match="the template does not compile"):
+        steps_of(write_recipe, "  - solve: {template: 'Answer {{ task '}\n")
+
+
+def test_score_filter_thresholds(write_recipe):
+    recipe = steps_of(write_recipe, "  - solve: {}\n  - judge: {}\n  - score: {min: 4, max: 8}\n")
+    score = recipe.steps[2]
+    out = score.process(pl.DataFrame({"score": [3.0, 4.0, 8.0, 9.0, None]}))
+    assert out[DROP].to_list() == ["below_min", None, None, "above_max", "missing_score"]

@@ -1,0 +1,1 @@
+"""Consumers of dataset versions: LoRA SFT, DPO and evaluation (one file per method)."""
