@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Literal
 
@@ -63,7 +64,11 @@ class TransformersBackend(Backend):
             return
         import torch
 
+        from tqdm.auto import tqdm
+
         device = pick_device(self.config.device)
+        adapter = f" + LoRA {self.config.adapter}" if self.config.adapter else ""
+        tqdm.write(f"loading {self.config.model}{adapter} on {device} ...", file=sys.stderr)
         tokenizer = load_tokenizer(self.config.model)
         tokenizer.padding_side = "left"
         if self.config.chat_template:
