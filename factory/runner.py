@@ -39,6 +39,7 @@ class StepStats:
     batches: int = 0
     cached_batches: int = 0
     llm: dict | None = None
+    report: dict = field(default_factory=dict)
 
     @property
     def label(self) -> str:
@@ -107,6 +108,7 @@ class LocalRunner:
         try:
             for step in recipe.steps:
                 stats = StepStats(step.index, step.name, step.kind, rows_in=table.height)
+                step.report = {}
                 began = time.perf_counter()
                 if step.uses_llm:
                     backend = self.backend_for(step.llm_config)
@@ -122,6 +124,7 @@ class LocalRunner:
                 stats.dropped = dict(sorted(dropped["drop_reason"].value_counts().iter_rows())) \
                     if dropped.height else {}
                 stats.seconds = round(time.perf_counter() - began, 3)
+                stats.report = step.report
                 if step.uses_llm:
                     stats.llm = {**step.llm.backend.describe(), **asdict(step.llm.usage),
                                  "retries": backend.stats.retries - retries_before,
@@ -182,6 +185,8 @@ class LocalRunner:
         key = fingerprint([step.fingerprint(), frame_digest(table)])
         out = self.cache.get_frame("steps", key)
         stats.batches = 1
+        if out is not None:
+            step.report = self.cache.get_json("reports", key) or {}
         if out is None:
             with self._bar(step, None) as bar:
                 step.progress = bar
@@ -191,6 +196,7 @@ class LocalRunner:
                     step.progress = _NoProgress()
             if not isinstance(out, pl.DataFrame):
                 raise TypeError(f"{type(step).__name__}.process returned {type(out).__name__}, not a polars DataFrame")
+            self.cache.put_json("reports", key, step.report)
             self.cache.put_frame("steps", key, out)
         else:
             stats.cached_batches = 1

@@ -68,6 +68,9 @@ class Step:
         self.base_dir = base_dir or Path.cwd()
         self.llm = None  # an LLMClient, set by the runner for LLM steps
         self.progress = _NoProgress()
+        # Facts a step wants in the manifest (e.g. which eval items matched). Global steps'
+        # reports are cached with their output; row steps' reports cover the batches they ran.
+        self.report: dict = {}
 
     def requires(self) -> list[str]:
         """Columns that must exist before this step (checked when the recipe is validated)."""
@@ -99,6 +102,7 @@ class Step:
         state = dict(self.__dict__)
         state["llm"] = None
         state["progress"] = _NoProgress()
+        state["report"] = {}
         return state
 
 
