@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
+import signal
 import sys
 import textwrap
+import threading
 
 from .errors import FactoryError, RecipeError
 
@@ -26,7 +29,8 @@ examples:
   factory inspect out/quickstart/v1
   factory steps solve
 
-Exit codes: 0 success, 2 bad input (recipe, data, unreachable server), 130 interrupted.
+Exit codes: 0 success, 1 no space left on device, 2 bad input (recipe, data, unreachable server),
+130 interrupted (Ctrl-C), 143 terminated (SIGTERM). An interrupted run resumes from its cache.
 """
 
 
@@ -169,6 +173,14 @@ def cmd_steps(args) -> int:
     return 0
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler stopping the job): stop as cleanly as on Ctrl-C."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     _quiet_libraries()
     parser = build_parser()
@@ -176,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         return args.func(args)
     except RecipeError as err:
@@ -188,9 +202,17 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # output piped into `head`
         sys.stderr.close()
         return 0
-    except KeyboardInterrupt:
-        print("\ninterrupted: finished batches are cached; run the same command again to resume", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as err:
+        what = "terminated" if isinstance(err, Terminated) else "interrupted"
+        print(f"\n{what}: nothing was written; finished batches are cached, so the same command resumes",
+              file=sys.stderr)
+        return 143 if isinstance(err, Terminated) else 130
+    except OSError as err:
+        if err.errno != errno.ENOSPC:
+            raise
+        print(f"error: no space left on device ({err.filename or 'writing the output or cache'}); free some space "
+              "and run the same command again: finished batches are cached", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

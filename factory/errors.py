@@ -54,7 +54,12 @@ class Problem:
 
 
 class ParseError(ValueError):
-    """An LLM reply could not be parsed; the row is dropped with reason ``parse_error``."""
+    """An LLM reply could not be parsed; the row is dropped with ``reason`` (``parse_error``
+    unless a step names a more precise one, such as ``no_answer``), its raw reply kept."""
+
+    def __init__(self, message: str, reason: str = "parse_error"):
+        super().__init__(message)
+        self.reason = reason
 
 
 class BackendError(FactoryError):

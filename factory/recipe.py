@@ -132,6 +132,8 @@ def parse_yaml(text: str, file: str) -> tuple[Any, dict[tuple, int]]:
         mark = err.problem_mark or err.context_mark
         line = mark.line + 1 if mark else None
         problem = (err.problem or str(err)).strip()
+        if err.context and err.context_mark and err.problem_mark and err.context_mark.line != err.problem_mark.line:
+            problem += f" ({err.context} that starts on line {err.context_mark.line + 1})"
         raise RecipeError([Problem(f"YAML syntax error: {problem}", file=file, line=line,
                                    fix="check the indentation and quote values that contain ':' or '#'")]) from None
     except yaml.YAMLError as err:
@@ -406,7 +408,11 @@ def _check_columns(recipe: Recipe, problems: list[Problem]) -> None:
             problems.append(Problem(f"cannot read the source's columns: {err}", path=("source",),
                                     fix="check that the file is in the format its name says"))
             return
-        origin = f"the source ({', '.join(columns) or 'no columns'})"
+        if not columns:
+            problems.append(Problem(f"source {recipe.source.resolved_path or recipe.source.config.generator} has "
+                                    "no rows", path=("source", "path"), fix="point `source:` at a file with data"))
+            return
+        origin = f"the source ({', '.join(columns)})"
     else:
         columns = []
         origin = "the recipe, which has no source"

@@ -23,6 +23,7 @@ from .llm.client import LLMClient
 from .steps.base import DROP, DROP_DETAIL, INTERNAL_PREFIX, RAW_REPLY, Step, _NoProgress
 
 BACKEND_FAILURES = {"backend_error"}
+DEAD_BACKEND_BATCHES = 3  # batches in a row whose every row failed in the backend: stop
 
 
 @dataclass
@@ -55,6 +56,8 @@ class RunResult:
     rejected: pl.DataFrame
     steps: list[StepStats]
     seconds: float
+    source_rows: int = 0  # rows the source gave the first step
+    source_dropped: dict[str, int] = field(default_factory=dict)  # rows set aside while reading
 
 
 def split_dropped(frame: pl.DataFrame, label: str) -> tuple[pl.DataFrame, pl.DataFrame]:
@@ -101,9 +104,13 @@ class LocalRunner:
     def run(self, recipe, table: pl.DataFrame | None = None) -> RunResult:
         """Runs all steps of ``recipe`` on ``table`` (default: the recipe's source)."""
         start = time.perf_counter()
+        rejected_parts: list[pl.DataFrame] = []
         if table is None:
             table = recipe.source.read() if recipe.source else pl.DataFrame()
-        rejected_parts: list[pl.DataFrame] = []
+            if recipe.source and recipe.source.rejected is not None:
+                rejected_parts.append(recipe.source.rejected)
+        source_rows = table.height
+        source_dropped = (dict(rejected_parts[0]["drop_reason"].value_counts().iter_rows()) if rejected_parts else {})
         all_stats: list[StepStats] = []
         try:
             for step in recipe.steps:
@@ -139,7 +146,8 @@ class LocalRunner:
             self.backends.clear()
         rejected = pl.concat(rejected_parts, how="diagonal_relaxed") if rejected_parts else pl.DataFrame(
             schema={"drop_reason": pl.String, "drop_step": pl.String})
-        return RunResult(table, rejected, all_stats, round(time.perf_counter() - start, 3))
+        return RunResult(table, rejected, all_stats, round(time.perf_counter() - start, 3), source_rows,
+                         source_dropped)
 
     def _bar(self, step: Step, total: int | None):
         from tqdm.auto import tqdm
@@ -151,7 +159,7 @@ class LocalRunner:
                   max_failure_rate: float):
         step_key = step.fingerprint()
         kept_parts, dropped_parts = [], []
-        failures = processed = 0
+        failures = processed = failed_batches_in_a_row = 0
         with self._bar(step, table.height) as bar:
             for offset in range(0, table.height, batch_size):
                 batch = table.slice(offset, batch_size)
@@ -170,9 +178,14 @@ class LocalRunner:
                 kept_parts.append(kept)
                 dropped_parts.append(dropped)
                 processed += batch.height
-                if dropped.height and step.uses_llm:
-                    failures += dropped.filter(pl.col("drop_reason").is_in(BACKEND_FAILURES)).height
-                    _check_failures(stats, failures, processed, max_failure_rate, dropped)
+                if step.uses_llm:
+                    failed = dropped.filter(pl.col("drop_reason").is_in(BACKEND_FAILURES)).height
+                    failures += failed
+                    failed_batches_in_a_row = failed_batches_in_a_row + 1 if failed == batch.height else 0
+                    # Stop as soon as the step's share of failures is bound to exceed the limit,
+                    # or when the backend failed every row of several batches running (it is down).
+                    if failures > max_failure_rate * table.height or failed_batches_in_a_row >= DEAD_BACKEND_BATCHES:
+                        _stop_on_failures(stats, failures, processed, max_failure_rate, dropped)
                 bar.update(batch.height)
                 if step.llm is not None:
                     bar.set_postfix_str(_usage_text(step.llm.usage, bar), refresh=False)
@@ -203,8 +216,8 @@ class LocalRunner:
         return split_dropped(out, stats.label)
 
 
-def _check_failures(stats: StepStats, failures: int, processed: int, rate: float, dropped: pl.DataFrame) -> None:
-    if failures and failures > rate * processed:
+def _stop_on_failures(stats: StepStats, failures: int, processed: int, rate: float, dropped: pl.DataFrame) -> None:
+    if failures:
         detail = ""
         if "drop_detail" in dropped.columns:
             details = dropped.filter(pl.col("drop_reason").is_in(BACKEND_FAILURES))["drop_detail"].drop_nulls()

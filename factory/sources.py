@@ -38,6 +38,7 @@ class Source:
     config: SourceConfig
     resolved_path: Path | None = None
     generator_config: Any = None
+    rejected: pl.DataFrame | None = None  # rows set aside while reading (see read_table)
 
     @property
     def generator(self):
@@ -60,14 +61,25 @@ class Source:
         return detect_format(self.resolved_path, self.config.format)
 
     def read(self) -> pl.DataFrame:
+        """The source's rows. Rows that do not fit their columns' type are set aside in
+        :attr:`rejected` (reason ``invalid_input``) rather than failing the whole run.
+
+        Raises:
+            FactoryError: the source has no rows.
+        """
         if self.generator:
             frame = self.generator.make(self.generator_config)
+            self.rejected = None
         else:
-            frame = read_table(self.resolved_path, self.file_format(), self.config.split)
+            frame, self.rejected = read_table_with_rejects(self.resolved_path, self.file_format(),
+                                                           self.config.split)
         if self.config.limit is not None:
             frame = frame.head(self.config.limit)
         if self.config.rename:
             frame = frame.rename({k: v for k, v in self.config.rename.items() if k in frame.columns})
+        if frame.height == 0:
+            where = self.resolved_path or f"generator {self.config.generator}"
+            raise FactoryError(f"source {where} has no rows; point `source:` at a file with data")
         return frame
 
     def parent_version(self) -> str | None:
@@ -163,27 +175,77 @@ def _files(path: Path, pattern: str) -> list[Path]:
 
 
 def read_table(path: Path, fmt: str, split: str = "train") -> pl.DataFrame:
-    """Reads a whole source into a frame, with errors that name the file and line."""
+    """Reads a whole source into a frame, with errors that name the file and line.
+
+    JSON rows whose values do not fit their column's type are left out; see
+    :func:`read_table_with_rejects` to get them.
+    """
+    return read_table_with_rejects(path, fmt, split)[0]
+
+
+def read_table_with_rejects(path: Path, fmt: str, split: str = "train") -> tuple[pl.DataFrame, pl.DataFrame | None]:
+    """Like :func:`read_table`, and also the JSON rows set aside, with ``drop_reason``,
+    ``drop_detail`` (file, line, column) and ``raw_row`` (the row as JSON)."""
     if fmt == "parquet":
-        return pl.concat([pl.read_parquet(f) for f in _files(path, "*.parquet")], how="diagonal_relaxed")
+        return pl.concat([pl.read_parquet(f) for f in _files(path, "*.parquet")], how="diagonal_relaxed"), None
     if fmt == "csv":
         sep = "\t" if path.suffix.lower() == ".tsv" else ","
         try:
-            return pl.read_csv(path, separator=sep, infer_schema_length=None)
+            return pl.read_csv(path, separator=sep, infer_schema_length=None), None
         except (pl.exceptions.ComputeError, UnicodeDecodeError) as err:
             raise FactoryError(f"{path}: not a readable CSV file ({str(err).splitlines()[0]}); check the "
                                "delimiter and that it is UTF-8") from None
     if fmt == "hf":
-        return _read_hf(path, split)
+        return _read_hf(path, split), None
     rows: list[dict] = []
+    where: list[str] = []
     for f in _files(path, "*.jsonl"):
-        rows.extend(_read_json_rows(f, fmt))
+        file_rows = _read_json_rows(f, fmt)
+        rows.extend(row for _, row in file_rows)
+        where.extend(f"{f}:{number}" for number, _ in file_rows)
     if not rows:
-        return pl.DataFrame()
-    return pl.from_dicts(rows, infer_schema_length=None, strict=False)
+        return pl.DataFrame(), None
+    rows, rejected = _set_aside_mixed_kinds(rows, where)
+    frame = pl.from_dicts(rows, infer_schema_length=None, strict=False) if rows else pl.DataFrame()
+    return frame, rejected
 
 
-def _read_json_rows(path: Path, fmt: str) -> list[dict]:
+def _kind(value) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, (list, tuple)):
+        return "list"
+    if isinstance(value, dict):
+        return "mapping"
+    return "scalar"  # text, numbers and booleans share a column (numbers are read as text)
+
+
+def _set_aside_mixed_kinds(rows: list[dict], where: list[str]) -> tuple[list[dict], pl.DataFrame | None]:
+    """Rows whose value in some column is of another kind (list, mapping, scalar) than the
+    column's usual one cannot share a typed column: they are set aside, not lost."""
+    counts: dict[str, dict[str, int]] = {}
+    for row in rows:
+        for key, value in row.items():
+            kind = _kind(value)
+            if kind:
+                counts.setdefault(key, {}).setdefault(kind, 0)
+                counts[key][kind] += 1
+    mixed = {key: max(kinds, key=kinds.get) for key, kinds in counts.items() if len(kinds) > 1}
+    if not mixed:
+        return rows, None
+    kept, rejected = [], []
+    for row, location in zip(rows, where):
+        bad = [key for key, usual in mixed.items() if _kind(row.get(key)) not in (None, usual)]
+        if bad:
+            details = ", ".join(f"column '{k}' is a {_kind(row[k])}, not a {mixed[k]} as in other rows" for k in bad)
+            rejected.append({"drop_reason": "invalid_input", "drop_detail": f"{location}: {details}",
+                             "raw_row": json.dumps(row, ensure_ascii=False), "drop_step": "source"})
+        else:
+            kept.append(row)
+    return kept, pl.DataFrame(rejected)
+
+
+def _read_json_rows(path: Path, fmt: str) -> list[tuple[int, dict]]:
     raw = path.read_bytes()
     try:
         text = raw.decode("utf-8")
@@ -198,7 +260,7 @@ def _read_json_rows(path: Path, fmt: str) -> list[dict]:
             raise FactoryError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
         if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
             raise FactoryError(f"{path}: expected a JSON list of objects; use one object per line (.jsonl)")
-        return data
+        return [(i + 1, row) for i, row in enumerate(data)]
     rows = []
     for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
@@ -209,7 +271,7 @@ def _read_json_rows(path: Path, fmt: str) -> list[dict]:
             raise FactoryError(f"{path}:{number}: not valid JSON ({err.msg}); fix or remove that line") from None
         if not isinstance(row, dict):
             raise FactoryError(f"{path}:{number}: expected a JSON object per line, got {type(row).__name__}")
-        rows.append(row)
+        rows.append((number, row))
     return rows
 
 
@@ -246,7 +308,6 @@ def _peek_columns(path: Path, fmt: str, split: str) -> list[str]:
                 if isinstance(row, dict):
                     columns.update(dict.fromkeys(row))
         if fmt == "json" and not columns:
-            data = _read_json_rows(f, "json")
-            for row in data[:1000]:
+            for _, row in _read_json_rows(f, "json")[:1000]:
                 columns.update(dict.fromkeys(row))
     return list(columns)

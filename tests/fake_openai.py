@@ -1,10 +1,12 @@
 """A small OpenAI-compatible server for tests, able to inject faults.
 
-``FakeOpenAI().faults`` is a list consumed one entry per request to /chat/completions:
-``"ok"``, an HTTP status such as ``429`` or ``500``, ``"retry_after"`` (429 with
-Retry-After: 0), ``"slow"`` (sleeps past the client timeout), ``"reset"`` (closes the
-connection), ``"not_json"``, ``"truncated"``, ``"empty_choices"``. When the list is empty
-every request succeeds. Replies are ``reply_fn(messages, index)``.
+Faults come from ``faults`` (a list consumed one entry per request to /chat/completions)
+or from ``fault_fn(payload, number)`` (called for every request; number counts from 1).
+A fault is ``"ok"``, an HTTP status such as ``429`` or ``500``, ``"retry_after"`` (429
+with Retry-After: 0), ``"slow"`` (sleeps ``slow_seconds``, past the client's timeout),
+``"reset"`` (closes the connection), ``"not_json"``, ``"truncated"`` (half a JSON body)
+or ``"empty_choices"``. Replies are ``reply_fn(payload, index)``; ``latency`` seconds
+are added to every request.
 """
 
 from __future__ import annotations
@@ -15,13 +17,31 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+FAULTS = [429, "retry_after", 500, 503, "slow", "reset", "not_json", "truncated", "empty_choices"]
+
+
+def echo(payload: dict, index: int) -> str:
+    return f"echo: {payload['messages'][-1]['content'][:40]} #{index}"
+
+
+class _Server(ThreadingHTTPServer):
+    # The default backlog of 5 overflows under 16 concurrent clients; the kernel then drops
+    # SYNs and clients wait a second for the retransmit, which looks like a timeout.
+    request_queue_size = 256
+    daemon_threads = True
+
 
 class FakeOpenAI:
-    def __init__(self, reply_fn=None):
+    def __init__(self, reply_fn=echo, fault_fn=None, latency: float = 0.0, slow_seconds: float = 1.5):
         self.faults: list = []
+        self.fault_fn = fault_fn
+        self.latency = latency
+        self.slow_seconds = slow_seconds
         self.requests: list[dict] = []
+        self.served: list[dict] = []   # requests answered successfully
+        self.injected: list = []       # faults actually injected
         self.lock = threading.Lock()
-        self.reply_fn = reply_fn or (lambda messages, i: f"echo: {messages[-1]['content'][:40]} #{i}")
+        self.reply_fn = reply_fn
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -50,13 +70,22 @@ class FakeOpenAI:
                 payload = json.loads(self.rfile.read(length) or b"{}")
                 with server.lock:
                     server.requests.append(payload)
-                    fault = server.faults.pop(0) if server.faults else "ok"
+                    number = len(server.requests)
+                    fault = server.faults.pop(0) if server.faults else None
+                if fault is None and server.fault_fn is not None:
+                    fault = server.fault_fn(payload, number)
+                fault = fault or "ok"
+                if fault != "ok":
+                    with server.lock:
+                        server.injected.append(fault)
+                if server.latency:
+                    time.sleep(server.latency)
                 if fault == "reset":
                     self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
                     self.connection.close()
                     return
                 if fault == "slow":
-                    time.sleep(1.5)
+                    time.sleep(server.slow_seconds)
                 if isinstance(fault, int):
                     self._send(fault, b'{"error": "injected"}')
                     return
@@ -70,16 +99,17 @@ class FakeOpenAI:
                     self._send(200, json.dumps({"choices": []}).encode())
                     return
                 n = int(payload.get("n", 1))
-                choices = [{"index": i, "message": {"role": "assistant",
-                                                    "content": server.reply_fn(payload["messages"], i)},
+                choices = [{"index": i, "message": {"role": "assistant", "content": server.reply_fn(payload, i)},
                             "finish_reason": "stop"} for i in range(n)]
                 body = json.dumps({"choices": choices, "usage": {"prompt_tokens": 7, "completion_tokens": 3 * n}})
                 if fault == "truncated":
                     body = body[: len(body) // 2]
+                elif fault == "ok":
+                    with server.lock:
+                        server.served.append(payload)
                 self._send(200, body.encode())
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
+        self.httpd = _Server(("127.0.0.1", 0), Handler)
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 
     @property

@@ -162,7 +162,7 @@ def test_openai_client_errors_are_not_retried():
 
 
 def test_openai_many_requests_run_concurrently_and_keep_order():
-    with FakeOpenAI(reply_fn=lambda messages, i: messages[-1]["content"].upper()) as server:
+    with FakeOpenAI(reply_fn=lambda payload, i: payload["messages"][-1]["content"].upper()) as server:
         backend = openai(server, max_concurrency=8)
         convs = [[{"role": "user", "content": f"item {i}"}] for i in range(40)]
         out = backend.chat(convs, GenerationParams())

@@ -121,7 +121,7 @@ def test_rows_with_missing_or_non_text_fields_are_dropped_not_crashed(write_reci
 
 
 def test_backend_failures_over_the_threshold_stop_the_run(scripted_recipe, tmp_path):
-    path = scripted_recipe(steps="- solve: {}\n", extra="batch_size: 10\n")
+    path = scripted_recipe(steps="- solve: {}\n", extra="batch_size: 10\nmax_failure_rate: 0.2\n")
     recipe = load_recipe(path)
 
     def failing(config):
@@ -130,6 +130,7 @@ def test_backend_failures_over_the_threshold_stop_the_run(scripted_recipe, tmp_p
         return backend
 
     runner = LocalRunner(Cache(tmp_path / "cache"), progress=False, backend_factory=failing)
+    # 10 failures > 0.2 x 40 rows: stop after the first batch.
     with pytest.raises(FactoryError, match=r"steps\[0\]\.solve: 10 of 10 rows failed in the backend"):
         run_recipe(recipe, tmp_path / "out", runner=runner)
     assert not (tmp_path / "out" / "demo").exists() or not any((tmp_path / "out" / "demo").glob("v*"))

@@ -7,13 +7,32 @@ from .base import DROP, Filter, GlobalStep, LLMStep, RowStep, Step
 
 def registry() -> dict[str, type[Step]]:
     """Every step a recipe can name, by its key (filters by their module's name)."""
+    from filters.consistency import Consistency
+    from filters.decontaminate import Decontaminate
+    from filters.exact import ExactDedup
+    from filters.heuristics import Heuristics
+    from filters.minhash import MinHashFilter
     from filters.score import ScoreFilter
 
     from .judge import Judge
+    from .pairwise import Pairwise, PreferencePairs
+    from .refine import Feedback, Refine, SelfRefine
     from .self_instruct import SelfInstruct
     from .solve import Solve
+    from .verify import Verify
 
-    classes = [SelfInstruct, Solve, Judge, ScoreFilter]
+    classes = [
+        # experience acquisition
+        SelfInstruct,
+        # solving and verifying
+        Solve, Verify,
+        # judging
+        Judge, Pairwise, PreferencePairs,
+        # SELF: self-feedback and self-refinement
+        Feedback, Refine, SelfRefine,
+        # curation filters
+        MinHashFilter, ExactDedup, Consistency, ScoreFilter, Heuristics, Decontaminate,
+    ]
     return {cls.name: cls for cls in classes}
 
 

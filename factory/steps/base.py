@@ -122,25 +122,27 @@ class Filter(RowStep):
     """Keeps or drops each row: override :meth:`keep`.
 
     ``keep`` returns True to keep the row, False to drop it with the filter's
-    ``default_reason``, or ``(False, "reason")``. Vectorised filters may override
-    :meth:`process` instead and set the ``_drop_reason`` column themselves.
+    ``default_reason``, ``(False, "reason")``, or ``(False, "reason", "detail")``.
+    Vectorised filters may override :meth:`process` instead and set the
+    ``_drop_reason`` column themselves.
     """
 
     default_reason: ClassVar[str] = "filtered"
 
-    def keep(self, row: dict) -> bool | tuple[bool, str]:
+    def keep(self, row: dict) -> bool | tuple:
         raise NotImplementedError
 
     def process(self, batch: pl.DataFrame) -> pl.DataFrame:
-        reasons = []
+        reasons, details = [], []
         for row in batch.iter_rows(named=True):
             verdict = self.keep(row)
-            if isinstance(verdict, tuple):
-                ok, reason = verdict
-                reasons.append(None if ok else reason)
-            else:
-                reasons.append(None if verdict else self.default_reason)
-        return batch.with_columns(pl.Series(DROP, reasons, dtype=pl.String))
+            if not isinstance(verdict, tuple):
+                verdict = (True,) if verdict else (False, self.default_reason)
+            kept = bool(verdict[0])
+            reasons.append(None if kept else verdict[1])
+            details.append(verdict[2] if not kept and len(verdict) > 2 else None)
+        return batch.with_columns(pl.Series(DROP, reasons, dtype=pl.String),
+                                  pl.Series(DROP_DETAIL, details, dtype=pl.String))
 
 
 @dataclass
@@ -267,7 +269,7 @@ class LLMStep(RowStep):
             try:
                 columns = self.parse(reply, row)
             except ParseError as err:
-                out.append({**row, **extra, DROP: "parse_error", RAW_REPLY: reply, DROP_DETAIL: str(err)})
+                out.append({**row, **extra, DROP: err.reason, RAW_REPLY: reply, DROP_DETAIL: str(err)})
                 continue
             out.append({**row, **columns, **extra})
         return out

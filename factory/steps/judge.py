@@ -5,10 +5,11 @@ from __future__ import annotations
 import dataclasses
 import re
 from dataclasses import dataclass
+from typing import Literal
 
 from ..config import option
 from ..errors import ParseError
-from .base import LLMStep, LLMStepConfig
+from .base import TEMPLATE_DIR, LLMStep, LLMStepConfig
 
 DEFAULT_RUBRIC = (
     "A top score means correct, complete and helpful. A middle score means partly correct or missing "
@@ -54,8 +55,35 @@ def parse_score(reply: str, scale: int) -> float:
     raise ParseError(f"no score found (expected 'Score: N' with N in 1..{scale})")
 
 
+_VERDICT = re.compile(r"(?:verdict|judg(?:e)?ment|answer is|response is)\s*[:=]?\s*[*_\"']*\s*"
+                      r"(incorrect|not correct|correct|wrong|right|yes|no)\b", re.I)
+_BARE_VERDICT = re.compile(r"\b(incorrect|not correct|correct|wrong|right)\b", re.I)
+_NEGATIVE = {"incorrect", "not correct", "wrong", "no"}
+
+
+def parse_verdict(reply: str) -> bool:
+    """True for "Verdict: correct", False for "Verdict: incorrect" (and yes/no, right/wrong).
+
+    The last explicit verdict wins; failing that, the last bare "correct"/"incorrect" in the
+    reply's final line.
+
+    Raises:
+        ParseError: no verdict in the reply.
+    """
+    matches = _VERDICT.findall(reply)
+    if not matches:
+        lines = [line for line in reply.strip().splitlines() if line.strip()]
+        matches = _BARE_VERDICT.findall(lines[-1]) if lines else []
+    if not matches:
+        raise ParseError("no verdict found (expected 'Verdict: correct' or 'Verdict: incorrect')")
+    return matches[-1].lower() not in _NEGATIVE
+
+
 @dataclass
 class JudgeConfig(LLMStepConfig):
+    mode: Literal["score", "binary"] = option(
+        "score", help="`score`: a score from 1 to `scale` on the rubric; `binary`: a correct/incorrect verdict "
+                      "(into `correct_column`), shown the reference answer when `reference_column` is set.")
     scale: int = option(10, help="Scores run from 1 to `scale`.", min=2, max=100)
     rubric: str = option(DEFAULT_RUBRIC, help="What each end of the scale means; shown to the judge.")
     reasoning: bool = option(True, help="Ask for a short justification before the score (chain of thought); "
@@ -64,37 +92,59 @@ class JudgeConfig(LLMStepConfig):
     column: str = option("instruction", help="The task text.")
     input_column: str = option("input", help="Optional task input shown to the judge when present.")
     response_column: str = option("response", help="The answer to judge.")
-    output_column: str = option("score", help="Where the score goes.")
+    reference_column: str | None = option(None, help="A reference answer to show the judge (binary mode).")
+    output_column: str = option("score", help="Where the score goes (score mode).")
+    correct_column: str = option("judge_correct", help="Where the verdict goes (binary mode).")
     judgement_column: str = option("judgement", help="Where the judge's full reply goes.")
     max_tokens: int = option(192, help="Most tokens per judgement.", min=1)
 
 
 class Judge(LLMStep):
-    """Scores each response on a rubric, chain of thought first (unless ``reasoning: false``).
+    """LLM-as-a-judge, pointwise: a score on a rubric, or a correct/incorrect verdict.
 
-    Requires: ``instruction`` and ``response``.
-    Produces: ``score`` (1..scale) and ``judgement`` (the judge's reply). A reply without a
-    score in range drops the row as ``parse_error``.
+    The judge reasons first (chain of thought) unless ``reasoning: false``. It may run on a
+    different, stronger model than the solver (``llm:`` on the step).
+
+    Requires: ``instruction`` and ``response`` (and ``reference_column`` when set).
+    Produces: ``score`` (1..scale) or, with ``mode: binary``, ``judge_correct`` (bool); and
+    ``judgement`` (the judge's reply). A reply without a score in range or a verdict drops
+    the row as ``parse_error``, its raw reply kept.
 
     Example:
         - judge: {scale: 10, llm: {backend: openai, model: judge}}
+        - judge: {mode: binary, reference_column: answer}
     """
 
     name = "judge"
     Config = JudgeConfig
 
+    @property
+    def prefill(self) -> str | None:
+        if self.config.reasoning:
+            return None
+        return "Score:" if self.config.mode == "score" else "Verdict:"
+
     def requires(self):
-        return [self.config.column, self.config.response_column]
+        c = self.config
+        return [c.column, c.response_column] + ([c.reference_column] if c.reference_column else [])
 
     def produces(self):
-        return [self.config.output_column, self.config.judgement_column]
+        c = self.config
+        return [c.output_column if c.mode == "score" else c.correct_column, c.judgement_column]
+
+    def template_source(self) -> str:
+        if self.config.template is None and self.config.mode == "binary":
+            return (TEMPLATE_DIR / "judge_binary.j2").read_text(encoding="utf-8")
+        return super().template_source()
 
     def build_messages(self, row):
         c = self.config
         task_input = row.get(c.input_column)
+        reference = str(row.get(c.reference_column)) if c.reference_column else ""
         prompt = self.render(row, task=self.text(row, c.column), response=self.text(row, c.response_column),
-                             task_input=task_input if isinstance(task_input, str) else "", rubric=c.rubric)
-        return self.messages(prompt, prefill=None if c.reasoning else "Score:")
+                             task_input=task_input if isinstance(task_input, str) else "", rubric=c.rubric,
+                             reference=reference)
+        return self.messages(prompt, prefill=self.prefill)
 
     def generation_params(self):
         params = super().generation_params()
@@ -104,6 +154,8 @@ class Judge(LLMStep):
         return dataclasses.replace(params, stop=params.stop + ("\n",), max_tokens=min(params.max_tokens, 8))
 
     def parse(self, reply, row):
-        text = reply if self.config.reasoning else "Score:" + reply
-        return {self.config.output_column: parse_score(text, self.config.scale),
-                self.config.judgement_column: text.strip()}
+        c = self.config
+        text = (self.prefill or "") + reply
+        if c.mode == "binary":
+            return {c.correct_column: parse_verdict(text), c.judgement_column: text.strip()}
+        return {c.output_column: parse_score(text, c.scale), c.judgement_column: text.strip()}

@@ -1,0 +1,166 @@
+"""``decontaminate``: drop rows that share word n-grams with an evaluation set.
+
+Texts are normalised (lowercase, letters and digits only) and split into words. A row is
+contaminated when it contains one of an eval item's 13-grams (``ngram``); an eval item
+shorter than that counts as one n-gram of its own length, so a short eval question
+copied into a training row is still found. Items shorter than ``min_words`` match only a
+row whose whole text is the same. The step reports which eval items matched.
+
+N-grams are hashed in bulk with numpy (64-bit, position-weighted sums of word hashes), so
+a million rows take seconds, not a Python loop per n-gram.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import polars as pl
+
+from factory.config import option
+from factory.errors import FactoryError
+from factory.sources import detect_format, read_table, resolve_path
+from factory.steps.base import DROP, GlobalStep
+
+_WEIGHTS = np.random.RandomState(20240521).randint(1, 2**62, size=512, dtype=np.int64).astype(np.uint64) | 1
+
+
+def _words(frame: pl.DataFrame, columns: list[str]) -> pl.Series:
+    text = pl.concat_str([pl.col(c).cast(pl.String).fill_null("") for c in columns], separator=" ")
+    norm = text.str.to_lowercase().str.replace_all(r"[^\p{L}\p{N}]+", " ").str.strip_chars()
+    return frame.select(pl.when(norm == "").then(pl.lit([], dtype=pl.List(pl.String)))
+                        .otherwise(norm.str.split(" ")).alias("words"))["words"]
+
+
+def _hash_grams(words: pl.Series, sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every n-gram of each row for the requested size per row.
+
+    Args:
+        words: a list-of-words per row.
+        sizes: the n-gram size for each row (0: skip the row).
+
+    Returns:
+        (row index, n-gram size, hash) arrays, one entry per n-gram.
+    """
+    lengths = words.list.len().to_numpy().astype(np.int64)
+    flat = words.explode().drop_nulls()
+    word_hash = flat.hash(seed=7).to_numpy().astype(np.uint64) if len(flat) else np.zeros(0, np.uint64)
+    offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]) if len(lengths) else np.zeros(0, np.int64)
+    counts = np.where((sizes > 0) & (lengths >= sizes), lengths - sizes + 1, 0)
+    rows = np.repeat(np.arange(len(lengths)), counts)
+    if rows.size == 0:
+        return rows, rows, np.zeros(0, np.uint64)
+    starts = np.repeat(offsets, counts) + (np.arange(rows.size) - np.repeat(np.cumsum(counts) - counts, counts))
+    n = sizes[rows]
+    acc = np.zeros(rows.size, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for k in range(int(n.max())):
+            use = n > k
+            acc[use] += word_hash[starts[use] + k] * _WEIGHTS[k]
+        acc += n.astype(np.uint64) * _WEIGHTS[-1]
+    return rows, n, acc
+
+
+@dataclass
+class DecontaminateConfig:
+    eval: str = option(help="The evaluation set: a .jsonl/.json/.parquet/.csv file or a saved dataset folder "
+                            "(relative to the working folder, the recipe's folder or the project).")
+    eval_columns: list[str] = option(default_factory=lambda: ["instruction"],
+                                     help="Eval columns whose text must not leak (joined with a space).")
+    eval_id_column: str | None = option(None, help="Eval column naming each item in the report (default: "
+                                                   "its position, eval[17]).")
+    eval_split: str = option("train", help="Split to read when the eval set is a saved DatasetDict.")
+    eval_format: Literal["auto", "jsonl", "json", "parquet", "csv", "hf"] = option("auto", help="Eval file format.")
+    columns: list[str] = option(default_factory=lambda: ["instruction"],
+                                help="Our columns to check (joined with a space), e.g. [instruction, response].")
+    ngram: int = option(13, help="Word n-gram size (13, as in GPT-3's decontamination).", min=1, max=500)
+    min_words: int = option(5, help="Eval items with fewer words match only identical whole texts.", min=1)
+
+
+class Decontaminate(GlobalStep):
+    """Drops rows that overlap an evaluation set (reason ``contaminated``).
+
+    Requires: the ``columns`` (default ``instruction``).
+    Produces: ``matched_eval`` (the eval items a dropped row matched). The manifest's
+    report gives the number of eval items matched and their ids.
+
+    Example:
+        - decontaminate: {eval: data/eval/arithmetic.jsonl, columns: [instruction, response]}
+    """
+
+    name = "decontaminate"
+    Config = DecontaminateConfig
+
+    def requires(self):
+        return list(self.config.columns)
+
+    def produces(self):
+        return ["matched_eval"]
+
+    def eval_path(self) -> Path | None:
+        return resolve_path(self.config.eval, self.base_dir)
+
+    def check(self):
+        path = self.eval_path()
+        if path is None:
+            return [(f"eval set '{self.config.eval}' does not exist", "eval",
+                     "give a path relative to the working folder, the recipe's folder or the project")]
+        try:
+            columns = read_table(path, detect_format(path, self.config.eval_format), self.config.eval_split).columns
+        except FactoryError as err:
+            return [(str(err), "eval", "check the eval file")]
+        wanted = list(self.config.eval_columns) + ([self.config.eval_id_column] if self.config.eval_id_column else [])
+        return [(f"the eval set has no column '{col}' (it has {', '.join(columns)})", "eval_columns",
+                 "name one of its columns") for col in wanted if col not in columns]
+
+    def fingerprint(self) -> str:
+        from factory.llm.base import fingerprint
+
+        path = self.eval_path()
+        stat = path.stat() if path and path.is_file() else None
+        return fingerprint([super().fingerprint(), str(path), stat.st_size if stat else None,
+                            stat.st_mtime if stat else None])
+
+    def process(self, table: pl.DataFrame) -> pl.DataFrame:
+        c = self.config
+        path = self.eval_path()
+        if path is None:
+            raise FactoryError(f"decontaminate: eval set '{c.eval}' does not exist")
+        evals = read_table(path, detect_format(path, c.eval_format), c.eval_split)
+        eval_ids = (evals[c.eval_id_column].cast(pl.String).to_list() if c.eval_id_column
+                    else [f"eval[{i}]" for i in range(evals.height)])
+        eval_words = _words(evals, c.eval_columns)
+        eval_len = eval_words.list.len().to_numpy().astype(np.int64)
+        # Long items give n-grams; items between min_words and ngram give one gram of their length.
+        eval_sizes = np.where(eval_len >= c.ngram, c.ngram, np.where(eval_len >= c.min_words, eval_len, 0))
+        e_rows, e_sizes, e_hash = _hash_grams(eval_words, eval_sizes)
+        row_words = _words(table, c.columns)
+        row_len = row_words.list.len().to_numpy().astype(np.int64)
+        matches = []
+        for size in np.unique(e_sizes):
+            r_rows, _, r_hash = _hash_grams(row_words, np.full(len(row_len), size, dtype=np.int64))
+            eval_side = pl.DataFrame({"h": e_hash[e_sizes == size], "e": e_rows[e_sizes == size]}).unique()
+            matches.append(pl.DataFrame({"h": r_hash, "r": r_rows}).join(eval_side, on="h").select("r", "e"))
+        # Short eval items: the whole row text must be identical.
+        short = np.where((eval_len > 0) & (eval_len < c.min_words), eval_len, 0)
+        if short.any():
+            s_rows, _, s_hash = _hash_grams(eval_words, short)
+            whole = np.where((row_len > 0) & (row_len < c.min_words), row_len, 0)
+            w_rows, _, w_hash = _hash_grams(row_words, whole)
+            matches.append(pl.DataFrame({"h": w_hash, "r": w_rows})
+                           .join(pl.DataFrame({"h": s_hash, "e": s_rows}).unique(), on="h").select("r", "e"))
+        found = (pl.concat(matches) if matches else pl.DataFrame(schema={"r": pl.Int64, "e": pl.Int64})).unique()
+        names = pl.DataFrame({"e": np.arange(len(eval_ids), dtype=np.int64), "eval_id": eval_ids})
+        per_row = (found.with_columns(pl.col("r", "e").cast(pl.Int64)).join(names, on="e").sort("r", "e")
+                   .group_by("r", maintain_order=True).agg(pl.col("eval_id").alias("matched_eval")))
+        matched_eval = (pl.DataFrame({"r": np.arange(table.height, dtype=np.int64)})
+                        .join(per_row, on="r", how="left", maintain_order="left")["matched_eval"])
+        matched_items = sorted(set(found["e"].to_list()))
+        self.report = {"eval_set": str(path), "eval_items": evals.height, "eval_items_matched": len(matched_items),
+                       "rows_dropped": per_row.height,
+                       "matched_eval_ids": [eval_ids[i] for i in matched_items[:100]]}
+        out = table.with_columns(matched_eval.cast(pl.List(pl.String)))
+        return out.with_columns(pl.when(pl.col("matched_eval").is_not_null()).then(pl.lit("contaminated"))
+                                .otherwise(None).cast(pl.String).alias(DROP))

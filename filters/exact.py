@@ -1,0 +1,63 @@
+"""``exact``: drop exact duplicates after normalisation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import polars as pl
+
+from factory.config import option
+from factory.steps.base import DROP, GlobalStep
+
+
+def normalized(column: str, lowercase: bool, punctuation: bool) -> pl.Expr:
+    text = pl.col(column).cast(pl.String).fill_null("")
+    if lowercase:
+        text = text.str.to_lowercase()
+    if punctuation:
+        text = text.str.replace_all(r"[^\p{L}\p{N}\s]", "")
+    return text.str.replace_all(r"\s+", " ").str.strip_chars()
+
+
+@dataclass
+class ExactConfig:
+    columns: list[str] = option(default_factory=lambda: ["instruction"],
+                                help="Rows are duplicates when all these columns match after normalisation.")
+    lowercase: bool = option(True, help="Ignore case.")
+    ignore_punctuation: bool = option(False, help="Ignore punctuation.")
+
+
+class ExactDedup(GlobalStep):
+    """Keeps the first of each group of rows whose columns match after normalisation.
+
+    Whitespace is always collapsed; case and punctuation are ignored as configured.
+
+    Requires: the ``columns`` (default ``instruction``).
+    Produces: ``duplicate_of`` (position of the kept row, on dropped rows); drops the
+    later copies as ``duplicate``.
+
+    Example:
+        - exact: {columns: [instruction, response]}
+    """
+
+    name = "exact"
+    Config = ExactConfig
+
+    def requires(self):
+        return list(self.config.columns)
+
+    def produces(self):
+        return ["duplicate_of"]
+
+    def process(self, table: pl.DataFrame) -> pl.DataFrame:
+        c = self.config
+        keys = [normalized(col, c.lowercase, c.ignore_punctuation).alias(f"_key{i}") for i, col in enumerate(c.columns)]
+        key_names = [f"_key{i}" for i in range(len(c.columns))]
+        with_keys = table.with_row_index("_position").with_columns(keys)
+        first = pl.col("_position").min().over(key_names)
+        out = with_keys.with_columns(
+            pl.when(first != pl.col("_position")).then(first).otherwise(None).cast(pl.Int64).alias("duplicate_of"))
+        out = out.with_columns(pl.when(pl.col("duplicate_of").is_not_null()).then(pl.lit("duplicate"))
+                               .otherwise(None).cast(pl.String).alias(DROP))
+        self.report = {"duplicates": int(out["duplicate_of"].is_not_null().sum())}
+        return out.drop(["_position", *key_names])

@@ -1,0 +1,359 @@
+"""``minhash``: drop near-duplicate rows (MinHash signatures, LSH banding, connected components).
+
+The whole pipeline is vectorised so that a million rows take seconds, not hours:
+
+1. polars tokenises each row (words, or characters) and hashes every token;
+2. numpy folds consecutive token hashes into n-gram shingle hashes (32 bits);
+3. MinHash: every shingle goes through ``num_perm`` multiply-shift hash functions
+   ``((a * x + b) mod 2**64) >> 32``, in blocks of shingles so memory stays bounded, and
+   each row keeps the minimum per function (``np.minimum.reduceat``);
+4. LSH: the signature is cut into ``bands`` of ``rows_per_band`` values (datasketch's
+   choice for the threshold) and each band hashed to a key; only the keys are kept.
+   Rows with an equal key share a bucket, and each bucket member becomes a candidate
+   duplicate of the bucket's first row;
+5. with ``verify``, a candidate pair survives only when the signatures (computed again,
+   for the rows in some pair only) agree on at least ``threshold`` of their values, the
+   MinHash estimate of the Jaccard similarity;
+6. the surviving pairs form a graph; each connected component keeps its first row.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import polars as pl
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+
+from factory.config import option
+from factory.errors import FactoryError
+from factory.steps.base import DROP, DROP_DETAIL, GlobalStep
+
+REASON = "near_duplicate"
+DUPLICATE_OF = "duplicate_of"
+
+# Rows tokenised at once (one task of the thread pool: at most so many rows and about so
+# much text), shingles hashed at once (a num_perm x 8192 matrix of 64-bit values: 8 MiB
+# at 128), and pairs verified at once: memory stays bounded however many rows there are
+# and however long their texts.
+CHUNK_ROWS = 16_384
+CHUNK_BYTES = 4 << 20
+SHINGLE_BLOCK = 8_192
+PAIR_BLOCK = 65_536
+
+_MAX32 = np.uint32(0xFFFFFFFF)
+# Odd, so multiplying by it is a bijection modulo 2**64: folding values into a hash with
+# `hash * _FOLD + value` keeps the earlier values' bits.
+_FOLD = np.uint64(0x9E3779B97F4A7C15)
+
+
+@dataclass
+class MinHashConfig:
+    column: str = option("instruction", help="The text column (ignored when `columns` is given).")
+    columns: list[str] | None = option(None, help="Several text columns, joined with a newline before "
+                                                  "shingling, e.g. [instruction, response]; overrides `column`.")
+    threshold: float = option(0.8, help="Jaccard similarity of two rows' shingle sets from which the later "
+                                        "row is a near-duplicate; strictly between 0 and 1.")
+    num_perm: int = option(128, help="Hash functions per MinHash signature; more estimate the similarity "
+                                     "more precisely and cost proportionally more time.", min=16)
+    ngram: int = option(3, help="Shingle size: words per shingle with `shingle: word` (3 is usual), "
+                                "characters with `shingle: char` (set 5 or so there).", min=1)
+    shingle: Literal["word", "char"] = option("word", help="`word`: n-grams of words (runs of letters and "
+                                                          "digits); `char`: n-grams of characters, whitespace "
+                                                          "runs counted as one space (for text without spaces "
+                                                          "between words, such as Chinese).")
+    lowercase: bool = option(True, help="Lowercase the text before shingling.")
+    seed: int = option(1, help="Seed of the hash functions (datasketch's `seed`); same seed, same result.",
+                       min=0, max=2**32 - 1)
+    verify: bool = option(True, help="Keep only candidate pairs whose signatures agree on at least `threshold` "
+                                     "of their values, which removes most of LSH's false positives.")
+
+    def validate(self):
+        problems = []
+        if not 0.0 < self.threshold < 1.0:
+            problems.append((f"threshold must be strictly between 0 and 1, got {self.threshold}", "threshold",
+                             "set it to e.g. 0.8 (higher drops only closer duplicates)"))
+        if self.columns is not None and not self.columns:
+            problems.append(("`columns` is an empty list", "columns",
+                             "name at least one column, or remove `columns` to use `column`"))
+        return problems
+
+
+class MinHashFilter(GlobalStep):
+    """Drops near-duplicate rows, keeping the first row of each group of near-duplicates.
+
+    Two rows are near-duplicates when the Jaccard similarity of their shingle sets (word
+    or character n-grams of ``column``, or of ``columns`` joined) is at least
+    ``threshold``, as estimated by MinHash with LSH banding. Near-duplicates are linked
+    transitively (connected components): every row of a group but the first is dropped
+    with reason ``near_duplicate``. Rows without any shingle (empty or null text) are
+    never near-duplicates of anything; exact duplicates among them are another filter's
+    job. Same input and ``seed``, same result (with the same polars version: polars does
+    not promise that its string hash stays the same across versions).
+
+    Requires: the text column (``instruction``), or every column in ``columns``.
+    Produces: ``duplicate_of``, the position (in this step's input) of the kept row a
+    dropped row duplicates; null for kept rows. A dropped row's ``drop_detail`` gives
+    its estimated Jaccard similarity with that row.
+
+    Example:
+        - minhash: {column: instruction, threshold: 0.8, num_perm: 128}
+        - minhash: {columns: [instruction, response], shingle: char, ngram: 5}
+    """
+
+    name = "minhash"
+    Config = MinHashConfig
+
+    def requires(self):
+        return self.text_columns()
+
+    def produces(self):
+        return [DUPLICATE_OF]
+
+    def text_columns(self) -> list[str]:
+        return list(self.config.columns) if self.config.columns else [self.config.column]
+
+    def process(self, table: pl.DataFrame) -> pl.DataFrame:
+        c = self.config
+        self._check_text_columns(table)
+        bands, rows_per_band = lsh_parameters(c.threshold, c.num_perm)
+        texts = table.select(self._text()).to_series()
+        left, right = self._candidate_pairs(texts, bands, rows_per_band)
+        candidates = len(left)
+
+        # The signatures again, of the rows in some pair only: keeping every row's from the
+        # first pass would cost num_perm x 4 bytes a row (512 MB a million rows at 128).
+        involved = np.unique(np.concatenate([left, right]))
+        signatures = np.empty((len(involved), c.num_perm), dtype=np.uint32)
+        for rows, chunk, _ in self._signatures(texts.gather(involved)):
+            signatures[rows] = chunk
+
+        def estimated_jaccard(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+            return agreement(signatures, np.searchsorted(involved, x), np.searchsorted(involved, y))
+
+        if c.verify:
+            keep = estimated_jaccard(left, right) >= c.threshold
+            left, right = left[keep], right[keep]
+        first = first_of_component(len(texts), left, right)
+        dropped = first != np.arange(len(texts))
+        # Through transitive links a dropped row may be further from its kept row than
+        # `threshold`: the detail says how far, for whoever reads the rejected rows.
+        similarity = np.zeros(len(texts))
+        similarity[dropped] = estimated_jaccard(np.flatnonzero(dropped), first[dropped])
+        marks = pl.DataFrame({"dropped": dropped, "first": first, "similarity": similarity}).select(
+            pl.when("dropped").then(pl.lit(REASON)).alias(DROP),
+            pl.when("dropped").then(pl.format("estimated Jaccard {} with row {}", pl.col("similarity").round(2),
+                                              "first")).alias(DROP_DETAIL),
+            pl.when("dropped").then(pl.col("first")).alias(DUPLICATE_OF),
+        )
+        sizes = np.bincount(first, minlength=len(texts))
+        self.report = {"clusters": int(np.count_nonzero(sizes > 1)), "dropped": int(dropped.sum()),
+                       "bands": bands, "rows_per_band": rows_per_band,
+                       "candidate_pairs": candidates, "verified_pairs": len(left)}
+        return table.with_columns(marks.get_columns())
+
+    def _check_text_columns(self, table: pl.DataFrame) -> None:
+        for name in self.text_columns():
+            if table.schema[name] not in (pl.String, pl.Null):  # Null: a column with no value at all
+                raise FactoryError(f"steps[{self.index}].{self.name}: column '{name}' holds {table.schema[name]}, "
+                                   "not text; point `column` (or `columns`) at text columns")
+
+    def _candidate_pairs(self, texts: pl.Series, bands: int, rows_per_band: int) -> tuple[np.ndarray, np.ndarray]:
+        """The pairs of rows that share an LSH bucket (see :func:`candidate_pairs`)."""
+        band_keys = np.empty((len(texts), bands), dtype=np.uint64)
+        has_shingles = np.zeros(len(texts), dtype=bool)
+        self.progress.reset(total=len(texts))
+        for rows, signatures, counts in self._signatures(texts):
+            band_keys[rows] = lsh_band_keys(signatures, bands, rows_per_band)
+            has_shingles[rows] = counts > 0
+            self.progress.update(len(counts))
+        return candidate_pairs(band_keys, np.flatnonzero(has_shingles))
+
+    def _text(self) -> pl.Expr:
+        """One text per row: the columns joined by newlines, lowercased if asked."""
+        parts = [pl.col(name).cast(pl.String) for name in self.text_columns()]
+        text = parts[0] if len(parts) == 1 else pl.concat_str(parts, separator="\n", ignore_nulls=True)
+        return text.str.to_lowercase() if self.config.lowercase else text
+
+    def _tokens(self, texts: pl.Series) -> pl.Series:
+        if self.config.shingle == "word":
+            return texts.str.extract_all(r"\w+")
+        return texts.str.replace_all(r"\s+", " ").str.strip_chars().str.split("")
+
+    def _signatures(self, texts: pl.Series) -> Iterator[tuple[slice, np.ndarray, np.ndarray]]:
+        """The MinHash signatures of ``texts``, chunk by chunk and in order.
+
+        Chunks are hashed on a few threads (numpy and polars release the GIL); no more
+        than two a thread are in flight, so memory stays bounded.
+
+        Yields:
+            The chunk's rows, their signatures (rows x num_perm, uint32; all 0xFFFFFFFF
+            for a row without shingles), and their numbers of shingles.
+        """
+        c = self.config
+        a, b = permutations(c.num_perm, c.seed)
+
+        def sign(rows: slice):
+            chunk = texts[rows]
+            counts, shingles = shingle_hashes(self._tokens(chunk), c.ngram, c.seed)
+            signatures = np.full((len(chunk), c.num_perm), _MAX32, dtype=np.uint32)
+            minhash(shingles, counts, a, b, out=signatures)
+            return rows, signatures, counts
+
+        workers = min(4, os.cpu_count() or 1)
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            pending: deque = deque()
+            for rows in chunks(texts.str.len_bytes().fill_null(0).to_numpy()):
+                pending.append(pool.submit(sign, rows))
+                if len(pending) > 2 * workers:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+
+
+def chunks(text_bytes: np.ndarray) -> list[slice]:
+    """Consecutive slices of rows with at most ``CHUNK_ROWS`` rows and about ``CHUNK_BYTES`` of text."""
+    ends = np.cumsum(text_bytes, dtype=np.int64)
+    total = int(ends[-1]) if len(ends) else 0
+    by_size = np.searchsorted(ends, np.arange(CHUNK_BYTES, total, CHUNK_BYTES))
+    starts = np.union1d(np.arange(0, len(text_bytes), CHUNK_ROWS), by_size).tolist()
+    return [slice(start, stop) for start, stop in zip(starts, starts[1:] + [len(text_bytes)])]
+
+
+def lsh_parameters(threshold: float, num_perm: int) -> tuple[int, int]:
+    """(bands, rows per band) as datasketch's ``MinHashLSH`` chooses them for ``threshold``.
+
+    Equal weights for false positives and false negatives, as ``MinHashLSH``'s default.
+    """
+    from datasketch.lsh import _optimal_param  # private, but reusing it keeps our LSH datasketch's
+
+    return _optimal_param(threshold, num_perm, 0.5, 0.5)
+
+
+def permutations(num_perm: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The multiply-shift hash functions: random odd multipliers ``a`` and offsets ``b``."""
+    rng = np.random.RandomState(seed)
+    a = rng.randint(0, 2**64, size=num_perm, dtype=np.uint64) | np.uint64(1)
+    b = rng.randint(0, 2**64, size=num_perm, dtype=np.uint64)
+    return a, b
+
+
+def shingle_hashes(tokens: pl.Series, ngram: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The 32-bit hashes of each row's n-gram shingles, rows one after the other.
+
+    A row with fewer than ``ngram`` tokens (but at least one) has one shingle, all its
+    tokens; a row with no token has none.
+
+    Args:
+        tokens: one list of token strings per row (null for no text).
+        ngram: tokens per shingle.
+        seed: seed of the token hash.
+
+    Returns:
+        Shingles per row, and the shingle hashes (uint64 holding 32 bits) in row order.
+    """
+    lengths = tokens.list.len().fill_null(0).to_numpy().astype(np.int64)
+    # Whether exploding an empty list yields a null differs between polars versions.
+    token_hash = tokens.explode().drop_nulls().hash(seed).to_numpy()
+    total = len(token_hash)
+    row_start = np.repeat(np.cumsum(lengths) - lengths, lengths)
+    position = np.arange(total) - row_start
+    row_length = np.repeat(lengths, lengths)
+    folded = token_hash.copy()
+    for k in range(1, ngram):
+        inside = position[:total - k] + k < row_length[:total - k]
+        folded[:total - k] = np.where(inside, folded[:total - k] * _FOLD + token_hash[k:],
+                                      folded[:total - k])
+    starts = position <= np.maximum(row_length - ngram, 0)
+    counts = np.where(lengths > 0, np.maximum(lengths - ngram + 1, 1), 0)
+    return counts, _mix64(folded[starts]) >> np.uint64(32)
+
+
+def minhash(shingles: np.ndarray, counts: np.ndarray, a: np.ndarray, b: np.ndarray, *, out: np.ndarray) -> None:
+    """Lowers ``out`` (rows x num_perm, uint32) to each row's MinHash signature.
+
+    Shingles go through the hash functions a block at a time; a row split between two
+    blocks takes the minimum of both.
+    """
+    row_of = np.repeat(np.arange(len(counts)), counts)
+    # Hash functions along the first axis: numpy's reduceat is several times faster
+    # over contiguous segments of a row than over rows of a matrix.
+    buffer = np.empty((len(a), SHINGLE_BLOCK), dtype=np.uint64)
+    a, b = a[:, None], b[:, None]
+    for start in range(0, len(shingles), SHINGLE_BLOCK):
+        x = shingles[start:start + SHINGLE_BLOCK]
+        rows = row_of[start:start + SHINGLE_BLOCK]
+        hashed = buffer[:, :len(x)]
+        np.multiply(a, x, out=hashed)
+        hashed += b
+        segments = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]])
+        # The shift is monotone, so it commutes with the minimum: shift only the minima.
+        lowest = (np.minimum.reduceat(hashed, segments, axis=1) >> np.uint64(32)).astype(np.uint32).T
+        owners = rows[segments]
+        out[owners] = np.minimum(out[owners], lowest)
+
+
+def lsh_band_keys(signatures: np.ndarray, bands: int, rows_per_band: int) -> np.ndarray:
+    """One 64-bit key per row and band: equal bands, equal keys (and unequal, almost surely not)."""
+    keys = np.empty((len(signatures), bands), dtype=np.uint64)
+    for band in range(bands):
+        key = np.zeros(len(signatures), dtype=np.uint64)
+        for column in range(band * rows_per_band, (band + 1) * rows_per_band):
+            key = _mix64(key * _FOLD + signatures[:, column])
+        keys[:, band] = key
+    return keys
+
+
+def candidate_pairs(band_keys: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs of ``rows`` that share a bucket in some band, each row paired with its bucket's first.
+
+    Returns:
+        Later rows and the earlier rows they collide with (positions), each pair once.
+    """
+    if len(rows) < 2:
+        return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64)
+    pairs = []
+    for band in range(band_keys.shape[1]):
+        keys = band_keys[rows, band]
+        order = np.argsort(keys)  # unstable is several times faster; bucket order does not matter below
+        sorted_keys = keys[order]
+        members = rows[order]
+        opens = np.r_[True, sorted_keys[1:] != sorted_keys[:-1]]
+        first = np.minimum.reduceat(members, np.flatnonzero(opens))[np.cumsum(opens) - 1]
+        later = members != first
+        pairs.append(members[later] * len(band_keys) + first[later])
+    unique = np.unique(np.concatenate(pairs))
+    return unique // len(band_keys), unique % len(band_keys)
+
+
+def agreement(signatures: np.ndarray, left: np.ndarray, right: np.ndarray) -> np.ndarray:
+    """The share of equal signature values of each pair: the MinHash estimate of their Jaccard."""
+    shares = np.empty(len(left), dtype=np.float64)
+    for start in range(0, len(left), PAIR_BLOCK):
+        block = slice(start, start + PAIR_BLOCK)
+        equal = signatures[left[block]] == signatures[right[block]]
+        shares[block] = np.count_nonzero(equal, axis=1) / signatures.shape[1]
+    return shares
+
+
+def first_of_component(n: int, left: np.ndarray, right: np.ndarray) -> np.ndarray:
+    """For each of ``n`` rows, the lowest row connected to it by the pairs (itself if none)."""
+    graph = coo_matrix((np.ones(len(left), dtype=np.int8), (left, right)), shape=(n, n))
+    _, labels = connected_components(graph, directed=False)
+    _, first_rows = np.unique(labels, return_index=True)  # rows are in order: first seen is lowest
+    return first_rows[labels]
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """The MurmurHash3 64-bit finalizer: spreads every input bit over every output bit."""
+    x = x ^ (x >> np.uint64(33))
+    x *= np.uint64(0xFF51AFD7ED558CCD)
+    x ^= x >> np.uint64(33)
+    x *= np.uint64(0xC4CEB9FE1A85EC53)
+    return x ^ (x >> np.uint64(33))

@@ -1,0 +1,243 @@
+"""The `minhash` filter: near-duplicates dropped and pointed at their first row, the rest kept."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import polars as pl
+import pytest
+
+from factory.cli import main
+from factory.errors import FactoryError, RecipeError
+from factory.recipe import load_recipe
+from factory.steps.base import DROP, DROP_DETAIL
+from factory.store import read_manifest, read_version
+from filters import minhash
+from filters.minhash import MinHashConfig, MinHashFilter
+
+VOCABULARY = [f"{a}{b}{c}" for a in "bcdfghklmnprst" for b in "aeiou" for c in "dgklmnrstxz"]  # 770 words
+
+
+def sentence(rng: np.random.Generator, words: int) -> list[str]:
+    return [VOCABULARY[i] for i in rng.integers(0, len(VOCABULARY), size=words)]
+
+
+def dedup(texts, **options) -> pl.DataFrame:
+    step = MinHashFilter(MinHashConfig(**options))
+    return step.process(pl.DataFrame({"instruction": texts}, schema={"instruction": pl.String}))
+
+
+def dropped_rows(out: pl.DataFrame) -> list[int]:
+    return out.with_row_index().filter(pl.col(DROP).is_not_null())["index"].to_list()
+
+
+def shingles(text: str, n: int = 3) -> set[tuple[str, ...]]:
+    tokens = re.findall(r"\w+", text.lower())
+    return {tuple(tokens[i:i + n]) for i in range(max(len(tokens) - n + 1, 1))} if tokens else set()
+
+
+def jaccard(a: str, b: str) -> float:
+    sa, sb = shingles(a), shingles(b)
+    return len(sa & sb) / len(sa | sb)
+
+
+def test_one_word_changed_is_dropped_and_points_to_the_first_occurrence():
+    rng = np.random.default_rng(0)
+    words = sentence(rng, 60)
+    edited = list(words)
+    edited[30] = "different"
+    again = list(words)
+    again[45] = "changed"
+    texts = [" ".join(words), " ".join(sentence(rng, 60)), " ".join(edited), " ".join(again)]
+    assert jaccard(texts[0], texts[2]) == pytest.approx(55 / 61)
+    out = dedup(texts)
+    assert out[DROP].to_list() == [None, None, "near_duplicate", "near_duplicate"]
+    assert out["duplicate_of"].to_list() == [None, None, 0, 0]
+    assert out["duplicate_of"].dtype == pl.Int64
+    assert re.fullmatch(r"estimated Jaccard 0\.\d+ with row 0", out[DROP_DETAIL][2])
+    assert out["instruction"].to_list() == texts  # same rows, same order
+
+
+def test_distinct_texts_are_all_kept():
+    rng = np.random.default_rng(1)
+    texts = [" ".join(sentence(rng, int(rng.integers(10, 40)))) for _ in range(300)]
+    out = dedup(texts)
+    assert out[DROP].null_count() == 300
+    assert out["duplicate_of"].null_count() == 300
+
+
+def test_exact_duplicates_are_dropped_whatever_the_case():
+    texts = ["Explain how a rainbow forms after the rain.", "Write a haiku about the sea.",
+             "explain how a RAINBOW forms after the rain", "Explain how a rainbow forms after the rain."]
+    out = dedup(texts)
+    assert out["duplicate_of"].to_list() == [None, None, 0, 0]
+    assert dedup(texts, lowercase=False)["duplicate_of"].to_list() == [None, None, None, 0]
+
+
+def test_rows_without_text_are_never_near_duplicates():
+    texts = ["", None, "   ", "", None, "?!", "Compute 17 times 23.", "Compute 17 times 23."]
+    out = dedup(texts)
+    assert out["duplicate_of"].to_list() == [None] * 7 + [6]
+
+
+def test_short_texts_are_one_shingle():
+    out = dedup(["hello", "Hello!", "hello there", "goodbye"])
+    assert out["duplicate_of"].to_list() == [None, 0, None, None]
+
+
+def test_same_input_and_seed_same_output():
+    rng = np.random.default_rng(2)
+    base = [sentence(rng, 30) for _ in range(50)]
+    texts = [" ".join(w) for w in base] + [" ".join(w[:-1] + ["tail"]) for w in base[:20]]
+    first, second = dedup(texts), dedup(texts)
+    assert first.equals(second)
+    assert dropped_rows(first) == list(range(50, 70))
+    other_seed = dedup(texts, seed=7)
+    assert dropped_rows(other_seed) == list(range(50, 70))
+    assert other_seed[DROP_DETAIL].to_list() != first[DROP_DETAIL].to_list()  # other hash functions
+
+
+def test_columns_joins_every_column():
+    rng = np.random.default_rng(3)
+    task = " ".join(sentence(rng, 12))
+    table = pl.DataFrame({"instruction": [task, task, task],
+                          "response": [" ".join(sentence(rng, 40)), " ".join(sentence(rng, 40)), None]})
+    instruction_only = MinHashFilter(MinHashConfig()).process(table)
+    assert instruction_only["duplicate_of"].to_list() == [None, 0, 0]
+    step = MinHashFilter(MinHashConfig(columns=["instruction", "response"]))
+    assert step.requires() == ["instruction", "response"]
+    assert step.process(table)["duplicate_of"].to_list() == [None, None, None]
+
+
+def test_char_shingles_catch_a_changed_character():
+    texts = ["Summarise the plot of Hamlet in three sentences for a ten-year-old reader.",
+             "Summarize the plot of Hamlet in three sentences for a ten-year-old reader.",
+             "Summarise the plot of Macbeth in two paragraphs for a university student."]
+    assert dedup(texts)["duplicate_of"].to_list() == [None, None, None]  # words: 'summarize' is another word
+    out = dedup(texts, shingle="char", ngram=5)
+    assert out["duplicate_of"].to_list() == [None, 0, None]
+
+
+def test_the_threshold_decides():
+    rng = np.random.default_rng(4)
+    words = sentence(rng, 40)
+    texts = [" ".join(words), " ".join(words[:27] + sentence(rng, 13))]
+    assert jaccard(*texts) == pytest.approx(0.49, abs=0.01)
+    assert dedup(texts, threshold=0.8)["duplicate_of"].to_list() == [None, None]
+    assert dedup(texts, threshold=0.3)["duplicate_of"].to_list() == [None, 0]
+
+
+def test_precision_and_recall_against_exact_jaccard():
+    rng = np.random.default_rng(5)
+    originals = [sentence(rng, int(rng.integers(60, 90))) for _ in range(400)]
+    texts = [" ".join(w) for w in originals]
+    planted = {}
+    for original in rng.choice(len(originals), size=150, replace=False):
+        copy = list(originals[original])
+        copy[int(rng.integers(0, len(copy)))] = VOCABULARY[int(rng.integers(0, len(VOCABULARY)))]
+        planted[len(texts)] = int(original)
+        texts.append(" ".join(copy))
+    step = MinHashFilter(MinHashConfig())
+    out = step.process(pl.DataFrame({"instruction": texts}))
+    pointers = dict(zip(dropped_rows(out), out["duplicate_of"].drop_nulls().to_list()))
+    for row, kept in pointers.items():
+        assert jaccard(texts[row], texts[kept]) >= 0.8 - 0.15, (row, kept)
+    recall = np.mean([row in pointers for row in planted])
+    assert recall >= 0.9
+    assert step.report["dropped"] == len(pointers)
+    assert step.report["bands"] * step.report["rows_per_band"] <= 128
+    assert step.report["clusters"] == len(set(pointers.values()))
+
+
+def test_chunks_and_blocks_do_not_change_the_result(monkeypatch):
+    rng = np.random.default_rng(6)
+    originals = [" ".join(sentence(rng, int(rng.integers(1, 120)))) for _ in range(60)]
+    texts = originals + [text + " again" for text in originals[:30]] + ["", None]
+    expected = dedup(texts)
+    assert expected[DROP].null_count() < len(texts)
+    monkeypatch.setattr(minhash, "CHUNK_ROWS", 7)  # rows in threads, in chunks of 7 rows
+    monkeypatch.setattr(minhash, "CHUNK_BYTES", 500)  # ... or of about 500 bytes of text
+    monkeypatch.setattr(minhash, "SHINGLE_BLOCK", 5)  # long rows split between blocks of shingles
+    assert dedup(texts).equals(expected)
+
+
+def test_progress_counts_every_row():
+    class Progress:
+        total = done = 0
+
+        def reset(self, total=None):
+            self.total = total
+
+        def update(self, n=1):
+            self.done += n
+
+    step = MinHashFilter(MinHashConfig())
+    step.progress = Progress()
+    step.process(pl.DataFrame({"instruction": ["a b c"] * 5}))
+    assert step.progress.total == step.progress.done == 5
+
+
+def test_a_column_that_is_not_text_is_refused_with_the_fix():
+    step = MinHashFilter(MinHashConfig(), index=2)
+    with pytest.raises(FactoryError, match=r"steps\[2\]\.minhash: column 'instruction' holds Int64, not text; "
+                                        r"point `column`"):
+        step.process(pl.DataFrame({"instruction": [1, 2]}))
+
+
+# -- through the recipe machinery (needs "minhash" in factory.steps.registry) --------------
+
+def test_a_recipe_runs_end_to_end_through_the_cli(write_recipe, tmp_path):
+    rows = [{"id": "a", "instruction": "Write a short poem about the autumn leaves falling in the park."},
+            {"id": "b", "instruction": "List three prime numbers larger than one hundred."},
+            {"id": "c", "instruction": "Write a short poem about the autumn leaves falling in the park!"},
+            {"id": "d", "instruction": ""}]
+    source = tmp_path / "tasks.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    path = write_recipe(f"""\
+        name: dedup
+        source: {{path: {source}}}
+        steps:
+          - minhash: {{column: instruction, threshold: 0.8, num_perm: 128}}
+        output: {{format: raw}}
+        """)
+    assert main(["validate", str(path)]) == 0
+    out = tmp_path / "out"
+    assert main(["run", str(path), "--out", str(out), "--quiet"]) == 0
+    version = out / "dedup" / "v1"
+    assert read_version(version)["id"].to_list() == ["a", "b", "d"]
+    rejected = read_version(version, "rejected")
+    assert rejected.select("id", "drop_reason", "drop_step", "duplicate_of").rows() == [
+        ("c", "near_duplicate", "steps[0].minhash", 0)]
+    [step] = read_manifest(version)["steps"]
+    assert step["dropped"] == {"near_duplicate": 1}
+    assert step["report"]["clusters"] == 1 and step["report"]["dropped"] == 1
+
+
+@pytest.mark.parametrize("options, key, message", [
+    ("threshold: 1.5", "threshold", "threshold must be strictly between 0 and 1, got 1.5"),
+    ("threshold: 0", "threshold", "threshold must be strictly between 0 and 1, got 0.0"),
+    ("num_perm: 0", "num_perm", "must be at least 16, got 0; set it to 16 or more"),
+    ("shingle: words", "shingle", "'words' is not one of word, char; did you mean 'word'?"),
+    ("columns: []", "columns", "`columns` is an empty list"),
+    ("colum: instruction", "colum", "unknown key 'colum'; did you mean 'column'?"),
+])
+def test_bad_options_name_the_key_path_and_the_fix(write_recipe, options, key, message):
+    path = write_recipe(f"name: t\nsource: {{path: data.jsonl}}\nsteps:\n  - minhash: {{{options}}}\n"
+                        "output: {format: raw}\n")
+    (path.parent / "data.jsonl").write_text('{"instruction": "x"}\n', encoding="utf-8")
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path)
+    [problem] = info.value.problems
+    assert problem.format().startswith(f"{path}:4: steps[0].minhash.{key}: {message}")
+
+
+def test_a_missing_text_column_is_reported_before_running(write_recipe):
+    path = write_recipe("name: t\nsource: {path: data.jsonl}\noutput: {format: raw}\nsteps:\n"
+                        "  - minhash: {columns: [instruction, response]}\n")
+    (path.parent / "data.jsonl").write_text('{"instruction": "x"}\n', encoding="utf-8")
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path)
+    [problem] = info.value.problems
+    assert problem.key_path == "steps[0].minhash" and "needs column 'response'" in problem.message
