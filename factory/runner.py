@@ -20,7 +20,7 @@ from .config import to_dict
 from .errors import FactoryError
 from .llm import create_backend, fingerprint
 from .llm.client import LLMClient
-from .steps.base import DROP, DROP_DETAIL, INTERNAL_PREFIX, RAW_REPLY, Step, _NoProgress
+from .steps.base import DROP, INTERNAL_PREFIX, Step, _NoProgress
 
 BACKEND_FAILURES = {"backend_error"}
 DEAD_BACKEND_BATCHES = 3  # batches in a row whose every row failed in the backend: stop
@@ -61,14 +61,18 @@ class RunResult:
 
 
 def split_dropped(frame: pl.DataFrame, label: str) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """Splits a step's output into kept rows (internal columns removed) and dropped rows."""
+    """Splits a step's output into kept rows and dropped rows.
+
+    Internal columns (``_drop_reason``, ``_raw_reply``, ``_duplicate_of``...) say why a row
+    went: kept rows lose them, dropped rows keep them without the underscore.
+    """
     if DROP not in frame.columns:
         frame = frame.with_columns(pl.lit(None, dtype=pl.String).alias(DROP))
     internal = [c for c in frame.columns if c.startswith(INTERNAL_PREFIX)]
     kept = frame.filter(pl.col(DROP).is_null()).drop(internal)
     dropped = frame.filter(pl.col(DROP).is_not_null())
-    renames = {DROP: "drop_reason", RAW_REPLY: "raw_reply", DROP_DETAIL: "drop_detail"}
-    dropped = dropped.rename({k: v for k, v in renames.items() if k in dropped.columns})
+    dropped = dropped.rename({c: c[len(INTERNAL_PREFIX):] for c in internal
+                              if c[len(INTERNAL_PREFIX):] not in dropped.columns})
     dropped = dropped.drop([c for c in dropped.columns if c.startswith(INTERNAL_PREFIX)])
     return kept, dropped.with_columns(pl.lit(label).alias("drop_step"))
 

@@ -83,8 +83,8 @@ class Decontaminate(GlobalStep):
     """Drops rows that overlap an evaluation set (reason ``contaminated``).
 
     Requires: the ``columns`` (default ``instruction``).
-    Produces: ``matched_eval`` (the eval items a dropped row matched). The manifest's
-    report gives the number of eval items matched and their ids.
+    Dropped rows carry ``matched_eval`` in ``rejected/`` (the eval items they matched); the
+    manifest's report gives the number of eval items matched and their ids.
 
     Example:
         - decontaminate: {eval: data/eval/arithmetic.jsonl, columns: [instruction, response]}
@@ -95,9 +95,6 @@ class Decontaminate(GlobalStep):
 
     def requires(self):
         return list(self.config.columns)
-
-    def produces(self):
-        return ["matched_eval"]
 
     def eval_path(self) -> Path | None:
         return resolve_path(self.config.eval, self.base_dir)
@@ -118,10 +115,11 @@ class Decontaminate(GlobalStep):
     def fingerprint(self) -> str:
         from factory.llm.base import fingerprint
 
+        # The eval set's identity, and polars' version (its word hashes may change with it).
         path = self.eval_path()
         stat = path.stat() if path and path.is_file() else None
         return fingerprint([super().fingerprint(), str(path), stat.st_size if stat else None,
-                            stat.st_mtime if stat else None])
+                            stat.st_mtime if stat else None, pl.__version__])
 
     def process(self, table: pl.DataFrame) -> pl.DataFrame:
         c = self.config
@@ -161,6 +159,6 @@ class Decontaminate(GlobalStep):
         self.report = {"eval_set": str(path), "eval_items": evals.height, "eval_items_matched": len(matched_items),
                        "rows_dropped": per_row.height,
                        "matched_eval_ids": [eval_ids[i] for i in matched_items[:100]]}
-        out = table.with_columns(matched_eval.cast(pl.List(pl.String)))
-        return out.with_columns(pl.when(pl.col("matched_eval").is_not_null()).then(pl.lit("contaminated"))
+        out = table.with_columns(matched_eval.cast(pl.List(pl.String)).alias("_matched_eval"))
+        return out.with_columns(pl.when(pl.col("_matched_eval").is_not_null()).then(pl.lit("contaminated"))
                                 .otherwise(None).cast(pl.String).alias(DROP))

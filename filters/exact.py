@@ -33,8 +33,8 @@ class ExactDedup(GlobalStep):
     Whitespace is always collapsed; case and punctuation are ignored as configured.
 
     Requires: the ``columns`` (default ``instruction``).
-    Produces: ``duplicate_of`` (position of the kept row, on dropped rows); drops the
-    later copies as ``duplicate``.
+    Drops the later copies as ``duplicate``; in ``rejected/`` they carry ``duplicate_of``,
+    the kept row's text (first column).
 
     Example:
         - exact: {columns: [instruction, response]}
@@ -46,18 +46,16 @@ class ExactDedup(GlobalStep):
     def requires(self):
         return list(self.config.columns)
 
-    def produces(self):
-        return ["duplicate_of"]
-
     def process(self, table: pl.DataFrame) -> pl.DataFrame:
         c = self.config
         keys = [normalized(col, c.lowercase, c.ignore_punctuation).alias(f"_key{i}") for i, col in enumerate(c.columns)]
         key_names = [f"_key{i}" for i in range(len(c.columns))]
         with_keys = table.with_row_index("_position").with_columns(keys)
         first = pl.col("_position").min().over(key_names)
-        out = with_keys.with_columns(
-            pl.when(first != pl.col("_position")).then(first).otherwise(None).cast(pl.Int64).alias("duplicate_of"))
-        out = out.with_columns(pl.when(pl.col("duplicate_of").is_not_null()).then(pl.lit("duplicate"))
-                               .otherwise(None).cast(pl.String).alias(DROP))
-        self.report = {"duplicates": int(out["duplicate_of"].is_not_null().sum())}
+        kept_text = pl.col(c.columns[0]).cast(pl.String).gather(first)
+        is_copy = first != pl.col("_position")
+        out = with_keys.with_columns(pl.when(is_copy).then(kept_text).otherwise(None).alias("_duplicate_of"),
+                                     pl.when(is_copy).then(pl.lit("duplicate")).otherwise(None).cast(pl.String)
+                                     .alias(DROP))
+        self.report = {"duplicates": int(out[DROP].is_not_null().sum())}
         return out.drop(["_position", *key_names])

@@ -36,7 +36,7 @@ from factory.errors import FactoryError
 from factory.steps.base import DROP, DROP_DETAIL, GlobalStep
 
 REASON = "near_duplicate"
-DUPLICATE_OF = "duplicate_of"
+DUPLICATE_OF = "_duplicate_of"  # internal: shown as `duplicate_of` in rejected/ only
 
 # Rows tokenised at once (one task of the thread pool: at most so many rows and about so
 # much text), shingles hashed at once (a num_perm x 8192 matrix of 64-bit values: 8 MiB
@@ -98,8 +98,8 @@ class MinHashFilter(GlobalStep):
     not promise that its string hash stays the same across versions).
 
     Requires: the text column (``instruction``), or every column in ``columns``.
-    Produces: ``duplicate_of``, the position (in this step's input) of the kept row a
-    dropped row duplicates; null for kept rows. A dropped row's ``drop_detail`` gives
+    Dropped rows carry ``duplicate_of`` in ``rejected/``: the text of the kept row they
+    duplicate (its first text column). A dropped row's ``drop_detail`` gives
     its estimated Jaccard similarity with that row.
 
     Example:
@@ -113,8 +113,11 @@ class MinHashFilter(GlobalStep):
     def requires(self):
         return self.text_columns()
 
-    def produces(self):
-        return [DUPLICATE_OF]
+    def fingerprint(self) -> str:
+        # Token hashes come from polars, which keeps them stable only within a version.
+        from factory.llm.base import fingerprint
+
+        return fingerprint([super().fingerprint(), pl.__version__])
 
     def text_columns(self) -> list[str]:
         return list(self.config.columns) if self.config.columns else [self.config.column]
@@ -146,11 +149,13 @@ class MinHashFilter(GlobalStep):
         # `threshold`: the detail says how far, for whoever reads the rejected rows.
         similarity = np.zeros(len(texts))
         similarity[dropped] = estimated_jaccard(np.flatnonzero(dropped), first[dropped])
-        marks = pl.DataFrame({"dropped": dropped, "first": first, "similarity": similarity}).select(
+        kept_text = table[self.text_columns()[0]].cast(pl.String).gather(first)
+        marks = pl.DataFrame({"dropped": dropped, "first": first, "similarity": similarity,
+                              "kept_text": kept_text}).select(
             pl.when("dropped").then(pl.lit(REASON)).alias(DROP),
-            pl.when("dropped").then(pl.format("estimated Jaccard {} with row {}", pl.col("similarity").round(2),
-                                              "first")).alias(DROP_DETAIL),
-            pl.when("dropped").then(pl.col("first")).alias(DUPLICATE_OF),
+            pl.when("dropped").then(pl.format("estimated Jaccard {} with the kept row (position {} in the step's "
+                                              "input)", pl.col("similarity").round(2), "first")).alias(DROP_DETAIL),
+            pl.when("dropped").then(pl.col("kept_text")).alias(DUPLICATE_OF),
         )
         sizes = np.bincount(first, minlength=len(texts))
         self.report = {"clusters": int(np.count_nonzero(sizes > 1)), "dropped": int(dropped.sum()),

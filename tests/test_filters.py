@@ -30,7 +30,7 @@ def test_exact_keeps_the_first_copy_after_normalisation():
     table = pl.DataFrame({"instruction": ["Write a poem.", "write  a POEM.", "Write a poem!", "Other", None, None]})
     out = ExactDedup(ExactConfig()).process(table)
     assert reasons(out) == [None, "duplicate", None, None, None, "duplicate"]
-    assert out["duplicate_of"].to_list() == [None, 0, None, None, None, 4]
+    assert out["_duplicate_of"].to_list() == [None, "Write a poem.", None, None, None, None]
     out = ExactDedup(ExactConfig(ignore_punctuation=True)).process(table)
     assert reasons(out)[:3] == [None, "duplicate", "duplicate"]
 
@@ -108,7 +108,7 @@ def test_decontaminate_finds_long_and_short_overlaps_and_reports_them(write_reci
     out = step.process(recipe.source.read())
     dropped = out.filter(pl.col(DROP).is_not_null())
     assert dropped["id"].to_list() == ["seed-000", "seed-001"]
-    assert dropped["matched_eval"].to_list() == [["e-long"], ["e-short"]]
+    assert dropped["_matched_eval"].to_list() == [["e-long"], ["e-short"]]
     assert step.report["eval_items"] == 3 and step.report["eval_items_matched"] == 2
     assert step.report["matched_eval_ids"] == ["e-long", "e-short"]
 
@@ -179,4 +179,7 @@ steps:
     assert decon["report"]["eval_items_matched"] == len(expected) and "eval[0]" in expected
     assert steps["exact"]["dropped"] == {}
     assert kept.height == manifest["rows"] == 5 and kept["correct"].all()
+    assert "matched_eval" not in kept.columns
+    leaked = read_version(version, "rejected").filter(pl.col("drop_reason") == "contaminated").row(0, named=True)
+    assert leaked["matched_eval"] == expected and leaked["drop_step"] == "steps[5].decontaminate"
     assert sorted(kept["instruction"]) == [f"Problem {i}: what is 3 + 4?" for i in range(5)]

@@ -29,6 +29,12 @@ def dedup(texts, **options) -> pl.DataFrame:
     return step.process(pl.DataFrame({"instruction": texts}, schema={"instruction": pl.String}))
 
 
+def pointers(out: pl.DataFrame, column: str = "instruction") -> list:
+    """Where each row's `duplicate_of` points: the position of the first row with that text."""
+    texts = out[column].to_list()
+    return [None if kept is None else texts.index(kept) for kept in out["_duplicate_of"].to_list()]
+
+
 def dropped_rows(out: pl.DataFrame) -> list[int]:
     return out.with_row_index().filter(pl.col(DROP).is_not_null())["index"].to_list()
 
@@ -54,9 +60,10 @@ def test_one_word_changed_is_dropped_and_points_to_the_first_occurrence():
     assert jaccard(texts[0], texts[2]) == pytest.approx(55 / 61)
     out = dedup(texts)
     assert out[DROP].to_list() == [None, None, "near_duplicate", "near_duplicate"]
-    assert out["duplicate_of"].to_list() == [None, None, 0, 0]
-    assert out["duplicate_of"].dtype == pl.Int64
-    assert re.fullmatch(r"estimated Jaccard 0\.\d+ with row 0", out[DROP_DETAIL][2])
+    assert pointers(out) == [None, None, 0, 0]
+    assert out["_duplicate_of"].dtype == pl.String
+    assert re.fullmatch(r"estimated Jaccard 0\.\d+ with the kept row \(position 0 in the step's input\)",
+                        out[DROP_DETAIL][2])
     assert out["instruction"].to_list() == texts  # same rows, same order
 
 
@@ -65,26 +72,26 @@ def test_distinct_texts_are_all_kept():
     texts = [" ".join(sentence(rng, int(rng.integers(10, 40)))) for _ in range(300)]
     out = dedup(texts)
     assert out[DROP].null_count() == 300
-    assert out["duplicate_of"].null_count() == 300
+    assert out["_duplicate_of"].null_count() == 300
 
 
 def test_exact_duplicates_are_dropped_whatever_the_case():
     texts = ["Explain how a rainbow forms after the rain.", "Write a haiku about the sea.",
              "explain how a RAINBOW forms after the rain", "Explain how a rainbow forms after the rain."]
     out = dedup(texts)
-    assert out["duplicate_of"].to_list() == [None, None, 0, 0]
-    assert dedup(texts, lowercase=False)["duplicate_of"].to_list() == [None, None, None, 0]
+    assert pointers(out) == [None, None, 0, 0]
+    assert pointers(dedup(texts, lowercase=False)) == [None, None, None, 0]
 
 
 def test_rows_without_text_are_never_near_duplicates():
     texts = ["", None, "   ", "", None, "?!", "Compute 17 times 23.", "Compute 17 times 23."]
     out = dedup(texts)
-    assert out["duplicate_of"].to_list() == [None] * 7 + [6]
+    assert pointers(out) == [None] * 7 + [6]
 
 
 def test_short_texts_are_one_shingle():
     out = dedup(["hello", "Hello!", "hello there", "goodbye"])
-    assert out["duplicate_of"].to_list() == [None, 0, None, None]
+    assert pointers(out) == [None, 0, None, None]
 
 
 def test_same_input_and_seed_same_output():
@@ -105,19 +112,19 @@ def test_columns_joins_every_column():
     table = pl.DataFrame({"instruction": [task, task, task],
                           "response": [" ".join(sentence(rng, 40)), " ".join(sentence(rng, 40)), None]})
     instruction_only = MinHashFilter(MinHashConfig()).process(table)
-    assert instruction_only["duplicate_of"].to_list() == [None, 0, 0]
+    assert pointers(instruction_only) == [None, 0, 0]
     step = MinHashFilter(MinHashConfig(columns=["instruction", "response"]))
     assert step.requires() == ["instruction", "response"]
-    assert step.process(table)["duplicate_of"].to_list() == [None, None, None]
+    assert step.process(table)["_duplicate_of"].to_list() == [None, None, None]
 
 
 def test_char_shingles_catch_a_changed_character():
     texts = ["Summarise the plot of Hamlet in three sentences for a ten-year-old reader.",
              "Summarize the plot of Hamlet in three sentences for a ten-year-old reader.",
              "Summarise the plot of Macbeth in two paragraphs for a university student."]
-    assert dedup(texts)["duplicate_of"].to_list() == [None, None, None]  # words: 'summarize' is another word
+    assert pointers(dedup(texts)) == [None, None, None]  # words: 'summarize' is another word
     out = dedup(texts, shingle="char", ngram=5)
-    assert out["duplicate_of"].to_list() == [None, 0, None]
+    assert pointers(out) == [None, 0, None]
 
 
 def test_the_threshold_decides():
@@ -125,8 +132,8 @@ def test_the_threshold_decides():
     words = sentence(rng, 40)
     texts = [" ".join(words), " ".join(words[:27] + sentence(rng, 13))]
     assert jaccard(*texts) == pytest.approx(0.49, abs=0.01)
-    assert dedup(texts, threshold=0.8)["duplicate_of"].to_list() == [None, None]
-    assert dedup(texts, threshold=0.3)["duplicate_of"].to_list() == [None, 0]
+    assert pointers(dedup(texts, threshold=0.8)) == [None, None]
+    assert pointers(dedup(texts, threshold=0.3)) == [None, 0]
 
 
 def test_precision_and_recall_against_exact_jaccard():
@@ -141,14 +148,15 @@ def test_precision_and_recall_against_exact_jaccard():
         texts.append(" ".join(copy))
     step = MinHashFilter(MinHashConfig())
     out = step.process(pl.DataFrame({"instruction": texts}))
-    pointers = dict(zip(dropped_rows(out), out["duplicate_of"].drop_nulls().to_list()))
-    for row, kept in pointers.items():
+    links = {row: kept for row, kept in enumerate(pointers(out)) if kept is not None}
+    assert sorted(links) == dropped_rows(out)
+    for row, kept in links.items():
         assert jaccard(texts[row], texts[kept]) >= 0.8 - 0.15, (row, kept)
-    recall = np.mean([row in pointers for row in planted])
+    recall = np.mean([row in links for row in planted])
     assert recall >= 0.9
-    assert step.report["dropped"] == len(pointers)
+    assert step.report["dropped"] == len(links)
     assert step.report["bands"] * step.report["rows_per_band"] <= 128
-    assert step.report["clusters"] == len(set(pointers.values()))
+    assert step.report["clusters"] == len(set(links.values()))
 
 
 def test_chunks_and_blocks_do_not_change_the_result(monkeypatch):
@@ -209,7 +217,8 @@ def test_a_recipe_runs_end_to_end_through_the_cli(write_recipe, tmp_path):
     assert read_version(version)["id"].to_list() == ["a", "b", "d"]
     rejected = read_version(version, "rejected")
     assert rejected.select("id", "drop_reason", "drop_step", "duplicate_of").rows() == [
-        ("c", "near_duplicate", "steps[0].minhash", 0)]
+        ("c", "near_duplicate", "steps[0].minhash", rows[0]["instruction"])]
+    assert "duplicate_of" not in read_version(version).columns
     [step] = read_manifest(version)["steps"]
     assert step["dropped"] == {"near_duplicate": 1}
     assert step["report"]["clusters"] == 1 and step["report"]["dropped"] == 1
