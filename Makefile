@@ -38,6 +38,8 @@ test-slow: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/engine_overhead.py
 	$(BIN)/python bench/embedded_backend.py
+	$(BIN)/python bench/minhash_dedup.py --rows 100000
+	$(BIN)/python bench/faults.py
 
 clean:
 	rm -rf $(VENV) $(OUT) .pytest_cache

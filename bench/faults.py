@@ -25,9 +25,9 @@ from tests.test_reliability import model, run_in_process, write_recipe  # noqa: 
 
 def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="factory-faults-"))
+    (work / "clean").mkdir()
     with FakeOpenAI(reply_fn=model) as server:
-        _, clean, _ = run_in_process(write_recipe(work / "clean" if (work / "clean").mkdir() is None else None,
-                                                  server.base_url), work, "clean")
+        _, clean, _ = run_in_process(write_recipe(work / "clean", server.base_url), work, "clean")
     expected = clean["rows"]
     cases = [(str(f), lambda p, n, f=f: f if n % 7 == 0 else None, 3, expected) for f in FAULTS]
     cases.append(("task 7 always 503", lambda p, n: 503 if "Task 7:" in p["messages"][-1]["content"] else None, 3,
