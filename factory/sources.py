@@ -15,7 +15,9 @@ from .generators import GENERATORS
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet", ".csv": "csv",
-           ".tsv": "csv"}
+           ".tsv": "csv", ".md": "documents", ".txt": "documents"}
+DOCUMENT_SUFFIXES = (".md", ".markdown", ".txt")
+DOCUMENT_COLUMNS = ("doc_id", "title", "text")
 
 
 @dataclass
@@ -24,8 +26,9 @@ class SourceConfig:
                                           "dataset saved with save_to_disk, or a factory version folder.")
     generator: str | None = option(None, help="A programmatic source instead of a file: "
                                               + ", ".join(GENERATORS) + ".")
-    format: Literal["auto", "jsonl", "json", "parquet", "csv", "hf"] = option(
-        "auto", help="File format; `auto` guesses from the name.")
+    format: Literal["auto", "jsonl", "json", "parquet", "csv", "hf", "documents"] = option(
+        "auto", help="File format; `auto` guesses from the name. `documents`: a folder of .md/.txt files, one "
+                     "row per file (doc_id, title, text).")
     split: str = option("train", help="The split to read from a saved DatasetDict.")
     limit: int | None = option(None, help="Read only the first N rows.", min=1)
     rename: dict[str, str] = option(default_factory=dict, help="Rename columns on load, e.g. {question: instruction}.")
@@ -160,7 +163,9 @@ def detect_format(path: Path, fmt: str = "auto") -> str:
             return "parquet"
         if any(path.glob("*.jsonl")):
             return "jsonl"
-        raise FactoryError(f"{path}: a folder with no parquet, jsonl or saved dataset in it")
+        if any(p.suffix.lower() in DOCUMENT_SUFFIXES for p in path.rglob("*")):
+            return "documents"
+        raise FactoryError(f"{path}: a folder with no parquet, jsonl, saved dataset or .md/.txt documents in it")
     fmt = FORMATS.get(path.suffix.lower())
     if fmt is None:
         raise FactoryError(f"{path}: cannot tell the format from '{path.suffix}' (known: {', '.join(FORMATS)})")
@@ -197,6 +202,8 @@ def read_table_with_rejects(path: Path, fmt: str, split: str = "train") -> tuple
                                "delimiter and that it is UTF-8") from None
     if fmt == "hf":
         return _read_hf(path, split), None
+    if fmt == "documents":
+        return read_documents(path), None
     rows: list[dict] = []
     where: list[str] = []
     for f in _files(path, "*.jsonl"):
@@ -208,6 +215,22 @@ def read_table_with_rejects(path: Path, fmt: str, split: str = "train") -> tuple
     rows, rejected = _set_aside_mixed_kinds(rows, where)
     frame = pl.from_dicts(rows, infer_schema_length=None, strict=False) if rows else pl.DataFrame()
     return frame, rejected
+
+
+def read_documents(path: Path) -> pl.DataFrame:
+    """One row per .md/.txt file: ``doc_id`` (path inside the folder), ``title`` (the first
+    Markdown heading, else the file name) and ``text``."""
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.suffix.lower() in DOCUMENT_SUFFIXES)
+    rows = []
+    for f in files:
+        try:
+            text = f.read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            raise FactoryError(f"{f}: byte {err.start} is not valid UTF-8; re-encode the file as UTF-8") from None
+        heading = next((line.lstrip("#").strip() for line in text.splitlines() if line.startswith("#")), None)
+        doc_id = f.name if path.is_file() else str(f.relative_to(path))
+        rows.append({"doc_id": doc_id, "title": heading or f.stem.replace("-", " ").replace("_", " "), "text": text})
+    return pl.DataFrame(rows, schema={c: pl.String for c in DOCUMENT_COLUMNS})
 
 
 def _kind(value) -> str | None:
@@ -295,6 +318,8 @@ def _peek_columns(path: Path, fmt: str, split: str) -> list[str]:
         return pl.read_csv(path, separator=sep, n_rows=1).columns
     if fmt == "hf":
         return _read_hf(path, split).columns
+    if fmt == "documents":
+        return list(DOCUMENT_COLUMNS)
     columns: dict[str, None] = {}
     for f in _files(path, "*.jsonl"):
         with open(f, "rb") as fh:

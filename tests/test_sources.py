@@ -9,11 +9,12 @@ from factory.errors import FactoryError, RecipeError
 from factory.generators import ArithmeticConfig, arithmetic
 from factory.recipe import load_recipe
 
-from .conftest import SCRIPTED_LLM
+from .conftest import ROOT, SCRIPTED_LLM
 
 
 def recipe_for(write_recipe, source: str, steps: str = "[solve]"):
-    return load_recipe(write_recipe(f"name: s\n{SCRIPTED_LLM}source: {source}\nsteps: {steps}\n"))
+    output = "output: {format: raw}\n" if steps == "[]" else ""
+    return load_recipe(write_recipe(f"name: s\n{SCRIPTED_LLM}source: {source}\nsteps: {steps}\n{output}"))
 
 
 ROWS = [{"instruction": "add 1 and 2", "input": ""}, {"instruction": "name a colour", "input": "pick one"}]
@@ -68,9 +69,9 @@ def test_non_utf8_bytes_name_file_and_line(tmp_path, write_recipe):
 
 
 def test_unknown_format_and_generator_are_recipe_errors(tmp_path, write_recipe):
-    (tmp_path / "tasks.txt").write_text("hello")
-    with pytest.raises(RecipeError, match="cannot tell the format from '.txt'"):
-        recipe_for(write_recipe, f"{{path: {tmp_path / 'tasks.txt'}}}")
+    (tmp_path / "tasks.xml").write_text("<hello/>")
+    with pytest.raises(RecipeError, match="cannot tell the format from '.xml'"):
+        recipe_for(write_recipe, f"{{path: {tmp_path / 'tasks.xml'}}}")
     with pytest.raises(RecipeError, match="unknown generator 'arithmatic'; did you mean 'arithmetic'"):
         recipe_for(write_recipe, "{generator: arithmatic}")
 
@@ -101,3 +102,22 @@ def test_generator_source_in_a_recipe(write_recipe):
     assert table.height == 7 and (table["num_steps"] <= 3).all()
     with pytest.raises(RecipeError, match="source.num_row: unknown key 'num_row'; did you mean 'num_rows'"):
         recipe_for(write_recipe, "{generator: arithmetic, num_row: 7}")
+
+
+def test_a_folder_of_documents_is_one_row_per_file(write_recipe, tmp_path):
+    (tmp_path / "docs" / "sub").mkdir(parents=True)
+    (tmp_path / "docs" / "a.md").write_text("Intro line\n# Alpha Title\n\nBody.")
+    (tmp_path / "docs" / "sub" / "b_notes.txt").write_text("plain text")
+    (tmp_path / "docs" / "skip.png").write_bytes(b"\x89PNG")
+    recipe = recipe_for(write_recipe, f"{{path: {tmp_path / 'docs'}}}", steps="[]")
+    assert recipe.source.columns() == ["doc_id", "title", "text"]
+    rows = recipe.source.read().to_dicts()
+    assert rows == [{"doc_id": "a.md", "title": "Alpha Title", "text": "Intro line\n# Alpha Title\n\nBody."},
+                    {"doc_id": "sub/b_notes.txt", "title": "b notes", "text": "plain text"}]
+
+
+def test_the_shipped_documents_read():
+    from factory.sources import read_documents
+
+    docs = read_documents(ROOT / "data" / "documents")
+    assert docs.height >= 6 and docs["text"].str.len_chars().min() > 1000
