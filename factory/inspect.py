@@ -28,6 +28,45 @@ def length_stats(table: pl.DataFrame) -> list[dict]:
     return rows
 
 
+LINEAGE = ("origin", "operation", "generation")
+
+
+def lineage(table: pl.DataFrame, rejected: pl.DataFrame, chains: int = 3) -> dict:
+    """Counts per (origin, operation, generation) and a few parent -> child chains."""
+    present = [c for c in LINEAGE if c in table.columns]
+    if not present:
+        return {}
+    counts = (table.group_by(present).len().sort(present, nulls_last=True)
+              .rename({"len": "rows"}).to_dicts())
+    found = []
+    if "parent" in table.columns and "instruction" in table.columns:
+        known = {}
+        for frame in (rejected, table):  # kept rows win when a text appears in both
+            if "instruction" in frame.columns:
+                for row in frame.select([c for c in ("instruction", "parent", "operation", "generation")
+                                         if c in frame.columns]).iter_rows(named=True):
+                    known[row["instruction"]] = row
+        deepest = table.filter(pl.col("parent").is_not_null())
+        if "generation" in deepest.columns:
+            deepest = deepest.sort("generation", descending=True, nulls_last=True)
+        shown: set[str] = set()
+        for row in deepest.iter_rows(named=True):
+            if len(found) >= chains:
+                break
+            if row["instruction"] in shown:  # already part of a longer chain
+                continue
+            chain = [row]
+            while chain[-1].get("parent") in known and len(chain) < 10:
+                chain.append(known[chain[-1]["parent"]])
+            root = chain[-1].get("parent")
+            steps = [{"text": root, "operation": None, "generation": 0}] if root else []
+            steps += [{"text": r["instruction"], "operation": r.get("operation"), "generation": r.get("generation")}
+                      for r in reversed(chain)]
+            shown.update(r["instruction"] for r in chain)
+            found.append(steps)
+    return {"counts": counts, "chains": found}
+
+
 def summarize(version_dir: str | Path, examples: int = 3) -> dict:
     """Everything ``inspect`` shows, as data."""
     manifest = read_manifest(version_dir)
@@ -52,6 +91,7 @@ def summarize(version_dir: str | Path, examples: int = 3) -> dict:
                          if rejected.height else {}),
         "lengths": length_stats(table.drop("messages") if "messages" in table.columns else table),
         "examples": table.head(examples).to_dicts(),
+        "lineage": lineage(table, rejected),
     }
     for column in ("score",):
         if column in table.columns and table[column].dtype.is_numeric():
@@ -85,6 +125,20 @@ def render(info: dict, width: int = 100) -> str:
         for row in info["lengths"]:
             out.append(f"{row['column']:<24} {row['min']:>7} {row['median']:>7} {row['mean']:>9} {row['max']:>7} "
                        f"{row['mean_words']:>7}")
+    if info.get("lineage"):
+        out.append("")
+        counts = info["lineage"]["counts"]
+        keys = [k for k in LINEAGE if k in counts[0]]
+        out.append("lineage: " + " / ".join(keys) + ": rows")
+        for row in counts:
+            out.append("  " + " / ".join(str(row[k]) for k in keys) + f": {row['rows']}")
+        for chain in info["lineage"]["chains"]:
+            out.append("  chain:")
+            for depth, link in enumerate(chain):
+                label = f"gen {link['generation']}" + (f", {link['operation']}" if link["operation"] else "")
+                indent = "    " + "  " * depth + ("-> " if depth else "")
+                out.append(indent + textwrap.shorten(f"[{label}] {link['text']}", width=width - len(indent),
+                                                     placeholder=" ..."))
     if "score_stats" in info:
         s = info["score_stats"]
         out.append(f"\nscore: min {s['min']:g}, mean {s['mean']:g}, max {s['max']:g}")

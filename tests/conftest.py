@@ -64,7 +64,7 @@ def scripted_recipe(write_recipe):
 
     def make(steps: str | None = None, extra: str = "", name: str = "demo") -> Path:
         steps = steps or """\
-          - self_instruct: {num_tasks: 12, prompts_per_round: 8}
+          - self_instruct: {num_tasks: 12, prompts_per_round: 8, novelty_threshold: 1.0}
           - solve: {samples: 2}
           - judge: {}
           - score: {min: 5}

@@ -104,3 +104,21 @@ def test_steps_lists_and_describes(capsys):
     assert "samples = 1" in capsys.readouterr().out
     assert main(["steps", "slove"]) == 2
     assert "did you mean 'solve'?" in capsys.readouterr().err
+
+
+def test_inspect_shows_lineage_counts_and_chains(tmp_path, capsys):
+    import polars as pl
+
+    from factory.store import write_version
+
+    table = pl.DataFrame({"instruction": ["A2", "B1", "A1"], "parent": ["A1", "B0", "A0"],
+                          "operation": ["deepen", "breadth", "add_constraints"], "generation": [2, 1, 1],
+                          "origin": ["evol_instruct"] * 3})
+    version = write_version(tmp_path, "lin", table, pl.DataFrame({"drop_reason": ["x"], "drop_step": ["s"]}), {})
+    assert main(["inspect", str(version)]) == 0
+    text = capsys.readouterr().out
+    assert "lineage: origin / operation / generation: rows" in text
+    assert "  evol_instruct / deepen / 2: 1" in text
+    assert "    [gen 0] A0\n      -> [gen 1, add_constraints] A1\n        -> [gen 2, deepen] A2" in text
+    assert "    [gen 0] B0\n      -> [gen 1, breadth] B1" in text
+    assert text.count("chain:") == 2  # A0 -> A1 is not repeated on its own

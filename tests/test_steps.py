@@ -9,7 +9,7 @@ from factory.errors import ParseError
 from factory.llm import ScriptedBackend, ScriptedConfig
 from factory.llm.client import LLMClient
 from factory.recipe import load_recipe
-from factory.steps.base import DROP, RAW_REPLY
+from factory.steps.base import DROP, DROP_DETAIL, RAW_REPLY
 from factory.steps.judge import parse_score
 from factory.steps.self_instruct import clean_task
 
@@ -61,22 +61,57 @@ def bind(step, rules=None, reply_fn=None):
 
 def test_self_instruct_filters_candidates_and_reports_reasons(write_recipe):
     recipe = steps_of(write_recipe, "  - self_instruct: {num_tasks: 6, prompts_per_round: 10, max_rounds: 2}\n")
+    distinct = [" Explain why leaves change colour in autumn", " Translate 'good morning' into Spanish",
+                " Give three tips for a job interview", " Classify these fruits by colour: lemon, cherry, lime",
+                " Summarize the rules of chess in five sentences"]
     replies = iter([" Draw a picture of a cat", " Hi", " Why does the Moon show phases?", "",
-                    " Describe how rain forms in two sentences", " Describe how rain forms in two sentences",
-                    " Give me three tips for learning a new language"] + [f" Name {i} animals that live in the sea"
-                                                                       for i in range(20)])
+                    " Describe how rain forms in two sentences", " Describe how rain forms in two short sentences"]
+                   + distinct + [f" Unused candidate number {i}" for i in range(20)])
     step = bind(recipe.steps[0], reply_fn=lambda conv, k: next(replies))
-    seeds = recipe.source.read()
-    out = step.process(seeds)
+    out = step.process(recipe.source.read())
     kept = out.filter(pl.col(DROP).is_null())
-    reasons = out.filter(pl.col(DROP).is_not_null())[DROP].to_list()
-    assert kept.height == 6
-    assert kept["instruction"][0] == "Describe how rain forms in two sentences"
-    assert set(kept["origin"]) == {"self_instruct"}
-    assert reasons[:5] == ["blacklisted", "too_short", "duplicate", "parse_error", "duplicate"]
-    assert "over_quota" in reasons
-    # later rounds show generated tasks among the examples
-    assert out.filter(pl.col(DROP).is_null())["round"].max() >= 0
+    dropped = out.filter(pl.col(DROP).is_not_null())
+    assert kept["instruction"].to_list() == ["Describe how rain forms in two sentences"] + [d.strip() for d in distinct]
+    assert set(kept["origin"]) == {"self_instruct"} and set(kept["operation"]) == {"bootstrap"}
+    assert dropped[DROP].to_list()[:6] == ["blacklisted", "too_short", "too_similar", "parse_error", "too_similar",
+                                          "over_quota"]
+    details = dropped[DROP_DETAIL].to_list()
+    assert details[0] == "mentions 'picture'"
+    assert details[2] == "ROUGE-L 1.00 with: Why does the Moon show phases?"
+    assert details[4].startswith("ROUGE-L 0.9") and details[4].endswith("Describe how rain forms in two sentences")
+    assert kept["generation"].to_list() == [1] * 5 + [2]  # the second round asked for the sixth
+
+
+def test_rouge_l_matches_its_definition():
+    from factory.steps.self_instruct import rouge_l, tokens
+
+    a, b = tokens("Write a poem about the sea"), tokens("Write a short poem about the ocean")
+    # LCS = write a poem about the (5); F1 = 2*5 / (6 + 7)
+    assert rouge_l(a, [b, a, []]) == [pytest.approx(10 / 13), 1.0, 0.0]
+
+
+def test_self_instruct_writes_instances_for_kept_tasks(write_recipe):
+    recipe = steps_of(write_recipe, "  - self_instruct: {num_tasks: 2, prompts_per_round: 2, instances: 2}\n")
+    prompts = []
+    tasks = iter([" Explain why leaves change colour in autumn", " Add the two numbers you are given"])
+
+    def reply(conv, k):
+        if conv[-1]["content"] != "Input:":  # a task prompt
+            return next(tasks)
+        prompts.append(conv[-2]["content"])
+        if "colour" in conv[-2]["content"].rsplit("Task: ", 1)[1]:
+            return " <noinput>\nOutput: Red, because of anthocyanins." if k == 0 else " gibberish"
+        return f" 3 and 4\nOutput: {7 + k}"
+
+    step = bind(recipe.steps[0], reply_fn=reply)
+    out = step.process(recipe.source.read())
+    kept = out.filter(pl.col(DROP).is_null())
+    assert kept.select("instruction", "input", "output").rows() == [
+        ("Explain why leaves change colour in autumn", "", "Red, because of anthocyanins."),
+        ("Add the two numbers you are given", "3 and 4", "7"),
+        ("Add the two numbers you are given", "3 and 4", "8")]
+    assert out.filter(pl.col(DROP).is_not_null())[DROP].to_list() == ["no_instance"]
+    assert prompts[0].count("Output: ") == 2  # two seed demonstrations with their outputs
 
 
 def test_self_instruct_prompts_mix_seed_and_generated_examples(write_recipe):
