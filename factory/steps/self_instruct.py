@@ -69,7 +69,8 @@ def parse_instance(reply: str) -> tuple[str, str]:
         raise ParseError("no 'Output:' in the instance")
     task_input = parts[0].strip()
     task_input = "" if task_input.lower().strip("<>. ") in _NO_INPUT or task_input.lower() in _NO_INPUT else task_input
-    output = re.split(r"\n\s*(?:task|input)\s*:", parts[1], maxsplit=1, flags=re.I)[0].strip()
+    # Small models keep going ("Output: 1\n\nOutput: 2 ..."): the output ends at the next label.
+    output = re.split(r"\n\s*(?:task|input|output)\s*:", parts[1], maxsplit=1, flags=re.I)[0].strip()
     if not output:
         raise ParseError("empty output in the instance")
     return task_input, output
@@ -100,6 +101,8 @@ class SelfInstructConfig(LLMStepConfig):
     instance_template: str | None = option(None, help="Jinja template of the instance prompt (default: "
                                                       "self_instruct_instance.j2).")
     instance_max_tokens: int = option(160, help="Most tokens per instance.", min=1)
+    output_column: str = option("output", help="Where an instance's output goes (`response` makes rows ready for "
+                                               "`output: {format: messages}`).")
     temperature: float = option(0.7, help="Sampling temperature.", min=0.0, max=5.0)
     top_p: float = option(0.95, help="Nucleus sampling mass.", min=0.0, max=1.0)
     max_tokens: int = option(64, help="Most tokens per generated task.", min=1)
@@ -113,7 +116,7 @@ class SelfInstruct(GlobalStep, LLMStep):
     instance demonstrations).
     Produces: ``instruction`` (new tasks) with lineage ``origin`` (``self_instruct``, or
     ``seed``), ``operation`` (``bootstrap``) and ``generation`` (the round, from 1); with
-    ``instances``, ``input`` and ``output``. Dropped candidates carry ``too_short``,
+    ``instances``, ``input`` and ``output`` (or ``output_column``). Dropped candidates carry ``too_short``,
     ``too_long``, ``blacklisted``, ``too_similar`` (with the closest pool task and its
     ROUGE-L), ``over_quota`` or ``parse_error``.
 
@@ -130,7 +133,7 @@ class SelfInstruct(GlobalStep, LLMStep):
 
     def produces(self):
         return [self.config.column, "origin", "operation", "generation"] + (
-            ["input", "output"] if self.config.instances else [])
+            ["input", self.config.output_column] if self.config.instances else [])
 
     def output_columns(self, columns):
         kept = columns if self.config.keep_seeds else []
@@ -262,7 +265,7 @@ class SelfInstruct(GlobalStep, LLMStep):
             conversations.append(self.messages(prompt, prefill="Input:"))
         params = self.generation_params().__class__(
             n=c.instances, temperature=c.temperature, top_p=c.top_p, max_tokens=c.instance_max_tokens,
-            stop=("\nTask:", "\n\n\n"))
+            stop=("\nTask:", "\nInput:", "\n\n\n"))
         rows, dropped = [], []
         for task, completion in zip(kept, self.llm.chat(conversations, params)):
             if completion.error is not None:
@@ -274,5 +277,5 @@ class SelfInstruct(GlobalStep, LLMStep):
                 except ParseError as err:
                     dropped.append({**task, DROP: "no_instance", RAW_REPLY: reply, DROP_DETAIL: str(err)})
                     continue
-                rows.append({**task, "input": task_input, "output": output})
+                rows.append({**task, "input": task_input, c.output_column: output})
         return rows, dropped
