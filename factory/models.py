@@ -166,6 +166,24 @@ def load_causal_lm(model: str, *, device: str = "auto", dtype: str = "auto"):
     return lm.to(device)
 
 
+def load_plain_causal_lm(model: str, *, device: str = "auto", dtype: str = "auto"):
+    """Like :func:`load_causal_lm`, but a GGUF model comes back as a plain float model that
+    can be trained and saved (its de-quantised weights copied into a fresh instance)."""
+    from transformers import AutoModelForCausalLM
+
+    lm = load_causal_lm(model, device="cpu", dtype="float32")
+    if getattr(lm, "hf_quantizer", None) is None:
+        return lm.to(device=pick_device(device), dtype=pick_dtype(dtype, pick_device(device)))
+    config = lm.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config)
+    plain.load_state_dict(lm.state_dict())
+    plain.generation_config = lm.generation_config
+    device = pick_device(device)
+    return plain.to(device=device, dtype=pick_dtype(dtype, device))
+
+
 def export_model(model: str, out_dir: str | Path) -> Path:
     """Writes ``model`` (e.g. the embedded GGUF) as a plain Hugging Face folder.
 
@@ -174,15 +192,6 @@ def export_model(model: str, out_dir: str | Path) -> Path:
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    from transformers import AutoModelForCausalLM
-
-    lm = load_causal_lm(model, device="cpu", dtype="float32")
-    config = lm.config
-    if hasattr(config, "quantization_config"):
-        # GGUF weights are already de-quantised in memory; the copy is a plain float model.
-        del config.quantization_config
-    plain = AutoModelForCausalLM.from_config(config)
-    plain.load_state_dict(lm.state_dict())
-    plain.save_pretrained(out, safe_serialization=True)
+    load_plain_causal_lm(model, device="cpu", dtype="float32").save_pretrained(out, safe_serialization=True)
     load_tokenizer(model).save_pretrained(out)
     return out

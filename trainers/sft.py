@@ -1,0 +1,215 @@
+"""LoRA supervised fine-tuning on a dataset version's ``messages``.
+
+    python -m trainers.sft --dataset out/quickstart/v1 --out adapters/quickstart-v1 --max-steps 30
+    factory train sft --dataset out/quickstart/v1 --out adapters/quickstart-v1
+
+Each conversation is rendered with the model's chat template; the loss covers the
+assistant turns only (their tokens up to and including the end-of-turn token), found by
+rendering each prefix of the conversation. With ``packing``, examples are concatenated
+into blocks of ``max_length`` tokens. Training runs on the GPU when there is one and on
+the CPU otherwise, with transformers' Trainer, which checkpoints every ``save_steps``;
+run the same command again after an interruption and it resumes from the last
+checkpoint. The adapter folder ends up with the LoRA weights, ``training.json`` (the
+config, the dataset version consumed -- path and manifest hash --, the base model and the
+metrics) and ``checkpoints/``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from factory.config import option, to_dict
+from factory.errors import FactoryError
+from trainers.common import (dataset_record, is_trained, latest_checkpoint, log_history_metrics, parse_config,
+                             pick_device, run_main, write_record)
+
+
+@dataclass
+class SFTConfig:
+    dataset: str = option(help="A dataset version folder (out/<name>/v<N>) with a `messages` column.")
+    out: str = option(help="Where the adapter, training.json and checkpoints go.")
+    model: str = option("embedded", help="Base model: `embedded` (SmolLM2-135M-Instruct) or a local HF folder.")
+    init_adapter: str | None = option(None, help="Start from this LoRA adapter instead of a fresh one (e.g. the "
+                                                 "previous round's).")
+    lora_r: int = option(16, help="LoRA rank.", min=1)
+    lora_alpha: int = option(32, help="LoRA scaling numerator (the update is scaled by alpha / r).", min=1)
+    lora_dropout: float = option(0.05, help="Dropout on the LoRA path.", min=0.0, max=1.0)
+    target_modules: list[str] = option(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj",
+                                                                "gate_proj", "up_proj", "down_proj"],
+                                       help="Linear layers that get LoRA adapters.")
+    learning_rate: float = option(2e-4, help="Peak learning rate.", min=0.0)
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = option(
+        "cosine", help="Learning-rate schedule.")
+    warmup_ratio: float = option(0.05, help="Share of steps spent warming up (below 1).", min=0.0, max=0.99)
+    weight_decay: float = option(0.0, help="AdamW weight decay.", min=0.0)
+    epochs: float = option(1.0, help="Passes over the data (ignored when max_steps > 0).", min=0.0)
+    max_steps: int = option(-1, help="Optimizer steps; -1 trains for `epochs`.", min=-1)
+    batch_size: int = option(8, help="Examples per device step.", min=1)
+    grad_accum: int = option(1, help="Device steps per optimizer step.", min=1)
+    max_length: int = option(512, help="Longest example in tokens; longer ones are cut on the right.", min=8)
+    packing: bool = option(False, help="Concatenate examples into full blocks of max_length tokens.")
+    save_steps: int = option(10, help="Checkpoint every N optimizer steps (what a restart resumes from).", min=1)
+    logging_steps: int = option(1, help="Log the loss every N steps.", min=1)
+    seed: int = option(0, help="Seed for initialisation and data order.")
+    device: str = option("auto", help="`auto` (CUDA when available, else CPU), `cpu` or `cuda`.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = option(
+        "auto", help="Training dtype; `auto` is float32 on CPU and bfloat16 on GPU.")
+
+
+def assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the character spans of its assistant turns.
+
+    A turn's span runs from the end of the prompt before it (rendered with the generation
+    prompt) to the end of the conversation rendered up to it, without the trailing
+    newline: the turn's text and its end-of-turn token.
+
+    Raises:
+        FactoryError: the chat template does not render prefixes consistently.
+    """
+    full = tokenizer.apply_chat_template(messages, tokenize=False)
+    spans = []
+    for k, message in enumerate(messages):
+        if message.get("role") != "assistant":
+            continue
+        before = tokenizer.apply_chat_template(messages[:k], tokenize=False, add_generation_prompt=True)
+        upto = tokenizer.apply_chat_template(messages[:k + 1], tokenize=False).rstrip("\n")
+        if not (full.startswith(before) and full.startswith(upto) and len(upto) > len(before)):
+            raise FactoryError("the model's chat template renders a conversation's prefixes differently from the "
+                               "whole, so assistant tokens cannot be located; use a model whose template is "
+                               "prefix-consistent")
+        spans.append((len(before), len(upto)))
+    return full, spans
+
+
+def encode(tokenizer, messages: list[dict], max_length: int) -> dict | None:
+    """Token ids and labels (-100 outside assistant turns); None when nothing is left to learn."""
+    text, spans = assistant_spans(tokenizer, messages)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = enc["input_ids"][:max_length], enc["offset_mapping"][:max_length]
+    labels = [t if any(start < end_tok and begin_tok < end for start, end in spans) else -100
+              for t, (begin_tok, end_tok) in zip(ids, offsets)]
+    if all(label == -100 for label in labels):
+        return None
+    return {"input_ids": ids, "labels": labels}
+
+
+def pack(examples: list[dict], max_length: int) -> list[dict]:
+    """Concatenates examples into blocks of ``max_length`` tokens (the last may be shorter)."""
+    ids, labels = [], []
+    for e in examples:
+        ids.extend(e["input_ids"])
+        labels.extend(e["labels"])
+    blocks = [{"input_ids": ids[i:i + max_length], "labels": labels[i:i + max_length]}
+              for i in range(0, len(ids), max_length)]
+    return [b for b in blocks if any(label != -100 for label in b["labels"])]
+
+
+class Collator:
+    """Pads a batch on the right; padding is masked out of attention and loss."""
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, batch: list[dict]) -> dict:
+        import torch
+
+        width = max(len(b["input_ids"]) for b in batch)
+        ids = [b["input_ids"] + [self.pad_id] * (width - len(b["input_ids"])) for b in batch]
+        labels = [b["labels"] + [-100] * (width - len(b["labels"])) for b in batch]
+        mask = [[1] * len(b["input_ids"]) + [0] * (width - len(b["input_ids"])) for b in batch]
+        return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "attention_mask": torch.tensor(mask)}
+
+
+def load_examples(config: SFTConfig, tokenizer) -> tuple[list[dict], dict]:
+    from factory.store import read_version
+
+    table = read_version(config.dataset)
+    if "messages" not in table.columns:
+        raise FactoryError(f"{config.dataset}: no `messages` column to train on (columns: "
+                           f"{', '.join(table.columns)}); write the version with `output: {{format: messages}}`")
+    examples, skipped = [], 0
+    for messages in table["messages"].to_list():
+        encoded = encode(tokenizer, messages, config.max_length) if messages else None
+        if encoded is None:
+            skipped += 1
+        else:
+            examples.append(encoded)
+    if not examples:
+        raise FactoryError(f"{config.dataset}: no example has an assistant turn within {config.max_length} tokens; "
+                           "nothing to train on")
+    stats = {"examples": len(examples), "skipped": skipped,
+             "train_tokens": sum(sum(label != -100 for label in e["labels"]) for e in examples),
+             "tokens": sum(len(e["input_ids"]) for e in examples)}
+    if config.packing:
+        examples = pack(examples, config.max_length)
+        stats["packed_blocks"] = len(examples)
+    return examples, stats
+
+
+def train(config: SFTConfig) -> Path:
+    """Trains (or resumes) and returns the adapter folder."""
+    import torch
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import Trainer, TrainingArguments, set_seed
+    from transformers.utils import logging as hf_logging
+
+    from factory.models import load_plain_causal_lm, load_tokenizer, model_fingerprint
+
+    out = Path(config.out)
+    if is_trained(out):
+        print(f"{out} is already trained (training.json exists); nothing to do")
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    record = {"method": "sft", "config": to_dict(config), "dataset": dataset_record(config.dataset),
+              "base_model": model_fingerprint(config.model)}
+    set_seed(config.seed)
+    hf_logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation notices, not the user's
+    tokenizer = load_tokenizer(config.model)
+    examples, data_stats = load_examples(config, tokenizer)
+    device = pick_device(config.device)
+    model = load_plain_causal_lm(config.model, device=device, dtype=config.dtype)
+    if config.init_adapter:
+        model = PeftModel.from_pretrained(model, config.init_adapter, is_trainable=True)
+    else:
+        model = get_peft_model(model, LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha,
+                                                 lora_dropout=config.lora_dropout,
+                                                 target_modules=list(config.target_modules), task_type="CAUSAL_LM"))
+    args = TrainingArguments(
+        output_dir=str(out / "checkpoints"), per_device_train_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.grad_accum, learning_rate=config.learning_rate,
+        lr_scheduler_type=config.lr_scheduler, warmup_steps=config.warmup_ratio, weight_decay=config.weight_decay,
+        num_train_epochs=config.epochs, max_steps=config.max_steps, logging_steps=config.logging_steps,
+        save_steps=config.save_steps, save_total_limit=2, seed=config.seed, data_seed=config.seed,
+        report_to="none", use_cpu=not device.startswith("cuda"), bf16=model.dtype == torch.bfloat16,
+        fp16=model.dtype == torch.float16, dataloader_num_workers=0, remove_unused_columns=False,
+        disable_tqdm=False)
+    trainer = Trainer(model=model, args=args, train_dataset=examples, data_collator=Collator(tokenizer.pad_token_id))
+    resume = latest_checkpoint(out / "checkpoints")
+    began = time.time()
+    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    # The base model may be a GGUF file: no config.json for peft to compare vocabularies against.
+    model.save_pretrained(out, save_embedding_layers=False)
+    record.update({"data": data_stats, "resumed_from": str(resume) if resume else None,
+                   "metrics": {**log_history_metrics(trainer.state.log_history), "steps": trainer.state.global_step,
+                               "wall_seconds": round(time.time() - began, 2)},
+                   "device": device})
+    (out / "metrics.json").write_text(json.dumps(record["metrics"], indent=2) + "\n", encoding="utf-8")
+    write_record(out, record)
+    return out
+
+
+def main(argv: list[str] | None = None) -> Path:
+    config = parse_config(SFTConfig, argv, "LoRA SFT on a dataset version's messages (loss on assistant tokens).")
+    out = train(config)
+    print(out)
+    return out
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_main(main))
