@@ -27,6 +27,8 @@ examples:
   factory run recipes/quickstart.yaml --out out
   factory run recipes/quickstart.yaml --set steps[0].self_instruct.num_tasks=8
   factory inspect out/quickstart/v1
+  factory evolve recipes/self_evolve_arith.yaml --out runs/arith
+  factory train sft --dataset out/quickstart/v1 --out adapters/qs --max-steps 20
   factory steps solve
 
 Exit codes: 0 success, 1 no space left on device, 2 bad input (recipe, data, unreachable server),
@@ -77,6 +79,33 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--examples", type=int, default=3, help="examples to show (default: 3)")
     inspect.add_argument("--json", action="store_true", help="print the summary as JSON")
     inspect.set_defaults(func=cmd_inspect)
+
+    evolve = sub.add_parser("evolve", help="self-evolution: generate -> curate -> train -> evaluate, round after round",
+                            description="Run the recipe's `evolve:` loop: each round generates and curates a dataset "
+                                        "version with the current model (base + the previous round's adapter), trains "
+                                        "a LoRA adapter on it, evaluates it, and measures the generation-verification "
+                                        "gap. Writes OUT/evolve.json, datasets/, adapters/ and report.{json,md,png}. "
+                                        "Run the same command again to resume an interrupted loop.")
+    evolve.add_argument("recipe", help="a recipe with an `evolve:` section")
+    evolve.add_argument("--rounds", type=int, default=None, help="rounds to run (default: evolve.rounds)")
+    evolve.add_argument("--out", required=True, help="the run folder")
+    _add_set(evolve)
+    evolve.add_argument("--quiet", action="store_true", help="no progress bars or trainer output")
+    evolve.set_defaults(func=cmd_evolve)
+
+    report = sub.add_parser("report", help="redraw an evolve run's report.json, report.md and report.png",
+                            description="Redraw the report of a `factory evolve` run from its evolve.json.")
+    report.add_argument("run_dir", help="the --out folder of a `factory evolve` run")
+    report.set_defaults(func=cmd_report)
+
+    train = sub.add_parser("train", help="train a LoRA adapter on a dataset version (sft or dpo)",
+                           description="Train on a dataset version: `factory train sft --dataset DIR --out DIR ...` "
+                                       "is `python -m trainers.sft ...` (and dpo likewise); `factory train sft -h` "
+                                       "lists every option.", add_help=True)
+    train.add_argument("method", choices=["sft", "dpo"], help="sft: LoRA SFT on messages; dpo: LoRA DPO on "
+                                                               "chosen/rejected")
+    train.add_argument("options", nargs=argparse.REMAINDER, help="the trainer's options (see -h of the method)")
+    train.set_defaults(func=cmd_train)
 
     model = sub.add_parser("model", help="model utilities (export the embedded model as a Hugging Face folder)",
                            description="Model utilities.")
@@ -135,6 +164,32 @@ def cmd_inspect(args) -> int:
 
     info = summarize(args.version_dir, examples=args.examples)
     print(json.dumps(info, indent=2, ensure_ascii=False, default=str) if args.json else render(info))
+    return 0
+
+
+def cmd_evolve(args) -> int:
+    from .evolve import Evolution
+    from .report import markdown, rows
+
+    state = Evolution(args.recipe, args.out, args.overrides, rounds=args.rounds, progress=not args.quiet).run()
+    print(markdown(state, rows(state)).split("## Rounds")[0].rstrip())
+    print(f"\n{state['stopped']}; report: {args.out}/report.md, {args.out}/report.png")
+    print(args.out)
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .report import redraw
+
+    print(redraw(args.run_dir))
+    return 0
+
+
+def cmd_train(args) -> int:
+    import importlib
+
+    trainer = importlib.import_module(f"trainers.{args.method}")
+    trainer.main(args.options)
     return 0
 
 

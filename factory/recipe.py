@@ -68,7 +68,8 @@ class OutputConfig:
     tags: list[str] = option(default_factory=list, help="Extra tags for the dataset card.")
 
 
-TOP_LEVEL = ("name", "description", "seed", "batch_size", "max_failure_rate", "llm", "source", "steps", "output")
+TOP_LEVEL = ("name", "description", "seed", "batch_size", "max_failure_rate", "llm", "source", "steps", "output",
+             "evolve")
 
 
 @dataclass
@@ -83,6 +84,7 @@ class Recipe:
     file: str = "<recipe>"
     base_dir: Path = field(default_factory=Path.cwd)
     overrides: list[str] = field(default_factory=list)
+    evolve: Any = None  # an EvolveConfig when the recipe has an `evolve:` section
 
     @property
     def name(self) -> str:
@@ -107,6 +109,7 @@ class Recipe:
                        if self.source else None),
             "steps": steps,
             "output": to_dict(self.output),
+            **({"evolve": to_dict(self.evolve)} if self.evolve is not None else {}),
         }
 
     @property
@@ -304,7 +307,7 @@ def _validate(data: dict, problems: list[Problem], base_dir: Path) -> Recipe | N
         if key not in TOP_LEVEL:
             problems.append(Problem(f"unknown top-level key '{key}'", path=(key,), fix=suggest(key, TOP_LEVEL)))
     header = build(RecipeHeader, {k: v for k, v in data.items() if k in TOP_LEVEL}, (), problems,
-                   exclude=("llm", "source", "steps", "output"))
+                   exclude=("llm", "source", "steps", "output", "evolve"))
 
     llm_data = data.get("llm") if data.get("llm") is not None else dict(DEFAULT_LLM)
     llm = build_llm_config(llm_data, ("llm",), problems)
@@ -341,9 +344,16 @@ def _validate(data: dict, problems: list[Problem], base_dir: Path) -> Recipe | N
             else:
                 steps.append(step)
 
+    evolve = None
+    if data.get("evolve") is not None:
+        from .evolve import build_evolve
+
+        evolve = build_evolve(data["evolve"], ("evolve",), problems, llm)
     if header is None or llm is None or output is None or not steps_ok or not source_ok:
         return None
-    recipe = Recipe(header, llm, source, steps, output, base_dir=base_dir)
+    if data.get("evolve") is not None and evolve is None:
+        return None
+    recipe = Recipe(header, llm, source, steps, output, base_dir=base_dir, evolve=evolve)
     _check_columns(recipe, problems)
     return recipe if not problems else None
 

@@ -20,14 +20,14 @@ from factory.errors import FactoryError, Problem, RecipeError
 TRAINING_RECORD = "training.json"  # written last: its presence means the adapter is complete
 
 
-def parse_config(cls, argv: list[str] | None, description: str):
+def parse_config(cls, argv: list[str] | None, description: str, prog: str | None = None):
     """``--dataset``/``--out`` and every field of ``cls`` as a flag, over ``--config FILE.yaml``.
 
     Flags win over the YAML file; the result is validated like a recipe (bounds, choices,
     unknown keys with the closest name).
     """
-    parser = argparse.ArgumentParser(description=description,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(prog=prog, description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="a YAML file of options (flags override it)")
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):

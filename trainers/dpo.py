@@ -125,7 +125,8 @@ def train(config: DPOTrainConfig) -> Path:
 
 
 def main(argv: list[str] | None = None) -> Path:
-    config = parse_config(DPOTrainConfig, argv, "LoRA DPO on a dataset version's prompt/chosen/rejected pairs.")
+    config = parse_config(DPOTrainConfig, argv, "LoRA DPO on a dataset version's prompt/chosen/rejected pairs.",
+                          prog="python -m trainers.dpo (or: factory train dpo)")
     out = train(config)
     print(out)
     return out

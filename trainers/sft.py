@@ -205,7 +205,8 @@ def train(config: SFTConfig) -> Path:
 
 
 def main(argv: list[str] | None = None) -> Path:
-    config = parse_config(SFTConfig, argv, "LoRA SFT on a dataset version's messages (loss on assistant tokens).")
+    config = parse_config(SFTConfig, argv, "LoRA SFT on a dataset version's messages (loss on assistant tokens).",
+                          prog="python -m trainers.sft (or: factory train sft)")
     out = train(config)
     print(out)
     return out

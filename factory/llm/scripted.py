@@ -31,6 +31,8 @@ class ScriptedConfig:
     model: str = option("scripted", help="A name recorded in the manifest and cache keys.")
     rules: list[dict[str, str]] = option(default_factory=list, help="Ordered `{match: REGEX, reply: TEMPLATE}` rules.")
     default: str = option("", help="The reply when no rule matches.")
+    adapter: str | None = option(None, help="Recorded (e.g. by the evolve loop) but not used: replies come from "
+                                            "the rules.")
 
     def validate(self):
         problems = []
@@ -65,7 +67,7 @@ class ScriptedBackend(Backend):
 
     @property
     def model_id(self) -> str:
-        rules = fingerprint([self.config.rules, self.config.default])[:12]
+        rules = fingerprint([self.config.rules, self.config.default, self.config.adapter])[:12]
         return f"scripted:{self.config.model}@{rules}" + ("+fn" if self.reply_fn else "")
 
     def reply(self, conversation: Conversation, sample: int) -> str:

@@ -1,0 +1,121 @@
+"""The evolve report: ``report.json``, ``report.md`` and ``report.png`` in the run folder.
+
+``factory report OUT`` redraws them from ``OUT/evolve.json``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .errors import FactoryError
+
+
+def rows(state: dict) -> list[dict]:
+    """One flat row per round: eval accuracy, win rate, J(f), gaps per verifier, pass@k, diversity."""
+    table = []
+    for rs in state["rounds"]:
+        gap = rs.get("gap") or {}
+        row = {"round": rs["round"], "accuracy": (rs.get("eval") or {}).get("accuracy"),
+               "win_rate": (rs.get("win_rate") or {}).get("win_rate"), "J_f": gap.get("J_f"),
+               "samples": gap.get("samples"), "train_loss": (rs.get("train") or {}).get("train_loss")}
+        for name, v in (gap.get("verifiers") or {}).items():
+            row[f"gap_{name}"] = v["gap"]
+            row[f"J_w_{name}"] = v["J_f_w"]
+            row[f"relative_gap_{name}"] = v["relative_gap"]
+        row.update(gap.get("pass_at_k") or {})
+        row.update({k: v for k, v in (gap.get("diversity") or {}).items()})
+        table.append(row)
+    return table
+
+
+def markdown(state: dict, table: list[dict]) -> str:
+    lines = [f"# Self-evolution report: {state['name']}", "",
+             f"Base model: `{state['base_model']}`; training: {state['method']}; "
+             f"recipe: `{state['recipe_file']}` (hash `{state['recipe_hash'][:12]}`); {state.get('stopped') or ''}.",
+             "", "## Evaluation", "", "| round | eval accuracy | win rate vs previous | train loss |",
+             "|---|---|---|---|"]
+    for row in table:
+        lines.append(f"| {row['round']} | {_fmt(row['accuracy'])} | {_fmt(row['win_rate'])} | "
+                     f"{_fmt(row['train_loss'])} |")
+    verifiers = sorted({k[len('gap_'):] for row in table for k in row if k.startswith("gap_")})
+    if verifiers:
+        lines += ["", "## Generation-verification gap", "",
+                  "J(f): accuracy of the round's own samples; J(f[w]): accuracy of the samples verifier w accepts; "
+                  "gap = J(f[w]) - J(f); relative gap = gap / (1 - J(f)).", "",
+                  "| round | samples | J(f) | " + " | ".join(f"{v}: J(f[w]) / gap / rel." for v in verifiers) + " |",
+                  "|---|---|---|" + "---|" * len(verifiers)]
+        for row in table[1:]:
+            cells = [f"{_fmt(row.get('J_w_' + v))} / {_fmt(row.get('gap_' + v))} / "
+                     f"{_fmt(row.get('relative_gap_' + v))}" for v in verifiers]
+            lines.append(f"| {row['round']} | {row.get('samples')} | {_fmt(row['J_f'])} | " + " | ".join(cells) + " |")
+        ks = sorted({k for row in table for k in row if k.startswith("pass@")}, key=lambda k: int(k[5:]))
+        lines += ["", "## Samples: pass@k and diversity", "",
+                  "| round | " + " | ".join(ks) + " | distinct-1 | distinct-2 | distinct answers / sample |",
+                  "|---|" + "---|" * (len(ks) + 3)]
+        for row in table[1:]:
+            lines.append(f"| {row['round']} | " + " | ".join(_fmt(row.get(k)) for k in ks) +
+                         f" | {_fmt(row.get('distinct_1'))} | {_fmt(row.get('distinct_2'))} | "
+                         f"{_fmt(row.get('distinct_answers_per_sample'))} |")
+    lines += ["", "## Rounds", ""]
+    for rs in state["rounds"][1:]:
+        lines.append(f"- round {rs['round']}: data `{rs.get('version')}` (parent `{rs.get('parent')}`), trained "
+                     f"`{rs.get('adapter')}` from `{rs.get('adapter_in')}`; seconds {rs.get('seconds')}")
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    return str(value)
+
+
+def plot(table: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rounds = [r["round"] for r in table]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    ax = axes[0]
+    ax.plot(rounds, [r["accuracy"] for r in table], marker="o", label="eval accuracy")
+    if any(r["win_rate"] is not None for r in table):
+        ax.plot(rounds, [r["win_rate"] for r in table], marker="s", label="win rate vs previous")
+    ax.set(title="Evaluation", xlabel="round", ylim=(0, 1), xticks=rounds)
+    ax.legend()
+    ax = axes[1]
+    later = table[1:]
+    xs = [r["round"] for r in later]
+    ax.plot(xs, [r["J_f"] for r in later], marker="o", color="black", label="J(f) own samples")
+    for name in sorted({k[len("J_w_"):] for r in later for k in r if k.startswith("J_w_")}):
+        ax.plot(xs, [r.get("J_w_" + name) for r in later], marker="^", label=f"J(f[w]) {name}")
+    ax.set(title="Generation-verification gap", xlabel="round", ylim=(0, 1), xticks=rounds)
+    ax.legend(fontsize=8)
+    ax = axes[2]
+    for key in ("distinct_1", "distinct_2", "distinct_answers_per_sample", "pass@1"):
+        ax.plot(xs, [r.get(key) for r in later], marker="o", label=key)
+    ax.set(title="Diversity of samples", xlabel="round", ylim=(0, 1), xticks=rounds)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(out: str | Path, state: dict) -> Path:
+    out = Path(out)
+    table = rows(state)
+    (out / "report.json").write_text(json.dumps({"state": state, "table": table}, indent=2, default=str) + "\n",
+                                     encoding="utf-8")
+    (out / "report.md").write_text(markdown(state, table), encoding="utf-8")
+    plot(table, out / "report.png")
+    return out / "report.md"
+
+
+def redraw(out: str | Path) -> Path:
+    path = Path(out) / "evolve.json"
+    if not path.is_file():
+        raise FactoryError(f"{out}: no evolve.json; give the --out folder of a `factory evolve` run")
+    return write_report(out, json.loads(path.read_text(encoding="utf-8")))
