@@ -86,13 +86,13 @@ def train(config: DPOTrainConfig) -> Path:
     if is_trained(out):
         print(f"{out} is already trained (training.json exists); nothing to do")
         return out
-    out.mkdir(parents=True, exist_ok=True)
     record = {"method": "dpo", "config": to_dict(config), "dataset": dataset_record(config.dataset),
               "base_model": model_fingerprint(config.model)}
     set_seed(config.seed)
     hf_logging.set_verbosity_error()
     warnings.filterwarnings("ignore", category=FutureWarning)
     pairs = preference_dataset(config.dataset)
+    out.mkdir(parents=True, exist_ok=True)  # only once there is something to train on
     tokenizer = load_tokenizer(config.model)
     device = pick_device(config.device)
     model = load_plain_causal_lm(config.model, device=device, dtype=config.dtype)

@@ -164,7 +164,6 @@ def train(config: SFTConfig) -> Path:
     if is_trained(out):
         print(f"{out} is already trained (training.json exists); nothing to do")
         return out
-    out.mkdir(parents=True, exist_ok=True)
     record = {"method": "sft", "config": to_dict(config), "dataset": dataset_record(config.dataset),
               "base_model": model_fingerprint(config.model)}
     set_seed(config.seed)
@@ -172,6 +171,7 @@ def train(config: SFTConfig) -> Path:
     warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation notices, not the user's
     tokenizer = load_tokenizer(config.model)
     examples, data_stats = load_examples(config, tokenizer)
+    out.mkdir(parents=True, exist_ok=True)  # only once there is something to train on
     device = pick_device(config.device)
     model = load_plain_causal_lm(config.model, device=device, dtype=config.dtype)
     if config.init_adapter:
