@@ -26,7 +26,10 @@ examples:
   factory validate recipes/quickstart.yaml
   factory run recipes/quickstart.yaml --out out
   factory run recipes/quickstart.yaml --set steps[0].self_instruct.num_tasks=8
-  factory inspect out/quickstart/v1
+  factory inspect out/quickstart/v1 --plot quickstart.png
+  factory export out/quickstart/v1 --format trl-sft --out exports/qs
+  factory push out/quickstart/v1 --repo my-org/quickstart --dry-run
+  factory diff out/quickstart/v1 out/quickstart/v2
   factory evolve recipes/self_evolve_arith.yaml --out runs/arith
   factory train sft --dataset out/quickstart/v1 --out adapters/qs --max-steps 20
   factory steps solve
@@ -78,7 +81,50 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("version_dir", help="a version folder such as out/quickstart/v1")
     inspect.add_argument("--examples", type=int, default=3, help="examples to show (default: 3)")
     inspect.add_argument("--json", action="store_true", help="print the summary as JSON")
+    inspect.add_argument("--tokenizer", default=None, help="count tokens with this model's tokenizer (default: the "
+                                                          "embedded model's; `none` to skip)")
+    inspect.add_argument("--plot", metavar="PNG", default=None,
+                         help="also write a PNG: length histograms, score distribution, drop reasons")
     inspect.set_defaults(func=cmd_inspect)
+
+    diff = sub.add_parser("diff", help="rows added and removed, recipe differences and metric shifts between two "
+                                       "versions",
+                          description="Compare two dataset versions: rows added and removed (matched on their "
+                                      "content), recipe differences, and shifts in counts, drops, lengths and scores.")
+    diff.add_argument("version_a", help="the older version folder")
+    diff.add_argument("version_b", help="the newer version folder")
+    diff.add_argument("--key", action="append", default=None, help="column(s) that identify a row (repeatable; "
+                                                                     "default: instruction and response)")
+    diff.add_argument("--json", action="store_true", help="print the comparison as JSON")
+    diff.set_defaults(func=cmd_diff)
+
+    export = sub.add_parser("export", help="write a version in a training stack's format (TRL, OpenAI, alpaca, "
+                                           "sharegpt, LLaMA-Factory, axolotl)",
+                            description="Write a dataset version for a training stack: trl-sft, trl-dpo, openai, "
+                                        "alpaca, sharegpt, llama-factory (data file + dataset_info.json), axolotl "
+                                        "(data file + the datasets: YAML snippet).")
+    export.add_argument("version_dir", help="a version folder such as out/quickstart/v1")
+    from .exports import FORMATS
+
+    export.add_argument("--format", required=True, choices=FORMATS, help="the target format")
+    export.add_argument("--out", required=True, help="the folder to write")
+    export.add_argument("--style", default=None, help="trl-sft: messages (default) or prompt-completion; trl-dpo: "
+                                                       "conversational (default) or standard")
+    export.set_defaults(func=cmd_export)
+
+    push = sub.add_parser("push", help="push a version to the Hugging Face Hub as a commit tagged v<N>",
+                          description="Push a dataset version to the Hugging Face Hub: parquet shards, the dataset "
+                                      "card and manifest.json in one commit on main, tagged v<N> so that "
+                                      "load_dataset(repo, revision='v<N>') gets exactly that version. The token comes "
+                                      "from HF_TOKEN or `hf auth login`.")
+    push.add_argument("version_dir", help="a version folder such as out/quickstart/v1")
+    push.add_argument("--repo", required=True, help="ORG/NAME of the dataset repo (created if missing)")
+    push.add_argument("--private", action="store_true", help="create the repo private")
+    push.add_argument("--config-name", default="default", help="push as this config of the repo (its files under "
+                                                                "CONFIG/, tag CONFIG-v<N>)")
+    push.add_argument("--dry-run", action="store_true", help="print the files and the commit, push nothing")
+    push.add_argument("--force", action="store_true", help="push even when the repo has a newer version tag")
+    push.set_defaults(func=cmd_push)
 
     evolve = sub.add_parser("evolve", help="self-evolution: generate -> curate -> train -> evaluate, round after round",
                             description="Run the recipe's `evolve:` loop: each round generates and curates a dataset "
@@ -160,10 +206,42 @@ def cmd_validate(args) -> int:
 
 
 def cmd_inspect(args) -> int:
-    from .inspect import render, summarize
+    from .inspect import load_inspect_tokenizer, plot, render, summarize
+    from .store import read_manifest
 
-    info = summarize(args.version_dir, examples=args.examples)
+    read_manifest(args.version_dir)  # a clear error for a folder that is not a version, before any loading
+    tokenizer = load_inspect_tokenizer(args.tokenizer)
+    info = summarize(args.version_dir, examples=args.examples, tokenizer=tokenizer)
     print(json.dumps(info, indent=2, ensure_ascii=False, default=str) if args.json else render(info))
+    if args.plot:
+        print(plot(args.version_dir, args.plot, tokenizer), file=sys.stderr if args.json else sys.stdout)
+    return 0
+
+
+def cmd_diff(args) -> int:
+    from .diff import diff, render
+
+    info = diff(args.version_a, args.version_b, key=args.key)
+    print(json.dumps(info, indent=2, ensure_ascii=False, default=str) if args.json else render(info))
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .exports import export
+
+    for path in export(args.version_dir, args.format, args.out, style=args.style):
+        print(path)
+    return 0
+
+
+def cmd_push(args) -> int:
+    from .hub import push
+
+    plan = push(args.version_dir, args.repo, private=args.private, config_name=args.config_name,
+                dry_run=args.dry_run, force=args.force)
+    print(plan.describe())
+    print("dry run: nothing was pushed" if args.dry_run else
+          f"pushed: https://huggingface.co/datasets/{args.repo}/tree/{plan.tag}")
     return 0
 
 

@@ -67,7 +67,46 @@ def lineage(table: pl.DataFrame, rejected: pl.DataFrame, chains: int = 3) -> dic
     return {"counts": counts, "chains": found}
 
 
-def summarize(version_dir: str | Path, examples: int = 3) -> dict:
+def token_stats(table: pl.DataFrame, tokenizer) -> list[dict]:
+    """Token counts of each text column and of the rendered chat (``messages``)."""
+    out = []
+    columns = [c for c, t in table.schema.items() if t == pl.String and c not in ("origin", "operation")]
+    for column in columns:
+        texts = [t for t in table[column].to_list() if isinstance(t, str)]
+        if texts:
+            out.append(_count_stats(column, [len(ids) for ids in tokenizer(texts, add_special_tokens=False)
+                                             ["input_ids"]]))
+    if "messages" in table.columns and table.height and getattr(tokenizer, "chat_template", None):
+        rendered = [tokenizer.apply_chat_template(m, tokenize=False) for m in table["messages"].to_list() if m]
+        out.append(_count_stats("messages (chat template)",
+                                [len(ids) for ids in tokenizer(rendered, add_special_tokens=False)["input_ids"]]))
+    return out
+
+
+def _count_stats(column: str, counts: list[int]) -> dict:
+    ordered = sorted(counts)
+    return {"column": column, "min": ordered[0], "median": ordered[len(ordered) // 2],
+            "mean": round(sum(ordered) / len(ordered), 1), "p95": ordered[min(len(ordered) - 1,
+                                                                               int(len(ordered) * 0.95))],
+            "max": ordered[-1], "total": sum(ordered)}
+
+
+def load_inspect_tokenizer(name: str | None):
+    """The tokenizer to count with (default: the embedded model's), or None when it is missing."""
+    if name == "none":
+        return None
+    from .errors import FactoryError
+    from .models import EMBEDDED, load_tokenizer
+
+    try:
+        return load_tokenizer(name or EMBEDDED)
+    except FactoryError:
+        if name:
+            raise
+        return None
+
+
+def summarize(version_dir: str | Path, examples: int = 3, tokenizer=None) -> dict:
     """Everything ``inspect`` shows, as data."""
     manifest = read_manifest(version_dir)
     table = read_version(version_dir)
@@ -92,6 +131,7 @@ def summarize(version_dir: str | Path, examples: int = 3) -> dict:
         "lengths": length_stats(table.drop("messages") if "messages" in table.columns else table),
         "examples": table.head(examples).to_dicts(),
         "lineage": lineage(table, rejected),
+        "tokens": token_stats(table, tokenizer) if tokenizer is not None else [],
     }
     for column in ("score",):
         if column in table.columns and table[column].dtype.is_numeric():
@@ -125,6 +165,12 @@ def render(info: dict, width: int = 100) -> str:
         for row in info["lengths"]:
             out.append(f"{row['column']:<24} {row['min']:>7} {row['median']:>7} {row['mean']:>9} {row['max']:>7} "
                        f"{row['mean_words']:>7}")
+    if info.get("tokens"):
+        out.append("")
+        out.append(f"{'length (tokens)':<24} {'min':>7} {'median':>7} {'mean':>9} {'p95':>7} {'max':>7} {'total':>9}")
+        for row in info["tokens"]:
+            out.append(f"{row['column'][:24]:<24} {row['min']:>7} {row['median']:>7} {row['mean']:>9} {row['p95']:>7} "
+                       f"{row['max']:>7} {row['total']:>9}")
     if info.get("lineage"):
         out.append("")
         counts = info["lineage"]["counts"]
@@ -151,3 +197,53 @@ def render(info: dict, width: int = 100) -> str:
             text = textwrap.shorten(text, width=max(40, width - len(key) - 2) * 3, placeholder=" ...")
             out.append(textwrap.fill(f"{key}: {text}", width=width, subsequent_indent="    "))
     return "\n".join(out)
+
+
+def plot(version_dir: str | Path, path: str | Path, tokenizer=None) -> Path:
+    """A PNG with the length histograms, the score distribution and the drop reasons."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    manifest = read_manifest(version_dir)
+    table = read_version(version_dir)
+    panels = ["lengths"] + (["score"] if "score" in table.columns and table["score"].dtype.is_numeric() else []) \
+        + ["drops"]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4))
+    axes = list(axes) if len(panels) > 1 else [axes]
+    ax = axes[0]
+    unit = "tokens" if tokenizer is not None else "characters"
+    lengths = {}
+    for column in ("instruction", "response"):
+        if column in table.columns and table.height:
+            texts = [t for t in table[column].to_list() if isinstance(t, str)]
+            lengths[column] = ([len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+                               if tokenizer is not None else [len(t) for t in texts])
+    if lengths:
+        import numpy as np
+
+        edges = np.histogram_bin_edges([n for values in lengths.values() for n in values], bins=30)
+        for column, values in lengths.items():
+            ax.hist(values, bins=edges, alpha=0.6, label=column)
+    ax.set(title=f"Lengths ({unit})", xlabel=unit, ylabel="rows")
+    if lengths:
+        ax.legend()
+    if "score" in panels:
+        ax = axes[panels.index("score")]
+        ax.hist(table["score"].drop_nulls().to_list(), bins=20, color="tab:green")
+        ax.set(title="Judge scores (kept rows)", xlabel="score", ylabel="rows")
+    ax = axes[-1]
+    reasons = {f"[{s['index']}] {s['name']}: {reason}": count for s in manifest.get("steps", [])
+               for reason, count in s["dropped"].items()}
+    if reasons:
+        names = list(reasons)
+        ax.barh(names, [reasons[n] for n in names], color="tab:red")
+        ax.invert_yaxis()
+    ax.set(title=f"Dropped rows ({manifest['rejected_rows']})", xlabel="rows")
+    fig.suptitle(f"{manifest['name']} v{manifest['version']}: {manifest['rows']} rows")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

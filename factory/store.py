@@ -151,8 +151,14 @@ def size_category(rows: int) -> str:
     return "10M<n<100M"
 
 
-def dataset_card(manifest: dict, table: pl.DataFrame) -> str:
-    """A Hugging Face dataset card: YAML metadata, how the data was made, how to load it."""
+def dataset_card(manifest: dict, table: pl.DataFrame, configs: list[dict] | None = None,
+                 load_code: str | None = None) -> str:
+    """A Hugging Face dataset card: YAML metadata, how the data was made, how to load it.
+
+    Args:
+        configs: the card's ``configs`` (default: one config reading data/train-*).
+        load_code: the ``load_dataset(...)`` call to show (default: the local parquet files).
+    """
     import yaml
     from huggingface_hub import DatasetCardData
 
@@ -162,7 +168,7 @@ def dataset_card(manifest: dict, table: pl.DataFrame) -> str:
         license=output.get("license", "other"), language=["en"], task_categories=["text-generation"],
         size_categories=[size_category(manifest["rows"])], pretty_name=manifest["name"],
         tags=["synthetic", "dataset-factory", *output.get("tags", [])],
-        configs=[{"config_name": "default", "data_files": [{"split": "train", "path": "data/train-*"}]}],
+        configs=configs or [{"config_name": "default", "data_files": [{"split": "train", "path": "data/train-*"}]}],
     )
     name, version = manifest["name"], manifest["version"]
     lines = [
@@ -180,10 +186,12 @@ def dataset_card(manifest: dict, table: pl.DataFrame) -> str:
     ]
     for s in manifest.get("steps", []):
         dropped = ", ".join(f"{k}: {v}" for k, v in s["dropped"].items()) or "-"
-        lines.append(f"| {s['index']}. {s['name']} | {s['rows_in']} | {s['rows_out']} | {dropped} | {s['seconds']} |")
+        lines.append(f"| {s['index']}. {s['name']} | {s.get('rows_in', '-')} | {s.get('rows_out', '-')} | {dropped} | "
+                     f"{s.get('seconds', '-')} |")
     lines += ["", "## Columns", ""]
     lines += [f"- `{c}`: {t}" for c, t in manifest["columns"].items()]
     lines += ["", "## Load it", "", "```python", "from datasets import load_dataset", "",
-              f'ds = load_dataset("parquet", data_files="{manifest.get("path", ".")}/data/*.parquet", split="train")',
+              "ds = " + (load_code or f'load_dataset("parquet", data_files="{manifest.get("path") or "."}/data/*.parquet", '
+                         'split="train")'),
               "```", "", "## Recipe", "", "```yaml", yaml.safe_dump(recipe, sort_keys=False).rstrip(), "```", ""]
     return "\n".join(lines)
