@@ -64,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-cache", action="store_true", help="neither read nor write the cache")
     run.add_argument("--parent", default=None, help="record this version folder as the parent in the manifest")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_executor(run)
     run.set_defaults(func=cmd_run)
 
     validate = sub.add_parser("validate", help="check a recipe without running it",
@@ -137,6 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     evolve.add_argument("--out", required=True, help="the run folder")
     _add_set(evolve)
     evolve.add_argument("--quiet", action="store_true", help="no progress bars or trainer output")
+    _add_executor(evolve)
     evolve.set_defaults(func=cmd_evolve)
 
     report = sub.add_parser("report", help="redraw an evolve run's report.json, report.md and report.png",
@@ -171,6 +173,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_executor(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--executor", choices=["local", "ray"], default="local",
+                        help="local (this process, the default) or ray (Ray Data on a local or remote cluster)")
+    parser.add_argument("--address", default=None, help="Ray cluster address (e.g. auto or ray://head:10001); "
+                                                        "default: start a local cluster")
+    parser.add_argument("--replicas", type=int, default=1, help="Ray: actor replicas per LLM step")
+    parser.add_argument("--gpus-per-replica", type=float, default=0.0, help="Ray: GPUs per LLM replica")
+
+
+def make_runner(args, cache_dir, use_cache: bool = True, progress: bool = True):
+    """The runner the command line asked for."""
+    from .cache import Cache, NullCache
+    from .runner import LocalRunner
+
+    cache = Cache(cache_dir) if use_cache else NullCache()
+    if getattr(args, "executor", "local") == "ray":
+        try:
+            import ray  # noqa: F401
+        except ImportError:
+            raise FactoryError("--executor ray needs Ray: pip install 'ray[data]' (or install the project's "
+                               "`ray` extra)") from None
+        from .ray_runner import RayRunner
+
+        return RayRunner(cache, address=args.address, replicas=args.replicas,
+                         gpus_per_replica=args.gpus_per_replica, progress=progress)
+    return LocalRunner(cache, progress=progress)
+
+
 def _quiet_libraries() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -180,9 +210,13 @@ def cmd_run(args) -> int:
     from .build import format_summary, run_recipe
     from .recipe import load_recipe
 
+    from pathlib import Path
+
     recipe = load_recipe(args.recipe, args.overrides)
-    version_dir, manifest, _ = run_recipe(recipe, args.out, cache_dir=args.cache_dir, use_cache=not args.no_cache,
-                                          progress=not args.quiet, parent=args.parent)
+    runner = make_runner(args, args.cache_dir or Path(args.out) / ".cache", use_cache=not args.no_cache,
+                         progress=not args.quiet)
+    version_dir, manifest, _ = run_recipe(recipe, args.out, runner=runner, parent=args.parent,
+                                          extra_manifest={"executor": args.executor})
     print(format_summary(manifest))
     if manifest["rows"] == 0:
         print("warning: the version has no rows; see rejected/ and `factory inspect` for why", file=sys.stderr)
@@ -249,7 +283,11 @@ def cmd_evolve(args) -> int:
     from .evolve import Evolution
     from .report import markdown, rows
 
-    state = Evolution(args.recipe, args.out, args.overrides, rounds=args.rounds, progress=not args.quiet).run()
+    from pathlib import Path
+
+    runner = make_runner(args, Path(args.out) / ".cache", progress=not args.quiet) if args.executor == "ray" else None
+    state = Evolution(args.recipe, args.out, args.overrides, rounds=args.rounds, progress=not args.quiet,
+                      runner=runner).run()
     print(markdown(state, rows(state)).split("## Rounds")[0].rstrip())
     print(f"\n{state['stopped']}; report: {args.out}/report.md, {args.out}/report.png")
     print(args.out)

@@ -117,7 +117,7 @@ class Evolution:
     """One evolve run in ``out``: its recipe, its state, and the phases of each round."""
 
     def __init__(self, recipe_file: str, out: str | Path, overrides: list[str], rounds: int | None = None,
-                 progress: bool = True):
+                 progress: bool = True, runner=None):
         from .recipe import load_recipe
 
         self.recipe_file = recipe_file
@@ -130,6 +130,7 @@ class Evolution:
         self.rounds = rounds or self.config.rounds
         self.out = Path(out)
         self.progress = progress
+        self.runner = runner  # None: the local runner (generation only: training and eval run here)
         self.base_model = self.config.model or self.recipe.llm.model
         solves = [s for s in self.recipe.steps if s.name == "solve"]
         self.solve = solves[0] if solves else None
@@ -184,7 +185,7 @@ class Evolution:
             overrides.append(f"source.seed={self.recipe.source.generator_config.seed + r}")
         recipe = load_recipe(self.recipe_file, overrides)
         version, manifest, _ = run_recipe(recipe, self.out / "datasets", cache_dir=self.out / ".cache",
-                                          progress=self.progress, parent=parent,
+                                          progress=self.progress, parent=parent, runner=self.runner,
                                           extra_manifest={"evolve": {"run": str(self.out), "round": r,
                                                                      "adapter": adapter}})
         _log(format_summary(manifest))

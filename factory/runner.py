@@ -162,21 +162,12 @@ class LocalRunner:
     def _run_rows(self, step: Step, table: pl.DataFrame, stats: StepStats, batch_size: int,
                   max_failure_rate: float):
         step_key = step.fingerprint()
+        batches = [table.slice(offset, batch_size) for offset in range(0, table.height, batch_size)]
+        keys = [fingerprint([step_key, frame_digest(batch)]) for batch in batches]
         kept_parts, dropped_parts = [], []
         failures = processed = failed_batches_in_a_row = 0
         with self._bar(step, table.height) as bar:
-            for offset in range(0, table.height, batch_size):
-                batch = table.slice(offset, batch_size)
-                key = fingerprint([step_key, frame_digest(batch)])
-                out = self.cache.get_frame("steps", key)
-                if out is None:
-                    out = step.process(batch)
-                    if not isinstance(out, pl.DataFrame):
-                        raise TypeError(f"{type(step).__name__}.process returned {type(out).__name__}, "
-                                        "not a polars DataFrame")
-                    self.cache.put_frame("steps", key, out)
-                else:
-                    stats.cached_batches += 1
+            for batch, out in zip(batches, self._batch_outputs(step, batches, keys, stats)):
                 stats.batches += 1
                 kept, dropped = split_dropped(out, stats.label)
                 kept_parts.append(kept)
@@ -198,6 +189,18 @@ class LocalRunner:
         return (pl.concat(kept_parts, how="diagonal_relaxed"),
                 pl.concat(dropped_parts, how="diagonal_relaxed"))
 
+    def _batch_outputs(self, step: Step, batches: list[pl.DataFrame], keys: list[str], stats: StepStats):
+        """Each batch's output, in order: from the cache, or computed (and cached) now."""
+        for batch, key in zip(batches, keys):
+            out = self.cache.get_frame("steps", key)
+            if out is None:
+                out = step.process(batch)
+                check_output(step, out)
+                self.cache.put_frame("steps", key, out)
+            else:
+                stats.cached_batches += 1
+            yield out
+
     def _run_global(self, step: Step, table: pl.DataFrame, stats: StepStats):
         key = fingerprint([step.fingerprint(), frame_digest(table)])
         out = self.cache.get_frame("steps", key)
@@ -208,16 +211,25 @@ class LocalRunner:
             with self._bar(step, None) as bar:
                 step.progress = bar
                 try:
-                    out = step.process(table)
+                    out = self._process_global(step, table)
                 finally:
                     step.progress = _NoProgress()
-            if not isinstance(out, pl.DataFrame):
-                raise TypeError(f"{type(step).__name__}.process returned {type(out).__name__}, not a polars DataFrame")
+            check_output(step, out)
             self.cache.put_json("reports", key, step.report)
             self.cache.put_frame("steps", key, out)
         else:
             stats.cached_batches = 1
         return split_dropped(out, stats.label)
+
+
+    def _process_global(self, step: Step, table: pl.DataFrame) -> pl.DataFrame:
+        """Runs a global step on the whole table (a distributed runner spreads it instead)."""
+        return step.process(table)
+
+
+def check_output(step: Step, out) -> None:
+    if not isinstance(out, pl.DataFrame):
+        raise TypeError(f"{type(step).__name__}.process returned {type(out).__name__}, not a polars DataFrame")
 
 
 def _stop_on_failures(stats: StepStats, failures: int, processed: int, rate: float, dropped: pl.DataFrame) -> None:

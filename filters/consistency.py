@@ -49,6 +49,9 @@ class Consistency(GlobalStep):
     def produces(self):
         return ["majority_answer", "agreement", "votes"]
 
+    def group_key(self):
+        return self.config.column  # a task's vote needs only the task's samples
+
     def process(self, table: pl.DataFrame) -> pl.DataFrame:
         c = self.config
         keys = [answer_key(a, c.method) for a in table[c.answer_column].cast(pl.String).to_list()]

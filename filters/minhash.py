@@ -123,11 +123,31 @@ class MinHashFilter(GlobalStep):
         return list(self.config.columns) if self.config.columns else [self.config.column]
 
     def process(self, table: pl.DataFrame) -> pl.DataFrame:
+        self.progress.reset(total=table.height)
+        return self.combine(table, [self.partial(table)])
+
+    def partial(self, rows: pl.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+        """The LSH band keys of ``rows`` and whether each row has shingles (row-parallel)."""
+        self._check_text_columns(rows)
+        bands, rows_per_band = lsh_parameters(self.config.threshold, self.config.num_perm)
+        texts = rows.select(self._text()).to_series()
+        band_keys = np.empty((len(texts), bands), dtype=np.uint64)
+        has_shingles = np.zeros(len(texts), dtype=bool)
+        for chunk, signatures, counts in self._signatures(texts):
+            band_keys[chunk] = lsh_band_keys(signatures, bands, rows_per_band)
+            has_shingles[chunk] = counts > 0
+            self.progress.update(len(counts))
+        return band_keys, has_shingles
+
+    def combine(self, table: pl.DataFrame, partials: list) -> pl.DataFrame:
+        """Candidate pairs from the band keys of every row, verification, then components."""
         c = self.config
         self._check_text_columns(table)
         bands, rows_per_band = lsh_parameters(c.threshold, c.num_perm)
         texts = table.select(self._text()).to_series()
-        left, right = self._candidate_pairs(texts, bands, rows_per_band)
+        band_keys = np.concatenate([p[0] for p in partials]) if partials else np.empty((0, bands), np.uint64)
+        has_shingles = np.concatenate([p[1] for p in partials]) if partials else np.empty(0, bool)
+        left, right = candidate_pairs(band_keys, np.flatnonzero(has_shingles))
         candidates = len(left)
 
         # The signatures again, of the rows in some pair only: keeping every row's from the
@@ -168,17 +188,6 @@ class MinHashFilter(GlobalStep):
             if table.schema[name] not in (pl.String, pl.Null):  # Null: a column with no value at all
                 raise FactoryError(f"steps[{self.index}].{self.name}: column '{name}' holds {table.schema[name]}, "
                                    "not text; point `column` (or `columns`) at text columns")
-
-    def _candidate_pairs(self, texts: pl.Series, bands: int, rows_per_band: int) -> tuple[np.ndarray, np.ndarray]:
-        """The pairs of rows that share an LSH bucket (see :func:`candidate_pairs`)."""
-        band_keys = np.empty((len(texts), bands), dtype=np.uint64)
-        has_shingles = np.zeros(len(texts), dtype=bool)
-        self.progress.reset(total=len(texts))
-        for rows, signatures, counts in self._signatures(texts):
-            band_keys[rows] = lsh_band_keys(signatures, bands, rows_per_band)
-            has_shingles[rows] = counts > 0
-            self.progress.update(len(counts))
-        return candidate_pairs(band_keys, np.flatnonzero(has_shingles))
 
     def _text(self) -> pl.Expr:
         """One text per row: the columns joined by newlines, lowercased if asked."""

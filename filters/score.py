@@ -53,6 +53,13 @@ class ScoreFilter(GlobalStep):
     def requires(self):
         return [self.config.column] + ([self.config.group_by] if self.config.group_by else [])
 
+    def group_key(self):
+        # Per-task quantiles and top-k need only the task's rows; a table-wide quantile needs all.
+        c = self.config
+        if c.group_by:
+            return c.group_by
+        return None
+
     def process(self, table: pl.DataFrame) -> pl.DataFrame:
         c = self.config
         value = pl.col(c.column).cast(pl.Float64, strict=False)

@@ -113,9 +113,33 @@ class RowStep(Step):
 
 
 class GlobalStep(Step):
-    """A step that sees the whole table at once: override :meth:`process`."""
+    """A step that sees the whole table at once: override :meth:`process`.
+
+    Two optional hooks let a distributed runner spread the work without the step knowing
+    how it is scheduled:
+
+    * :meth:`group_key` -- the step's output for a row depends only on the rows sharing
+      its value in this column (a majority vote per task), so groups can run apart;
+    * :meth:`partial` / :meth:`combine` -- the step has a row-parallel first phase
+      (``partial`` on any slice of rows, in order) and a final phase that needs the
+      whole table (``combine``); ``process`` must equal ``combine(table, [partial(table)])``.
+    """
 
     kind = "global"
+
+    def group_key(self) -> str | None:
+        return None
+
+    def partial(self, rows: pl.DataFrame):
+        raise NotImplementedError
+
+    def combine(self, table: pl.DataFrame, partials: list) -> pl.DataFrame:
+        raise NotImplementedError
+
+    @property
+    def splits(self) -> bool:
+        """Whether the step implements :meth:`partial` and :meth:`combine`."""
+        return type(self).partial is not GlobalStep.partial
 
 
 class Filter(RowStep):
