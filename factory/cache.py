@@ -82,7 +82,7 @@ class NullCache(Cache):
     """A cache that stores nothing (``--no-cache``)."""
 
     def __init__(self):
-        super().__init__(os.devnull)
+        super().__init__(os.devnull)  # never written: every method below is a no-op
 
     def get_frame(self, namespace, key):
         return None

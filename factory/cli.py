@@ -180,6 +180,8 @@ def _add_executor(parser: argparse.ArgumentParser) -> None:
                                                         "default: start a local cluster")
     parser.add_argument("--replicas", type=int, default=1, help="Ray: actor replicas per LLM step")
     parser.add_argument("--gpus-per-replica", type=float, default=0.0, help="Ray: GPUs per LLM replica")
+    parser.add_argument("--cpus-per-replica", type=float, default=1.0,
+                        help="Ray: CPUs per LLM replica (below 1 for replicas that wait on a server)")
 
 
 def make_runner(args, cache_dir, use_cache: bool = True, progress: bool = True):
@@ -196,8 +198,8 @@ def make_runner(args, cache_dir, use_cache: bool = True, progress: bool = True):
                                "`ray` extra)") from None
         from .ray_runner import RayRunner
 
-        return RayRunner(cache, address=args.address, replicas=args.replicas,
-                         gpus_per_replica=args.gpus_per_replica, progress=progress)
+        return RayRunner(cache, address=args.address, replicas=args.replicas, gpus_per_replica=args.gpus_per_replica,
+                         cpus_per_replica=args.cpus_per_replica, progress=progress)
     return LocalRunner(cache, progress=progress)
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import pickle
 from collections import defaultdict
 
@@ -52,10 +53,9 @@ def _packed(rows: list[dict]):
                                                         ("meta", pa.string())]))
 
 
-def _process_batches(block, step: Step, keys: dict[int, str], cache_root: str, llm=None):
+def _process_batches(block, step: Step, keys: dict[int, str], cache: Cache, llm=None):
     """Runs ``step`` on each batch in ``block`` (tagged by BATCH), caching each output."""
     frame = pl.from_arrow(block)
-    cache = Cache(cache_root)
     rows = []
     for index, batch in sorted(frame.partition_by(BATCH, as_dict=True, maintain_order=True).items()):
         index = int(index[0])
@@ -87,25 +87,25 @@ def _llm_delta(llm, before: dict) -> dict:
 class _RowStepTask:
     """A row step without an LLM, as a Ray Data function."""
 
-    def __init__(self, step: Step, keys: dict[int, str], cache_root: str):
-        self.step, self.keys, self.cache_root = step, keys, cache_root
+    def __init__(self, step: Step, keys: dict[int, str], cache: Cache):
+        self.step, self.keys, self.cache = step, keys, cache
 
     def __call__(self, block):
-        return _process_batches(block, self.step, self.keys, self.cache_root)
+        return _process_batches(block, self.step, self.keys, self.cache)
 
 
 class _LLMStepActor:
     """One replica of an LLM step: it builds its backend once and serves many batches."""
 
-    def __init__(self, step: Step, keys: dict[int, str], cache_root: str, seed: int, backend_factory):
+    def __init__(self, step: Step, keys: dict[int, str], cache: Cache, seed: int, backend_factory):
         from .llm.client import LLMClient
 
-        self.step, self.keys, self.cache_root = step, keys, cache_root
+        self.step, self.keys, self.cache = step, keys, cache
         self.backend = backend_factory(step.llm_config)
-        self.step.llm = LLMClient(self.backend, Cache(cache_root), seed=seed)
+        self.step.llm = LLMClient(self.backend, cache, seed=seed)
 
     def __call__(self, block):
-        return _process_batches(block, self.step, self.keys, self.cache_root, self.step.llm)
+        return _process_batches(block, self.step, self.keys, self.cache, self.step.llm)
 
 
 def _group_task(block, step: Step):
@@ -121,6 +121,22 @@ def _partial_task(block, step: Step):
     index = int(frame[BATCH][0])
     partial = step.partial(frame.drop(BATCH))
     return _packed([{"index": index, "payload": pickle.dumps(partial), "meta": "{}"}])
+
+
+def _vllm_request(row: dict) -> dict:
+    """Ray Data LLM preprocess: a chat request with this sample's sampling parameters."""
+    request = {"messages": row["messages"], "sampling_params": json.loads(row["sampling"]),
+               "batch": row["batch"], "row": row["row"], "sample": row["sample"]}
+    if row.get("adapter"):
+        request["model"] = row["adapter"]  # Ray Data LLM loads the LoRA adapter named by `model`
+    return request
+
+
+def _vllm_reply(row: dict) -> dict:
+    """Ray Data LLM postprocess: the reply text and token counts, with the request's place."""
+    return {"batch": row["batch"], "row": row["row"], "sample": row["sample"], "text": row["generated_text"],
+            "prompt_tokens": row.get("num_input_tokens") or 0,
+            "completion_tokens": row.get("num_generated_tokens") or 0}
 
 
 def merge_reports(reports: list[dict]) -> dict:
@@ -145,14 +161,15 @@ class RayRunner(LocalRunner):
             local cluster with ``num_cpus`` CPUs.
         replicas: actor replicas per LLM step.
         gpus_per_replica: GPUs each LLM replica takes (0 on CPU).
+        cpus_per_replica: CPUs each LLM replica reserves (below 1 for replicas that mostly wait on a server).
     """
 
     def __init__(self, cache: Cache | None = None, *, address: str | None = None, num_cpus: int | None = None,
-                 replicas: int = 1, gpus_per_replica: float = 0.0, progress: bool = True,
-                 backend_factory=create_backend):
+                 replicas: int = 1, gpus_per_replica: float = 0.0, cpus_per_replica: float = 1.0,
+                 progress: bool = True, backend_factory=create_backend):
         super().__init__(cache, progress=progress, backend_factory=backend_factory)
         self.address, self.num_cpus = address, num_cpus
-        self.replicas, self.gpus_per_replica = replicas, gpus_per_replica
+        self.replicas, self.gpus_per_replica, self.cpus_per_replica = replicas, gpus_per_replica, cpus_per_replica
         self._started = False
 
     def run(self, recipe, table=None):
@@ -165,6 +182,7 @@ class RayRunner(LocalRunner):
         context = ray.data.DataContext.get_current()
         context.execution_options.preserve_order = True
         context.enable_progress_bars = False
+        logging.getLogger("ray.data").setLevel(logging.WARNING)  # our bars say how far a step is
         try:
             return super().run(recipe, table)
         finally:
@@ -172,38 +190,118 @@ class RayRunner(LocalRunner):
                 ray.shutdown()
                 self._started = False
 
-    def _cache_root(self) -> str:
-        return str(self.cache.root)
-
     def _batch_outputs(self, step: Step, batches: list[pl.DataFrame], keys: list[str], stats: StepStats):
-        import ray
-
         outputs = [self.cache.get_frame("steps", key) for key in keys]
         todo = [i for i, out in enumerate(outputs) if out is None]
         stats.cached_batches += len(batches) - len(todo)
-        if todo:
-            blocks = [batches[i].with_columns(pl.lit(i, dtype=pl.Int64).alias(BATCH)).to_arrow() for i in todo]
-            dataset = ray.data.from_arrow(blocks)
-            todo_keys = {i: keys[i] for i in todo}
-            if step.uses_llm:
-                worker = step.__class__.__new__(step.__class__)
-                worker.__dict__.update(step.__getstate__())
-                done = dataset.map_batches(
-                    _LLMStepActor, fn_constructor_kwargs={"step": worker, "keys": todo_keys,
-                                                          "cache_root": self._cache_root(),
-                                                          "seed": step.llm.seed,
-                                                          "backend_factory": self.backend_factory},
-                    concurrency=self.replicas, num_gpus=self.gpus_per_replica or None, batch_size=None,
-                    batch_format="pyarrow", zero_copy_batch=True)
-            else:
-                done = dataset.map_batches(_RowStepTask, fn_constructor_kwargs={
-                    "step": step, "keys": todo_keys, "cache_root": self._cache_root()},
-                    concurrency=max(1, self.replicas), batch_size=None, batch_format="pyarrow")
-            for part in done.iter_batches(batch_size=None, batch_format="pyarrow"):
-                for row in part.to_pylist():
-                    outputs[row["index"]] = _from_ipc(row["payload"])
-                    self._count_llm(step, json.loads(row["meta"]))
+        if todo and self._uses_llm_processor(step):
+            self._llm_processor_outputs(step, batches, todo, keys, outputs)
+        elif todo:
+            for index, out, meta in self._map_batches(step, batches, todo, keys):
+                outputs[index] = out
+                self._count_llm(step, meta)
         yield from outputs
+
+    def _map_batches(self, step: Step, batches: list[pl.DataFrame], todo: list[int], keys: list[str]):
+        """The uncached batches through Ray Data, one block each: (index, output, LLM usage)."""
+        import ray
+
+        blocks = [batches[i].with_columns(pl.lit(i, dtype=pl.Int64).alias(BATCH)).to_arrow() for i in todo]
+        dataset = ray.data.from_arrow(blocks)
+        todo_keys = {i: keys[i] for i in todo}
+        if step.uses_llm:
+            worker = step.__class__.__new__(step.__class__)
+            worker.__dict__.update(step.__getstate__())  # the step without its driver-side client
+            done = dataset.map_batches(
+                _LLMStepActor, fn_constructor_kwargs={"step": worker, "keys": todo_keys,
+                                                      "cache": self.cache, "seed": step.llm.seed,
+                                                      "backend_factory": self.backend_factory},
+                concurrency=self.replicas, num_gpus=self.gpus_per_replica or None, num_cpus=self.cpus_per_replica,
+                batch_size=None, batch_format="pyarrow", zero_copy_batch=True)
+        else:
+            done = dataset.map_batches(_RowStepTask, fn_constructor_kwargs={
+                "step": step, "keys": todo_keys, "cache": self.cache},
+                concurrency=max(1, self.replicas), batch_size=None, batch_format="pyarrow")
+        for part in done.iter_batches(batch_size=None, batch_format="pyarrow"):
+            for row in part.to_pylist():
+                yield row["index"], _from_ipc(row["payload"]), json.loads(row["meta"])
+
+    # -- vLLM through Ray Data's LLM processors ------------------------------------------------
+    @staticmethod
+    def _uses_llm_processor(step: Step) -> bool:
+        """An LLM step on vLLM whose work is one chat call per batch goes through Ray Data LLM."""
+        from .steps.base import LLMStep
+
+        return step.uses_llm and step.llm_config.backend == "vllm" and type(step).process is LLMStep.process
+
+    def _build_llm_processor(self, step: Step):
+        """Ray Data's vLLM processor: an engine per replica, prefix caching, LoRA per request."""
+        from ray.data.llm import build_processor, vLLMEngineProcessorConfig
+
+        from .llm.vllm_backend import VLLMBackend
+
+        config = step.llm_config
+        engine = {"enable_prefix_caching": config.enable_prefix_caching, "dtype": config.dtype,
+                  "gpu_memory_utilization": config.gpu_memory_utilization,
+                  "tensor_parallel_size": config.tensor_parallel_size}
+        if config.max_model_len:
+            engine["max_model_len"] = config.max_model_len
+        if config.adapter:
+            engine.update(enable_lora=True, max_lora_rank=config.max_lora_rank)
+        processor_config = vLLMEngineProcessorConfig(model_source=VLLMBackend(config)._model_path(),
+                                                     engine_kwargs=engine, concurrency=self.replicas, batch_size=64)
+        return build_processor(processor_config, preprocess=_vllm_request, postprocess=_vllm_reply)
+
+    def _llm_processor_outputs(self, step: Step, batches, todo: list[int], keys: list[str], outputs: list) -> None:
+        """One request per sample through the processor; replies become rows as on the local path."""
+        import ray
+
+        from .llm.base import Completion, fingerprint
+        from .steps.base import DROP, DROP_DETAIL, InvalidRow, rows_to_frame
+
+        params = step.generation_params()
+        requests, plans = [], {}
+        for i in todo:
+            rows, conversations = batches[i].to_dicts(), []
+            for r, row in enumerate(rows):
+                try:
+                    conversations.append((r, step.build_messages(row)))
+                except InvalidRow as err:
+                    conversations.append((r, str(err)))
+            plans[i] = (rows, conversations)
+            seed = int(fingerprint([step.llm.seed, [c for _, c in conversations if not isinstance(c, str)]])[:8], 16)
+            for r, conversation in conversations:
+                if isinstance(conversation, str):
+                    continue
+                for k in range(params.n):
+                    requests.append({"batch": i, "row": r, "sample": k, "messages": conversation,
+                                     "sampling": json.dumps({"temperature": params.temperature, "top_p": params.top_p,
+                                                             "max_tokens": params.max_tokens,
+                                                             "stop": list(params.stop) or None,
+                                                             "seed": seed + r * params.n + k}),
+                                     "adapter": step.llm_config.adapter})
+        replies: dict = defaultdict(dict)
+        if requests:
+            processor = self._build_llm_processor(step)
+            for reply in processor(ray.data.from_items(requests)).take_all():
+                replies[(reply["batch"], reply["row"])][reply["sample"]] = reply
+        for i in todo:
+            rows, conversations = plans[i]
+            out = []
+            for r, conversation in conversations:
+                if isinstance(conversation, str):
+                    out.append({**rows[r], DROP: "invalid_input", DROP_DETAIL: conversation})
+                    continue
+                got = replies[(i, r)]
+                completion = Completion([got[k]["text"] for k in range(params.n)], int(got[0]["prompt_tokens"]),
+                                        sum(int(g["completion_tokens"]) for g in got.values()))
+                step.llm.usage.prompt_tokens += completion.prompt_tokens
+                step.llm.usage.completion_tokens += completion.completion_tokens
+                out.extend(step.rows_from_completion(rows[r], completion))
+            step.llm.usage.calls += 1
+            step.llm.usage.conversations += len(conversations)
+            outputs[i] = rows_to_frame(out, like=batches[i])
+            self.cache.put_frame("steps", keys[i], outputs[i])
 
     def _count_llm(self, step: Step, meta: dict) -> None:
         """Adds a worker's LLM usage to the driver's, so the manifest counts every replica."""

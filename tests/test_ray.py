@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import polars as pl
+
 import pytest
 
 ray = pytest.importorskip("ray")
@@ -99,3 +101,38 @@ def test_the_command_line_runs_on_ray(recipe_path, tmp_path, capsys):
 def test_merge_reports():
     assert merge_reports([{"tasks": 2, "ids": ["a"], "name": "x"}, {"tasks": 3, "ids": ["b"], "name": "x"}]) == {
         "tasks": 5, "ids": ["a", "b"], "name": "x"}
+
+
+def test_vllm_steps_go_through_ray_data_llm_processors(recipe_path, tmp_path, monkeypatch):
+    """The processor plumbing, with a stand-in for the vLLM engine (no GPU here): requests
+    carry the step's messages and sampling, replies become the same rows as locally."""
+    from factory.ray_runner import _vllm_reply, _vllm_request
+    from factory.steps.base import DROP
+
+    recipe = load_recipe(recipe_path, ["llm={backend: vllm, model: embedded}", "steps=[{solve: {samples: 2}}]",
+                                       "batch_size=50"])
+    step = recipe.steps[0]
+    runner = RayRunner(Cache(tmp_path / "cache"), progress=False)
+    assert runner._uses_llm_processor(step)
+    seen = []
+
+    def fake_engine(dataset):
+        def generate(row):
+            request = _vllm_request(row)
+            seen.append(request)
+            return _vllm_reply({**request, "generated_text": f"reply {row['row']}.{row['sample']}",
+                                "num_input_tokens": 11, "num_generated_tokens": 3})
+        return dataset.map(generate)
+
+    monkeypatch.setattr(RayRunner, "_build_llm_processor", lambda self, step: fake_engine)
+    from factory.llm.client import LLMClient
+    from factory.llm.scripted import ScriptedBackend, ScriptedConfig
+
+    step.llm = LLMClient(ScriptedBackend(ScriptedConfig()), Cache(tmp_path / "cache"), seed=5)
+    table = recipe.source.read().head(3).with_columns(instruction=pl.Series(["a", "b", None]))
+    [out] = list(runner._batch_outputs(step, [table], ["k0"], type("S", (), {"cached_batches": 0})()))
+    assert out.filter(pl.col(DROP).is_null())["response"].to_list() == ["reply 0.0", "reply 0.1", "reply 1.0",
+                                                                        "reply 1.1"]
+    assert out.filter(pl.col(DROP).is_not_null())[DROP].to_list() == ["invalid_input"]
+    assert step.llm.usage.completion_tokens == 12
+    assert Cache(tmp_path / "cache").get_frame("steps", "k0").equals(out)

@@ -30,6 +30,7 @@ class GenerationParams:
     max_tokens: int = 256
     stop: tuple[str, ...] = ()
     seed: int = 0
+    regex: str | None = None  # structured decoding: replies must match (vLLM, vLLM servers); others ignore it
 
     @property
     def greedy(self) -> bool:

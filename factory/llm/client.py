@@ -36,7 +36,7 @@ class LLMClient:
         if not conversations:
             return []
         content = [self.seed, params.n, params.temperature, params.top_p, params.max_tokens, list(params.stop),
-                   conversations]
+                   conversations] + ([params.regex] if params.regex else [])
         seed = int(fingerprint(content)[:8], 16)
         key = fingerprint([self.backend.model_id, seed, content])
         self.usage.calls += 1

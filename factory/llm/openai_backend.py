@@ -106,6 +106,10 @@ class OpenAIBackend(Backend):
                    "top_p": params.top_p, "max_tokens": params.max_tokens, "seed": seed}
         if params.stop:
             payload["stop"] = list(params.stop)
+        if params.regex:
+            # vLLM's server: `structured_outputs` in recent versions, `guided_regex` before.
+            payload["structured_outputs"] = {"regex": params.regex}
+            payload["guided_regex"] = params.regex
         if split_prefill(conv)[1] is not None and self.config.continue_final_message:
             payload["continue_final_message"] = True
             payload["add_generation_prompt"] = False

@@ -109,9 +109,20 @@ class VLLMBackend(Backend):
     def sampling_params(self, params: GenerationParams):
         from vllm import SamplingParams
 
+        extra = {}
+        if params.regex:
+            # Structured decoding moved from guided_decoding to structured_outputs in newer vLLM.
+            try:
+                from vllm.sampling_params import StructuredOutputsParams
+
+                extra["structured_outputs"] = StructuredOutputsParams(regex=params.regex)
+            except ImportError:
+                from vllm.sampling_params import GuidedDecodingParams
+
+                extra["guided_decoding"] = GuidedDecodingParams(regex=params.regex)
         return SamplingParams(n=params.n, temperature=params.temperature, top_p=params.top_p if not params.greedy
                               else 1.0, max_tokens=params.max_tokens, stop=list(params.stop) or None,
-                              seed=params.seed)
+                              seed=params.seed, **extra)
 
     def chat(self, conversations: list[Conversation], params: GenerationParams) -> list[Completion]:
         self.load()

@@ -96,6 +96,8 @@ class JudgeConfig(LLMStepConfig):
     output_column: str = option("score", help="Where the score goes (score mode).")
     correct_column: str = option("judge_correct", help="Where the verdict goes (binary mode).")
     judgement_column: str = option("judgement", help="Where the judge's full reply goes.")
+    guided: bool = option(False, help="Constrain the reply to end in a valid score or verdict with structured "
+                                      "decoding (vLLM backends and vLLM servers; other backends ignore it).")
     max_tokens: int = option(192, help="Most tokens per judgement.", min=1)
 
 
@@ -146,8 +148,18 @@ class Judge(LLMStep):
                              reference=reference)
         return self.messages(prompt, prefill=self.prefill)
 
+    def answer_regex(self) -> str:
+        """What a valid reply looks like, for structured decoding."""
+        c = self.config
+        value = "(" + "|".join(str(n) for n in range(c.scale, 0, -1)) + ")" if c.mode == "score" else \
+            "(correct|incorrect)"
+        label = "Score: " if c.mode == "score" else "Verdict: "
+        return f" {value}" if not c.reasoning else f"[\\s\\S]{{0,2000}}{label}{value}"
+
     def generation_params(self):
         params = super().generation_params()
+        if self.config.guided:
+            params = dataclasses.replace(params, regex=self.answer_regex())
         if self.config.reasoning:
             return params
         # The score alone: it ends at the line's end, and a few tokens hold it.
