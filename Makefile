@@ -40,6 +40,9 @@ bench: $(STAMP)
 	$(BIN)/python bench/embedded_backend.py
 	$(BIN)/python bench/minhash_dedup.py --rows 100000
 	$(BIN)/python bench/faults.py
+	$(BIN)/python bench/ray_minhash.py --rows 1000000
+	$(BIN)/python bench/ray_replicas.py
+	$(BIN)/python bench/vllm_backend.py
 
 clean:
 	rm -rf $(VENV) $(OUT) .pytest_cache
