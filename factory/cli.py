@@ -11,7 +11,7 @@ import sys
 import textwrap
 import threading
 
-from .errors import FactoryError, RecipeError
+from .errors import FactoryError, error_lines
 
 DESCRIPTION = """\
 The factory: build synthetic training datasets from declarative YAML recipes.
@@ -365,12 +365,8 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         return args.func(args)
-    except RecipeError as err:
-        for problem in err.problems:
-            print(f"error: {problem.format()}", file=sys.stderr)
-        return 2
     except FactoryError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print("\n".join(error_lines(err)), file=sys.stderr)
         return 2
     except BrokenPipeError:  # output piped into `head`
         sys.stderr.close()

@@ -66,6 +66,13 @@ class BackendError(FactoryError):
     """A backend could not be reached or failed permanently."""
 
 
+def error_lines(err: FactoryError) -> list[str]:
+    """What the command line prints for an error: one ``error: ...`` line per problem."""
+    if isinstance(err, RecipeError):
+        return [f"error: {p.format()}" for p in err.problems]
+    return [f"error: {err}"]
+
+
 def format_path(path: tuple) -> str:
     """Formats ``("steps", 2, "solve", "samples")`` as ``steps[2].solve.samples``."""
     text = ""

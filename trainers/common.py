@@ -15,7 +15,7 @@ from pathlib import Path
 import yaml
 
 from factory.config import build
-from factory.errors import FactoryError, Problem, RecipeError
+from factory.errors import FactoryError, Problem, RecipeError, error_lines
 
 TRAINING_RECORD = "training.json"  # written last: its presence means the adapter is complete
 
@@ -76,12 +76,8 @@ def run_main(main, argv=None) -> int:
     try:
         main(argv)
         return 0
-    except RecipeError as err:
-        for problem in err.problems:
-            print(f"error: {problem.format()}", file=sys.stderr)
-        return 2
     except FactoryError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print("\n".join(error_lines(err)), file=sys.stderr)
         return 2
 
 
@@ -117,6 +113,27 @@ def latest_checkpoint(folder: Path) -> Path | None:
     checkpoints = sorted(folder.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1])
                          if p.name.split("-")[-1].isdigit() else -1)
     return checkpoints[-1] if checkpoints else None
+
+
+def train_and_record(trainer, out: Path, record: dict, data_stats: dict, device: str) -> Path:
+    """Trains (from the last checkpoint when there is one), saves the adapter, then the record.
+
+    ``training.json`` is written last, so it exists only beside a complete adapter.
+    """
+    import time
+
+    resume = latest_checkpoint(out / "checkpoints")
+    began = time.time()
+    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    # The base model may be a GGUF file: no config.json for peft to compare vocabularies against.
+    trainer.model.save_pretrained(out, save_embedding_layers=False)
+    record.update({"data": data_stats, "resumed_from": str(resume) if resume else None,
+                   "metrics": {**log_history_metrics(trainer.state.log_history), "steps": trainer.state.global_step,
+                               "wall_seconds": round(time.time() - began, 2)},
+                   "device": device})
+    (out / "metrics.json").write_text(json.dumps(record["metrics"], indent=2) + "\n", encoding="utf-8")
+    write_record(out, record)
+    return out
 
 
 def log_history_metrics(log_history: list[dict]) -> dict:

@@ -12,8 +12,6 @@ loaded. Checkpoints, resume and the ``training.json`` record work as in ``traine
 
 from __future__ import annotations
 
-import json
-import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,8 +19,7 @@ from typing import Literal
 
 from factory.config import option, to_dict
 from factory.errors import FactoryError
-from trainers.common import (dataset_record, is_trained, latest_checkpoint, log_history_metrics, parse_config,
-                             pick_device, run_main, write_record)
+from trainers.common import dataset_record, is_trained, parse_config, pick_device, run_main, train_and_record
 
 
 @dataclass
@@ -111,17 +108,7 @@ def train(config: DPOTrainConfig) -> Path:
         bf16=model.dtype == torch.bfloat16, dataloader_num_workers=0)
     trainer = DPOTrainer(model=model, args=args, train_dataset=pairs, processing_class=tokenizer,
                          peft_config=peft_config)
-    resume = latest_checkpoint(out / "checkpoints")
-    began = time.time()
-    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    trainer.model.save_pretrained(out, save_embedding_layers=False)
-    record.update({"data": {"pairs": len(pairs)}, "resumed_from": str(resume) if resume else None,
-                   "metrics": {**log_history_metrics(trainer.state.log_history), "steps": trainer.state.global_step,
-                               "wall_seconds": round(time.time() - began, 2)},
-                   "device": device})
-    (out / "metrics.json").write_text(json.dumps(record["metrics"], indent=2) + "\n", encoding="utf-8")
-    write_record(out, record)
-    return out
+    return train_and_record(trainer, out, record, {"pairs": len(pairs)}, device)
 
 
 def main(argv: list[str] | None = None) -> Path:

@@ -16,8 +16,6 @@ metrics) and ``checkpoints/``.
 
 from __future__ import annotations
 
-import json
-import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,8 +23,7 @@ from typing import Literal
 
 from factory.config import option, to_dict
 from factory.errors import FactoryError
-from trainers.common import (dataset_record, is_trained, latest_checkpoint, log_history_metrics, parse_config,
-                             pick_device, run_main, write_record)
+from trainers.common import dataset_record, is_trained, parse_config, pick_device, run_main, train_and_record
 
 
 @dataclass
@@ -190,18 +187,7 @@ def train(config: SFTConfig) -> Path:
         fp16=model.dtype == torch.float16, dataloader_num_workers=0, remove_unused_columns=False,
         disable_tqdm=False)
     trainer = Trainer(model=model, args=args, train_dataset=examples, data_collator=Collator(tokenizer.pad_token_id))
-    resume = latest_checkpoint(out / "checkpoints")
-    began = time.time()
-    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    # The base model may be a GGUF file: no config.json for peft to compare vocabularies against.
-    model.save_pretrained(out, save_embedding_layers=False)
-    record.update({"data": data_stats, "resumed_from": str(resume) if resume else None,
-                   "metrics": {**log_history_metrics(trainer.state.log_history), "steps": trainer.state.global_step,
-                               "wall_seconds": round(time.time() - began, 2)},
-                   "device": device})
-    (out / "metrics.json").write_text(json.dumps(record["metrics"], indent=2) + "\n", encoding="utf-8")
-    write_record(out, record)
-    return out
+    return train_and_record(trainer, out, record, data_stats, device)
 
 
 def main(argv: list[str] | None = None) -> Path:

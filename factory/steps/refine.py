@@ -15,7 +15,7 @@ import polars as pl
 
 from ..config import option
 from ..errors import ParseError
-from .base import DROP, DROP_DETAIL, RAW_REPLY, TEMPLATE_DIR, InvalidRow, LLMStep, LLMStepConfig, rows_to_frame
+from .base import DROP, DROP_DETAIL, RAW_REPLY, InvalidRow, LLMStep, LLMStepConfig, rows_to_frame
 from .judge import parse_verdict
 
 
