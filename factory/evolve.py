@@ -220,7 +220,8 @@ class Evolution:
         step = solve_step_for(True, "number", 256, template_from=self.solve)
         backend = self.backend(adapter)
         try:
-            result = accuracy(step, self.client(backend), table, e.column, e.answer_column, e.method)
+            result = accuracy(step, self.client(backend), table, e.column, e.answer_column, e.method,
+                              progress=self.progress)
         finally:
             backend.close()
         return {**result.summary(), "examples": result.results[:3]}

@@ -167,23 +167,42 @@ class LocalRunner:
         kept_parts, dropped_parts = [], []
         failures = processed = failed_batches_in_a_row = 0
         with self._bar(step, table.height) as bar:
-            for batch, out in zip(batches, self._batch_outputs(step, batches, keys, stats)):
-                stats.batches += 1
-                kept, dropped = split_dropped(out, stats.label)
-                kept_parts.append(kept)
-                dropped_parts.append(dropped)
-                processed += batch.height
-                if step.uses_llm:
-                    failed = dropped.filter(pl.col("drop_reason").is_in(BACKEND_FAILURES)).height
-                    failures += failed
-                    failed_batches_in_a_row = failed_batches_in_a_row + 1 if failed == batch.height else 0
-                    # Stop as soon as the step's share of failures is bound to exceed the limit,
-                    # or when the backend failed every row of several batches running (it is down).
-                    if failures > max_failure_rate * table.height or failed_batches_in_a_row >= DEAD_BACKEND_BATCHES:
-                        _stop_on_failures(stats, failures, processed, max_failure_rate, dropped)
-                bar.update(batch.height)
+            # The backend reports answered conversations while a batch runs, so the bar moves
+            # within long batches; a step may send several per row, so the bar never runs past
+            # the batch being computed (``current`` is its index, ``moved`` how far it went).
+            current, moved = [0], [0]
+
+            def advance(conversations: int) -> None:
+                if current[0] < len(batches):
+                    room = batches[current[0]].height - moved[0]
+                    bar.update(min(conversations, room))
+                    moved[0] += min(conversations, room)
+
+            if step.llm is not None:
+                step.llm.on_progress = advance
+            try:
+                for batch, out in zip(batches, self._batch_outputs(step, batches, keys, stats)):
+                    stats.batches += 1
+                    kept, dropped = split_dropped(out, stats.label)
+                    kept_parts.append(kept)
+                    dropped_parts.append(dropped)
+                    processed += batch.height
+                    if step.uses_llm:
+                        failed = dropped.filter(pl.col("drop_reason").is_in(BACKEND_FAILURES)).height
+                        failures += failed
+                        failed_batches_in_a_row = failed_batches_in_a_row + 1 if failed == batch.height else 0
+                        # Stop as soon as the step's share of failures is bound to exceed the limit,
+                        # or when the backend failed every row of several batches running (it is down).
+                        if (failures > max_failure_rate * table.height
+                                or failed_batches_in_a_row >= DEAD_BACKEND_BATCHES):
+                            _stop_on_failures(stats, failures, processed, max_failure_rate, dropped)
+                    bar.update(batch.height - moved[0])
+                    current[0], moved[0] = current[0] + 1, 0
+                    if step.llm is not None:
+                        bar.set_postfix_str(_usage_text(step.llm.usage, bar), refresh=False)
+            finally:
                 if step.llm is not None:
-                    bar.set_postfix_str(_usage_text(step.llm.usage, bar), refresh=False)
+                    step.llm.on_progress = None
         if not kept_parts:
             return split_dropped(table.clear(), stats.label)
         return (pl.concat(kept_parts, how="diagonal_relaxed"),

@@ -53,6 +53,26 @@ def test_transformers_batches_keep_order_and_match_single_requests(tiny_backend)
     assert len({c.prompt_tokens for c in together}) == 5
 
 
+def test_transformers_generation_leaves_autograd_on_for_training_in_the_same_process(tiny_backend):
+    import torch
+
+    tiny_backend.chat([USER], GenerationParams(max_tokens=2))
+    assert torch.is_grad_enabled()
+    assert not any(p.requires_grad for p in tiny_backend.model.parameters())
+
+
+def test_transformers_reports_progress_per_generate_call_through_the_client(tiny_model_dir):
+    from factory.llm.client import LLMClient
+
+    backend = TransformersBackend(TransformersConfig(model=str(tiny_model_dir), batch_size=2))
+    client, answered = LLMClient(backend), []
+    client.on_progress = answered.append
+    client.chat([[{"role": "user", "content": f"q{i}"}] for i in range(5)], GenerationParams(max_tokens=2))
+    assert answered == [2, 2, 1]
+    assert backend.on_progress is None  # the callback lives only as long as the call
+    backend.close()
+
+
 def test_transformers_samples_are_seeded_and_varied(tiny_backend):
     params = GenerationParams(n=4, temperature=1.5, max_tokens=8, seed=123)
     [a] = tiny_backend.chat([USER], params)

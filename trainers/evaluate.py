@@ -65,16 +65,22 @@ def read_eval(path: str, base_dir: Path | None = None, limit: int | None = None)
 
 
 def accuracy(solve_step, client, table: pl.DataFrame, column: str, answer_column: str, method: str = "auto",
-             batch_size: int = 64) -> AccuracyResult:
+             batch_size: int = 64, progress: bool = False) -> AccuracyResult:
     """Answers every question with ``solve_step``'s prompt through ``client`` and checks them.
 
     A reply without a final answer counts as wrong (``no_answer``), never as skipped.
     """
+    import sys
+
+    from tqdm.auto import tqdm
+
     missing = [c for c in (column, answer_column) if c not in table.columns]
     if missing:
         raise FactoryError(f"the eval set has no column {', '.join(missing)} (it has {', '.join(table.columns)})")
     solve_step.llm = client
     results = []
+    bar = tqdm(total=table.height, desc="eval", unit="item", file=sys.stderr, disable=not progress,
+               dynamic_ncols=True, mininterval=0.5)
     for offset in range(0, table.height, batch_size):
         batch = table.slice(offset, batch_size).rename({column: solve_step.config.column}) \
             if column != solve_step.config.column else table.slice(offset, batch_size)
@@ -84,6 +90,9 @@ def accuracy(solve_step, client, table: pl.DataFrame, column: str, answer_column
             results.append({"question": row[solve_step.config.column], "reference": row[answer_column],
                             "prediction": prediction, "response": row.get(solve_step.config.output_column)
                             or row.get("_raw_reply"), "correct": answers_match(prediction, row[answer_column], method)})
+        bar.update(batch.height)
+        bar.set_postfix_str(f"accuracy {sum(r['correct'] for r in results) / len(results):.3f}", refresh=False)
+    bar.close()
     correct = sum(r["correct"] for r in results)
     no_answer = sum(r["prediction"] is None for r in results)
     return AccuracyResult(round(correct / len(results), 4) if results else 0.0, len(results), correct, no_answer,
@@ -231,7 +240,7 @@ def main(argv: list[str] | None = None) -> dict:
     backend = TransformersBackend(TransformersConfig(model=config.model, adapter=config.adapter,
                                                      batch_size=config.batch_size))
     result = accuracy(solve_step_for(config.cot, config.answer_format, config.max_tokens), LLMClient(backend),
-                      table, config.column, config.answer_column, config.method)
+                      table, config.column, config.answer_column, config.method, progress=True)
     print(json.dumps(result.summary()))
     if config.out:
         Path(config.out).write_text(json.dumps({**result.summary(), "results": result.results}, indent=1) + "\n")

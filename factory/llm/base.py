@@ -96,6 +96,13 @@ class Backend:
     def __init__(self, config: Any):
         self.config = config
         self.stats = BackendStats()
+        # Called with how many more conversations are answered, as a long call goes on
+        # (progress bars move within a batch); the LLM client sets it for each call.
+        self.on_progress = None
+
+    def report_progress(self, conversations: int) -> None:
+        if self.on_progress is not None and conversations:
+            self.on_progress(conversations)
 
     @property
     def model_id(self) -> str:

@@ -31,6 +31,7 @@ class LLMClient:
         self.cache = cache or NullCache()
         self.seed = seed
         self.usage = Usage()
+        self.on_progress = None  # see Backend.on_progress
 
     def chat(self, conversations: list[Conversation], params: GenerationParams) -> list[Completion]:
         if not conversations:
@@ -45,7 +46,11 @@ class LLMClient:
         if cached is not None and len(cached) == len(conversations):
             self.usage.cached_calls += 1
             return [Completion.from_json(c) for c in cached]
-        completions = self.backend.chat(conversations, params.with_seed(seed))
+        self.backend.on_progress = self.on_progress
+        try:
+            completions = self.backend.chat(conversations, params.with_seed(seed))
+        finally:
+            self.backend.on_progress = None
         for c in completions:
             self.usage.prompt_tokens += c.prompt_tokens
             self.usage.completion_tokens += c.completion_tokens

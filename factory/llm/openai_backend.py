@@ -98,7 +98,9 @@ class OpenAIBackend(Backend):
                                      timeout=self.config.timeout, limits=limits) as client:
             async def one(i, conv):
                 async with semaphore:
-                    return await self._complete(client, conv, params, seed=params.seed + i)
+                    completion = await self._complete(client, conv, params, seed=params.seed + i)
+                self.report_progress(1)
+                return completion
             return await asyncio.gather(*(one(i, c) for i, c in enumerate(conversations)))
 
     def _payload(self, conv: Conversation, params: GenerationParams, n: int, seed: int) -> dict:

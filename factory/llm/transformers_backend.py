@@ -62,8 +62,6 @@ class TransformersBackend(Backend):
     def load(self) -> None:
         if self.model is not None:
             return
-        import torch
-
         from tqdm.auto import tqdm
 
         device = pick_device(self.config.device)
@@ -82,10 +80,12 @@ class TransformersBackend(Backend):
 
             model = PeftModel.from_pretrained(model, self.config.adapter).merge_and_unload()
         model.eval()
+        # Inference only: no parameter needs a gradient. Set on this model, not with the
+        # process-wide torch.set_grad_enabled, which would break training in the same process.
+        model.requires_grad_(False)
         if model.generation_config.pad_token_id is None:
             model.generation_config.pad_token_id = tokenizer.pad_token_id
         self.model, self.tokenizer, self.device = model, tokenizer, device
-        torch.set_grad_enabled(False)
 
     def render(self, conversation: Conversation) -> str:
         messages, prefill = split_prefill(conversation)
@@ -137,6 +137,7 @@ class TransformersBackend(Backend):
                     count += len(ids)
                     texts.append(trim_at_stop(tok.decode(ids, skip_special_tokens=True), params.stop))
                 results[i] = Completion(texts, len(encoded[i]), count)
+            self.report_progress(len(chunk))
         return results  # type: ignore[return-value]
 
     def close(self) -> None:

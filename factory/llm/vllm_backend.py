@@ -143,6 +143,7 @@ class VLLMBackend(Backend):
                 texts = [o.text for o in out.outputs]
                 results[i] = Completion(texts, len(out.prompt_token_ids or []),
                                         sum(len(o.token_ids) for o in out.outputs))
+            self.report_progress(len(indices))
         return results  # type: ignore[return-value]
 
     def close(self) -> None:
