@@ -328,7 +328,7 @@ def cmd_steps(args) -> int:
     if args.name is None:
         for name, cls in known.items():
             doc = (cls.__doc__ or "").strip().splitlines()[0]
-            print(f"{name:<16} {cls.kind:<7} {doc}")
+            print(f"{name:<18} {cls.kind:<7} {doc}")
         return 0
     if args.name not in known:
         match = closest(args.name, known)

@@ -14,6 +14,9 @@ def registry() -> dict[str, type[Step]]:
     from filters.minhash import MinHashFilter
     from filters.score import ScoreFilter
 
+    from .backtranslation import Backtranslate, SelfCurate
+    from .evol_instruct import EvolInstruct
+    from .grounded import Chunk, GroundedAnswer, GroundedQuestions, Groundedness
     from .judge import Judge
     from .pairwise import Pairwise, PreferencePairs
     from .refine import Feedback, Refine, SelfRefine
@@ -22,12 +25,12 @@ def registry() -> dict[str, type[Step]]:
     from .verify import Verify
 
     classes = [
-        # experience acquisition
-        SelfInstruct,
+        # experience acquisition: task generators
+        SelfInstruct, EvolInstruct, Backtranslate, SelfCurate, Chunk, GroundedQuestions, GroundedAnswer,
         # solving and verifying
         Solve, Verify,
         # judging
-        Judge, Pairwise, PreferencePairs,
+        Judge, Pairwise, PreferencePairs, Groundedness,
         # SELF: self-feedback and self-refinement
         Feedback, Refine, SelfRefine,
         # curation filters
