@@ -19,6 +19,10 @@ def rows(state: dict) -> list[dict]:
         row = {"round": rs["round"], "accuracy": (rs.get("eval") or {}).get("accuracy"),
                "win_rate": (rs.get("win_rate") or {}).get("win_rate"), "J_f": gap.get("J_f"),
                "samples": gap.get("samples"), "train_loss": (rs.get("train") or {}).get("train_loss")}
+        wins = rs.get("win_rate") or {}
+        # Wins, losses and ties behind the rate: 0.5 from all ties is no evidence either way.
+        row["win_loss_tie"] = (f"{wins['wins']}/{wins['losses']}/{wins['ties']}"
+                               if all(k in wins for k in ("wins", "losses", "ties")) else None)
         for name, v in (gap.get("verifiers") or {}).items():
             row[f"gap_{name}"] = v["gap"]
             row[f"J_w_{name}"] = v["J_f_w"]
@@ -33,11 +37,12 @@ def markdown(state: dict, table: list[dict]) -> str:
     lines = [f"# Self-evolution report: {state['name']}", "",
              f"Base model: `{state['base_model']}`; training: {state['method']}; "
              f"recipe: `{state['recipe_file']}` (hash `{state['recipe_hash'][:12]}`); {state.get('stopped') or ''}.",
-             "", "## Evaluation", "", "| round | eval accuracy | win rate vs previous | train loss |",
-             "|---|---|---|---|"]
+             "", "## Evaluation", "",
+             "| round | eval accuracy | win rate vs previous | wins / losses / ties | train loss |",
+             "|---|---|---|---|---|"]
     for row in table:
         lines.append(f"| {row['round']} | {_fmt(row['accuracy'])} | {_fmt(row['win_rate'])} | "
-                     f"{_fmt(row['train_loss'])} |")
+                     f"{row['win_loss_tie'] or '-'} | {_fmt(row['train_loss'])} |")
     verifiers = sorted({k[len('gap_'):] for row in table for k in row if k.startswith("gap_")})
     if verifiers:
         lines += ["", "## Generation-verification gap", "",
