@@ -216,12 +216,13 @@ class RayRunner(LocalRunner):
                 _LLMStepActor, fn_constructor_kwargs={"step": worker, "keys": todo_keys,
                                                       "cache": self.cache, "seed": step.llm.seed,
                                                       "backend_factory": self.backend_factory},
-                concurrency=self.replicas, num_gpus=self.gpus_per_replica or None, num_cpus=self.cpus_per_replica,
-                batch_size=None, batch_format="pyarrow", zero_copy_batch=True)
+                compute=ray.data.ActorPoolStrategy(size=self.replicas), num_gpus=self.gpus_per_replica or None,
+                num_cpus=self.cpus_per_replica, batch_size=None, batch_format="pyarrow", zero_copy_batch=True)
         else:
             done = dataset.map_batches(_RowStepTask, fn_constructor_kwargs={
                 "step": step, "keys": todo_keys, "cache": self.cache},
-                concurrency=max(1, self.replicas), batch_size=None, batch_format="pyarrow")
+                compute=ray.data.ActorPoolStrategy(size=max(1, self.replicas)), batch_size=None,
+                batch_format="pyarrow")
         for part in done.iter_batches(batch_size=None, batch_format="pyarrow"):
             for row in part.to_pylist():
                 yield row["index"], _from_ipc(row["payload"]), json.loads(row["meta"])
