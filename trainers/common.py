@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from factory.config import build
+from factory.config import build, to_dict
 from factory.errors import FactoryError, Problem, RecipeError, error_lines
 
 TRAINING_RECORD = "training.json"  # written last: its presence means the adapter is complete
@@ -107,6 +107,27 @@ def write_record(out: Path, record: dict) -> None:
 
 def is_trained(out: str | Path) -> bool:
     return (Path(out) / TRAINING_RECORD).is_file()
+
+
+def begin_training(config, method: str) -> dict | None:
+    """What every trainer does first: None when ``config.out`` already holds a finished adapter;
+    otherwise seeds the run, quiets library notices and returns the start of the training record."""
+    import warnings
+
+    from transformers import set_seed
+    from transformers.utils import logging as hf_logging
+
+    from factory.models import model_fingerprint
+
+    if is_trained(config.out):
+        print(f"{config.out} is already trained ({TRAINING_RECORD} exists); nothing to do")
+        return None
+    record = {"method": method, "config": to_dict(config), "dataset": dataset_record(config.dataset),
+              "base_model": model_fingerprint(config.model)}
+    set_seed(config.seed)
+    hf_logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation notices, not the user's
+    return record
 
 
 def latest_checkpoint(folder: Path) -> Path | None:

@@ -16,14 +16,13 @@ metrics) and ``checkpoints/``.
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from factory.config import option, to_dict
+from factory.config import option
 from factory.errors import FactoryError
-from trainers.common import dataset_record, is_trained, parse_config, pick_device, run_main, train_and_record
+from trainers.common import begin_training, parse_config, pick_device, run_main, train_and_record
 
 
 @dataclass
@@ -152,20 +151,14 @@ def train(config: SFTConfig) -> Path:
     """Trains (or resumes) and returns the adapter folder."""
     import torch
     from peft import LoraConfig, PeftModel, get_peft_model
-    from transformers import Trainer, TrainingArguments, set_seed
-    from transformers.utils import logging as hf_logging
+    from transformers import Trainer, TrainingArguments
 
-    from factory.models import load_plain_causal_lm, load_tokenizer, model_fingerprint
+    from factory.models import load_plain_causal_lm, load_tokenizer
 
+    record = begin_training(config, "sft")
+    if record is None:
+        return Path(config.out)
     out = Path(config.out)
-    if is_trained(out):
-        print(f"{out} is already trained (training.json exists); nothing to do")
-        return out
-    record = {"method": "sft", "config": to_dict(config), "dataset": dataset_record(config.dataset),
-              "base_model": model_fingerprint(config.model)}
-    set_seed(config.seed)
-    hf_logging.set_verbosity_error()
-    warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation notices, not the user's
     tokenizer = load_tokenizer(config.model)
     examples, data_stats = load_examples(config, tokenizer)
     out.mkdir(parents=True, exist_ok=True)  # only once there is something to train on
