@@ -130,6 +130,14 @@ def begin_training(config, method: str) -> dict | None:
     return record
 
 
+def lora_config(config):
+    """A fresh LoRA adapter's peft config from a trainer config's lora_* and target_modules fields."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                      target_modules=list(config.target_modules), task_type="CAUSAL_LM")
+
+
 def latest_checkpoint(folder: Path) -> Path | None:
     checkpoints = sorted(folder.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1])
                          if p.name.split("-")[-1].isdigit() else -1)

@@ -18,7 +18,7 @@ from typing import Literal
 
 from factory.config import option
 from factory.errors import FactoryError
-from trainers.common import begin_training, parse_config, pick_device, run_main, train_and_record
+from trainers.common import begin_training, lora_config, parse_config, pick_device, run_main, train_and_record
 
 
 @dataclass
@@ -71,7 +71,7 @@ def preference_dataset(version_dir: str):
 
 def train(config: DPOTrainConfig) -> Path:
     import torch
-    from peft import LoraConfig, PeftModel
+    from peft import PeftModel
     from trl import DPOConfig, DPOTrainer
 
     from factory.models import load_plain_causal_lm, load_tokenizer
@@ -89,8 +89,7 @@ def train(config: DPOTrainConfig) -> Path:
     if config.init_adapter:
         model = PeftModel.from_pretrained(model, config.init_adapter, is_trainable=True)
     else:
-        peft_config = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                                 target_modules=list(config.target_modules), task_type="CAUSAL_LM")
+        peft_config = lora_config(config)
     args = DPOConfig(
         output_dir=str(out / "checkpoints"), beta=config.beta, loss_type=config.loss_type,
         per_device_train_batch_size=config.batch_size, gradient_accumulation_steps=config.grad_accum,

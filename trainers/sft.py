@@ -22,7 +22,7 @@ from typing import Literal
 
 from factory.config import option
 from factory.errors import FactoryError
-from trainers.common import begin_training, parse_config, pick_device, run_main, train_and_record
+from trainers.common import begin_training, lora_config, parse_config, pick_device, run_main, train_and_record
 
 
 @dataclass
@@ -150,7 +150,7 @@ def load_examples(config: SFTConfig, tokenizer) -> tuple[list[dict], dict]:
 def train(config: SFTConfig) -> Path:
     """Trains (or resumes) and returns the adapter folder."""
     import torch
-    from peft import LoraConfig, PeftModel, get_peft_model
+    from peft import PeftModel, get_peft_model
     from transformers import Trainer, TrainingArguments
 
     from factory.models import load_plain_causal_lm, load_tokenizer
@@ -167,9 +167,7 @@ def train(config: SFTConfig) -> Path:
     if config.init_adapter:
         model = PeftModel.from_pretrained(model, config.init_adapter, is_trainable=True)
     else:
-        model = get_peft_model(model, LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha,
-                                                 lora_dropout=config.lora_dropout,
-                                                 target_modules=list(config.target_modules), task_type="CAUSAL_LM"))
+        model = get_peft_model(model, lora_config(config))
     args = TrainingArguments(
         output_dir=str(out / "checkpoints"), per_device_train_batch_size=config.batch_size,
         gradient_accumulation_steps=config.grad_accum, learning_rate=config.learning_rate,
