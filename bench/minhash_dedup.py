@@ -108,11 +108,15 @@ def jaccard(a: str, b: str) -> float:
 # -- contenders (each in its own process) --------------------------------------------------
 
 def run_minhash(table, threshold: float, verify: bool) -> list[int]:
+    import polars as pl
+
     from filters.minhash import MinHashConfig, MinHashFilter
 
     step = MinHashFilter(MinHashConfig(column="text", threshold=threshold, num_perm=NUM_PERM, ngram=NGRAM,
                                        seed=SEED, verify=verify))
-    return step.process(table)["duplicate_of"].fill_null(-1).to_list()
+    # A dropped row's detail names the position of the row it duplicates.
+    kept_row = step.process(table)["_drop_detail"].str.extract(r"position (\d+)").cast(pl.Int64)
+    return kept_row.fill_null(-1).to_list()
 
 
 def run_datasketch(texts: list[str], threshold: float, bulk: bool = False) -> list[int]:
@@ -170,7 +174,7 @@ def worker(name: str, data: Path, rows: int, threshold: float) -> None:
     import filters.minhash  # noqa: F401
 
     table = pl.read_parquet(data, n_rows=rows)
-    # Each takes the rows as it would in use: the step a polars table (what the runner
+    # Each takes the rows as it would in use: the step a polars table (what the driver
     # hands it), the loops a Python list of strings.
     rows_in = table if name.startswith("minhash") else table["text"].to_list()
     baseline = _peak_rss_mb()
