@@ -1,7 +1,7 @@
 """Engine overhead: a 5-step recipe over 100,000 rows on the scripted backend.
 
 Compares, in one run:
-  * factory, cold   -- the local runner with its cache (every batch computed and stored)
+  * factory, cold   -- the driver on the local executor, with its cache (every batch computed and stored)
   * factory, warm   -- the same command again (every batch read back from the cache)
   * plain loop      -- the same work as a hand-written Python loop over rows: build the
                        prompt, ask the scripted backend, parse, filter (no batches, no cache,
@@ -81,7 +81,7 @@ def main() -> None:
     from factory.build import run_recipe
     from factory.cache import Cache
     from factory.recipe import load_recipe
-    from factory.runner import LocalRunner
+    from factory.driver import Driver
 
     work = Path(tempfile.mkdtemp(prefix="factory-bench-"))
     try:
@@ -94,9 +94,9 @@ def main() -> None:
         results = {}
         for label in ("factory, cold", "factory, warm"):
             recipe = load_recipe(recipe_path)
-            runner = LocalRunner(Cache(work / "cache"), progress=False)
+            driver = Driver(Cache(work / "cache"), progress=False)
             start = time.perf_counter()
-            _, manifest, _ = run_recipe(recipe, work / "out", runner=runner)
+            _, manifest, _ = run_recipe(recipe, work / "out", driver=driver)
             seconds = time.perf_counter() - start
             results[label] = (seconds, manifest["rows"])
         rows = [json.loads(line) for line in source.open()]

@@ -1,4 +1,4 @@
-"""Ray executor against the local runner: MinHash near-dedup of 1,000,000 rows on one machine.
+"""Ray executor against the local executor: MinHash near-dedup of 1,000,000 rows on one machine.
 
 Both run the same one-step recipe (`minhash` on generated rows with planted
 near-duplicates) with no cache, in one run, and must drop the same rows. Ray starts a
@@ -49,9 +49,9 @@ def main() -> None:
 
     from factory.build import run_recipe
     from factory.cache import NullCache
-    from factory.ray_runner import RayRunner
+    from factory.driver import Driver
+    from factory.executors.ray import RayExecutor
     from factory.recipe import load_recipe
-    from factory.runner import LocalRunner
     from factory.store import read_version
 
     work = Path(tempfile.mkdtemp(prefix="factory-ray-bench-"))
@@ -64,21 +64,22 @@ def main() -> None:
         results = {}
         start = time.perf_counter()
         _, manifest, result = run_recipe(load_recipe(recipe_path), work / "local",
-                                         runner=LocalRunner(NullCache(), progress=False))
-        results["local runner"] = (time.perf_counter() - start, manifest["steps"][0]["seconds"],
+                                         driver=Driver(NullCache(), progress=False))
+        results["local executor"] = (time.perf_counter() - start, manifest["steps"][0]["seconds"],
                                    manifest["steps"][0]["dropped"])
         local_rows = read_version(work / "local" / "dedup" / "v1")
         start = time.perf_counter()
         ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
         startup = time.perf_counter() - start
         start = time.perf_counter()
-        _, manifest, _ = run_recipe(load_recipe(recipe_path), work / "ray", runner=RayRunner(NullCache(), progress=False))
+        _, manifest, _ = run_recipe(load_recipe(recipe_path), work / "ray",
+                                    driver=Driver(NullCache(), executor=RayExecutor(), progress=False))
         results[f"ray ({args.cpus} CPUs)"] = (time.perf_counter() - start, manifest["steps"][0]["seconds"],
                                               manifest["steps"][0]["dropped"])
         ray.shutdown()
         same = read_version(work / "ray" / "dedup" / "v1").equals(local_rows)
         print(f"minhash over {args.rows:,} rows (10% planted near-duplicates), threshold 0.8, 128 permutations")
-        print(f"{'runner':<18} {'run s':>8} {'step s':>8} {'rows/s (step)':>14}  dropped")
+        print(f"{'executor':<18} {'run s':>8} {'step s':>8} {'rows/s (step)':>14}  dropped")
         for name, (total, step, dropped) in results.items():
             print(f"{name:<18} {total:>8.1f} {step:>8.1f} {args.rows / step:>14,.0f}  {dropped}")
         (local_total, local_step, _), (ray_total, ray_step, _) = results.values()

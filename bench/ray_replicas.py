@@ -4,7 +4,7 @@ A local server answers every request after a fixed latency, one request at a tim
 connection; each replica sends one request at a time (max_concurrency 1), so a step's
 throughput is bounded by how many replicas wait in parallel -- the shape of a step
 served by several model servers or GPUs. Runs the same solve step with 1, 2 and 4
-replicas on a local Ray cluster, plus the local runner, and prints rows/s.
+replicas on a local Ray cluster, plus the local executor, and prints rows/s.
 
 Usage: python bench/ray_replicas.py [--rows 96] [--latency 0.1]
 """
@@ -33,9 +33,9 @@ def main() -> None:
 
     from factory.build import run_recipe
     from factory.cache import NullCache
-    from factory.ray_runner import RayRunner
+    from factory.driver import Driver
+    from factory.executors.ray import RayExecutor
     from factory.recipe import load_recipe
-    from factory.runner import LocalRunner
     from tests.fake_openai import FakeOpenAI
 
     work = Path(tempfile.mkdtemp(prefix="factory-replicas-"))
@@ -47,13 +47,14 @@ def main() -> None:
                 f"max_concurrency: 1}}\nsource: {{path: {work / 'tasks.jsonl'}}}\nsteps:\n  - solve: {{}}\n")
             timings = {}
             start = time.perf_counter()
-            run_recipe(load_recipe(work / "recipe.yaml"), work / "out", runner=LocalRunner(NullCache(), progress=False))
-            timings["local runner"] = time.perf_counter() - start
+            run_recipe(load_recipe(work / "recipe.yaml"), work / "out", driver=Driver(NullCache(), progress=False))
+            timings["local executor"] = time.perf_counter() - start
             ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
             for replicas in (1, 2, 4):
                 start = time.perf_counter()
                 run_recipe(load_recipe(work / "recipe.yaml"), work / "out",
-                           runner=RayRunner(NullCache(), replicas=replicas, cpus_per_replica=0.25, progress=False))
+                           driver=Driver(NullCache(), executor=RayExecutor(replicas=replicas, cpus_per_replica=0.25),
+                                         progress=False))
                 timings[f"ray, {replicas} replica(s)"] = time.perf_counter() - start
             ray.shutdown()
         print(f"solve over {args.rows} rows, {args.latency}s per request, one request at a time per replica")

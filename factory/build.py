@@ -9,9 +9,9 @@ import polars as pl
 
 from .cache import Cache, NullCache
 from .errors import FactoryError
+from .driver import Driver, RunResult
 from .recipe import OutputConfig, Recipe
-from .runner import LocalRunner, RunResult
-from .store import write_version
+from .store import read_manifest, write_version
 
 
 def chat_messages(table: pl.DataFrame, output: OutputConfig, task_column: str = "instruction",
@@ -49,7 +49,7 @@ def finalize(table: pl.DataFrame, output: OutputConfig) -> pl.DataFrame:
 
 
 def run_recipe(recipe: Recipe, out_dir: str | Path, *, cache_dir: str | Path | None = None, use_cache: bool = True,
-               progress: bool = True, parent: str | None = None, runner: LocalRunner | None = None,
+               progress: bool = True, parent: str | None = None, driver: Driver | None = None,
                extra_manifest: dict | None = None) -> tuple[Path, dict, RunResult]:
     """Runs ``recipe`` and writes ``out_dir/<name>/v<N>``.
 
@@ -57,12 +57,12 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, *, cache_dir: str | Path | N
         The version folder, its manifest, and the run result.
     """
     out_dir = Path(out_dir)
-    if runner is None:
+    if driver is None:
         cache: Cache = Cache(cache_dir or out_dir / ".cache") if use_cache else NullCache()
-        runner = LocalRunner(cache, progress=progress)
-    runner.preflight(recipe)
+        driver = Driver(cache, progress=progress)
+    driver.preflight(recipe)
     began = time.time()
-    result = runner.run(recipe)
+    result = driver.run(recipe)
     table = result.table
     if table.height == 0:
         # Every row was dropped: keep the declared columns so the version still has a schema.
@@ -93,12 +93,11 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, *, cache_dir: str | Path | N
         "retries": sum((s.llm or {}).get("retries", 0) for s in result.steps),
         "backend_failures": sum(s.dropped.get("backend_error", 0) for s in result.steps),
         "timings": {"started_at": began, "run_seconds": result.seconds},
+        "executor": driver.executor.name,
         **(extra_manifest or {}),
     }
     version_dir = write_version(out_dir, recipe.name, table, result.rejected, manifest,
                                 shard_rows=recipe.output.shard_rows)
-    from .store import read_manifest
-
     return version_dir, read_manifest(version_dir), result
 
 

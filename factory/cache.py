@@ -1,9 +1,10 @@
 """Content-addressed cache of finished work, so that a re-run redoes nothing it has done.
 
 Keys are sha256 digests of (step config, input rows, model id); values are parquet frames
-(step outputs) or JSON (LLM replies). Every write goes to a temporary file first and is
-renamed into place, so a crash never leaves a half-written entry that a later run would
-trust.
+(step outputs), JSON (step reports) or journals (LLM replies). Every frame or JSON write
+goes to a temporary file first and is renamed into place, so a crash never leaves a
+half-written entry that a later run would trust. A journal is appended to one reply at a
+time, as replies arrive, and a line cut short by a crash is skipped when it is read back.
 """
 
 from __future__ import annotations
@@ -77,6 +78,53 @@ class Cache:
         text = json.dumps(value, ensure_ascii=False)
         self._write(self._path(namespace, key, "json"), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
+    def journal(self, namespace: str, key: str) -> "Journal":
+        return Journal(self._path(namespace, key, "jsonl"))
+
+
+class Journal:
+    """Entries appended one line at a time (``{"key": ..., "value": ...}``), read back as a dict."""
+
+    def __init__(self, path: Path | None):
+        self.path = path
+        self._file = None
+
+    def read(self) -> dict:
+        if self.path is None or not self.path.is_file():
+            return {}
+        entries = {}
+        with open(self.path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                try:
+                    entry = json.loads(line)
+                    entries[entry["key"]] = entry["value"]
+                except (ValueError, KeyError, TypeError):  # a line cut short by a crash
+                    continue
+        return entries
+
+    def append(self, key: str, value) -> None:
+        if self.path is None:
+            return
+        if self._file is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(self.path, "ab+")
+            end = self._file.seek(0, os.SEEK_END)
+            if end:  # after a crash mid-line, start on a line of its own
+                self._file.seek(end - 1)
+                if self._file.read(1) != b"\n":
+                    self._file.write(b"\n")
+        self._file.write(json.dumps({"key": key, "value": value}, ensure_ascii=False).encode("utf-8") + b"\n")
+
+    def flush(self) -> None:
+        """Hands what was appended to the operating system (it survives the process being killed)."""
+        if self._file is not None:
+            self._file.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
 
 class NullCache(Cache):
     """A cache that stores nothing (``--no-cache``)."""
@@ -95,3 +143,6 @@ class NullCache(Cache):
 
     def put_json(self, namespace, key, value):
         pass
+
+    def journal(self, namespace, key):
+        return Journal(None)

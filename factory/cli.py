@@ -166,8 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("out_dir", help="folder to write")
     export.set_defaults(func=cmd_export_embedded)
 
-    steps = sub.add_parser("steps", help="list the steps a recipe can use, with their options",
-                           description="List recipe steps, or every option of one step with its default and help.")
+    steps = sub.add_parser("steps", help="list the steps a recipe can use; with NAME, the step's file and options",
+                           description="List recipe steps, or the file that holds one step, its documentation "
+                                       "and every option with its default and help.")
     steps.add_argument("name", nargs="?", help="a step name, e.g. solve")
     steps.set_defaults(func=cmd_steps)
     return parser
@@ -184,23 +185,27 @@ def _add_executor(parser: argparse.ArgumentParser) -> None:
                         help="Ray: CPUs per LLM replica (below 1 for replicas that wait on a server)")
 
 
-def make_runner(args, cache_dir, use_cache: bool = True, progress: bool = True):
-    """The runner the command line asked for."""
+def make_driver(args, cache_dir, use_cache: bool = True, progress: bool = True):
+    """The driver on the executor the command line asked for."""
     from .cache import Cache, NullCache
-    from .runner import LocalRunner
+    from .driver import Driver
 
     cache = Cache(cache_dir) if use_cache else NullCache()
-    if getattr(args, "executor", "local") == "ray":
-        try:
-            import ray  # noqa: F401
-        except ImportError:
-            raise FactoryError("--executor ray needs Ray: pip install 'ray[data]' (or install the project's "
-                               "`ray` extra)") from None
-        from .ray_runner import RayRunner
+    return Driver(cache, executor=make_executor(args), progress=progress)
 
-        return RayRunner(cache, address=args.address, replicas=args.replicas, gpus_per_replica=args.gpus_per_replica,
-                         cpus_per_replica=args.cpus_per_replica, progress=progress)
-    return LocalRunner(cache, progress=progress)
+
+def make_executor(args):
+    if getattr(args, "executor", "local") != "ray":
+        return None  # the driver's default: this process
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        raise FactoryError("--executor ray needs Ray: pip install 'ray[data]' (or install the project's "
+                           "`ray` extra)") from None
+    from .executors.ray import RayExecutor
+
+    return RayExecutor(address=args.address, replicas=args.replicas, gpus_per_replica=args.gpus_per_replica,
+                       cpus_per_replica=args.cpus_per_replica)
 
 
 def _quiet_libraries() -> None:
@@ -215,10 +220,9 @@ def cmd_run(args) -> int:
     from pathlib import Path
 
     recipe = load_recipe(args.recipe, args.overrides)
-    runner = make_runner(args, args.cache_dir or Path(args.out) / ".cache", use_cache=not args.no_cache,
+    driver = make_driver(args, args.cache_dir or Path(args.out) / ".cache", use_cache=not args.no_cache,
                          progress=not args.quiet)
-    version_dir, manifest, _ = run_recipe(recipe, args.out, runner=runner, parent=args.parent,
-                                          extra_manifest={"executor": args.executor})
+    version_dir, manifest, _ = run_recipe(recipe, args.out, driver=driver, parent=args.parent)
     print(format_summary(manifest))
     if manifest["rows"] == 0:
         print("warning: the version has no rows; see rejected/ and `factory inspect` for why", file=sys.stderr)
@@ -282,14 +286,14 @@ def cmd_push(args) -> int:
 
 
 def cmd_evolve(args) -> int:
-    from .evolve import Evolution
+    from .evolve.loop import Evolution
     from .report import markdown, rows
 
     from pathlib import Path
 
-    runner = make_runner(args, Path(args.out) / ".cache", progress=not args.quiet) if args.executor == "ray" else None
+    driver = make_driver(args, Path(args.out) / ".cache", progress=not args.quiet)
     state = Evolution(args.recipe, args.out, args.overrides, rounds=args.rounds, progress=not args.quiet,
-                      runner=runner).run()
+                      driver=driver).run()
     print(markdown(state, rows(state)).split("## Rounds")[0].rstrip())
     print(f"\n{state['stopped']}; report: {args.out}/report.md, {args.out}/report.png")
     print(args.out)
@@ -320,22 +324,26 @@ def cmd_export_embedded(args) -> int:
 
 def cmd_steps(args) -> int:
     import dataclasses
+    import inspect
+    from pathlib import Path
 
     from .config import closest
-    from .steps import registry
+    from .registry import STEPS, source_file, step_class
 
-    known = registry()
     if args.name is None:
-        for name, cls in known.items():
+        for name in STEPS:
+            cls = step_class(name)
             doc = (cls.__doc__ or "").strip().splitlines()[0]
             print(f"{name:<18} {cls.kind:<7} {doc}")
         return 0
-    if args.name not in known:
-        match = closest(args.name, known)
+    if args.name not in STEPS:
+        match = closest(args.name, STEPS)
         raise FactoryError(f"unknown step '{args.name}'; " + (f"did you mean '{match}'?" if match else
-                                                              f"steps: {', '.join(known)}"))
-    cls = known[args.name]
-    print(textwrap.dedent(cls.__doc__ or "").strip())
+                                                              f"steps: {', '.join(STEPS)}"))
+    cls = step_class(args.name)
+    path = source_file(args.name)
+    print(f"{args.name}: {path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path}\n")
+    print(inspect.cleandoc(cls.__doc__ or ""))
     print("\noptions:")
     for f in dataclasses.fields(cls.Config):
         default = f.default if f.default is not dataclasses.MISSING else (

@@ -4,6 +4,12 @@ Every configurable thing (a step, a backend, the source, the output) is a datacl
 fields carry ``help`` and optional bounds in their metadata. :func:`build` turns a mapping
 read from YAML into an instance, collecting every problem (unknown key with the closest
 valid name, wrong type, value out of bounds, missing key) instead of stopping at the first.
+
+Why by hand rather than with pydantic or transformers' HfArgumentParser (which the trainers
+use for their flags): a recipe error must name the file, the line, the key path
+(``steps[2].solve.samples``) and the fix (the closest valid key, the allowed range), and
+report every problem at once. HfArgumentParser stops at the first unknown key; pydantic
+knows neither the YAML line nor the closest key, and its messages speak of Python types.
 """
 
 from __future__ import annotations

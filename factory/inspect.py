@@ -159,18 +159,10 @@ def render(info: dict, width: int = 100) -> str:
             dropped = ", ".join(f"{k}={v}" for k, v in s["dropped"].items()) or "-"
             out.append(f"{'[' + str(s['index']) + '] ' + s['name']:<24} {s['rows_in']:>7} {s['rows_out']:>7} "
                        f"{s['seconds']:>7.1f}  {dropped}")
-    if info["lengths"]:
-        out.append("")
-        out.append(f"{'length (chars)':<24} {'min':>7} {'median':>7} {'mean':>9} {'max':>7} {'words':>7}")
-        for row in info["lengths"]:
-            out.append(f"{row['column']:<24} {row['min']:>7} {row['median']:>7} {row['mean']:>9} {row['max']:>7} "
-                       f"{row['mean_words']:>7}")
-    if info.get("tokens"):
-        out.append("")
-        out.append(f"{'length (tokens)':<24} {'min':>7} {'median':>7} {'mean':>9} {'p95':>7} {'max':>7} {'total':>9}")
-        for row in info["tokens"]:
-            out.append(f"{row['column'][:24]:<24} {row['min']:>7} {row['median']:>7} {row['mean']:>9} {row['p95']:>7} "
-                       f"{row['max']:>7} {row['total']:>9}")
+    out += _length_table("length (chars)", info["lengths"], [("min", 7), ("median", 7), ("mean", 9), ("max", 7),
+                                                             ("words", 7)])
+    out += _length_table("length (tokens)", info.get("tokens"), [("min", 7), ("median", 7), ("mean", 9), ("p95", 7),
+                                                               ("max", 7), ("total", 9)])
     if info.get("lineage"):
         out.append("")
         counts = info["lineage"]["counts"]
@@ -247,3 +239,14 @@ def plot(version_dir: str | Path, path: str | Path, tokenizer=None) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _length_table(title: str, rows: list[dict] | None, columns: list[tuple[str, int]]) -> list[str]:
+    """A blank line, a header and a line per text column (``words`` is the mean word count)."""
+    if not rows:
+        return []
+    lines = ["", f"{title:<24} " + " ".join(f"{name:>{width}}" for name, width in columns)]
+    for row in rows:
+        values = [row["mean_words" if name == "words" else name] for name, _ in columns]
+        lines.append(f"{row['column'][:24]:<24} " + " ".join(f"{v:>{w}}" for v, (_, w) in zip(values, columns)))
+    return lines

@@ -21,6 +21,7 @@ Example:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,9 +31,11 @@ import yaml
 
 from .config import build, closest, option, suggest, to_dict
 from .errors import Problem, RecipeError, format_path
+from .evolve.config import EvolveConfig, build_evolve
 from .llm import DEFAULT_LLM, build_llm_config, fingerprint, merge_llm
+from .registry import STEPS, step_class
 from .sources import Source, build_source
-from .steps import Step, registry
+from .steps.base import Step
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -84,7 +87,7 @@ class Recipe:
     file: str = "<recipe>"
     base_dir: Path = field(default_factory=Path.cwd)
     overrides: list[str] = field(default_factory=list)
-    evolve: Any = None  # an EvolveConfig when the recipe has an `evolve:` section
+    evolve: EvolveConfig | None = None  # the `evolve:` section, when the recipe has one
 
     @property
     def name(self) -> str:
@@ -115,6 +118,17 @@ class Recipe:
     @property
     def hash(self) -> str:
         return fingerprint(self.resolved())
+
+    def with_llm(self, llm) -> "Recipe":
+        """The recipe with another default model config (an evolve round's adapter, say); a
+        step's own `llm:` is merged over it again, as when the recipe was read."""
+        problems: list[Problem] = []
+        steps = [step.with_llm_config(build_llm_config(merge_llm(to_dict(llm), step.config.llm),
+                                                       ("steps", step.index, step.name, "llm"), problems))
+                 if step.uses_llm else step for step in self.steps]
+        if problems:
+            raise RecipeError(problems)
+        return dataclasses.replace(self, llm=llm, steps=steps)
 
     def columns_after(self) -> list[str]:
         """Columns present after the last step (source columns plus what steps produce)."""
@@ -335,10 +349,9 @@ def _validate(data: dict, problems: list[Problem], base_dir: Path) -> Recipe | N
                                 fix="write each step as `- name: {options}`"))
         steps_ok = False
     else:
-        known = registry()
         seed = header.seed if header else 0
         for i, item in enumerate(steps_data):
-            step = _build_step(i, item, known, llm_data if llm is not None else None, problems, seed, base_dir)
+            step = _build_step(i, item, llm_data if llm is not None else None, problems, seed, base_dir)
             if step is None:
                 steps_ok = False
             else:
@@ -346,8 +359,6 @@ def _validate(data: dict, problems: list[Problem], base_dir: Path) -> Recipe | N
 
     evolve = None
     if data.get("evolve") is not None:
-        from .evolve import build_evolve
-
         evolve = build_evolve(data["evolve"], ("evolve",), problems, llm)
     if header is None or llm is None or output is None or not steps_ok or not source_ok:
         return None
@@ -358,7 +369,7 @@ def _validate(data: dict, problems: list[Problem], base_dir: Path) -> Recipe | N
     return recipe if not problems else None
 
 
-def _build_step(i: int, item: Any, known: dict, llm_data: dict | None, problems: list[Problem], seed: int,
+def _build_step(i: int, item: Any, llm_data: dict | None, problems: list[Problem], seed: int,
                 base_dir: Path) -> Step | None:
     path = ("steps", i)
     if isinstance(item, str):
@@ -369,10 +380,10 @@ def _build_step(i: int, item: Any, known: dict, llm_data: dict | None, problems:
                                 fix="put each step in its own list item; options go inside the braces"))
         return None
     name, params = next(iter(item.items()))
-    if name not in known:
-        problems.append(Problem(f"unknown step '{name}'", path=path, fix=suggest(str(name), known, "step")))
+    if name not in STEPS:
+        problems.append(Problem(f"unknown step '{name}'", path=path, fix=suggest(str(name), STEPS, "step")))
         return None
-    cls = known[name]
+    cls = step_class(name)
     path = path + (name,)
     config = build(cls.Config, params, path, problems)
     if config is None:

@@ -9,7 +9,7 @@ import polars as pl
 
 from factory.answers import answer_key
 from factory.config import option
-from factory.steps.base import DROP, GlobalStep
+from factory.steps.base import StepContext, TableFilter
 
 
 @dataclass
@@ -24,7 +24,7 @@ class ConsistencyConfig:
                      "and text after normalisation.")
 
 
-class Consistency(GlobalStep):
+class Consistency(TableFilter):
     """Majority vote (self-consistency) over the samples of each task.
 
     A task's agreement is the share of its samples (answered or not) that give its most
@@ -52,10 +52,11 @@ class Consistency(GlobalStep):
     def group_key(self):
         return self.config.column  # a task's vote needs only the task's samples
 
-    def process(self, table: pl.DataFrame) -> pl.DataFrame:
+    def keep(self, table: pl.DataFrame, ctx: StepContext) -> pl.DataFrame:
         c = self.config
         keys = [answer_key(a, c.method) for a in table[c.answer_column].cast(pl.String).to_list()]
-        work = table.with_row_index("_position").with_columns(pl.Series("_key", keys, dtype=pl.String))
+        work = table.select(c.column, c.answer_column).with_row_index("_position").with_columns(
+            pl.Series("_key", keys, dtype=pl.String))
         counts = (work.filter(pl.col("_key").is_not_null())
                   .group_by(c.column, "_key").agg(pl.len().alias("_count"), pl.col("_position").min().alias("_first"))
                   .sort([c.column, "_count", "_first"], descending=[False, True, False])
@@ -68,14 +69,12 @@ class Consistency(GlobalStep):
         majority_answer = (work.filter(pl.col("_key") == pl.col("_majority_key"))
                            .group_by(c.column).agg(pl.col(c.answer_column).first().cast(pl.String)
                                                    .alias("majority_answer")))
-        work = work.join(majority_answer, on=c.column, how="left", maintain_order="left")
+        work = work.join(majority_answer, on=c.column, how="left", maintain_order="left").sort("_position")
         reason = (pl.when(pl.col("agreement") < c.min_agreement).then(pl.lit("low_agreement"))
                   .when(pl.col("agreement") == 0).then(pl.lit("low_agreement"))
                   .when(pl.col("_key").is_null()).then(pl.lit("no_answer"))
-                  .when(pl.col("_key") != pl.col("_majority_key")).then(pl.lit("minority_answer"))
-                  .otherwise(None).cast(pl.String))
-        out = work.with_columns(reason.alias(DROP)).sort("_position")
-        tasks = out.select(c.column, "agreement").unique(c.column)
-        self.report = {"tasks": tasks.height,
-                       "tasks_kept": int((tasks["agreement"] >= c.min_agreement).sum()) if tasks.height else 0}
-        return out.drop(["_position", "_key", "_majority_key", "_count"])
+                  .when(pl.col("_key") != pl.col("_majority_key")).then(pl.lit("minority_answer")))
+        tasks = work.select(c.column, "agreement").unique(c.column)
+        ctx.report.update({"tasks": tasks.height,
+                           "tasks_kept": int((tasks["agreement"] >= c.min_agreement).sum()) if tasks.height else 0})
+        return work.select("majority_answer", "agreement", "votes", reason.alias("reason"))

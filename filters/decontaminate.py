@@ -21,8 +21,9 @@ import polars as pl
 
 from factory.config import option
 from factory.errors import FactoryError
+from factory.llm.base import fingerprint
 from factory.sources import detect_format, read_table, resolve_path
-from factory.steps.base import DROP, GlobalStep
+from factory.steps.base import StepContext, TableFilter
 
 _WEIGHTS = np.random.RandomState(20240521).randint(1, 2**62, size=512, dtype=np.int64).astype(np.uint64) | 1
 
@@ -79,7 +80,7 @@ class DecontaminateConfig:
     min_words: int = option(5, help="Eval items with fewer words match only identical whole texts.", min=1)
 
 
-class Decontaminate(GlobalStep):
+class Decontaminate(TableFilter):
     """Drops rows that overlap an evaluation set (reason ``contaminated``).
 
     Requires: the ``columns`` (default ``instruction``).
@@ -113,15 +114,13 @@ class Decontaminate(GlobalStep):
                  "name one of its columns") for col in wanted if col not in columns]
 
     def fingerprint(self) -> str:
-        from factory.llm.base import fingerprint
-
         # The eval set's identity, and polars' version (its word hashes may change with it).
         path = self.eval_path()
         stat = path.stat() if path and path.is_file() else None
         return fingerprint([super().fingerprint(), str(path), stat.st_size if stat else None,
                             stat.st_mtime if stat else None, pl.__version__])
 
-    def process(self, table: pl.DataFrame) -> pl.DataFrame:
+    def keep(self, table: pl.DataFrame, ctx: StepContext) -> pl.DataFrame:
         c = self.config
         path = self.eval_path()
         if path is None:
@@ -129,36 +128,38 @@ class Decontaminate(GlobalStep):
         evals = read_table(path, detect_format(path, c.eval_format), c.eval_split)
         eval_ids = (evals[c.eval_id_column].cast(pl.String).to_list() if c.eval_id_column
                     else [f"eval[{i}]" for i in range(evals.height)])
-        eval_words = _words(evals, c.eval_columns)
-        eval_len = eval_words.list.len().to_numpy().astype(np.int64)
-        # Long items give n-grams; items between min_words and ngram give one gram of their length.
-        eval_sizes = np.where(eval_len >= c.ngram, c.ngram, np.where(eval_len >= c.min_words, eval_len, 0))
-        e_rows, e_sizes, e_hash = _hash_grams(eval_words, eval_sizes)
-        row_words = _words(table, c.columns)
-        row_len = row_words.list.len().to_numpy().astype(np.int64)
-        matches = []
-        for size in np.unique(e_sizes):
-            r_rows, _, r_hash = _hash_grams(row_words, np.full(len(row_len), size, dtype=np.int64))
-            eval_side = pl.DataFrame({"h": e_hash[e_sizes == size], "e": e_rows[e_sizes == size]}).unique()
-            matches.append(pl.DataFrame({"h": r_hash, "r": r_rows}).join(eval_side, on="h").select("r", "e"))
-        # Short eval items: the whole row text must be identical.
-        short = np.where((eval_len > 0) & (eval_len < c.min_words), eval_len, 0)
-        if short.any():
-            s_rows, _, s_hash = _hash_grams(eval_words, short)
-            whole = np.where((row_len > 0) & (row_len < c.min_words), row_len, 0)
-            w_rows, _, w_hash = _hash_grams(row_words, whole)
-            matches.append(pl.DataFrame({"h": w_hash, "r": w_rows})
-                           .join(pl.DataFrame({"h": s_hash, "e": s_rows}).unique(), on="h").select("r", "e"))
-        found = (pl.concat(matches) if matches else pl.DataFrame(schema={"r": pl.Int64, "e": pl.Int64})).unique()
+        found = matches(_words(evals, c.eval_columns), _words(table, c.columns), c.ngram, c.min_words)
         names = pl.DataFrame({"e": np.arange(len(eval_ids), dtype=np.int64), "eval_id": eval_ids})
         per_row = (found.with_columns(pl.col("r", "e").cast(pl.Int64)).join(names, on="e").sort("r", "e")
                    .group_by("r", maintain_order=True).agg(pl.col("eval_id").alias("matched_eval")))
         matched_eval = (pl.DataFrame({"r": np.arange(table.height, dtype=np.int64)})
                         .join(per_row, on="r", how="left", maintain_order="left")["matched_eval"])
         matched_items = sorted(set(found["e"].to_list()))
-        self.report = {"eval_set": str(path), "eval_items": evals.height, "eval_items_matched": len(matched_items),
-                       "rows_dropped": per_row.height,
-                       "matched_eval_ids": [eval_ids[i] for i in matched_items[:100]]}
-        out = table.with_columns(matched_eval.cast(pl.List(pl.String)).alias("_matched_eval"))
-        return out.with_columns(pl.when(pl.col("_matched_eval").is_not_null()).then(pl.lit("contaminated"))
-                                .otherwise(None).cast(pl.String).alias(DROP))
+        ctx.report.update({"eval_set": str(path), "eval_items": evals.height,
+                           "eval_items_matched": len(matched_items), "rows_dropped": per_row.height,
+                           "matched_eval_ids": [eval_ids[i] for i in matched_items[:100]]})
+        return pl.DataFrame({"_matched_eval": matched_eval.cast(pl.List(pl.String))}).with_columns(
+            pl.when(pl.col("_matched_eval").is_not_null()).then(pl.lit("contaminated")).alias("reason"))
+
+
+def matches(eval_words: pl.Series, row_words: pl.Series, ngram: int, min_words: int) -> pl.DataFrame:
+    """Each (row ``r``, eval item ``e``) pair that shares an n-gram: long eval items give their
+    ``ngram``-grams, items between ``min_words`` and ``ngram`` words one gram of their length,
+    and shorter items match only a row whose whole text is the same."""
+    eval_len = eval_words.list.len().to_numpy().astype(np.int64)
+    eval_sizes = np.where(eval_len >= ngram, ngram, np.where(eval_len >= min_words, eval_len, 0))
+    e_rows, e_sizes, e_hash = _hash_grams(eval_words, eval_sizes)
+    row_len = row_words.list.len().to_numpy().astype(np.int64)
+    found = []
+    for size in np.unique(e_sizes):
+        r_rows, _, r_hash = _hash_grams(row_words, np.full(len(row_len), size, dtype=np.int64))
+        eval_side = pl.DataFrame({"h": e_hash[e_sizes == size], "e": e_rows[e_sizes == size]}).unique()
+        found.append(pl.DataFrame({"h": r_hash, "r": r_rows}).join(eval_side, on="h").select("r", "e"))
+    short = np.where((eval_len > 0) & (eval_len < min_words), eval_len, 0)
+    if short.any():
+        s_rows, _, s_hash = _hash_grams(eval_words, short)
+        whole = np.where((row_len > 0) & (row_len < min_words), row_len, 0)
+        w_rows, _, w_hash = _hash_grams(row_words, whole)
+        found.append(pl.DataFrame({"h": w_hash, "r": w_rows})
+                     .join(pl.DataFrame({"h": s_hash, "e": s_rows}).unique(), on="h").select("r", "e"))
+    return (pl.concat(found) if found else pl.DataFrame(schema={"r": pl.Int64, "e": pl.Int64})).unique()

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import polars as pl
 
 from factory.config import option
-from factory.steps.base import DROP, GlobalStep
+from factory.steps.base import StepContext, TableFilter
 
 
 def normalized(column: str, lowercase: bool, punctuation: bool) -> pl.Expr:
@@ -27,7 +27,7 @@ class ExactConfig:
     ignore_punctuation: bool = option(False, help="Ignore punctuation.")
 
 
-class ExactDedup(GlobalStep):
+class ExactDedup(TableFilter):
     """Keeps the first of each group of rows whose columns match after normalisation.
 
     Whitespace is always collapsed; case and punctuation are ignored as configured.
@@ -46,7 +46,7 @@ class ExactDedup(GlobalStep):
     def requires(self):
         return list(self.config.columns)
 
-    def process(self, table: pl.DataFrame) -> pl.DataFrame:
+    def keep(self, table: pl.DataFrame, ctx: StepContext) -> pl.DataFrame:
         c = self.config
         keys = [normalized(col, c.lowercase, c.ignore_punctuation).alias(f"_key{i}") for i, col in enumerate(c.columns)]
         key_names = [f"_key{i}" for i in range(len(c.columns))]
@@ -54,8 +54,7 @@ class ExactDedup(GlobalStep):
         first = pl.col("_position").min().over(key_names)
         kept_text = pl.col(c.columns[0]).cast(pl.String).gather(first)
         is_copy = first != pl.col("_position")
-        out = with_keys.with_columns(pl.when(is_copy).then(kept_text).otherwise(None).alias("_duplicate_of"),
-                                     pl.when(is_copy).then(pl.lit("duplicate")).otherwise(None).cast(pl.String)
-                                     .alias(DROP))
-        self.report = {"duplicates": int(out[DROP].is_not_null().sum())}
-        return out.drop(["_position", *key_names])
+        verdicts = with_keys.select(pl.when(is_copy).then(kept_text).otherwise(None).alias("_duplicate_of"),
+                                    pl.when(is_copy).then(pl.lit("duplicate")).alias("reason"))
+        ctx.report["duplicates"] = int(verdicts["reason"].is_not_null().sum())
+        return verdicts

@@ -33,7 +33,8 @@ from scipy.sparse.csgraph import connected_components
 
 from factory.config import option
 from factory.errors import FactoryError
-from factory.steps.base import DROP, DROP_DETAIL, GlobalStep
+from factory.llm.base import fingerprint
+from factory.steps.base import StepContext, TableFilter
 
 REASON = "near_duplicate"
 DUPLICATE_OF = "_duplicate_of"  # internal: shown as `duplicate_of` in rejected/ only
@@ -85,7 +86,7 @@ class MinHashConfig:
         return problems
 
 
-class MinHashFilter(GlobalStep):
+class MinHashFilter(TableFilter):
     """Drops near-duplicate rows, keeping the first row of each group of near-duplicates.
 
     Two rows are near-duplicates when the Jaccard similarity of their shingle sets (word
@@ -115,120 +116,140 @@ class MinHashFilter(GlobalStep):
 
     def fingerprint(self) -> str:
         # Token hashes come from polars, which keeps them stable only within a version.
-        from factory.llm.base import fingerprint
-
         return fingerprint([super().fingerprint(), pl.__version__])
 
     def text_columns(self) -> list[str]:
         return list(self.config.columns) if self.config.columns else [self.config.column]
 
-    def process(self, table: pl.DataFrame) -> pl.DataFrame:
-        self.progress.reset(total=table.height)
-        return self.combine(table, [self.partial(table)])
+    def keep(self, table: pl.DataFrame, ctx: StepContext) -> pl.DataFrame:
+        ctx.progress.reset(total=table.height)
+        return self.verdicts(table, [self.partial(table, ctx.progress)], ctx)
 
-    def partial(self, rows: pl.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    def partial(self, rows: pl.DataFrame, progress=None) -> tuple[np.ndarray, np.ndarray]:
         """The LSH band keys of ``rows`` and whether each row has shingles (row-parallel)."""
         self._check_text_columns(rows)
         bands, rows_per_band = lsh_parameters(self.config.threshold, self.config.num_perm)
-        texts = rows.select(self._text()).to_series()
+        texts = rows.select(text_of(self.text_columns(), self.config.lowercase)).to_series()
         band_keys = np.empty((len(texts), bands), dtype=np.uint64)
         has_shingles = np.zeros(len(texts), dtype=bool)
-        for chunk, signatures, counts in self._signatures(texts):
+        for chunk, signatures, counts in signatures_of(texts, self.config):
             band_keys[chunk] = lsh_band_keys(signatures, bands, rows_per_band)
             has_shingles[chunk] = counts > 0
-            self.progress.update(len(counts))
+            if progress is not None:
+                progress.update(len(counts))
         return band_keys, has_shingles
 
-    def combine(self, table: pl.DataFrame, partials: list) -> pl.DataFrame:
-        """Candidate pairs from the band keys of every row, verification, then components."""
-        c = self.config
+    def combine(self, table: pl.DataFrame, partials: list, ctx: StepContext | None = None) -> pl.DataFrame:
+        return self.apply(table, self.verdicts(table, partials, ctx or StepContext()))
+
+    def verdicts(self, table: pl.DataFrame, partials: list, ctx: StepContext) -> pl.DataFrame:
+        """Each row's verdict from the band keys of every row (the partials, in order)."""
         self._check_text_columns(table)
-        bands, rows_per_band = lsh_parameters(c.threshold, c.num_perm)
-        texts = table.select(self._text()).to_series()
-        band_keys = np.concatenate([p[0] for p in partials]) if partials else np.empty((0, bands), np.uint64)
-        has_shingles = np.concatenate([p[1] for p in partials]) if partials else np.empty(0, bool)
-        left, right = candidate_pairs(band_keys, np.flatnonzero(has_shingles))
-        candidates = len(left)
-
-        # The signatures again, of the rows in some pair only: keeping every row's from the
-        # first pass would cost num_perm x 4 bytes a row (512 MB a million rows at 128).
-        involved = np.unique(np.concatenate([left, right]))
-        signatures = np.empty((len(involved), c.num_perm), dtype=np.uint32)
-        for rows, chunk, _ in self._signatures(texts.gather(involved)):
-            signatures[rows] = chunk
-
-        def estimated_jaccard(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-            return agreement(signatures, np.searchsorted(involved, x), np.searchsorted(involved, y))
-
-        if c.verify:
-            keep = estimated_jaccard(left, right) >= c.threshold
-            left, right = left[keep], right[keep]
-        first = first_of_component(len(texts), left, right)
+        texts = table.select(text_of(self.text_columns(), self.config.lowercase)).to_series()
+        first, similarity, report = near_duplicates(texts, partials, self.config)
+        ctx.report.update(report)
         dropped = first != np.arange(len(texts))
-        # Through transitive links a dropped row may be further from its kept row than
-        # `threshold`: the detail says how far, for whoever reads the rejected rows.
-        similarity = np.zeros(len(texts))
-        similarity[dropped] = estimated_jaccard(np.flatnonzero(dropped), first[dropped])
         kept_text = table[self.text_columns()[0]].cast(pl.String).gather(first)
-        marks = pl.DataFrame({"dropped": dropped, "first": first, "similarity": similarity,
-                              "kept_text": kept_text}).select(
-            pl.when("dropped").then(pl.lit(REASON)).alias(DROP),
+        return pl.DataFrame({"dropped": dropped, "first": first, "similarity": similarity,
+                             "kept_text": kept_text}).select(
+            pl.when("dropped").then(pl.lit(REASON)).alias("reason"),
             pl.when("dropped").then(pl.format("estimated Jaccard {} with the kept row (position {} in the step's "
-                                              "input)", pl.col("similarity").round(2), "first")).alias(DROP_DETAIL),
+                                              "input)", pl.col("similarity").round(2), "first")).alias("detail"),
             pl.when("dropped").then(pl.col("kept_text")).alias(DUPLICATE_OF),
         )
-        sizes = np.bincount(first, minlength=len(texts))
-        self.report = {"clusters": int(np.count_nonzero(sizes > 1)), "dropped": int(dropped.sum()),
-                       "bands": bands, "rows_per_band": rows_per_band,
-                       "candidate_pairs": candidates, "verified_pairs": len(left)}
-        return table.with_columns(marks.get_columns())
 
     def _check_text_columns(self, table: pl.DataFrame) -> None:
         for name in self.text_columns():
             if table.schema[name] not in (pl.String, pl.Null):  # Null: a column with no value at all
-                raise FactoryError(f"steps[{self.index}].{self.name}: column '{name}' holds {table.schema[name]}, "
+                raise FactoryError(f"{self.label}: column '{name}' holds {table.schema[name]}, "
                                    "not text; point `column` (or `columns`) at text columns")
 
-    def _text(self) -> pl.Expr:
-        """One text per row: the columns joined by newlines, lowercased if asked."""
-        parts = [pl.col(name).cast(pl.String) for name in self.text_columns()]
-        text = parts[0] if len(parts) == 1 else pl.concat_str(parts, separator="\n", ignore_nulls=True)
-        return text.str.to_lowercase() if self.config.lowercase else text
 
-    def _tokens(self, texts: pl.Series) -> pl.Series:
-        if self.config.shingle == "word":
-            return texts.str.extract_all(r"\w+")
-        return texts.str.replace_all(r"\s+", " ").str.strip_chars().str.split("")
+def near_duplicates(texts: pl.Series, partials: list, c: MinHashConfig) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Candidate pairs from the band keys of every row, verification, then components.
 
-    def _signatures(self, texts: pl.Series) -> Iterator[tuple[slice, np.ndarray, np.ndarray]]:
-        """The MinHash signatures of ``texts``, chunk by chunk and in order.
+    Returns:
+        For each row the first row of its group of near-duplicates (itself if it has none),
+        its estimated Jaccard similarity with that row, and what the manifest reports.
+    """
+    bands, rows_per_band = lsh_parameters(c.threshold, c.num_perm)
+    band_keys = np.concatenate([p[0] for p in partials]) if partials else np.empty((0, bands), np.uint64)
+    has_shingles = np.concatenate([p[1] for p in partials]) if partials else np.empty(0, bool)
+    left, right = candidate_pairs(band_keys, np.flatnonzero(has_shingles))
+    candidates = len(left)
+    estimated_jaccard = pair_similarity(texts, left, right, c)
+    if c.verify:
+        keep = estimated_jaccard(left, right) >= c.threshold
+        left, right = left[keep], right[keep]
+    first = first_of_component(len(texts), left, right)
+    dropped = first != np.arange(len(texts))
+    # Through transitive links a dropped row may be further from its kept row than
+    # `threshold`: the detail says how far, for whoever reads the rejected rows.
+    similarity = np.zeros(len(texts))
+    similarity[dropped] = estimated_jaccard(np.flatnonzero(dropped), first[dropped])
+    sizes = np.bincount(first, minlength=len(texts))
+    return first, similarity, {"clusters": int(np.count_nonzero(sizes > 1)), "dropped": int(dropped.sum()),
+                               "bands": bands, "rows_per_band": rows_per_band, "candidate_pairs": candidates,
+                               "verified_pairs": len(left)}
 
-        Chunks are hashed on a few threads (numpy and polars release the GIL); no more
-        than two a thread are in flight, so memory stays bounded.
 
-        Yields:
-            The chunk's rows, their signatures (rows x num_perm, uint32; all 0xFFFFFFFF
-            for a row without shingles), and their numbers of shingles.
-        """
-        c = self.config
-        a, b = permutations(c.num_perm, c.seed)
+def text_of(columns: list[str], lowercase: bool) -> pl.Expr:
+    """One text per row: the columns joined by newlines, lowercased if asked."""
+    parts = [pl.col(name).cast(pl.String) for name in columns]
+    text = parts[0] if len(parts) == 1 else pl.concat_str(parts, separator="\n", ignore_nulls=True)
+    return text.str.to_lowercase() if lowercase else text
 
-        def sign(rows: slice):
-            chunk = texts[rows]
-            counts, shingles = shingle_hashes(self._tokens(chunk), c.ngram, c.seed)
-            signatures = np.full((len(chunk), c.num_perm), _MAX32, dtype=np.uint32)
-            minhash(shingles, counts, a, b, out=signatures)
-            return rows, signatures, counts
 
-        workers = min(4, os.cpu_count() or 1)
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            pending: deque = deque()
-            for rows in chunks(texts.str.len_bytes().fill_null(0).to_numpy()):
-                pending.append(pool.submit(sign, rows))
-                if len(pending) > 2 * workers:
-                    yield pending.popleft().result()
-            while pending:
+def tokens_of(texts: pl.Series, shingle: str) -> pl.Series:
+    """Each text's tokens: words (runs of letters and digits), or characters."""
+    if shingle == "word":
+        return texts.str.extract_all(r"\w+")
+    return texts.str.replace_all(r"\s+", " ").str.strip_chars().str.split("")
+
+
+def pair_similarity(texts: pl.Series, left: np.ndarray, right: np.ndarray, config: MinHashConfig):
+    """A function giving the estimated Jaccard similarity of pairs of rows among ``left`` and
+    ``right``. The signatures are computed again, of the rows in some pair only: keeping every
+    row's from the first pass would cost num_perm x 4 bytes a row (512 MB a million rows at 128)."""
+    involved = np.unique(np.concatenate([left, right]))
+    signatures = np.empty((len(involved), config.num_perm), dtype=np.uint32)
+    for rows, chunk, _ in signatures_of(texts.gather(involved), config):
+        signatures[rows] = chunk
+
+    def estimated_jaccard(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        return agreement(signatures, np.searchsorted(involved, x), np.searchsorted(involved, y))
+
+    return estimated_jaccard
+
+
+def signatures_of(texts: pl.Series, config: MinHashConfig) -> Iterator[tuple[slice, np.ndarray, np.ndarray]]:
+    """The MinHash signatures of ``texts``, chunk by chunk and in order.
+
+    Chunks are hashed on a few threads (numpy and polars release the GIL); no more
+    than two a thread are in flight, so memory stays bounded.
+
+    Yields:
+        The chunk's rows, their signatures (rows x num_perm, uint32; all 0xFFFFFFFF
+        for a row without shingles), and their numbers of shingles.
+    """
+    a, b = permutations(config.num_perm, config.seed)
+
+    def sign(rows: slice):
+        chunk = texts[rows]
+        counts, shingles = shingle_hashes(tokens_of(chunk, config.shingle), config.ngram, config.seed)
+        signatures = np.full((len(chunk), config.num_perm), _MAX32, dtype=np.uint32)
+        minhash(shingles, counts, a, b, out=signatures)
+        return rows, signatures, counts
+
+    workers = min(4, os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        pending: deque = deque()
+        for rows in chunks(texts.str.len_bytes().fill_null(0).to_numpy()):
+            pending.append(pool.submit(sign, rows))
+            if len(pending) > 2 * workers:
                 yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
 
 
 def chunks(text_bytes: np.ndarray) -> list[slice]:

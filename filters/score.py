@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import polars as pl
 
 from factory.config import option
-from factory.steps.base import DROP, GlobalStep
+from factory.steps.base import StepContext, TableFilter
 
 
 @dataclass
@@ -33,7 +33,7 @@ class ScoreConfig:
         return []
 
 
-class ScoreFilter(GlobalStep):
+class ScoreFilter(TableFilter):
     """Keeps rows by their judge score -- the verifier-filtering of "Mind the Gap".
 
     ``min``/``max`` are thresholds; ``top_quantile`` keeps rows at or above the
@@ -60,7 +60,7 @@ class ScoreFilter(GlobalStep):
             return c.group_by
         return None
 
-    def process(self, table: pl.DataFrame) -> pl.DataFrame:
+    def keep(self, table: pl.DataFrame, ctx: StepContext) -> pl.DataFrame:
         c = self.config
         value = pl.col(c.column).cast(pl.Float64, strict=False)
         work = table.with_row_index("_position").with_columns(value.alias("_score"))
@@ -80,5 +80,4 @@ class ScoreFilter(GlobalStep):
             key = pl.when(missing).then(float("inf")).otherwise(-pl.col("_score"))
             order = pl.struct(key, pl.col("_position")).rank("ordinal")
             reason = reason.when(over(order) > c.top_k).then(pl.lit("not_top_k"))
-        out = work.with_columns(reason.otherwise(None).cast(pl.String).alias(DROP))
-        return out.drop("_position", "_score")
+        return work.select(reason.otherwise(None).alias("reason"))

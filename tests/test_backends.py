@@ -62,14 +62,16 @@ def test_transformers_generation_leaves_autograd_on_for_training_in_the_same_pro
 
 
 def test_transformers_reports_progress_per_generate_call_through_the_client(tiny_model_dir):
-    from factory.llm.client import LLMClient
+    from factory.llm.requests import LLMClient
 
     backend = TransformersBackend(TransformersConfig(model=str(tiny_model_dir), batch_size=2))
     client, answered = LLMClient(backend), []
     client.on_progress = answered.append
     client.chat([[{"role": "user", "content": f"q{i}"}] for i in range(5)], GenerationParams(max_tokens=2))
     assert answered == [2, 2, 1]
-    assert backend.on_progress is None  # the callback lives only as long as the call
+    client.on_progress = None
+    client.chat([[{"role": "user", "content": "again"}]], GenerationParams(max_tokens=2))
+    assert answered == [2, 2, 1]  # the callback lives only as long as the client has it
     backend.close()
 
 

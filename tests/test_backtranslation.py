@@ -19,13 +19,15 @@ import pytest
 
 from factory.build import run_recipe
 from factory.cache import Cache
+from factory.driver import Driver
 from factory.errors import ParseError, RecipeError
 from factory.llm import ScriptedBackend, ScriptedConfig, create_backend
-from factory.llm.client import LLMClient
+from factory.llm.requests import LLMClient
 from factory.recipe import load_recipe, recipe_from_text
-from factory.runner import LocalRunner
-from factory.steps.backtranslation import clean_instruction, split_rating, split_segments
-from factory.steps.base import DROP, DROP_DETAIL, RAW_REPLY
+from factory.steps.backtranslation.instructions import clean_instruction
+from factory.steps.backtranslation.segments import split_segments
+from factory.steps.backtranslation.self_curate import split_rating
+from factory.steps.base import DROP, DROP_DETAIL, RAW_REPLY, StepContext
 from factory.store import read_version
 
 from .conftest import ROOT
@@ -42,9 +44,8 @@ def recipe_text(steps: str, source: str = f"{{path: {DOCUMENTS}}}", name: str = 
 
 def step_from(write_recipe, steps: str, reply_fn, index: int = 0, **kwargs):
     recipe = load_recipe(write_recipe(recipe_text(steps, **kwargs)))
-    step = recipe.steps[index]
-    step.llm = LLMClient(ScriptedBackend(ScriptedConfig(), reply_fn=reply_fn))
-    return recipe, step
+    ctx = StepContext(llm=LLMClient(ScriptedBackend(ScriptedConfig(), reply_fn=reply_fn)))
+    return recipe, recipe.steps[index], ctx
 
 
 def segment_of(conversation) -> str:
@@ -89,10 +90,10 @@ def test_lists_and_code_keep_their_lines():
 
 
 def test_documents_become_segments_with_lineage(write_recipe):
-    recipe, step = step_from(write_recipe, "- backtranslate: {max_words: 80}\n",
-                             lambda conv, k: " What does this section explain about " + segment_of(conv).split()[1] + "?")
+    recipe, step, ctx = step_from(write_recipe, "- backtranslate: {max_words: 80}\n",
+                                  lambda conv, k: " What does this section explain about " + segment_of(conv).split()[1] + "?")
     docs = recipe.source.read()
-    out = step.process(docs)
+    out = step.process(docs, ctx)
     assert dropped(out).height == 0
     assert out.height == sum(len(split_segments(t, 80)) for t in docs["text"]) > docs.height
     assert "text" not in out.columns  # the segment is in `response`
@@ -108,8 +109,8 @@ def test_documents_become_segments_with_lineage(write_recipe):
 
 
 def test_prompt_shows_the_segment_and_title_and_prefills_the_question(write_recipe):
-    recipe, step = step_from(write_recipe, "- backtranslate: {max_words: 80}\n", lambda conv, k: "")
-    row = step.segments(recipe.source.read().row(3, named=True))[1]
+    recipe, step, _ = step_from(write_recipe, "- backtranslate: {max_words: 80}\n", lambda conv, k: "")
+    row = step.expand(recipe.source.read().row(3, named=True))[1]
     conversation = step.build_messages(row)
     assert conversation[-1] == {"role": "assistant", "content": "Question:"}
     assert conversation[0]["content"] == (f"Text:\n{row['response']}\n\n"
@@ -121,9 +122,9 @@ def test_jsonl_texts_without_ids_get_ids_from_their_text(write_recipe, tmp_path)
     rows = [{"body": "Tea is brewed from leaves."}, {"body": "Tea is brewed from leaves."}, {"body": "  "},
             {"body": "Coffee is brewed from roasted beans."}]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    _, step = step_from(write_recipe, "- backtranslate: {column: body}\n", lambda conv, k: " Explain how tea is made.",
-                        source=f"{{path: {path}}}")
-    out = step.process(pl.read_ndjson(path))
+    _, step, ctx = step_from(write_recipe, "- backtranslate: {column: body}\n",
+                             lambda conv, k: " Explain how tea is made.", source=f"{{path: {path}}}")
+    out = step.process(pl.read_ndjson(path), ctx)
     good = kept(out)
     assert good["doc_id"][0] == good["doc_id"][1] != good["doc_id"][2]
     assert good["parent"].to_list() == good["doc_id"].to_list()  # unsplit: the parent is the document
@@ -189,7 +190,7 @@ def fewshot_step(tmp_path_factory):
     recipe = recipe_from_text(recipe_text(f"- backtranslate: {{max_words: 80, examples_from: {path}}}\n"),
                               base_dir=ROOT)
     step = recipe.steps[0]
-    return step, {r["parent"]: r for doc in recipe.source.read().iter_rows(named=True) for r in step.segments(doc)}
+    return step, {r["parent"]: r for doc in recipe.source.read().iter_rows(named=True) for r in step.expand(doc)}
 
 
 def parse_recorded(record: dict, fewshot_step) -> str:
@@ -286,8 +287,8 @@ def rate(conversation, k):
 
 
 def test_curation_keeps_pairs_at_or_above_min_score_and_says_why_others_went(write_recipe):
-    _, step = step_from(write_recipe, "- backtranslate: {}\n- self_curate: {}\n", rate, index=1)
-    out = step.process(pl.DataFrame({"instruction": list(RATINGS), "response": ["text"] * len(RATINGS)}))
+    _, step, ctx = step_from(write_recipe, "- backtranslate: {}\n- self_curate: {}\n", rate, index=1)
+    out = step.process(pl.DataFrame({"instruction": list(RATINGS), "response": ["text"] * len(RATINGS)}), ctx)
     good = kept(out)
     assert good["instruction"].to_list() == ["q5", "q4"]
     assert good["curation_score"].to_list() == [5.0, 4.0]
@@ -306,9 +307,9 @@ def test_curation_keeps_pairs_at_or_above_min_score_and_says_why_others_went(wri
 
 def test_curation_asks_for_the_missing_score_only_when_told_to(write_recipe):
     asked = []
-    _, step = step_from(write_recipe, "- backtranslate: {}\n- self_curate: {force_score: false, min_score: 3}\n",
-                        lambda conv, k: asked.append(conv) or rate(conv, k), index=1)
-    out = step.process(pl.DataFrame({"instruction": list(RATINGS), "response": ["text"] * len(RATINGS)}))
+    _, step, ctx = step_from(write_recipe, "- backtranslate: {}\n- self_curate: {force_score: false, min_score: 3}\n",
+                             lambda conv, k: asked.append(conv) or rate(conv, k), index=1)
+    out = step.process(pl.DataFrame({"instruction": list(RATINGS), "response": ["text"] * len(RATINGS)}), ctx)
     assert len(asked) == len(RATINGS)
     assert kept(out)["instruction"].to_list() == ["q5", "q4", "q3"]
     assert dict(zip(dropped(out)["instruction"], dropped(out)[DROP])) == {
@@ -316,7 +317,7 @@ def test_curation_asks_for_the_missing_score_only_when_told_to(write_recipe):
 
 
 def test_curation_prompt_carries_the_rubric_and_asks_for_reasoning_first(write_recipe):
-    _, step = step_from(write_recipe, "- backtranslate: {}\n- self_curate: {}\n", lambda conv, k: "", index=1)
+    _, step, _ = step_from(write_recipe, "- backtranslate: {}\n- self_curate: {}\n", lambda conv, k: "", index=1)
     prompt = step.build_messages({"instruction": "What is a starter?", "response": "A culture of yeasts."})[-1]["content"]
     assert "Instruction: What is a starter?\n\nAnswer: A culture of yeasts." in prompt
     assert all(f"\n{n}: " in prompt for n in range(1, 6))
@@ -333,26 +334,26 @@ def first_and_second_pass(write_recipe, tmp_path, second_options: str = ""):
     steps = "steps:\n  - backtranslate: {max_words: 80}\n  - self_curate: {min_score: 1}\n"
     first = write_recipe(f"name: bt\nseed: 3\n{llm}source: {{path: {DOCUMENTS}}}\n{steps}", name="first.yaml")
     v1, manifest, _ = run_recipe(load_recipe(first), tmp_path / "out",
-                                 runner=LocalRunner(Cache(tmp_path / "cache"), progress=False))
+                                 driver=Driver(Cache(tmp_path / "cache"), progress=False))
     prompts: list[list] = []
 
     def recording_backend(config):
         backend = create_backend(config)
-        chat = backend.chat
+        generate = backend.generate
 
-        def recording_chat(conversations, params):
-            prompts.extend(conversations)
-            return chat(conversations, params)
+        def recording_generate(requests, on_reply=None):
+            prompts.extend(request.messages for request in requests)
+            return generate(requests, on_reply)
 
-        backend.chat = recording_chat
+        backend.generate = recording_generate
         return backend
 
     second = write_recipe(f"name: bt\nseed: 3\n{llm}source: {{path: {DOCUMENTS}}}\nsteps:\n"
                           f"  - backtranslate: {{max_words: 80, examples_from: {v1}{second_options}}}\n",
                           name="second.yaml")
     v2, manifest2, _ = run_recipe(load_recipe(second), tmp_path / "out",
-                                  runner=LocalRunner(Cache(tmp_path / "cache"), progress=False,
-                                                     backend_factory=recording_backend))
+                                  driver=Driver(Cache(tmp_path / "cache"), progress=False,
+                                                backend_factory=recording_backend))
     return v1, v2, prompts
 
 
@@ -379,8 +380,8 @@ def test_demonstrations_are_deterministic_per_seed_and_row(write_recipe, tmp_pat
     v1, _, prompts = first_and_second_pass(write_recipe, tmp_path)
     source = f"{{path: {DOCUMENTS}}}"
     steps = f"- backtranslate: {{max_words: 80, examples_from: {v1}, examples: 3}}\n"
-    recipe, step = step_from(write_recipe, steps, lambda conv, k: "")
-    rows = [s for row in recipe.source.read().iter_rows(named=True) for s in step.segments(row)]
+    recipe, step, _ = step_from(write_recipe, steps, lambda conv, k: "")
+    rows = [s for row in recipe.source.read().iter_rows(named=True) for s in step.expand(row)]
     again = load_recipe(write_recipe(recipe_text(steps, source=source))).steps[0]
     other_seed = load_recipe(write_recipe(recipe_text(steps, source=source).replace("seed: 3", "seed: 4"))).steps[0]
     assert [step.demonstrations(r) for r in rows] == [again.demonstrations(r) for r in rows]
@@ -392,8 +393,8 @@ def test_demonstrations_are_deterministic_per_seed_and_row(write_recipe, tmp_pat
 def test_examples_from_a_jsonl_file_and_its_generation(write_recipe, tmp_path):
     path = tmp_path / "pairs.jsonl"
     path.write_text(json.dumps({"instruction": "What is yeast?", "response": "A fungus.", "generation": 2}) + "\n")
-    _, step = step_from(write_recipe, f"- backtranslate: {{examples_from: {path}}}\n", lambda conv, k: " Why is it?")
-    out = step.process(pl.DataFrame({"doc_id": ["a"], "text": ["Bread rises because yeast makes gas."]}))
+    _, step, ctx = step_from(write_recipe, f"- backtranslate: {{examples_from: {path}}}\n", lambda conv, k: " Why is it?")
+    out = step.process(pl.DataFrame({"doc_id": ["a"], "text": ["Bread rises because yeast makes gas."]}), ctx)
     assert out.select("operation", "generation").row(0) == ("backtranslate_fewshot", 3)
     assert "Text:\nA fungus.\n\nQuestion: What is yeast?" in step.build_messages(kept(out).row(0, named=True))[0]["content"]
 
@@ -401,8 +402,9 @@ def test_examples_from_a_jsonl_file_and_its_generation(write_recipe, tmp_path):
 def test_an_instruction_copied_from_a_demonstration_is_dropped(write_recipe, tmp_path):
     path = tmp_path / "pairs.jsonl"
     path.write_text(json.dumps({"instruction": "What is yeast?", "response": "A fungus."}) + "\n")
-    _, step = step_from(write_recipe, f"- backtranslate: {{examples_from: {path}}}\n", lambda conv, k: ' "what is yeast?"')
-    out = step.process(pl.DataFrame({"doc_id": ["a"], "text": ["Bread rises because yeast makes gas."]}))
+    _, step, ctx = step_from(write_recipe, f"- backtranslate: {{examples_from: {path}}}\n",
+                             lambda conv, k: ' "what is yeast?"')
+    out = step.process(pl.DataFrame({"doc_id": ["a"], "text": ["Bread rises because yeast makes gas."]}), ctx)
     assert dropped(out).select(DROP, RAW_REPLY).row(0) == ("copied_example", ' "what is yeast?"')
 
 
@@ -477,13 +479,12 @@ def record_replies() -> dict:
         conversations = [step.build_messages(r) for r in rows]
         completions = backend.chat(conversations, params)
         if step.name == "self_curate":  # what the step parses: the reasoning, continued from "Score:" if need be
-            step.llm = LLMClient(backend)
-            completions = step.complete_scores(conversations, completions)
+            completions = LLMClient(backend).run(step.complete_scores(conversations, completions))
         return [c.texts[0] for c in completions]
 
     recipe = recipe_from_text(recipe_text("- backtranslate: {max_words: 80}\n- self_curate: {}\n"), base_dir=ROOT)
     backtranslate, curate = recipe.steps
-    rows = [s for doc in recipe.source.read().iter_rows(named=True) for s in backtranslate.segments(doc)]
+    rows = [s for doc in recipe.source.read().iter_rows(named=True) for s in backtranslate.expand(doc)]
     records: dict = {"model": "SmolLM2-135M-Instruct (embedded)", "documents": "data/documents", "max_words": 80,
                      "backtranslate": [], "self_curate": []}
     greedy = ask(backtranslate, rows)

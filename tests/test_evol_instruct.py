@@ -14,12 +14,12 @@ import pytest
 from factory.config import build
 from factory.errors import ParseError, RecipeError
 from factory.llm import ScriptedBackend, ScriptedConfig
-from factory.llm.client import LLMClient
+from factory.llm.requests import LLMClient
 from factory.recipe import load_recipe
-from factory.steps.base import DROP, DROP_DETAIL
+from factory.steps.base import DROP, DROP_DETAIL, StepContext
 from factory.steps.evol_instruct import (BREADTH_PREFILL, DEPTH_OPERATIONS, DEPTH_PREFILL, EQUALITY_PREFILL,
-                                         OPERATIONS, EvolInstruct, EvolInstructConfig, clean_instruction,
-                                         is_apologetic, is_empty_response, parse_equality)
+                                         OPERATIONS, EvolInstruct, EvolInstructConfig, clean_instruction)
+from factory.steps.evol_rules import is_apologetic, is_empty_response, parse_equality
 
 from .conftest import ROOT, SEEDS
 
@@ -50,13 +50,19 @@ def fake_model(conv, k):
     return "A helpful answer with several words in it."
 
 
-def make_step(reply_fn=fake_model, seed=3, **options):
+def make_step(seed=3, **options) -> EvolInstruct:
     problems = []
     config = build(EvolInstructConfig, options, ("steps", 0, "evol_instruct"), problems)
     assert not problems, problems
-    step = EvolInstruct(config, index=0, seed=seed)
-    step.llm = LLMClient(ScriptedBackend(ScriptedConfig(), reply_fn=reply_fn))
-    return step
+    return EvolInstruct(config, index=0, seed=seed)
+
+
+def scripted(reply_fn=fake_model) -> LLMClient:
+    return LLMClient(ScriptedBackend(ScriptedConfig(), reply_fn=reply_fn))
+
+
+def evolve(table: pl.DataFrame, reply_fn=fake_model, seed=3, **options) -> pl.DataFrame:
+    return make_step(seed, **options).process(table, StepContext(llm=scripted(reply_fn)))
 
 
 def seeds(n=None) -> pl.DataFrame:
@@ -72,9 +78,8 @@ def kept(out: pl.DataFrame) -> pl.DataFrame:
 
 def test_operations_are_drawn_by_weight_and_zero_is_never_used():
     sent = []
-    step = make_step(lambda conv, k: sent.append(conv) or fake_model(conv, k),
-                     operations={"add_constraints": 3, "deepen": 0, "breadth": 1}, generations=1)
-    out = kept(step.process(seeds()))
+    out = kept(evolve(seeds(), lambda conv, k: sent.append(conv) or fake_model(conv, k),
+                      operations={"add_constraints": 3, "deepen": 0, "breadth": 1}, generations=1))
     counts = Counter(out["operation"])
     assert set(counts) == {"add_constraints", "breadth"}
     assert counts["add_constraints"] > counts["breadth"] > 0
@@ -85,7 +90,7 @@ def test_operations_are_drawn_by_weight_and_zero_is_never_used():
 
 def test_lineage_across_two_generations():
     table = seeds(8)
-    everything = make_step(generations=2).process(table)
+    everything = evolve(table, generations=2)
     out = kept(everything)
     first, second = out.filter(pl.col("generation") == 1), out.filter(pl.col("generation") == 2)
     assert first.height == second.height == 8
@@ -102,16 +107,16 @@ def test_lineage_across_two_generations():
 
 
 def test_every_llm_call_of_a_generation_is_one_batch():
-    step = make_step(generations=2)
-    step.process(seeds(6))
-    assert step.llm.backend.calls == 6  # (evolve, equality, answer) x 2 generations
-    assert step.llm.usage.conversations == 6 * 3 * 2
+    client = scripted()
+    make_step(generations=2).process(seeds(6), StepContext(llm=client))
+    assert client.backend.calls == 6  # (evolve, equality, answer) x 2 generations
+    assert client.usage.conversations == 6 * 3 * 2
 
 
 def test_same_seed_same_rows_other_seed_other_operations():
-    first = make_step(seed=5).process(seeds(12))
-    again = make_step(seed=5).process(seeds(12))
-    other = make_step(seed=6).process(seeds(12))
+    first = evolve(seeds(12), seed=5)
+    again = evolve(seeds(12), seed=5)
+    other = evolve(seeds(12), seed=6)
     assert first.equals(again)
     assert first["operation"].to_list() != other["operation"].to_list()
 
@@ -129,9 +134,7 @@ def test_progress_counts_each_generation():
         def set_postfix_str(self, text, refresh=True):
             pass
 
-    step = make_step(generations=2)
-    step.progress = Bar()
-    step.process(seeds(5))
+    make_step(generations=2).process(seeds(5), StepContext(llm=scripted(), progress=Bar()))
     assert calls == [("reset", 5), ("update", 5), ("reset", 5), ("update", 5)]
 
 
@@ -167,7 +170,7 @@ def crafted_model(conv, k):
 
 def run_crafted(**options) -> dict:
     table = pl.DataFrame({"instruction": list(CRAFTED)})
-    out = make_step(crafted_model, operations={"add_constraints": 1}, generations=1, **options).process(table)
+    out = evolve(table, crafted_model, operations={"add_constraints": 1}, generations=1, **options)
     return {row["parent"]: row for row in out.iter_rows(named=True)}
 
 
@@ -190,21 +193,21 @@ def test_rules_can_be_switched_off():
 
 
 def test_without_responses_the_response_rules_are_skipped():
-    step = make_step(crafted_model, operations={"add_constraints": 1}, generations=1, respond=False)
-    out = step.process(pl.DataFrame({"instruction": list(CRAFTED)}))
+    step, client = make_step(operations={"add_constraints": 1}, generations=1, respond=False), scripted(crafted_model)
+    out = step.process(pl.DataFrame({"instruction": list(CRAFTED)}), StepContext(llm=client))
     assert "response" not in out.columns and "response" not in step.produces()
     assert set(kept(out)["parent"]) == {"Task sorry", "Task empty", "Task good"}
-    assert step.llm.backend.calls == 2  # evolve and equality only
+    assert client.backend.calls == 2  # evolve and equality only
 
 
 def test_unclear_equality_verdicts_keep_the_task_and_are_counted():
-    step = make_step(lambda conv, k: " Hmm." if kind_of(conv) == "equality" else fake_model(conv, k), generations=1)
-    out = step.process(seeds(4))
-    assert kept(out).height == 4 and step.report["equality_unclear"] == 4
+    ctx = StepContext(llm=scripted(lambda conv, k: " Hmm." if kind_of(conv) == "equality" else fake_model(conv, k)))
+    out = make_step(generations=1).process(seeds(4), ctx)
+    assert kept(out).height == 4 and ctx.report["equality_unclear"] == 4
 
 
 def test_max_rows_caps_the_kept_tasks():
-    out = make_step(generations=3, max_rows=5).process(seeds(4))
+    out = evolve(seeds(4), generations=3, max_rows=5)
     assert kept(out).height == 5
     assert out.filter(pl.col(DROP) == "over_quota").height == 3
     assert kept(out)["generation"].max() == 2  # the cap stops the run before generation 3
@@ -213,7 +216,7 @@ def test_max_rows_caps_the_kept_tasks():
 def test_keep_parents_outputs_generation_zero_with_answers():
     table = seeds(3).with_columns(pl.lit(None, dtype=pl.String).alias("response"))
     step = make_step(generations=1, keep_parents=True)
-    out = kept(step.process(table))
+    out = kept(step.process(table, StepContext(llm=scripted())))
     parents = out.filter(pl.col("generation") == 0)
     assert parents.height == 3 and set(parents["origin"]) == {"seed"}
     assert parents["parent"].null_count() == 3 and parents["response"].null_count() == 0
@@ -223,7 +226,7 @@ def test_keep_parents_outputs_generation_zero_with_answers():
 
 
 def test_rows_without_a_task_are_invalid_input():
-    out = make_step(generations=1).process(pl.DataFrame({"instruction": ["Name a bird.", None, "  "]}))
+    out = evolve(pl.DataFrame({"instruction": ["Name a bird.", None, "  "]}), generations=1)
     assert out.filter(pl.col(DROP) == "invalid_input").height == 2 and kept(out).height == 1
 
 
@@ -293,8 +296,7 @@ def replay(kind: str):
 
 def test_real_replies_through_the_elimination():
     parents = sorted({r["parent"] for r in REPLIES if r["kind"] == "breadth"})
-    out = make_step(replay("breadth"), operations={"breadth": 1}, generations=1).process(
-        pl.DataFrame({"instruction": parents}))
+    out = evolve(pl.DataFrame({"instruction": parents}), replay("breadth"), operations={"breadth": 1}, generations=1)
     def reason(parent_start):
         return next(row[DROP] for row in out.iter_rows(named=True) if row["parent"].startswith(parent_start))
 
@@ -303,8 +305,8 @@ def test_real_replies_through_the_elimination():
     assert reason("Write a short thank-you note") == "template_leak"  # the template's example
     assert reason("Maria has 3 boxes") == "parse_error"
     assert reason("Solve for x") is None
-    depth = make_step(replay("depth"), operations={"add_constraints": 1}, generations=1).process(
-        pl.DataFrame({"instruction": parents}))
+    depth = evolve(pl.DataFrame({"instruction": parents}), replay("depth"), operations={"add_constraints": 1},
+                   generations=1)
     leaks = depth.filter(pl.col(DROP) == "template_leak")
     assert "Sort these events in chronological order" in " ".join(leaks["parent"])
     assert all("fruit that is" in detail for detail in leaks[DROP_DETAIL])
@@ -417,19 +419,17 @@ def test_templates_from_files_beside_the_recipe(write_recipe, tmp_path):
     (tmp_path / "depth.j2").write_text("Harder, please ({{ operation }}): {{ instruction }}\n#Prompt#: {{ prompt }}")
     recipe = recipe_with(write_recipe, "{depth_template: depth.j2, operations: {concretize: 1}, generations: 1}")
     sent = []
-    step = recipe.steps[0]
-    step.llm = LLMClient(ScriptedBackend(ScriptedConfig(), reply_fn=lambda conv, k: sent.append(conv)
-                                         or fake_model(conv, k)))
-    step.process(seeds(1))
+    recipe.steps[0].process(seeds(1), StepContext(llm=scripted(lambda conv, k: sent.append(conv)
+                                                               or fake_model(conv, k))))
     assert sent[0][0]["content"] == (f"Harder, please (concretize): {DEPTH_OPERATIONS['concretize']}\n"
                                      f"#Prompt#: {seeds(1)['instruction'][0]}")
 
 
 def test_recipe_runs_on_the_scripted_backend(write_recipe):
-    from factory.runner import LocalRunner
+    from factory.driver import Driver
 
     recipe = recipe_with(write_recipe, "{generations: 2}")
-    result = LocalRunner(progress=False).run(recipe)
+    result = Driver(progress=False).run(recipe)
     assert result.table.height == 80 and set(result.table["generation"]) == {1, 2}
     assert result.table["instruction"].n_unique() == 80
     assert result.steps[0].report["kept_per_generation"] == {"1": 40, "2": 40}

@@ -14,7 +14,7 @@ import pytest
 
 from factory.cli import main
 from factory.errors import RecipeError
-from factory.evolve import Evolution
+from factory.evolve.loop import Evolution
 from factory.recipe import load_recipe
 from trainers.evaluate import distinct_n, gap_metrics, pass_at_k
 

@@ -11,8 +11,8 @@ from factory.build import run_recipe
 from factory.cache import Cache
 from factory.errors import RecipeError
 from factory.recipe import load_recipe
-from factory.runner import LocalRunner
-from factory.steps.base import DROP, DROP_DETAIL
+from factory.driver import Driver
+from factory.steps.base import DROP, DROP_DETAIL, StepContext
 from factory.store import read_version
 from filters.consistency import Consistency, ConsistencyConfig
 from filters.exact import ExactConfig, ExactDedup
@@ -47,13 +47,14 @@ def test_consistency_majority_vote():
         "prediction": ["14", "14.0", "13", None, "5", "6", "7", "8", "1", "2"],
         "sample": list(range(4)) * 2 + [0, 1]})
     step = Consistency(ConsistencyConfig(min_agreement=0.5))
-    out = step.process(table)
+    ctx = StepContext()
+    out = step.process(table, ctx)
     assert reasons(out) == [None, None, "minority_answer", "no_answer"] + ["low_agreement"] * 4 + [None, "minority_answer"]
     assert out["agreement"].to_list()[:4] == [0.5] * 4
     assert out["majority_answer"].to_list()[0] == "14"
     assert out["majority_answer"].to_list()[8] == "1"  # a 1-1 tie goes to the answer seen first
     assert out["instruction"].to_list() == table["instruction"].to_list()  # order kept
-    assert step.report == {"tasks": 3, "tasks_kept": 2}
+    assert ctx.report == {"tasks": 3, "tasks_kept": 2}
 
 
 def test_score_top_k_and_quantile_per_task():
@@ -104,13 +105,13 @@ def test_decontaminate_finds_long_and_short_overlaps_and_reports_them(write_reci
     eval_path = tmp_path / "eval.jsonl"
     eval_path.write_text("\n".join(json.dumps(e) for e in evals))
     recipe = decontaminate_recipe(write_recipe, eval_path, ", eval_id_column: id")
-    step = recipe.steps[0]
-    out = step.process(recipe.source.read())
+    step, ctx = recipe.steps[0], StepContext()
+    out = step.process(recipe.source.read(), ctx)
     dropped = out.filter(pl.col(DROP).is_not_null())
     assert dropped["id"].to_list() == ["seed-000", "seed-001"]
     assert dropped["_matched_eval"].to_list() == [["e-long"], ["e-short"]]
-    assert step.report["eval_items"] == 3 and step.report["eval_items_matched"] == 2
-    assert step.report["matched_eval_ids"] == ["e-long", "e-short"]
+    assert ctx.report["eval_items"] == 3 and ctx.report["eval_items_matched"] == 2
+    assert ctx.report["matched_eval_ids"] == ["e-long", "e-short"]
 
 
 def test_decontaminate_validates_its_eval_set(write_recipe, tmp_path):
@@ -159,7 +160,7 @@ steps:
 """)
     recipe = load_recipe(path)
     version, manifest, _ = run_recipe(recipe, tmp_path / "out",
-                                      runner=LocalRunner(Cache(tmp_path / "cache"), progress=False))
+                                      driver=Driver(Cache(tmp_path / "cache"), progress=False))
     steps = {s["name"]: s for s in manifest["steps"]}
     kept = read_version(version)
     assert steps["solve"]["rows_out"] == 28

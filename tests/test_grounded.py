@@ -17,17 +17,19 @@ import pytest
 
 from factory.build import run_recipe
 from factory.config import build
+from factory.driver import Driver
 from factory.errors import ParseError, RecipeError
 from factory.llm import ScriptedBackend, ScriptedConfig
-from factory.llm.client import LLMClient
+from factory.llm.requests import LLMClient
 from factory.recipe import load_recipe
-from factory.runner import LocalRunner
 from factory.sources import read_documents
-from factory.steps.base import DROP, RAW_REPLY
-from factory.steps.grounded import (DIFFICULTIES, QUESTION_TYPES, Chunk, ChunkConfig, GroundedAnswer,
-                                    GroundedAnswerConfig, Groundedness, GroundednessConfig, GroundedQuestions,
-                                    GroundedQuestionsConfig, clean_answer, clean_question, format_context,
-                                    markdown_sections, pack_section, parse_citations, parse_supported, passages_in)
+from factory.steps.base import DROP, RAW_REPLY, StepContext
+from factory.steps.grounded.chunk import Chunk, ChunkConfig, markdown_sections, pack_section
+from factory.steps.grounded.context import format_context, passages_in
+from factory.steps.grounded.grounded_answer import GroundedAnswer, GroundedAnswerConfig, clean_answer, parse_citations
+from factory.steps.grounded.grounded_questions import (DIFFICULTIES, QUESTION_TYPES, GroundedQuestions,
+                                                       GroundedQuestionsConfig, clean_question, plan_questions)
+from factory.steps.grounded.groundedness import Groundedness, GroundednessConfig, parse_supported
 
 from .conftest import ROOT
 
@@ -36,9 +38,9 @@ REPLIES = Path(__file__).parent / "data" / "grounded_replies.json"
 RECIPE = ROOT / "recipes" / "grounded_qa.yaml"
 
 
-def scripted(step, reply_fn):
-    step.llm = LLMClient(ScriptedBackend(ScriptedConfig(), reply_fn=reply_fn))
-    return step
+def scripted(reply_fn) -> StepContext:
+    """The context of a step whose model replies ``reply_fn(conversation, k)``."""
+    return StepContext(llm=LLMClient(ScriptedBackend(ScriptedConfig(), reply_fn=reply_fn)))
 
 
 def chunk_table(**options) -> pl.DataFrame:
@@ -132,9 +134,16 @@ def test_overlap_must_leave_room_for_new_text():
 
 # -- questions -------------------------------------------------------------------------------
 
-def question_step(reply_fn=None, seed=0, **options):
-    step = GroundedQuestions(GroundedQuestionsConfig(**options), seed=seed, index=1)
-    return scripted(step, reply_fn or (lambda conv, k: f" What does passage {len(conv[0]['content'])} say?"))
+def passage_question(conv, k):
+    return f" What does passage {len(conv[0]['content'])} say?"
+
+
+def question_step(seed=0, **options):
+    return GroundedQuestions(GroundedQuestionsConfig(**options), seed=seed, index=1)
+
+
+def ask_questions(table, reply_fn=passage_question, seed=0, **options) -> pl.DataFrame:
+    return question_step(seed, **options).process(table, scripted(reply_fn))
 
 
 def test_questions_carry_types_difficulties_context_and_lineage():
@@ -145,9 +154,9 @@ def test_questions_carry_types_difficulties_context_and_lineage():
         assert conv[-1] == {"role": "assistant", "content": "Question:"}
         return f" What is said in prompt {len(prompts)}?"
 
-    step = question_step(reply, questions_per_chunk=3)
+    step = question_step(questions_per_chunk=3)
     chunks = kept(chunk_table())
-    out = step.process(chunks)
+    out = step.process(chunks, scripted(reply))
     assert out.height == 3 * chunks.height and dropped(out) == {}
     assert set(out["question_type"]) == set(QUESTION_TYPES) and set(out["difficulty"]) == set(DIFFICULTIES)
     row = out.row(0, named=True)
@@ -167,7 +176,7 @@ def test_questions_carry_types_difficulties_context_and_lineage():
 
 
 def test_multi_hop_pairs_two_sections_of_the_same_document():
-    out = question_step(types={"multi_hop": 1.0}).process(kept(chunk_table()))
+    out = ask_questions(kept(chunk_table()), types={"multi_hop": 1.0})
     by_id = {c["chunk_id"]: c for c in kept(chunk_table()).to_dicts()}
     assert set(out["question_type"]) == {"multi_hop"}
     partners = []
@@ -179,27 +188,28 @@ def test_multi_hop_pairs_two_sections_of_the_same_document():
 
 
 def test_multi_hop_in_a_one_chunk_document_becomes_reasoning():
-    step = question_step(types=["multi_hop"])
-    out = step.process(Chunk(ChunkConfig()).process(pl.DataFrame({"doc_id": ["a.md"], "text": ["One short text."]})))
+    ctx = scripted(passage_question)
+    out = question_step(types=["multi_hop"]).process(
+        Chunk(ChunkConfig()).process(pl.DataFrame({"doc_id": ["a.md"], "text": ["One short text."]})), ctx)
     assert out.select("question_type", "chunk_ids").rows() == [("reasoning", ["a.md#0"])]
-    assert step.report == {"multi_hop_fallbacks": 1}
+    assert ctx.report == {"multi_hop_fallbacks": 1}
 
 
 def test_question_draws_are_deterministic_and_per_chunk():
     chunks = kept(chunk_table())
-    first = question_step(questions_per_chunk=2).process(chunks)
-    assert first.equals(question_step(questions_per_chunk=2).process(chunks))
-    other_seed = question_step(seed=1, questions_per_chunk=2).process(chunks)
+    first = ask_questions(chunks, questions_per_chunk=2)
+    assert first.equals(ask_questions(chunks, questions_per_chunk=2))
+    other_seed = ask_questions(chunks, seed=1, questions_per_chunk=2)
     assert first["question_type"].to_list() != other_seed["question_type"].to_list()
     # A chunk's draws do not depend on which other chunks are in the table.
-    alone = question_step(questions_per_chunk=2).process(chunks.filter(pl.col("doc_id") == "vaccines.md"))
+    alone = ask_questions(chunks.filter(pl.col("doc_id") == "vaccines.md"), questions_per_chunk=2)
     same = first.filter(pl.col("doc_id") == "vaccines.md")
     assert alone.select("question_type", "difficulty", "chunk_ids").equals(
         same.select("question_type", "difficulty", "chunk_ids"))
 
 
 def test_weights_pick_the_types_and_difficulties():
-    out = question_step(types={"factual": 1, "reasoning": 0}, difficulties=["hard"]).process(kept(chunk_table()))
+    out = ask_questions(kept(chunk_table()), types={"factual": 1, "reasoning": 0}, difficulties=["hard"])
     assert set(out["question_type"]) == {"factual"} and set(out["difficulty"]) == {"hard"}
 
 
@@ -207,8 +217,8 @@ def test_unparseable_and_repeated_questions_are_dropped():
     def reply(conv, k):
         return " What is this passage about?" if "Compound" in conv[0]["content"] else " I cannot help."
 
-    out = question_step(reply, questions_per_chunk=2, types=["factual"]).process(
-        kept(chunk_table()).filter(pl.col("doc_id").is_in(["compound-interest.md", "sourdough.md"])))
+    out = ask_questions(kept(chunk_table()).filter(pl.col("doc_id").is_in(["compound-interest.md", "sourdough.md"])),
+                        reply, questions_per_chunk=2, types=["factual"])
     assert dropped(out) == {"duplicate": 5, "parse_error": 10}
     assert kept(out).height == 5
     bad = out.filter(pl.col(DROP) == "parse_error").row(0, named=True)
@@ -312,7 +322,7 @@ def test_answers_cite_the_passages_or_are_dropped():
         prompts.append(conv)
         return next(replies)
 
-    out = scripted(GroundedAnswer(GroundedAnswerConfig()), reply).process(answer_rows())
+    out = GroundedAnswer(GroundedAnswerConfig()).process(answer_rows(), scripted(reply))
     assert kept(out).select("response", "citations").rows() == [
         ("According to [water-cycle.md#2], clouds form when vapour condenses.", ["water-cycle.md#2"]),
         ("According to [water-cycle.md#4] and [water-cycle.md#2], rain collects in rivers.",
@@ -327,15 +337,15 @@ def test_answers_cite_the_passages_or_are_dropped():
 
 def test_answers_without_a_prefill_and_too_short_ones():
     replies = iter(["Clouds form by condensation [water-cycle.md#2].", "[water-cycle.md#2] [water-cycle.md#4] Yes."])
-    step = scripted(GroundedAnswer(GroundedAnswerConfig(prefill=None)), lambda conv, k: next(replies))
-    out = step.process(answer_rows().head(2))
+    step = GroundedAnswer(GroundedAnswerConfig(prefill=None))
+    out = step.process(answer_rows().head(2), scripted(lambda conv, k: next(replies)))
     assert out["response"][0] == "Clouds form by condensation [water-cycle.md#2]."
     assert out[DROP].to_list() == [None, "parse_error"]
 
 
 def test_rows_whose_context_lacks_a_chunk_are_invalid():
     rows = answer_rows().head(1).with_columns(pl.Series("chunk_ids", [["water-cycle.md#3"]]))
-    out = scripted(GroundedAnswer(GroundedAnswerConfig()), lambda conv, k: "x").process(rows)
+    out = GroundedAnswer(GroundedAnswerConfig()).process(rows, scripted(lambda conv, k: "x"))
     assert out[DROP].to_list() == ["invalid_input"]
     assert "chunk 'water-cycle.md#3' has no passage in the context" in out["_drop_detail"][0]
 
@@ -371,7 +381,7 @@ def test_the_judge_sees_only_the_cited_passages_and_drops_unsupported_answers():
         return {"Question 0?": " yes", "Question 1?": " no", "Question 2?": " maybe"}[prompt.split("Question: ")[1]
                                                                                       .split("\n")[0]]
 
-    out = scripted(Groundedness(GroundednessConfig()), judge).process(rows)
+    out = Groundedness(GroundednessConfig()).process(rows, scripted(judge))
     assert out["grounded"].to_list() == [True, False, None]
     assert out[DROP].to_list() == [None, "ungrounded", "parse_error"]
     assert out["groundedness_judgement"][1] == "Supported: no"
@@ -383,9 +393,9 @@ def test_the_judge_sees_only_the_cited_passages_and_drops_unsupported_answers():
 def test_the_judge_can_reason_first():
     rows = answer_rows().head(1).with_columns(pl.Series("response", ["Clouds form [water-cycle.md#2]."]),
                                               pl.Series("citations", [["water-cycle.md#2"]]))
-    step = scripted(Groundedness(GroundednessConfig(reasoning=True)),
-                    lambda conv, k: "The passage says so.\nSupported: yes" if len(conv) == 1 else "prefilled")
-    out = step.process(rows)
+    step = Groundedness(GroundednessConfig(reasoning=True))
+    out = step.process(rows, scripted(lambda conv, k: "The passage says so.\nSupported: yes" if len(conv) == 1
+                                      else "prefilled"))
     assert out["groundedness_judgement"].to_list() == ["The passage says so.\nSupported: yes"]
     assert step.generation_params().max_tokens == 128
 
@@ -471,7 +481,7 @@ def test_the_recipe_runs_end_to_end_on_a_scripted_model(tmp_path):
     assert "backend: scripted" in recipe_text
     path = tmp_path / "grounded.yaml"
     path.write_text(recipe_text, encoding="utf-8")
-    version, manifest, _ = run_recipe(load_recipe(path), tmp_path / "out", runner=LocalRunner(progress=False))
+    version, manifest, _ = run_recipe(load_recipe(path), tmp_path / "out", driver=Driver(progress=False))
     counts = {s["name"]: (s["rows_in"], s["rows_out"]) for s in manifest["steps"]}
     chunks = counts["chunk"][1]
     assert counts["grounded_questions"] == (chunks, chunks) and manifest["rows"] == chunks
@@ -512,7 +522,7 @@ def record_replies(path: Path = REPLIES) -> None:
     chunks = kept(chunk_table()).to_dicts()
     by_id = {c["chunk_id"]: c for c in chunks}
     asker = GroundedQuestions(GroundedQuestionsConfig(questions_per_chunk=2, types=list(QUESTION_TYPES)), index=1)
-    plan = asker.plan(chunks)
+    plan, _ = plan_questions(chunks, asker.config, asker.seed, asker.index)
     completions = client.chat([asker.question_messages(item) for item in plan], asker.generation_params())
     questions = [{"chunk_ids": [p["chunk_id"] for p in item["passages"]], "question_type": item["question_type"],
                   "difficulty": item["difficulty"], "reply": c.texts[0]} for item, c in zip(plan, completions)]

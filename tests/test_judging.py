@@ -7,9 +7,9 @@ import pytest
 
 from factory.errors import ParseError, RecipeError
 from factory.llm import ScriptedBackend, ScriptedConfig
-from factory.llm.client import LLMClient
+from factory.llm.requests import LLMClient
 from factory.recipe import load_recipe
-from factory.steps.base import DROP, RAW_REPLY
+from factory.steps.base import DROP, RAW_REPLY, StepContext
 from factory.steps.judge import parse_verdict
 from factory.steps.pairwise import combine_orders, parse_winner
 
@@ -19,9 +19,7 @@ from .conftest import SCRIPTED_LLM, SEEDS
 def step_from(write_recipe, steps: str, index: int = -1, reply_fn=None):
     recipe = load_recipe(write_recipe(f"name: j\n{SCRIPTED_LLM}source: {{path: {SEEDS}}}\nsteps:\n{steps}"
                                       "output: {format: raw}\n"))
-    step = recipe.steps[index]
-    step.llm = LLMClient(ScriptedBackend(ScriptedConfig(), reply_fn=reply_fn))
-    return step
+    return recipe.steps[index], StepContext(llm=LLMClient(ScriptedBackend(ScriptedConfig(), reply_fn=reply_fn)))
 
 
 @pytest.mark.parametrize("reply, verdict", [
@@ -45,10 +43,10 @@ def test_binary_judge_sees_the_reference_and_labels(write_recipe):
         return "It matches the reference. Verdict: correct" if "Reference answer: 12" in conv[-1]["content"] \
             else "Verdict: incorrect"
 
-    step = step_from(write_recipe, "  - solve: {}\n  - judge: {mode: binary, reference_column: output}\n",
+    step, ctx = step_from(write_recipe, "  - solve: {}\n  - judge: {mode: binary, reference_column: output}\n",
                      reply_fn=reply)
     out = step.process(pl.DataFrame({"instruction": ["6+6?", "6+7?"], "response": ["12", "12"],
-                                     "output": ["12", "13"]}))
+                                     "output": ["12", "13"]}), ctx)
     assert out["judge_correct"].to_list() == [True, False]
     assert "Reference answer: 13" in seen[1]
     assert step.produces() == ["judge_correct", "judgement"]
@@ -78,28 +76,28 @@ def test_pairwise_asks_both_orders(write_recipe):
         a = text.split("Response A: ")[1].split("\n")[0]
         return "Winner: A" if a == "good answer" else "Winner: B"
 
-    step = step_from(write_recipe, "  - solve: {}\n  - pairwise: {b_column: output}\n", reply_fn=judge)
+    step, ctx = step_from(write_recipe, "  - solve: {}\n  - pairwise: {b_column: output}\n", reply_fn=judge)
     out = step.process(pl.DataFrame({"instruction": ["q1", "q2"], "response": ["good answer", "bad answer"],
-                                     "output": ["bad answer", "good answer"]}))
+                                     "output": ["bad answer", "good answer"]}), ctx)
     assert out["winner"].to_list() == ["a", "b"]
     assert len(asked) == 4
     assert "Response A: good answer" in asked[0] and "Response A: bad answer" in asked[1]
 
 
 def test_pairwise_position_biased_judge_gives_ties(write_recipe):
-    step = step_from(write_recipe, "  - solve: {}\n  - pairwise: {b_column: output}\n",
+    step, ctx = step_from(write_recipe, "  - solve: {}\n  - pairwise: {b_column: output}\n",
                      reply_fn=lambda conv, k: "Winner: A")
-    out = step.process(pl.DataFrame({"instruction": ["q"], "response": ["x"], "output": ["y"]}))
+    out = step.process(pl.DataFrame({"instruction": ["q"], "response": ["x"], "output": ["y"]}), ctx)
     assert out["winner"].to_list() == ["tie"]
 
 
 def test_preference_pairs_by_score(write_recipe):
-    step = step_from(write_recipe, "  - solve: {samples: 3}\n  - judge: {}\n  - preference_pairs: {min_margin: 2}\n")
+    step, ctx = step_from(write_recipe, "  - solve: {samples: 3}\n  - judge: {}\n  - preference_pairs: {min_margin: 2}\n")
     table = pl.DataFrame({
         "instruction": ["t1", "t1", "t1", "t2", "t2", "t3"],
         "response": ["meh", "great", "bad", "ok", "fine", "alone"],
         "score": [5.0, 9.0, 2.0, 6.0, 7.0, 8.0]})
-    out = step.process(table)
+    out = step.process(table, ctx)
     pairs = out.filter(pl.col(DROP).is_null())
     assert pairs.select("prompt", "chosen", "rejected", "chosen_score", "rejected_score").rows() == [
         ("t1", "great", "bad", 9.0, 2.0)]
@@ -116,8 +114,8 @@ def test_preference_pairs_by_pairwise_round_robin(write_recipe):
         b = text.split("Response B: ")[1].split("\n")[0]
         return "Winner: A" if quality[a] > quality[b] else "Winner: B"
 
-    step = step_from(write_recipe, "  - solve: {samples: 3}\n  - preference_pairs: {by: pairwise}\n", reply_fn=judge)
-    out = step.process(pl.DataFrame({"instruction": ["t"] * 3, "response": ["middle", "worst", "best"]}))
+    step, ctx = step_from(write_recipe, "  - solve: {samples: 3}\n  - preference_pairs: {by: pairwise}\n", reply_fn=judge)
+    out = step.process(pl.DataFrame({"instruction": ["t"] * 3, "response": ["middle", "worst", "best"]}), ctx)
     row = out.filter(pl.col(DROP).is_null()).row(0, named=True)
     assert (row["chosen"], row["rejected"], row["chosen_score"], row["rejected_score"]) == ("best", "worst", 2.0, 0.0)
 
@@ -137,8 +135,8 @@ def test_self_refine_loops_until_the_feedback_says_correct(write_recipe):
         answer = text.split("Answer: ")[1].split("\n")[0]
         return {"v0": "v1", "v1": "v2"}[answer]
 
-    step = step_from(write_recipe, "  - solve: {}\n  - self_refine: {max_rounds: 3}\n", reply_fn=model)
-    out = step.process(pl.DataFrame({"instruction": ["task a", "task b"], "response": ["v0", "v2"]}))
+    step, ctx = step_from(write_recipe, "  - solve: {}\n  - self_refine: {max_rounds: 3}\n", reply_fn=model)
+    out = step.process(pl.DataFrame({"instruction": ["task a", "task b"], "response": ["v0", "v2"]}), ctx)
     a, b = out.to_dicts()
     assert (a["initial_response"], a["response"], a["refined_response"], a["refine_rounds"]) == ("v0", "v2", "v2", 2)
     assert a["feedback_history"] == ["v0 has a mistake. Verdict: incorrect", "v1 has a mistake. Verdict: incorrect",
@@ -154,8 +152,8 @@ def test_self_refine_stops_at_max_rounds_and_drops_rows_without_feedback(write_r
             return "" if "task b" in text else "Still wrong. Verdict: incorrect"
         return "better"
 
-    step = step_from(write_recipe, "  - solve: {}\n  - self_refine: {max_rounds: 2}\n", reply_fn=model)
-    out = step.process(pl.DataFrame({"instruction": ["task a", "task b"], "response": ["v0", "v0"]}))
+    step, ctx = step_from(write_recipe, "  - solve: {}\n  - self_refine: {max_rounds: 2}\n", reply_fn=model)
+    out = step.process(pl.DataFrame({"instruction": ["task a", "task b"], "response": ["v0", "v0"]}), ctx)
     kept = out.filter(pl.col(DROP).is_null()).row(0, named=True)
     assert kept["refine_rounds"] == 2 and kept["verdict"] == "incorrect"
     dropped = out.filter(pl.col(DROP).is_not_null())
@@ -164,11 +162,11 @@ def test_self_refine_stops_at_max_rounds_and_drops_rows_without_feedback(write_r
 
 def test_feedback_then_refine_as_separate_steps(write_recipe):
     recipe_steps = "  - solve: {}\n  - feedback: {}\n  - refine: {}\n"
-    feedback = step_from(write_recipe, recipe_steps, index=1, reply_fn=lambda c, k: "Add units. Verdict: unsure")
-    refine = step_from(write_recipe, recipe_steps, index=2, reply_fn=lambda c, k: "12 apples")
-    table = feedback.process(pl.DataFrame({"instruction": ["6+6 apples?"], "response": ["12"]}))
+    feedback, feedback_ctx = step_from(write_recipe, recipe_steps, index=1, reply_fn=lambda c, k: "Add units. Verdict: unsure")
+    refine, refine_ctx = step_from(write_recipe, recipe_steps, index=2, reply_fn=lambda c, k: "12 apples")
+    table = feedback.process(pl.DataFrame({"instruction": ["6+6 apples?"], "response": ["12"]}), feedback_ctx)
     assert table["verdict"].to_list() == ["unclear"]
-    out = refine.process(table.drop(DROP, strict=False))
+    out = refine.process(table.drop(DROP, strict=False), refine_ctx)
     row = out.row(0, named=True)
     assert (row["initial_response"], row["response"], row["refined_response"]) == ("12", "12 apples", "12 apples")
     assert row["feedback"] == "Add units. Verdict: unsure"

@@ -12,7 +12,7 @@ import pytest
 from factory.cli import main
 from factory.errors import FactoryError, RecipeError
 from factory.recipe import load_recipe
-from factory.steps.base import DROP, DROP_DETAIL
+from factory.steps.base import DROP, DROP_DETAIL, StepContext
 from factory.store import read_manifest, read_version
 from filters import minhash
 from filters.minhash import MinHashConfig, MinHashFilter
@@ -146,17 +146,17 @@ def test_precision_and_recall_against_exact_jaccard():
         copy[int(rng.integers(0, len(copy)))] = VOCABULARY[int(rng.integers(0, len(VOCABULARY)))]
         planted[len(texts)] = int(original)
         texts.append(" ".join(copy))
-    step = MinHashFilter(MinHashConfig())
-    out = step.process(pl.DataFrame({"instruction": texts}))
+    step, ctx = MinHashFilter(MinHashConfig()), StepContext()
+    out = step.process(pl.DataFrame({"instruction": texts}), ctx)
     links = {row: kept for row, kept in enumerate(pointers(out)) if kept is not None}
     assert sorted(links) == dropped_rows(out)
     for row, kept in links.items():
         assert jaccard(texts[row], texts[kept]) >= 0.8 - 0.15, (row, kept)
     recall = np.mean([row in links for row in planted])
     assert recall >= 0.9
-    assert step.report["dropped"] == len(links)
-    assert step.report["bands"] * step.report["rows_per_band"] <= 128
-    assert step.report["clusters"] == len(set(links.values()))
+    assert ctx.report["dropped"] == len(links)
+    assert ctx.report["bands"] * ctx.report["rows_per_band"] <= 128
+    assert ctx.report["clusters"] == len(set(links.values()))
 
 
 def test_chunks_and_blocks_do_not_change_the_result(monkeypatch):
@@ -181,10 +181,9 @@ def test_progress_counts_every_row():
         def update(self, n=1):
             self.done += n
 
-    step = MinHashFilter(MinHashConfig())
-    step.progress = Progress()
-    step.process(pl.DataFrame({"instruction": ["a b c"] * 5}))
-    assert step.progress.total == step.progress.done == 5
+    progress = Progress()
+    MinHashFilter(MinHashConfig()).process(pl.DataFrame({"instruction": ["a b c"] * 5}), StepContext(progress=progress))
+    assert progress.total == progress.done == 5
 
 
 def test_a_column_that_is_not_text_is_refused_with_the_fix():

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import json
-
-import polars as pl
+import shutil
 
 import pytest
 
@@ -13,19 +12,29 @@ ray = pytest.importorskip("ray")
 from factory.build import run_recipe  # noqa: E402
 from factory.cache import Cache  # noqa: E402
 from factory.cli import main  # noqa: E402
-from factory.ray_runner import RayRunner, merge_reports  # noqa: E402
+from factory.driver import Driver  # noqa: E402
+from factory.executors.ray import RayExecutor  # noqa: E402
 from factory.recipe import load_recipe  # noqa: E402
-from factory.runner import LocalRunner  # noqa: E402
+from factory.steps.base import merge_reports  # noqa: E402
 from factory.store import read_version  # noqa: E402
 
+# Replies carry the sampling seed each request was sent with: equal rows mean equal seeds.
 LLM = """\
 llm:
   backend: scripted
   rules:
     - {match: "Rate the response", reply: "Score: {score}"}
-    - {match: "Think step by step", reply: "Working. The answer is {digit}."}
-    - {match: ".", reply: "Answer {hash}"}
+    - {match: "Think step by step", reply: "Working ({seed}). The answer is {digit}."}
+    - {match: ".", reply: "Answer {hash} {seed}"}
 """
+
+
+def local(cache_dir):
+    return Driver(Cache(cache_dir), progress=False)
+
+
+def on_ray(cache_dir, **options):
+    return Driver(Cache(cache_dir), executor=RayExecutor(**options), progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -61,15 +70,21 @@ def ray_cluster():
     ray.shutdown()
 
 
-def test_ray_output_equals_local_output_row_for_row(recipe_path, tmp_path, ray_cluster):
-    recipe = load_recipe(recipe_path)
-    local_dir, local, _ = run_recipe(recipe, tmp_path / "local",
-                                     runner=LocalRunner(Cache(tmp_path / "cache-local"), progress=False))
-    ray_dir, distributed, _ = run_recipe(load_recipe(recipe_path), tmp_path / "ray",
-                                         runner=RayRunner(Cache(tmp_path / "cache-ray"), progress=False))
+@pytest.fixture(scope="module")
+def ray_run(recipe_path, tmp_path_factory, ray_cluster):
+    """One run of the recipe on Ray: its cache folder, version folder and manifest."""
+    folder = tmp_path_factory.mktemp("ray-run")
+    version, manifest, _ = run_recipe(load_recipe(recipe_path), folder / "out", driver=on_ray(folder / "cache"))
+    return folder / "cache", version, manifest
+
+
+def test_ray_output_equals_local_output_row_for_row(recipe_path, ray_run, tmp_path):
+    local_dir, here, _ = run_recipe(load_recipe(recipe_path), tmp_path / "local", driver=local(tmp_path / "cache"))
+    _, ray_dir, distributed = ray_run
     assert read_version(ray_dir).equals(read_version(local_dir))
     assert read_version(ray_dir, "rejected").equals(read_version(local_dir, "rejected"))
-    for a, b in zip(local["steps"], distributed["steps"]):
+    assert distributed["executor"] == "ray" and here["executor"] == "local"
+    for a, b in zip(here["steps"], distributed["steps"]):
         assert (a["name"], a["rows_in"], a["rows_out"], a["dropped"]) == (b["name"], b["rows_in"], b["rows_out"],
                                                                          b["dropped"])
         assert a["report"] == b["report"], a["name"]
@@ -80,14 +95,25 @@ def test_ray_output_equals_local_output_row_for_row(recipe_path, tmp_path, ray_c
     assert minhash["dropped"].get("near_duplicate", 0) > 0  # the planted near-duplicates were found
 
 
-def test_a_restarted_ray_job_reuses_every_finished_batch(recipe_path, tmp_path, ray_cluster):
-    cache = Cache(tmp_path / "cache")
-    run_recipe(load_recipe(recipe_path), tmp_path / "out", runner=RayRunner(cache, progress=False))
-    _, again, _ = run_recipe(load_recipe(recipe_path), tmp_path / "out", runner=RayRunner(cache, progress=False))
+def test_a_restarted_ray_job_reuses_every_finished_batch(recipe_path, ray_run, tmp_path):
+    cache, _, _ = ray_run
+    _, again, _ = run_recipe(load_recipe(recipe_path), tmp_path / "out", driver=on_ray(cache))
     for step in again["steps"]:
         assert step["cached_batches"] == step["batches"], step["name"]
         if step["llm"]:
             assert step["llm"]["calls"] == 0
+
+
+def test_ray_workers_answer_from_the_reply_cache(recipe_path, ray_run, tmp_path):
+    """With no finished batch to reuse, only the replies, a second Ray run asks the model
+    nothing: the replies come from the journals the workers wrote through the one LLM path."""
+    cache, first_dir, _ = ray_run
+    shutil.copytree(cache / "llm", tmp_path / "cache" / "llm")
+    again_dir, again, _ = run_recipe(load_recipe(recipe_path), tmp_path / "out", driver=on_ray(tmp_path / "cache"))
+    assert read_version(again_dir).equals(read_version(first_dir))
+    asked = [s["llm"] for s in again["steps"] if s["llm"]]
+    assert asked and all(u["calls"] == 0 and u["cached_conversations"] == u["conversations"] > 0 for u in asked)
+    assert all(s["cached_batches"] == 0 for s in again["steps"])  # the steps did run again
 
 
 def test_the_command_line_runs_on_ray(recipe_path, tmp_path, capsys):
@@ -103,36 +129,23 @@ def test_merge_reports():
         "tasks": 5, "ids": ["a", "b"], "name": "x"}
 
 
-def test_vllm_steps_go_through_ray_data_llm_processors(recipe_path, tmp_path, monkeypatch):
-    """The processor plumbing, with a stand-in for the vLLM engine (no GPU here): requests
-    carry the step's messages and sampling, replies become the same rows as locally."""
-    from factory.ray_runner import _vllm_reply, _vllm_request
-    from factory.steps.base import DROP
-
-    recipe = load_recipe(recipe_path, ["llm={backend: vllm, model: embedded}", "steps=[{solve: {samples: 2}}]",
-                                       "batch_size=50"])
-    step = recipe.steps[0]
-    runner = RayRunner(Cache(tmp_path / "cache"), progress=False)
-    assert runner._uses_llm_processor(step)
-    seen = []
-
-    def fake_engine(dataset):
-        def generate(row):
-            request = _vllm_request(row)
-            seen.append(request)
-            return _vllm_reply({**request, "generated_text": f"reply {row['row']}.{row['sample']}",
-                                "num_input_tokens": 11, "num_generated_tokens": 3})
-        return dataset.map(generate)
-
-    monkeypatch.setattr(RayRunner, "_build_llm_processor", lambda self, step: fake_engine)
-    from factory.llm.client import LLMClient
-    from factory.llm.scripted import ScriptedBackend, ScriptedConfig
-
-    step.llm = LLMClient(ScriptedBackend(ScriptedConfig()), Cache(tmp_path / "cache"), seed=5)
-    table = recipe.source.read().head(3).with_columns(instruction=pl.Series(["a", "b", None]))
-    [out] = list(runner._batch_outputs(step, [table], ["k0"], type("S", (), {"cached_batches": 0})()))
-    assert out.filter(pl.col(DROP).is_null())["response"].to_list() == ["reply 0.0", "reply 0.1", "reply 1.0",
-                                                                        "reply 1.1"]
-    assert out.filter(pl.col(DROP).is_not_null())[DROP].to_list() == ["invalid_input"]
-    assert step.llm.usage.completion_tokens == 12
-    assert Cache(tmp_path / "cache").get_frame("steps", "k0").equals(out)
+def test_ray_samples_with_the_local_seeds(tiny_model_dir, tmp_path, ray_cluster):
+    """A real sampling backend (a tiny random model at temperature 1): Ray's rows equal the
+    local rows only if every request is sent with the same seed and batched alike."""
+    tasks = tmp_path / "tasks.jsonl"
+    tasks.write_text("\n".join(json.dumps({"instruction": f"Name thing number {i}."}) for i in range(12)))
+    recipe_path = tmp_path / "sampling.yaml"
+    recipe_path.write_text(f"""\
+name: sampling
+seed: 11
+batch_size: 4
+llm: {{backend: transformers, model: {tiny_model_dir}, batch_size: 4}}
+source: {{path: {tasks}}}
+steps:
+  - solve: {{samples: 2, temperature: 1.0, max_tokens: 6}}
+""")
+    local_dir, _, _ = run_recipe(load_recipe(recipe_path), tmp_path / "local", driver=local(tmp_path / "c1"))
+    ray_dir, _, _ = run_recipe(load_recipe(recipe_path), tmp_path / "ray", driver=on_ray(tmp_path / "c2", replicas=2))
+    here, there = read_version(local_dir), read_version(ray_dir)
+    assert here.height == 24 and there.equals(here)
+    assert here["response"].n_unique() > 12  # sampled, not greedy

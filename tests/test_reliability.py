@@ -24,7 +24,7 @@ from factory.cache import Cache
 from factory.cli import main
 from factory.errors import FactoryError
 from factory.recipe import load_recipe
-from factory.runner import LocalRunner
+from factory.driver import Driver
 from factory.store import read_manifest, read_version
 
 from .conftest import ROOT
@@ -116,8 +116,8 @@ def test_sigkill_mid_step_then_resume_equals_an_uninterrupted_run(tmp_path):
 
 
 def run_in_process(recipe: Path, tmp_path: Path, name: str):
-    runner = LocalRunner(Cache(tmp_path / f"cache-{name}"), progress=False)
-    return run_recipe(load_recipe(recipe), tmp_path / f"out-{name}", runner=runner)
+    driver = Driver(Cache(tmp_path / f"cache-{name}"), progress=False)
+    return run_recipe(load_recipe(recipe), tmp_path / f"out-{name}", driver=driver)
 
 
 def expected_rows(tmp_path: Path) -> int:

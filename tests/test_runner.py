@@ -1,4 +1,4 @@
-"""The local runner: batches, cache reuse, rejected rows with reasons, failure threshold."""
+"""The driver on the local executor: batches, cache reuse, rejected rows with reasons, failure threshold."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from factory.errors import FactoryError
 from factory.llm import create_backend
 from factory.llm.base import Completion
 from factory.recipe import load_recipe
-from factory.runner import LocalRunner
+from factory.driver import Driver
 from factory.store import read_version
 
 
@@ -23,21 +23,20 @@ class CountingFactory:
 
     def __call__(self, config):
         backend = create_backend(config)
-        chat = backend.chat
+        generate = backend.generate
 
-        def counting_chat(conversations, params):
-            self.conversations += len(conversations)
-            return chat(conversations, params)
+        def counting_generate(requests, on_reply=None):
+            self.conversations += len(requests)
+            return generate(requests, on_reply)
 
-        backend.chat = counting_chat
+        backend.generate = counting_generate
         return backend
 
 
 def run(recipe_path, tmp_path, factory=None, overrides=None):
     recipe = load_recipe(recipe_path, overrides)
-    runner = LocalRunner(Cache(tmp_path / "cache"), progress=False,
-                         backend_factory=factory or create_backend)
-    return run_recipe(recipe, tmp_path / "out", runner=runner)
+    driver = Driver(Cache(tmp_path / "cache"), progress=False, backend_factory=factory or create_backend)
+    return run_recipe(recipe, tmp_path / "out", driver=driver)
 
 
 def test_rerun_reuses_every_batch_and_writes_identical_rows(scripted_recipe, tmp_path):
@@ -126,13 +125,14 @@ def test_backend_failures_over_the_threshold_stop_the_run(scripted_recipe, tmp_p
 
     def failing(config):
         backend = create_backend(config)
-        backend.chat = lambda convs, params: [Completion([], error="HTTP 503 (after 5 retries)") for _ in convs]
+        backend.generate = lambda requests, on_reply=None: [Completion([], error="HTTP 503 (after 5 retries)")
+                                                            for _ in requests]
         return backend
 
-    runner = LocalRunner(Cache(tmp_path / "cache"), progress=False, backend_factory=failing)
+    driver = Driver(Cache(tmp_path / "cache"), progress=False, backend_factory=failing)
     # 10 failures > 0.2 x 40 rows: stop after the first batch.
     with pytest.raises(FactoryError, match=r"steps\[0\]\.solve: 10 of 10 rows failed in the backend"):
-        run_recipe(recipe, tmp_path / "out", runner=runner)
+        run_recipe(recipe, tmp_path / "out", driver=driver)
     assert not (tmp_path / "out" / "demo").exists() or not any((tmp_path / "out" / "demo").glob("v*"))
 
 
@@ -142,18 +142,18 @@ def test_backend_failures_under_the_threshold_drop_rows_with_reason(scripted_rec
 
     def flaky(config):
         backend = create_backend(config)
-        chat = backend.chat
+        generate = backend.generate
 
-        def chat_with_failures(convs, params):
-            out = chat(convs, params)
+        def generate_with_failures(requests, on_reply=None):
+            out = generate(requests)
             out[0] = Completion([], error="timeout: no answer (after 5 retries)")
             return out
 
-        backend.chat = chat_with_failures
+        backend.generate = generate_with_failures
         return backend
 
-    runner = LocalRunner(Cache(tmp_path / "cache"), progress=False, backend_factory=flaky)
-    version, manifest, _ = run_recipe(recipe, tmp_path / "out", runner=runner)
+    driver = Driver(Cache(tmp_path / "cache"), progress=False, backend_factory=flaky)
+    version, manifest, _ = run_recipe(recipe, tmp_path / "out", driver=driver)
     assert manifest["steps"][0]["dropped"] == {"backend_error": 1}
     assert manifest["rows"] == 39
     rejected = read_version(version, "rejected")

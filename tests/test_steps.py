@@ -7,9 +7,9 @@ import pytest
 
 from factory.errors import ParseError
 from factory.llm import ScriptedBackend, ScriptedConfig
-from factory.llm.client import LLMClient
+from factory.llm.requests import LLMClient
 from factory.recipe import load_recipe
-from factory.steps.base import DROP, DROP_DETAIL, RAW_REPLY
+from factory.steps.base import DROP, DROP_DETAIL, RAW_REPLY, StepContext
 from factory.steps.judge import parse_score
 from factory.steps.self_instruct import clean_task
 
@@ -53,10 +53,10 @@ def steps_of(write_recipe, steps: str, llm: str = SCRIPTED_LLM):
     return load_recipe(write_recipe(f"name: s\n{llm}source: {{path: {SEEDS}}}\nsteps:\n{steps}output: {{format: raw}}\n"))
 
 
-def bind(step, rules=None, reply_fn=None):
+def bind(step, rules=None, reply_fn=None) -> StepContext:
+    """A context whose client is the step's scripted backend (or ``reply_fn``)."""
     config = ScriptedConfig(rules=rules or step.llm_config.rules, default=step.llm_config.default)
-    step.llm = LLMClient(ScriptedBackend(config, reply_fn=reply_fn))
-    return step
+    return StepContext(llm=LLMClient(ScriptedBackend(config, reply_fn=reply_fn)))
 
 
 def test_self_instruct_filters_candidates_and_reports_reasons(write_recipe):
@@ -67,8 +67,8 @@ def test_self_instruct_filters_candidates_and_reports_reasons(write_recipe):
     replies = iter([" Draw a picture of a cat", " Hi", " Why does the Moon show phases?", "",
                     " Describe how rain forms in two sentences", " Describe how rain forms in two short sentences"]
                    + distinct + [f" Unused candidate number {i}" for i in range(20)])
-    step = bind(recipe.steps[0], reply_fn=lambda conv, k: next(replies))
-    out = step.process(recipe.source.read())
+    client = LLMClient(ScriptedBackend(ScriptedConfig(), reply_fn=lambda conv, k: next(replies)))
+    out = recipe.steps[0].process(recipe.source.read(), StepContext(llm=client))
     kept = out.filter(pl.col(DROP).is_null())
     dropped = out.filter(pl.col(DROP).is_not_null())
     assert kept["instruction"].to_list() == ["Describe how rain forms in two sentences"] + [d.strip() for d in distinct]
@@ -103,8 +103,8 @@ def test_self_instruct_writes_instances_for_kept_tasks(write_recipe):
             return " <noinput>\nOutput: Red, because of anthocyanins." if k == 0 else " gibberish"
         return f" 3 and 4\nOutput: {7 + k}"
 
-    step = bind(recipe.steps[0], reply_fn=reply)
-    out = step.process(recipe.source.read())
+    client = LLMClient(ScriptedBackend(ScriptedConfig(), reply_fn=reply))
+    out = recipe.steps[0].process(recipe.source.read(), StepContext(llm=client))
     kept = out.filter(pl.col(DROP).is_null())
     assert kept.select("instruction", "input", "output").rows() == [
         ("Explain why leaves change colour in autumn", "", "Red, because of anthocyanins."),
@@ -123,8 +123,8 @@ def test_self_instruct_prompts_mix_seed_and_generated_examples(write_recipe):
         seen.append(conv[-1]["content"])
         return f" Generated task number {len(seen)} about oceans"
 
-    step = bind(recipe.steps[0], reply_fn=reply)
-    step.process(recipe.source.read())
+    client = LLMClient(ScriptedBackend(ScriptedConfig(), reply_fn=reply))
+    recipe.steps[0].process(recipe.source.read(), StepContext(llm=client))
     first, last = seen[0], seen[-1]
     assert first.count("\n") == 4 and first.endswith("5.")  # four examples, then the open slot
     assert "Generated task number" not in first and "Generated task number" in last
@@ -132,9 +132,10 @@ def test_self_instruct_prompts_mix_seed_and_generated_examples(write_recipe):
 
 def test_solve_samples_expand_rows_and_parse_errors_keep_the_raw_reply(write_recipe):
     recipe = steps_of(write_recipe, "  - solve: {samples: 3}\n")
-    step = bind(recipe.steps[0], reply_fn=lambda conv, k: "" if k == 1 else f"answer {k}")
+    step = recipe.steps[0]
+    ctx = bind(step, reply_fn=lambda conv, k: "" if k == 1 else f"answer {k}")
     batch = recipe.source.read().head(2)
-    out = step.process(batch)
+    out = step.process(batch, ctx)
     assert out.height == 6
     assert out.filter(pl.col(DROP).is_null())["sample"].to_list() == [0, 2, 0, 2]
     bad = out.filter(pl.col(DROP) == "parse_error")
@@ -144,18 +145,20 @@ def test_solve_samples_expand_rows_and_parse_errors_keep_the_raw_reply(write_rec
 def test_solve_appends_the_input_to_the_task(write_recipe):
     recipe = steps_of(write_recipe, "  - solve: {}\n")
     sent = []
-    step = bind(recipe.steps[0], reply_fn=lambda conv, k: sent.append(conv[-1]["content"]) or "ok")
+    step = recipe.steps[0]
+    ctx = bind(step, reply_fn=lambda conv, k: sent.append(conv[-1]["content"]) or "ok")
     rows = recipe.source.read().filter(pl.col("input") != "").head(1)
-    step.process(rows)
+    step.process(rows, ctx)
     assert sent[0] == rows["instruction"][0] + "\n\n" + rows["input"][0]
 
 
 def test_judge_without_reasoning_prefills_and_parses(write_recipe):
     recipe = steps_of(write_recipe, "  - solve: {}\n  - judge: {reasoning: false}\n")
     sent = []
-    judge = bind(recipe.steps[1], reply_fn=lambda conv, k: sent.append(conv) or " 7")
+    judge = recipe.steps[1]
+    ctx = bind(judge, reply_fn=lambda conv, k: sent.append(conv) or " 7")
     table = pl.DataFrame({"instruction": ["q"], "response": ["a"]})
-    out = judge.process(table)
+    out = judge.process(table, ctx)
     assert out["score"].to_list() == [7.0] and out["judgement"].to_list() == ["Score: 7"]
     assert sent[0][-1] == {"role": "assistant", "content": "Score:"}
     params = judge.generation_params()
@@ -166,8 +169,9 @@ def test_custom_template_and_system_prompt(write_recipe, tmp_path):
     (tmp_path / "ask.j2").write_text("Answer briefly: {{ task }}")
     recipe = steps_of(write_recipe, "  - solve: {template: ask.j2, system: Be terse.}\n")
     sent = []
-    step = bind(recipe.steps[0], reply_fn=lambda conv, k: sent.append(conv) or "ok")
-    step.process(pl.DataFrame({"instruction": ["2+2?"]}))
+    step = recipe.steps[0]
+    ctx = bind(step, reply_fn=lambda conv, k: sent.append(conv) or "ok")
+    step.process(pl.DataFrame({"instruction": ["2+2?"]}), ctx)
     assert sent[0] == [{"role": "system", "content": "Be terse."},
                        {"role": "user", "content": "Answer briefly: 2+2?"}]
 

@@ -4,59 +4,90 @@ consume, the model they start from, and the record they leave beside the adapter
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import copy
 import hashlib
 import json
 import os
 import sys
-import typing
+import types
 from pathlib import Path
+
+from dataclasses import dataclass
+from typing import Literal
 
 import yaml
 
-from factory.config import build, to_dict
+from factory.config import build, option, to_dict
 from factory.errors import FactoryError, Problem, RecipeError, error_lines
 
 TRAINING_RECORD = "training.json"  # written last: its presence means the adapter is complete
 
 
-def parse_config(cls, argv: list[str] | None, description: str, prog: str | None = None):
-    """``--dataset``/``--out`` and every field of ``cls`` as a flag, over ``--config FILE.yaml``.
+@dataclass
+class TrainConfig:
+    """What every trainer takes: the version, the base model, the LoRA adapter, the schedule."""
 
-    Flags win over the YAML file; the result is validated like a recipe (bounds, choices,
-    unknown keys with the closest name).
+    dataset: str = option(help="A dataset version folder (out/<name>/v<N>).")
+    out: str = option(help="Where the adapter, training.json and checkpoints go.")
+    model: str = option("embedded", help="Base model: `embedded` (SmolLM2-135M-Instruct) or a local HF folder.")
+    init_adapter: str | None = option(None, help="Start from this LoRA adapter instead of a fresh one (e.g. the "
+                                                 "previous round's).")
+    lora_r: int = option(16, help="LoRA rank.", min=1)
+    lora_alpha: int = option(32, help="LoRA scaling numerator (the update is scaled by alpha / r).", min=1)
+    lora_dropout: float = option(0.05, help="Dropout on the LoRA path.", min=0.0, max=1.0)
+    target_modules: list[str] = option(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj",
+                                                                "gate_proj", "up_proj", "down_proj"],
+                                       help="Linear layers that get LoRA adapters.")
+    learning_rate: float = option(2e-4, help="Peak learning rate.", min=0.0)
+    epochs: float = option(1.0, help="Passes over the data (ignored when max_steps > 0).", min=0.0)
+    max_steps: int = option(-1, help="Optimizer steps; -1 trains for `epochs`.", min=-1)
+    batch_size: int = option(8, help="Examples per device step.", min=1)
+    grad_accum: int = option(1, help="Device steps per optimizer step.", min=1)
+    max_length: int = option(512, help="Longest example in tokens; longer ones are cut on the right.", min=8)
+    save_steps: int = option(10, help="Checkpoint every N optimizer steps (what a restart resumes from).", min=1)
+    logging_steps: int = option(1, help="Log the loss every N steps.", min=1)
+    seed: int = option(0, help="Seed for initialisation and data order.")
+    device: str = option("auto", help="`auto` (CUDA when available, else CPU), `cpu` or `cuda`.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = option(
+        "auto", help="Training dtype; `auto` is float32 on CPU and bfloat16 on GPU.")
+
+
+def _flags(cls, **kwargs):
+    """transformers' HfArgumentParser for ``cls``, shown only each field's help: bounds,
+    choices and unknown keys are checked afterwards by :func:`factory.config.build`, which
+    says the fix. (Imported here: importing transformers takes seconds.)"""
+    from transformers import HfArgumentParser
+
+    class Flags(HfArgumentParser):
+        @staticmethod
+        def _parse_dataclass_field(parser, field):
+            bare = copy.copy(field)
+            bare.metadata = types.MappingProxyType({"help": field.metadata.get("help", "")})
+            HfArgumentParser._parse_dataclass_field(parser, bare)
+
+    return Flags(cls, **kwargs)
+
+
+def parse_config(cls, argv: list[str] | None, description: str, prog: str | None = None):
+    """Every field of ``cls`` as a flag (``--max-steps 20``), over ``--config FILE.yaml``.
+
+    Flags win over the file, the file over the defaults; the result is validated like a
+    recipe (bounds, choices, unknown keys with the closest name).
     """
-    parser = argparse.ArgumentParser(prog=prog, description=description,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    first = argparse.ArgumentParser(add_help=False)
+    first.add_argument("--config")
+    config_file = first.parse_known_args(argv)[0].config
+    from_file = _read_config_file(config_file) if config_file else {}
+    parser = _flags(cls, prog=prog, description=description)
     parser.add_argument("--config", help="a YAML file of options (flags override it)")
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
-        flag = "--" + f.name.replace("_", "-")
-        kind = hints[f.name]
-        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-        help_text = f.metadata.get("help", "") + (" (required)" if required else "")
-        if kind is bool:
-            parser.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, type=_boolean, metavar="true|false",
-                                help=f"{help_text} [default: {default}]")
-        else:
-            parser.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, type=yaml.safe_load,
-                                metavar=f.name.upper(), help=f"{help_text} [default: {default}]")
-    args = vars(parser.parse_args(argv))
-    data: dict = {}
-    config_file = args.pop("config", None)
-    if config_file:
-        try:
-            loaded = yaml.safe_load(Path(config_file).read_text(encoding="utf-8")) or {}
-        except (OSError, yaml.YAMLError) as err:
-            raise FactoryError(f"{config_file}: cannot read the config ({err})") from None
-        if not isinstance(loaded, dict):
-            raise FactoryError(f"{config_file}: expected a mapping of options")
-        data.update(loaded)
-    data.update(args)
+    for action in parser._actions:  # what the file gives is no longer required as a flag
+        if action.dest in from_file:
+            action.required = False
+            action.default = from_file[action.dest]
+    flags = vars(parser.parse_args(argv))
+    flags.pop("config", None)
     problems: list[Problem] = []
-    config = build(cls, data, (), problems)
+    config = build(cls, {**from_file, **flags}, (), problems)
     if problems:
         for p in problems:
             p.file = config_file or "command line"
@@ -64,11 +95,14 @@ def parse_config(cls, argv: list[str] | None, description: str, prog: str | None
     return config
 
 
-def _boolean(text: str) -> bool:
-    value = yaml.safe_load(text)
-    if not isinstance(value, bool):
-        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-    return value
+def _read_config_file(path: str) -> dict:
+    try:
+        loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as err:
+        raise FactoryError(f"{path}: cannot read the config ({err})") from None
+    if not isinstance(loaded, dict):
+        raise FactoryError(f"{path}: expected a mapping of options")
+    return loaded
 
 
 def run_main(main, argv=None) -> int:
@@ -130,18 +164,39 @@ def begin_training(config, method: str) -> dict | None:
     return record
 
 
+def model_to_train(config):
+    """The base model on the device the config picks, with the adapter to continue from
+    (``init_adapter``) when there is one; and the device."""
+    from peft import PeftModel
+
+    from factory.models import load_plain_causal_lm
+
+    device = pick_device(config.device)
+    model = load_plain_causal_lm(config.model, device=device, dtype=config.dtype)
+    if config.init_adapter:
+        model = PeftModel.from_pretrained(model, config.init_adapter, is_trainable=True)
+    return model, device
+
+
+def training_arguments(config, out: Path, device: str, model) -> dict:
+    """The Trainer arguments SFT and DPO share: checkpoints in OUT/checkpoints (the last two
+    kept), the device, the dtype of the weights, no reporting to external services."""
+    import torch
+
+    return dict(output_dir=str(out / "checkpoints"), per_device_train_batch_size=config.batch_size,
+                gradient_accumulation_steps=config.grad_accum, learning_rate=config.learning_rate,
+                num_train_epochs=config.epochs, max_steps=config.max_steps, logging_steps=config.logging_steps,
+                save_steps=config.save_steps, save_total_limit=2, seed=config.seed, report_to="none",
+                use_cpu=not device.startswith("cuda"), bf16=model.dtype == torch.bfloat16,
+                fp16=model.dtype == torch.float16, dataloader_num_workers=0)
+
+
 def lora_config(config):
     """A fresh LoRA adapter's peft config from a trainer config's lora_* and target_modules fields."""
     from peft import LoraConfig
 
     return LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                       target_modules=list(config.target_modules), task_type="CAUSAL_LM")
-
-
-def latest_checkpoint(folder: Path) -> Path | None:
-    checkpoints = sorted(folder.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1])
-                         if p.name.split("-")[-1].isdigit() else -1)
-    return checkpoints[-1] if checkpoints else None
 
 
 def train_and_record(trainer, out: Path, record: dict, data_stats: dict, device: str) -> Path:
@@ -151,7 +206,9 @@ def train_and_record(trainer, out: Path, record: dict, data_stats: dict, device:
     """
     import time
 
-    resume = latest_checkpoint(out / "checkpoints")
+    from transformers.trainer_utils import get_last_checkpoint
+
+    resume = get_last_checkpoint(out / "checkpoints") if (out / "checkpoints").is_dir() else None
     began = time.time()
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     # The base model may be a GGUF file: no config.json for peft to compare vocabularies against.

@@ -18,34 +18,22 @@ from typing import Literal
 
 from factory.config import option
 from factory.errors import FactoryError
-from trainers.common import begin_training, lora_config, parse_config, pick_device, run_main, train_and_record
+from trainers.common import (TrainConfig, begin_training, lora_config, model_to_train, parse_config, run_main,
+                             train_and_record, training_arguments)
 
 
 @dataclass
-class DPOTrainConfig:
+class DPOTrainConfig(TrainConfig):
     dataset: str = option(help="A dataset version folder with `prompt`, `chosen` and `rejected` columns.")
-    out: str = option(help="Where the adapter, training.json and checkpoints go.")
-    model: str = option("embedded", help="Base model: `embedded` (SmolLM2-135M-Instruct) or a local HF folder.")
     init_adapter: str | None = option(None, help="Start from this LoRA adapter (e.g. an SFT adapter) instead of "
                                                  "a fresh one; the reference stays the base model.")
-    beta: float = option(0.1, help="DPO temperature: how far the policy may move from the reference.", min=0.0)
-    loss_type: Literal["sigmoid", "ipo", "hinge"] = option("sigmoid", help="The DPO loss variant (TRL's names).")
-    lora_r: int = option(16, help="LoRA rank.", min=1)
-    lora_alpha: int = option(32, help="LoRA scaling numerator.", min=1)
-    lora_dropout: float = option(0.05, help="Dropout on the LoRA path.", min=0.0, max=1.0)
     target_modules: list[str] = option(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
                                        help="Linear layers that get LoRA adapters.")
     learning_rate: float = option(5e-5, help="Peak learning rate.", min=0.0)
-    epochs: float = option(1.0, help="Passes over the pairs (ignored when max_steps > 0).", min=0.0)
-    max_steps: int = option(-1, help="Optimizer steps; -1 trains for `epochs`.", min=-1)
     batch_size: int = option(4, help="Pairs per device step.", min=1)
-    grad_accum: int = option(1, help="Device steps per optimizer step.", min=1)
     max_length: int = option(512, help="Longest prompt + answer in tokens.", min=8)
-    save_steps: int = option(10, help="Checkpoint every N optimizer steps.", min=1)
-    logging_steps: int = option(1, help="Log every N steps.", min=1)
-    seed: int = option(0, help="Seed for initialisation and data order.")
-    device: str = option("auto", help="`auto` (CUDA when available, else CPU), `cpu` or `cuda`.")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = option("auto", help="Training dtype.")
+    beta: float = option(0.1, help="DPO temperature: how far the policy may move from the reference.", min=0.0)
+    loss_type: Literal["sigmoid", "ipo", "hinge"] = option("sigmoid", help="The DPO loss variant (TRL's names).")
 
 
 def preference_dataset(version_dir: str):
@@ -70,11 +58,9 @@ def preference_dataset(version_dir: str):
 
 
 def train(config: DPOTrainConfig) -> Path:
-    import torch
-    from peft import PeftModel
     from trl import DPOConfig, DPOTrainer
 
-    from factory.models import load_plain_causal_lm, load_tokenizer
+    from factory.models import load_tokenizer
 
     record = begin_training(config, "dpo")
     if record is None:
@@ -83,22 +69,11 @@ def train(config: DPOTrainConfig) -> Path:
     pairs = preference_dataset(config.dataset)
     out.mkdir(parents=True, exist_ok=True)  # only once there is something to train on
     tokenizer = load_tokenizer(config.model)
-    device = pick_device(config.device)
-    model = load_plain_causal_lm(config.model, device=device, dtype=config.dtype)
-    peft_config = None
-    if config.init_adapter:
-        model = PeftModel.from_pretrained(model, config.init_adapter, is_trainable=True)
-    else:
-        peft_config = lora_config(config)
-    args = DPOConfig(
-        output_dir=str(out / "checkpoints"), beta=config.beta, loss_type=config.loss_type,
-        per_device_train_batch_size=config.batch_size, gradient_accumulation_steps=config.grad_accum,
-        learning_rate=config.learning_rate, num_train_epochs=config.epochs, max_steps=config.max_steps,
-        max_length=config.max_length, logging_steps=config.logging_steps, save_steps=config.save_steps,
-        save_total_limit=2, seed=config.seed, report_to="none", use_cpu=not device.startswith("cuda"),
-        bf16=model.dtype == torch.bfloat16, dataloader_num_workers=0)
+    model, device = model_to_train(config)
+    args = DPOConfig(**training_arguments(config, out, device, model), beta=config.beta, loss_type=config.loss_type,
+                     max_length=config.max_length)
     trainer = DPOTrainer(model=model, args=args, train_dataset=pairs, processing_class=tokenizer,
-                         peft_config=peft_config)
+                         peft_config=None if config.init_adapter else lora_config(config))
     return train_and_record(trainer, out, record, {"pairs": len(pairs)}, device)
 
 

@@ -21,6 +21,9 @@ import polars as pl
 from factory.answers import answer_key, answers_match
 from factory.config import option
 from factory.errors import FactoryError
+from factory.steps.base import DROP, RAW_REPLY, StepContext
+from factory.text import ngrams
+from filters.consistency import Consistency, ConsistencyConfig
 from trainers.common import parse_config, run_main
 
 
@@ -77,19 +80,19 @@ def accuracy(solve_step, client, table: pl.DataFrame, column: str, answer_column
     missing = [c for c in (column, answer_column) if c not in table.columns]
     if missing:
         raise FactoryError(f"the eval set has no column {', '.join(missing)} (it has {', '.join(table.columns)})")
-    solve_step.llm = client
+    ctx = StepContext(llm=client)
     results = []
     bar = tqdm(total=table.height, desc="eval", unit="item", file=sys.stderr, disable=not progress,
                dynamic_ncols=True, mininterval=0.5)
     for offset in range(0, table.height, batch_size):
         batch = table.slice(offset, batch_size).rename({column: solve_step.config.column}) \
             if column != solve_step.config.column else table.slice(offset, batch_size)
-        out = solve_step.process(batch)
+        out = solve_step.process(batch, ctx)
         for row in out.to_dicts():
-            prediction = row.get(solve_step.config.prediction_column) if row.get("_drop_reason") is None else None
+            prediction = row.get(solve_step.config.prediction_column) if row.get(DROP) is None else None
             results.append({"question": row[solve_step.config.column], "reference": row[answer_column],
                             "prediction": prediction, "response": row.get(solve_step.config.output_column)
-                            or row.get("_raw_reply"), "correct": answers_match(prediction, row[answer_column], method)})
+                            or row.get(RAW_REPLY), "correct": answers_match(prediction, row[answer_column], method)})
         bar.update(batch.height)
         bar.set_postfix_str(f"accuracy {sum(r['correct'] for r in results) / len(results):.3f}", refresh=False)
     bar.close()
@@ -126,17 +129,15 @@ def distinct_n(texts: list[str], n: int) -> float:
     """Unique word n-grams over all n-grams of the texts (1.0: no repetition at all)."""
     total, unique = 0, set()
     for text in texts:
-        words = text.split()
-        grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+        grams = ngrams(text.split(), n)
         total += len(grams)
         unique.update(grams)
     return round(len(unique) / total, 4) if total else 0.0
 
 
-def round_samples(version_dir: str | Path, solve_label: str) -> pl.DataFrame:
-    """Every sample the round's ``solve`` step produced, kept or dropped later.
-
-    Samples dropped by ``solve`` itself (no final answer) count as wrong answers.
+def round_samples(version_dir: str | Path, solve_index: int) -> pl.DataFrame:
+    """Every sample the round's ``solve`` step (``steps[solve_index]``) produced, kept or
+    dropped later. Samples dropped by ``solve`` itself (no final answer) count as wrong answers.
     """
     from factory.store import read_version
 
@@ -145,9 +146,8 @@ def round_samples(version_dir: str | Path, solve_label: str) -> pl.DataFrame:
     steps_after = rejected.filter(pl.col("drop_step") != "source") if rejected.height else rejected
     frames = [kept.with_columns(pl.lit(None, dtype=pl.String).alias("drop_step"))]
     if steps_after.height:
-        index = int(solve_label.split("[")[1].split("]")[0])
         order = steps_after["drop_step"].str.extract(r"steps\[(\d+)\]").cast(pl.Int64)
-        frames.append(steps_after.filter(order >= index))
+        frames.append(steps_after.filter(order >= solve_index))
     samples = pl.concat(frames, how="diagonal_relaxed")
     if "correct" not in samples.columns:
         raise FactoryError(f"{version_dir}: no `correct` column; put a `verify` step after `solve` so that "
@@ -174,22 +174,10 @@ def gap_metrics(samples: pl.DataFrame, *, task_column: str = "instruction", pred
     j_f = sum(r["correct"] for r in rows) / n
     verifiers: dict[str, list[bool]] = {}
     if prediction_column in samples.columns:
-        by_task: dict[str, list[int]] = defaultdict(list)
-        for i, r in enumerate(rows):
-            by_task[r[task_column]].append(i)
-        accepted = [False] * n
-        for indices in by_task.values():
-            keys = [answer_key(rows[i].get(prediction_column), method) for i in indices]
-            counts: dict[str, int] = {}
-            for key in keys:
-                if key is not None:
-                    counts[key] = counts.get(key, 0) + 1
-            if counts:
-                top = max(counts, key=lambda k: (counts[k], -keys.index(k)))
-                if counts[top] / len(indices) >= min_agreement:
-                    for i, key in zip(indices, keys):
-                        accepted[i] = key == top
-        verifiers["majority_vote"] = accepted
+        # The verifier is the curation filter itself: samples the `consistency` step would keep.
+        vote = Consistency(ConsistencyConfig(column=task_column, answer_column=prediction_column,
+                                             min_agreement=min_agreement, method=method))
+        verifiers["majority_vote"] = vote.keep(samples, StepContext())["reason"].is_null().to_list()
     if judge_column and judge_column in samples.columns and samples[judge_column].drop_nulls().len():
         scores = [r.get(judge_column) for r in rows]
         top_score = max(s for s in scores if s is not None)

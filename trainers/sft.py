@@ -22,39 +22,18 @@ from typing import Literal
 
 from factory.config import option
 from factory.errors import FactoryError
-from trainers.common import begin_training, lora_config, parse_config, pick_device, run_main, train_and_record
+from trainers.common import (TrainConfig, begin_training, lora_config, model_to_train, parse_config, run_main,
+                             train_and_record, training_arguments)
 
 
 @dataclass
-class SFTConfig:
+class SFTConfig(TrainConfig):
     dataset: str = option(help="A dataset version folder (out/<name>/v<N>) with a `messages` column.")
-    out: str = option(help="Where the adapter, training.json and checkpoints go.")
-    model: str = option("embedded", help="Base model: `embedded` (SmolLM2-135M-Instruct) or a local HF folder.")
-    init_adapter: str | None = option(None, help="Start from this LoRA adapter instead of a fresh one (e.g. the "
-                                                 "previous round's).")
-    lora_r: int = option(16, help="LoRA rank.", min=1)
-    lora_alpha: int = option(32, help="LoRA scaling numerator (the update is scaled by alpha / r).", min=1)
-    lora_dropout: float = option(0.05, help="Dropout on the LoRA path.", min=0.0, max=1.0)
-    target_modules: list[str] = option(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj",
-                                                                "gate_proj", "up_proj", "down_proj"],
-                                       help="Linear layers that get LoRA adapters.")
-    learning_rate: float = option(2e-4, help="Peak learning rate.", min=0.0)
     lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = option(
         "cosine", help="Learning-rate schedule.")
     warmup_ratio: float = option(0.05, help="Share of steps spent warming up (below 1).", min=0.0, max=0.99)
     weight_decay: float = option(0.0, help="AdamW weight decay.", min=0.0)
-    epochs: float = option(1.0, help="Passes over the data (ignored when max_steps > 0).", min=0.0)
-    max_steps: int = option(-1, help="Optimizer steps; -1 trains for `epochs`.", min=-1)
-    batch_size: int = option(8, help="Examples per device step.", min=1)
-    grad_accum: int = option(1, help="Device steps per optimizer step.", min=1)
-    max_length: int = option(512, help="Longest example in tokens; longer ones are cut on the right.", min=8)
     packing: bool = option(False, help="Concatenate examples into full blocks of max_length tokens.")
-    save_steps: int = option(10, help="Checkpoint every N optimizer steps (what a restart resumes from).", min=1)
-    logging_steps: int = option(1, help="Log the loss every N steps.", min=1)
-    seed: int = option(0, help="Seed for initialisation and data order.")
-    device: str = option("auto", help="`auto` (CUDA when available, else CPU), `cpu` or `cuda`.")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = option(
-        "auto", help="Training dtype; `auto` is float32 on CPU and bfloat16 on GPU.")
 
 
 def assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
@@ -149,11 +128,10 @@ def load_examples(config: SFTConfig, tokenizer) -> tuple[list[dict], dict]:
 
 def train(config: SFTConfig) -> Path:
     """Trains (or resumes) and returns the adapter folder."""
-    import torch
-    from peft import PeftModel, get_peft_model
+    from peft import get_peft_model
     from transformers import Trainer, TrainingArguments
 
-    from factory.models import load_plain_causal_lm, load_tokenizer
+    from factory.models import load_tokenizer
 
     record = begin_training(config, "sft")
     if record is None:
@@ -162,21 +140,12 @@ def train(config: SFTConfig) -> Path:
     tokenizer = load_tokenizer(config.model)
     examples, data_stats = load_examples(config, tokenizer)
     out.mkdir(parents=True, exist_ok=True)  # only once there is something to train on
-    device = pick_device(config.device)
-    model = load_plain_causal_lm(config.model, device=device, dtype=config.dtype)
-    if config.init_adapter:
-        model = PeftModel.from_pretrained(model, config.init_adapter, is_trainable=True)
-    else:
+    model, device = model_to_train(config)
+    if not config.init_adapter:
         model = get_peft_model(model, lora_config(config))
-    args = TrainingArguments(
-        output_dir=str(out / "checkpoints"), per_device_train_batch_size=config.batch_size,
-        gradient_accumulation_steps=config.grad_accum, learning_rate=config.learning_rate,
-        lr_scheduler_type=config.lr_scheduler, warmup_steps=config.warmup_ratio, weight_decay=config.weight_decay,
-        num_train_epochs=config.epochs, max_steps=config.max_steps, logging_steps=config.logging_steps,
-        save_steps=config.save_steps, save_total_limit=2, seed=config.seed, data_seed=config.seed,
-        report_to="none", use_cpu=not device.startswith("cuda"), bf16=model.dtype == torch.bfloat16,
-        fp16=model.dtype == torch.float16, dataloader_num_workers=0, remove_unused_columns=False,
-        disable_tqdm=False)
+    args = TrainingArguments(**training_arguments(config, out, device, model), lr_scheduler_type=config.lr_scheduler,
+                             warmup_steps=config.warmup_ratio, weight_decay=config.weight_decay,
+                             data_seed=config.seed, remove_unused_columns=False, disable_tqdm=False)
     trainer = Trainer(model=model, args=args, train_dataset=examples, data_collator=Collator(tokenizer.pad_token_id))
     return train_and_record(trainer, out, record, data_stats, device)
 

@@ -1,8 +1,10 @@
 """The one interface every LLM backend implements.
 
-A backend takes a batch of chat conversations and generation parameters and returns, per
-conversation, ``n`` texts and token counts. Batching, padding, retries and concurrency are
-the backend's business; steps only build messages and parse replies.
+A backend takes a list of requests -- a chat conversation and its generation parameters,
+the sampling seed included -- and returns, per request, ``n`` texts and token counts,
+reporting each reply as soon as it is ready. Batching, padding, retries and concurrency are
+the backend's business; steps only say what to ask and how to read the answer, and the
+one LLM path (:mod:`factory.llm.requests`) sits between the two.
 
 A conversation whose last message has role ``assistant`` is a *prefill*: the backend
 continues that message instead of starting a new one, and returns only the continuation.
@@ -10,11 +12,10 @@ continues that message instead of starting a new one, and returns only the conti
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 Message = dict[str, str]
 Conversation = list[Message]
@@ -37,7 +38,29 @@ class GenerationParams:
         return self.temperature <= 0.0
 
     def with_seed(self, seed: int) -> "GenerationParams":
-        return dataclasses.replace(self, seed=seed)
+        # Positional rather than dataclasses.replace: this runs for every request.
+        return GenerationParams(self.n, self.temperature, self.top_p, self.max_tokens, self.stop, seed, self.regex)
+
+    def sampling_key(self) -> tuple:
+        """Everything but the seed: requests with equal keys can share a batch."""
+        return (self.n, self.temperature, self.top_p, self.max_tokens, self.stop, self.regex)
+
+
+@dataclass(frozen=True)
+class Request:
+    """One conversation to answer, with the parameters to sample it with (seed included)."""
+
+    messages: Conversation
+    params: GenerationParams
+
+
+def by_sampling(requests: list[Request]) -> list[tuple[GenerationParams, list[int]]]:
+    """The requests' positions grouped by sampling parameters (all but the seed), in order of
+    first appearance; each group comes with its first request's parameters."""
+    groups: dict[tuple, tuple[GenerationParams, list[int]]] = {}
+    for i, request in enumerate(requests):
+        groups.setdefault(request.params.sampling_key(), (request.params, []))[1].append(i)
+    return list(groups.values())
 
 
 @dataclass
@@ -82,11 +105,16 @@ class BackendStats:
         self.retry_reasons[reason] = self.retry_reasons.get(reason, 0) + 1
 
 
+# Called with ``(position, completion)`` pairs of the replies that are ready, as they become
+# ready (a batch at a time, or one by one), so that they are cached before the others arrive.
+OnReply = Callable[[list[tuple[int, Completion]]], None]
+
+
 class Backend:
     """Base class of LLM backends.
 
     Subclasses set ``name`` and ``Config`` (a dataclass with a ``backend`` field) and
-    implement :meth:`chat`. Loading is lazy: constructing a backend and computing its
+    implement :meth:`generate`. Loading is lazy: constructing a backend and computing its
     :attr:`model_id` must not load a model, so that a fully cached run loads none.
     """
 
@@ -96,13 +124,6 @@ class Backend:
     def __init__(self, config: Any):
         self.config = config
         self.stats = BackendStats()
-        # Called with how many more conversations are answered, as a long call goes on
-        # (progress bars move within a batch); the LLM client sets it for each call.
-        self.on_progress = None
-
-    def report_progress(self, conversations: int) -> None:
-        if self.on_progress is not None and conversations:
-            self.on_progress(conversations)
 
     @property
     def model_id(self) -> str:
@@ -121,8 +142,19 @@ class Backend:
             FactoryError: with the fix, when the backend cannot work.
         """
 
-    def chat(self, conversations: list[Conversation], params: GenerationParams) -> list[Completion]:
+    def generate(self, requests: list[Request], on_reply: OnReply | None = None) -> list[Completion]:
+        """Answers every request, in order.
+
+        Args:
+            requests: what to ask; each request's ``params.seed`` seeds its sampling.
+            on_reply: called with the ``(position, completion)`` pairs that are ready, as soon
+                as they are (see :data:`OnReply`).
+        """
         raise NotImplementedError
+
+    def chat(self, conversations: list[Conversation], params: GenerationParams) -> list[Completion]:
+        """The same parameters for every conversation (seeds ``params.seed + i``)."""
+        return self.generate([Request(c, params.with_seed(params.seed + i)) for i, c in enumerate(conversations)])
 
     def close(self) -> None:
         """Frees the model or connections."""
@@ -132,6 +164,11 @@ def fingerprint(data: Any) -> str:
     """A stable sha256 hex digest of JSON-serialisable data."""
     text = json.dumps(data, sort_keys=True, ensure_ascii=False, default=str, separators=(",", ":"))
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def fingerprint_int(data: Any) -> int:
+    """A stable 32-bit integer from JSON-serialisable data (for seeds)."""
+    return int(fingerprint(data)[:8], 16)
 
 
 def split_prefill(conversation: Conversation) -> tuple[Conversation, str | None]:

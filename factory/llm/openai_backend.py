@@ -20,7 +20,7 @@ import httpx
 
 from ..config import option
 from ..errors import BackendError
-from .base import Backend, Completion, Conversation, GenerationParams, split_prefill
+from .base import Backend, Completion, Conversation, GenerationParams, OnReply, Request, split_prefill
 
 RETRY_STATUSES = {408, 409, 425, 429, 500, 502, 503, 504}
 
@@ -77,8 +77,8 @@ class OpenAIBackend(Backend):
             raise BackendError(f"the server at {self.config.base_url} refused the API key (HTTP "
                                f"{response.status_code}); set ${self.config.api_key_env} to a valid key")
 
-    def chat(self, conversations: list[Conversation], params: GenerationParams) -> list[Completion]:
-        coro = self._chat_all(conversations, params)
+    def generate(self, requests: list[Request], on_reply: OnReply | None = None) -> list[Completion]:
+        coro = self._generate_all(requests, on_reply)
         try:
             asyncio.get_running_loop()
         except RuntimeError:
@@ -90,18 +90,19 @@ class OpenAIBackend(Backend):
         thread.join()
         return box["out"]
 
-    async def _chat_all(self, conversations, params):
+    async def _generate_all(self, requests: list[Request], on_reply: OnReply | None):
         limits = httpx.Limits(max_connections=self.config.max_concurrency,
                               max_keepalive_connections=self.config.max_concurrency)
         semaphore = asyncio.Semaphore(self.config.max_concurrency)
         async with httpx.AsyncClient(base_url=self.config.base_url.rstrip("/") + "/", headers=self._headers(),
                                      timeout=self.config.timeout, limits=limits) as client:
-            async def one(i, conv):
+            async def one(i: int, request: Request) -> Completion:
                 async with semaphore:
-                    completion = await self._complete(client, conv, params, seed=params.seed + i)
-                self.report_progress(1)
+                    completion = await self._complete(client, request.messages, request.params)
+                if on_reply is not None:
+                    on_reply([(i, completion)])
                 return completion
-            return await asyncio.gather(*(one(i, c) for i, c in enumerate(conversations)))
+            return await asyncio.gather(*(one(i, r) for i, r in enumerate(requests)))
 
     def _payload(self, conv: Conversation, params: GenerationParams, n: int, seed: int) -> dict:
         payload = {"model": self.config.model, "messages": conv, "n": n, "temperature": params.temperature,
@@ -117,8 +118,7 @@ class OpenAIBackend(Backend):
             payload["add_generation_prompt"] = False
         return payload
 
-    async def _complete(self, client: httpx.AsyncClient, conv: Conversation, params: GenerationParams,
-                        seed: int) -> Completion:
+    async def _complete(self, client: httpx.AsyncClient, conv: Conversation, params: GenerationParams) -> Completion:
         texts: list[str] = []
         prompt_tokens = completion_tokens = 0
         # Some servers return fewer choices than `n`; ask again for the rest.
@@ -127,7 +127,7 @@ class OpenAIBackend(Backend):
             if need <= 0:
                 break
             try:
-                body = await self._post_with_retries(client, self._payload(conv, params, need, seed + attempt))
+                body = await self._post_with_retries(client, self._payload(conv, params, need, params.seed + attempt))
             except _RequestError as err:
                 self.stats.failures += 1
                 tries = f" (after {self.config.max_retries} retries)" if err.retryable else ""

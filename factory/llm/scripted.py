@@ -3,8 +3,9 @@
 Replies come from rules: the first rule whose regular expression is found in the
 conversation (all its messages, joined by newlines) answers. A reply is a template that may use ``{sample}`` (the
 sample index), ``{hash}`` (8 hex digits of the conversation and sample), ``{digit}`` (a
-digit from that hash, 0-9), ``{score}`` (1-10 from that hash) and the rule's named groups.
-The same conversation always gets the same replies.
+digit from that hash, 0-9), ``{score}`` (1-10 from that hash), ``{seed}`` (the sampling
+seed the request was sent with, for tests of seeding) and the rule's named groups. The same
+conversation always gets the same replies (with ``{seed}``: the same conversation and seed).
 
 Example (in a recipe):
     llm:
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 from typing import Callable, Literal
 
 from ..config import option
-from .base import Backend, Completion, Conversation, GenerationParams, fingerprint, trim_at_stop
+from .base import Backend, Completion, Conversation, OnReply, Request, fingerprint, trim_at_stop
 
 
 @dataclass
@@ -70,25 +71,28 @@ class ScriptedBackend(Backend):
         rules = fingerprint([self.config.rules, self.config.default, self.config.adapter])[:12]
         return f"scripted:{self.config.model}@{rules}" + ("+fn" if self.reply_fn else "")
 
-    def reply(self, conversation: Conversation, sample: int) -> str:
+    def reply(self, conversation: Conversation, sample: int, seed: int = 0) -> str:
         if self.reply_fn is not None:
             return self.reply_fn(conversation, sample)
         text = "\n".join(m.get("content", "") for m in conversation)
         digest = hashlib.sha256(repr((conversation, sample)).encode()).hexdigest()
         fields = {"sample": sample, "hash": digest[:8], "digit": int(digest[:8], 16) % 10,
-                  "score": int(digest[8:16], 16) % 10 + 1}
+                  "score": int(digest[8:16], 16) % 10 + 1, "seed": seed}
         for pattern, template in self.rules:
             found = pattern.search(text)
             if found:
                 return template.format(**fields, **found.groupdict())
         return self.config.default.format(**fields)
 
-    def chat(self, conversations: list[Conversation], params: GenerationParams) -> list[Completion]:
+    def generate(self, requests: list[Request], on_reply: OnReply | None = None) -> list[Completion]:
         self.calls += 1
         out = []
-        for conv in conversations:
+        for request in requests:
             self.stats.requests += 1
-            texts = [trim_at_stop(self.reply(conv, k), params.stop) for k in range(params.n)]
-            prompt_tokens = sum(len(m.get("content", "").split()) for m in conv)
+            params = request.params
+            texts = [trim_at_stop(self.reply(request.messages, k, params.seed), params.stop) for k in range(params.n)]
+            prompt_tokens = sum(len(m.get("content", "").split()) for m in request.messages)
             out.append(Completion(texts, prompt_tokens, sum(len(t.split()) for t in texts)))
+        if on_reply is not None:
+            on_reply(list(enumerate(out)))
         return out

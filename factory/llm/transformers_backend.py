@@ -9,7 +9,8 @@ from typing import Literal
 from ..config import option
 from ..errors import FactoryError
 from ..models import adapter_fingerprint, check_adapter, load_causal_lm, load_tokenizer, model_fingerprint, pick_device
-from .base import Backend, Completion, Conversation, GenerationParams, split_prefill, trim_at_stop
+from .base import (Backend, Completion, Conversation, OnReply, Request, by_sampling, fingerprint_int, split_prefill,
+                   trim_at_stop)
 
 
 @dataclass
@@ -93,51 +94,55 @@ class TransformersBackend(Backend):
             return self.tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
         return self.tokenizer.apply_chat_template(conversation, tokenize=False, continue_final_message=True)
 
-    def chat(self, conversations: list[Conversation], params: GenerationParams) -> list[Completion]:
+    def generate(self, requests: list[Request], on_reply: OnReply | None = None) -> list[Completion]:
         import torch
 
         self.load()
         tok = self.tokenizer
-        prompts = [self.render(c) for c in conversations]
-        encoded = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
-        results: list[Completion | None] = [None] * len(conversations)
-        runnable = []
-        for i, ids in enumerate(encoded):
-            if len(ids) > self.config.max_input_tokens:
-                results[i] = Completion([], len(ids), 0, error=f"prompt has {len(ids)} tokens, over "
-                                        f"llm.max_input_tokens={self.config.max_input_tokens}",
-                                        error_reason="prompt_too_long")
-            else:
-                runnable.append(i)
-        # Longest first: similar lengths share a batch, and the slowest batch comes first.
-        runnable.sort(key=lambda i: -len(encoded[i]))
-        per_batch = max(1, self.config.batch_size // params.n)
+        encoded = [tok(self.render(r.messages), add_special_tokens=False)["input_ids"] for r in requests]
+        results: list[Completion | None] = [None] * len(requests)
+
+        def done(ready: list[tuple[int, Completion]]) -> None:
+            for i, completion in ready:
+                results[i] = completion
+            if on_reply is not None and ready:
+                on_reply(ready)
+
         eos_ids = _eos_ids(self.model, tok)
-        for start in range(0, len(runnable), per_batch):
-            chunk = runnable[start:start + per_batch]
-            self.stats.requests += len(chunk)
-            batch = tok.pad({"input_ids": [encoded[i] for i in chunk]}, return_tensors="pt", padding=True)
-            batch = {k: v.to(self.device) for k, v in batch.items()}
-            # The seed depends only on the params and the chunk's place: a rerun of the
-            # same batch samples the same replies.
-            torch.manual_seed(params.seed + start)
-            sampling = {"do_sample": False} if params.greedy else {
-                "do_sample": True, "temperature": params.temperature, "top_p": params.top_p}
-            extra = {"stop_strings": list(params.stop), "tokenizer": tok} if params.stop else {}
-            with torch.inference_mode():
-                out = self.model.generate(**batch, max_new_tokens=params.max_tokens,
-                                          num_return_sequences=params.n, pad_token_id=tok.pad_token_id,
-                                          **sampling, **extra)
-            generated = out[:, batch["input_ids"].shape[1]:].tolist()
-            for j, i in enumerate(chunk):
-                texts, count = [], 0
-                for k in range(params.n):
-                    ids = generated[j * params.n + k]
-                    ids = _cut_at_eos(ids, eos_ids)
-                    count += len(ids)
-                    texts.append(trim_at_stop(tok.decode(ids, skip_special_tokens=True), params.stop))
-                results[i] = Completion(texts, len(encoded[i]), count)
-            self.report_progress(len(chunk))
+        for params, indices in by_sampling(requests):
+            runnable = [i for i in indices if len(encoded[i]) <= self.config.max_input_tokens]
+            done([(i, Completion([], len(encoded[i]), 0, error=f"prompt has {len(encoded[i])} tokens, over "
+                                 f"llm.max_input_tokens={self.config.max_input_tokens}",
+                                 error_reason="prompt_too_long"))
+                  for i in indices if len(encoded[i]) > self.config.max_input_tokens])
+            # Longest first: similar lengths share a batch, and the slowest batch comes first.
+            runnable.sort(key=lambda i: -len(encoded[i]))
+            per_batch = max(1, self.config.batch_size // params.n)
+            for start in range(0, len(runnable), per_batch):
+                chunk = runnable[start:start + per_batch]
+                self.stats.requests += len(chunk)
+                batch = tok.pad({"input_ids": [encoded[i] for i in chunk]}, return_tensors="pt", padding=True)
+                batch = {k: v.to(self.device) for k, v in batch.items()}
+                # One generator draws for the whole batch: seeded from its requests' seeds, so the
+                # same requests in the same batch sample the same replies again.
+                torch.manual_seed(fingerprint_int([requests[i].params.seed for i in chunk]))
+                sampling = {"do_sample": False} if params.greedy else {
+                    "do_sample": True, "temperature": params.temperature, "top_p": params.top_p}
+                extra = {"stop_strings": list(params.stop), "tokenizer": tok} if params.stop else {}
+                with torch.inference_mode():
+                    out = self.model.generate(**batch, max_new_tokens=params.max_tokens,
+                                              num_return_sequences=params.n, pad_token_id=tok.pad_token_id,
+                                              **sampling, **extra)
+                generated = out[:, batch["input_ids"].shape[1]:].tolist()
+                ready = []
+                for j, i in enumerate(chunk):
+                    texts, count = [], 0
+                    for k in range(params.n):
+                        ids = _cut_at_eos(generated[j * params.n + k], eos_ids)
+                        count += len(ids)
+                        texts.append(trim_at_stop(tok.decode(ids, skip_special_tokens=True), params.stop))
+                    ready.append((i, Completion(texts, len(encoded[i]), count)))
+                done(ready)
         return results  # type: ignore[return-value]
 
     def close(self) -> None:

@@ -16,7 +16,7 @@ from typing import Literal
 from ..config import option
 from ..errors import FactoryError
 from ..models import EMBEDDED, adapter_fingerprint, check_adapter, export_model, model_fingerprint, resolve_model
-from .base import Backend, Completion, Conversation, GenerationParams, split_prefill
+from .base import Backend, Completion, GenerationParams, OnReply, Request, split_prefill
 
 
 @dataclass
@@ -124,26 +124,27 @@ class VLLMBackend(Backend):
                               else 1.0, max_tokens=params.max_tokens, stop=list(params.stop) or None,
                               seed=params.seed, **extra)
 
-    def chat(self, conversations: list[Conversation], params: GenerationParams) -> list[Completion]:
+    def generate(self, requests: list[Request], on_reply: OnReply | None = None) -> list[Completion]:
         self.load()
-        sampling = self.sampling_params(params)
-        results: list[Completion | None] = [None] * len(conversations)
-        # vLLM's chat() takes one prefill mode per call: group by it.
+        results: list[Completion | None] = [None] * len(requests)
+        # vLLM's chat() takes one prefill mode per call: group by it. Sampling parameters
+        # (and so seeds) go per request.
         groups: dict[bool, list[int]] = {False: [], True: []}
-        for i, conv in enumerate(conversations):
-            groups[split_prefill(conv)[1] is not None].append(i)
+        for i, request in enumerate(requests):
+            groups[split_prefill(request.messages)[1] is not None].append(i)
         for prefill, indices in groups.items():
             if not indices:
                 continue
             self.stats.requests += len(indices)
-            outputs = self.engine.chat([conversations[i] for i in indices], sampling, use_tqdm=False,
+            outputs = self.engine.chat([requests[i].messages for i in indices],
+                                       [self.sampling_params(requests[i].params) for i in indices], use_tqdm=False,
                                        lora_request=self._lora(), add_generation_prompt=not prefill,
                                        continue_final_message=prefill)
             for i, out in zip(indices, outputs):
-                texts = [o.text for o in out.outputs]
-                results[i] = Completion(texts, len(out.prompt_token_ids or []),
+                results[i] = Completion([o.text for o in out.outputs], len(out.prompt_token_ids or []),
                                         sum(len(o.token_ids) for o in out.outputs))
-            self.report_progress(len(indices))
+            if on_reply is not None:
+                on_reply([(i, results[i]) for i in indices])
         return results  # type: ignore[return-value]
 
     def close(self) -> None:

@@ -1,25 +1,32 @@
 """Base classes of recipe steps.
 
-A step has one method to override:
+A step has one small method to write:
 
-* :class:`RowStep` -- ``process(batch)`` on a batch of rows (a polars DataFrame); the runner
-  decides the batches. Rows may be added, changed, expanded or dropped.
-* :class:`GlobalStep` -- ``process(table)`` on the whole table (dedup, majority vote,
-  generators that need the whole pool).
-* :class:`Filter` -- ``keep(row)`` returning True, False or ``(False, "reason")``.
-* :class:`LLMStep` -- ``build_messages(row)`` and ``parse(reply, row)``; the base class
-  batches the calls, expands samples and drops unparseable replies with reason
-  ``parse_error`` (the raw reply is kept in ``rejected/``).
+* :class:`RowStep` -- ``process(batch, ctx)`` on a batch of rows (a polars DataFrame); the
+  executor decides the batches. Rows may be added, changed, expanded or dropped.
+* :class:`GlobalStep` -- ``process(table, ctx)`` on the whole table (generators that need
+  the pool, majority votes), with optional hooks that let an executor spread the work.
+* :class:`Filter` -- ``keep(row)``: True, False or ``(False, "reason"[, "detail"])``.
+* :class:`TableFilter` -- a vectorised ``keep(table, ctx)``: a frame with a ``reason`` per
+  row (null keeps it), optionally a ``detail``, and any columns to add.
+* :class:`LLMStep` -- ``build_messages(row)`` and ``parse(reply, row)``; steps that ask more
+  than once per row, or plan rounds over the whole table, write ``exchange(rows)`` instead.
+  Requests go through the one LLM path (:mod:`factory.llm.requests`); failures and
+  unreadable replies become drops here, the same way for every step.
 
-A step marks a row as dropped by setting the ``_drop_reason`` column; the runner moves
-such rows to the rejected table and counts them per reason. Steps never know how they
-are scheduled, hold no global state and pickle without their backend, so the local and
-the Ray runner can both run them.
+A step marks a row as dropped by setting the ``_drop_reason`` column (see :func:`dropped`);
+the driver moves such rows to the rejected table and counts them per reason. Steps never
+know how they are scheduled and hold no state between runs beside caches of what their
+config implies (compiled templates), which are rebuilt wherever a copy of the step runs.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import copy
+import dataclasses
+import functools
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -27,7 +34,7 @@ import polars as pl
 
 from ..config import option, to_dict
 from ..errors import ParseError
-from ..llm.base import Completion, Conversation, GenerationParams, fingerprint
+from ..llm.base import Completion, Conversation, GenerationParams, Request, fingerprint
 
 DROP = "_drop_reason"
 RAW_REPLY = "_raw_reply"
@@ -41,7 +48,19 @@ class InvalidRow(ValueError):
     """A row lacks what a step needs (missing or non-text field): dropped as ``invalid_input``."""
 
 
-class _NoProgress:
+def dropped(row: dict, reason: str, detail: str | None = None, reply: str | None = None) -> dict:
+    """``row`` marked as dropped with ``reason`` (and why, and the raw reply, when known)."""
+    out = {**row, DROP: reason}
+    if detail is not None:
+        out[DROP_DETAIL] = detail
+    if reply is not None:
+        out[RAW_REPLY] = reply
+    return out
+
+
+class NoProgress:
+    """A progress bar that shows nothing (the default outside the command line)."""
+
     def update(self, n=1):
         pass
 
@@ -50,6 +69,41 @@ class _NoProgress:
 
     def set_postfix_str(self, text, refresh=True):
         pass
+
+
+@dataclass
+class StepContext:
+    """What a step gets while it runs.
+
+    Attributes:
+        llm: the step's :class:`~factory.llm.requests.LLMClient` (LLM steps only).
+        progress: a tqdm-like bar a global step may move.
+        report: facts the step wants in the manifest (which eval items matched, clusters...).
+    """
+
+    llm: Any = None
+    progress: Any = field(default_factory=NoProgress)
+    report: dict = field(default_factory=dict)
+
+    def facts(self) -> dict:
+        """The report and the LLM usage, as an executor sends them back to the driver."""
+        return {"report": self.report, "usage": self.llm.usage.to_json() if self.llm is not None else None}
+
+
+def merge_reports(reports: Iterable[dict]) -> dict:
+    """Step reports from parts of the table: numbers add up, lists concatenate, mappings merge."""
+    merged: dict = {}
+    for report in reports:
+        for key, value in report.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                merged[key] = merged.get(key, 0) + value
+            elif isinstance(value, list):
+                merged[key] = merged.get(key, []) + value
+            elif isinstance(value, dict) and isinstance(merged.get(key), dict):
+                merged[key] = merge_reports([merged[key], value])
+            else:
+                merged[key] = value
+    return merged
 
 
 class Step:
@@ -66,11 +120,10 @@ class Step:
         self.index = index
         self.seed = seed
         self.base_dir = base_dir or Path.cwd()
-        self.llm = None  # an LLMClient, set by the runner for LLM steps
-        self.progress = _NoProgress()
-        # Facts a step wants in the manifest (e.g. which eval items matched). Global steps'
-        # reports are cached with their output; row steps' reports cover the batches they ran.
-        self.report: dict = {}
+
+    @property
+    def label(self) -> str:
+        return f"steps[{self.index}].{self.name}"
 
     def requires(self) -> list[str]:
         """Columns that must exist before this step (checked when the recipe is validated)."""
@@ -88,22 +141,24 @@ class Step:
         """Static checks beyond types (files exist, templates compile): ``(message, key, fix)``."""
         return []
 
-    def process(self, data: pl.DataFrame) -> pl.DataFrame:
+    def process(self, data: pl.DataFrame, ctx: StepContext | None = None) -> pl.DataFrame:
         raise NotImplementedError
 
     def fingerprint(self) -> str:
-        """Identity of what this step computes (part of every cache key)."""
-        parts = [type(self).__module__, type(self).__qualname__, self.version, to_dict(self.config), self.seed]
-        if self.llm is not None:
-            parts.append(self.llm.backend.model_id)
-        return fingerprint(parts)
+        """Identity of what this step computes (part of every cache key, with the model's)."""
+        return fingerprint([type(self).__module__, type(self).__qualname__, self.version, to_dict(self.config),
+                            self.seed])
+
+    def path(self, value: str) -> Path:
+        """A path option, relative to the recipe's folder unless absolute."""
+        return Path(value) if Path(value).is_absolute() else self.base_dir / value
 
     def __getstate__(self):
-        state = dict(self.__dict__)
-        state["llm"] = None
-        state["progress"] = _NoProgress()
-        state["report"] = {}
-        return state
+        # Caches (functools.cached_property) are rebuilt where a copy of the step runs:
+        # compiled templates do not pickle.
+        cls = type(self)
+        return {k: v for k, v in self.__dict__.items()
+                if not isinstance(getattr(cls, k, None), functools.cached_property)}
 
 
 class RowStep(Step):
@@ -115,7 +170,7 @@ class RowStep(Step):
 class GlobalStep(Step):
     """A step that sees the whole table at once: override :meth:`process`.
 
-    Two optional hooks let a distributed runner spread the work without the step knowing
+    Two optional hooks let a distributed executor spread the work without the step knowing
     how it is scheduled:
 
     * :meth:`group_key` -- the step's output for a row depends only on the rows sharing
@@ -133,7 +188,7 @@ class GlobalStep(Step):
     def partial(self, rows: pl.DataFrame):
         raise NotImplementedError
 
-    def combine(self, table: pl.DataFrame, partials: list) -> pl.DataFrame:
+    def combine(self, table: pl.DataFrame, partials: list, ctx: StepContext | None = None) -> pl.DataFrame:
         raise NotImplementedError
 
     @property
@@ -147,8 +202,6 @@ class Filter(RowStep):
 
     ``keep`` returns True to keep the row, False to drop it with the filter's
     ``default_reason``, ``(False, "reason")``, or ``(False, "reason", "detail")``.
-    Vectorised filters may override :meth:`process` instead and set the
-    ``_drop_reason`` column themselves.
     """
 
     default_reason: ClassVar[str] = "filtered"
@@ -156,7 +209,7 @@ class Filter(RowStep):
     def keep(self, row: dict) -> bool | tuple:
         raise NotImplementedError
 
-    def process(self, batch: pl.DataFrame) -> pl.DataFrame:
+    def process(self, batch: pl.DataFrame, ctx: StepContext | None = None) -> pl.DataFrame:
         reasons, details = [], []
         for row in batch.iter_rows(named=True):
             verdict = self.keep(row)
@@ -167,6 +220,29 @@ class Filter(RowStep):
             details.append(verdict[2] if not kept and len(verdict) > 2 else None)
         return batch.with_columns(pl.Series(DROP, reasons, dtype=pl.String),
                                   pl.Series(DROP_DETAIL, details, dtype=pl.String))
+
+
+class TableFilter(GlobalStep):
+    """Keeps or drops rows with a view of the whole table: override :meth:`keep`.
+
+    ``keep(table, ctx)`` returns a frame with one row per input row: ``reason`` (null keeps
+    the row), optionally ``detail``, and any other columns, which are added to the table
+    (columns named ``_x`` only to the rejected rows, as ``x``: why a row went).
+    """
+
+    def keep(self, table: pl.DataFrame, ctx: StepContext) -> pl.DataFrame:
+        raise NotImplementedError
+
+    def process(self, table: pl.DataFrame, ctx: StepContext | None = None) -> pl.DataFrame:
+        return self.apply(table, self.keep(table, ctx or StepContext()))
+
+    @staticmethod
+    def apply(table: pl.DataFrame, verdicts: pl.DataFrame) -> pl.DataFrame:
+        """``table`` with the verdicts' columns; ``reason``/``detail`` become the drop columns."""
+        verdicts = verdicts.with_columns(pl.col("reason").cast(pl.String))
+        names = {"reason": DROP, "detail": DROP_DETAIL}
+        return table.with_columns(verdicts.rename({k: v for k, v in names.items() if k in verdicts.columns})
+                                  .get_columns())
 
 
 @dataclass
@@ -184,22 +260,52 @@ class LLMStepConfig:
     system: str | None = option(None, help="A system message sent before the prompt.")
 
 
-class LLMStep(RowStep):
-    """A step that asks an LLM about each row: override ``build_messages`` and ``parse``.
+@dataclass
+class TaskStepConfig(LLMStepConfig):
+    """Options of an LLM step that shows the model a task."""
 
-    ``parse`` returns the new columns for one reply, or raises :class:`ParseError`; the row
-    is then dropped with reason ``parse_error`` and its raw reply kept. A step with
-    ``samples > 1`` in its config yields one row per sample, numbered in column ``sample``.
+    column: str = option("instruction", help="The task text.")
+    input_column: str = option("input", help="Optional task input, shown with the task when the row has it.")
+
+
+@dataclass
+class AnswerStepConfig(TaskStepConfig):
+    """Options of an LLM step that shows the model a task and an answer to it."""
+
+    response_column: str = option("response", help="The answer the step looks at.")
+
+
+class LLMStep(Step):
+    """A step that asks an LLM: override ``build_messages`` and ``parse``.
+
+    ``build_messages(row)`` returns the conversation for a row (or raises :class:`InvalidRow`:
+    the row is dropped as ``invalid_input``); ``parse(reply, row)`` returns the new columns
+    for one reply, or raises :class:`ParseError` (the row is dropped with its reason, its
+    raw reply kept). A step with ``samples > 1`` in its config yields one row per sample,
+    numbered in column ``sample``. A step whose rows become several requests overrides
+    :meth:`expand`; one that asks in several rounds, or plans over the whole table (a
+    generator: ``kind = "global"``), overrides :meth:`exchange`, a generator that yields
+    lists of requests and receives their completions (:meth:`plan` and :meth:`read` are the
+    default's two halves). The step never calls the model itself.
+
+    ``templates`` maps the step's template options to their default files in
+    ``templates/``; a step with several prompts lists each.
     """
 
     uses_llm = True
     Config = LLMStepConfig
     sample_column: ClassVar[str] = "sample"
+    templates: ClassVar[dict[str, str]] = {}  # option -> default template file; default {"template": name}
 
     def __init__(self, config, **kwargs):
         super().__init__(config, **kwargs)
         self.llm_config = None  # the validated backend config, set when the recipe is resolved
-        self._template = None
+
+    def with_llm_config(self, llm_config) -> "LLMStep":
+        """A copy of the step that asks the model of ``llm_config``."""
+        step = copy.copy(self)
+        step.llm_config = llm_config
+        return step
 
     # -- what subclasses override -------------------------------------------------------
     def build_messages(self, row: dict) -> Conversation:
@@ -208,6 +314,60 @@ class LLMStep(RowStep):
 
     def parse(self, reply: str, row: dict) -> dict:
         raise NotImplementedError
+
+    def expand(self, row: dict) -> list[dict]:
+        """The items one input row asks about (default: the row itself)."""
+        return [row]
+
+    def exchange(self, rows: list[dict], ctx: StepContext):
+        """The step's conversation with the model: yields lists of requests, receives their
+        completions, returns the output rows. Default: one request per item of each row."""
+        asked, out = self.plan(rows)
+        completions = yield [request for _, request in asked]
+        return out + self.read(asked, completions)
+
+    def plan(self, rows: list[dict]) -> tuple[list[tuple[dict, Request]], list[dict]]:
+        """One request per item of each row, and the rows that cannot be asked about, dropped."""
+        asked, out = [], []
+        for row in rows:
+            try:
+                asked += [(item, Request(self.build_messages(item), self.generation_params()))
+                          for item in self.expand(row)]
+            except InvalidRow as err:
+                out.append(dropped(row, "invalid_input", str(err)))
+        return asked, out
+
+    def read(self, asked: list[tuple[dict, Request]], completions: list[Completion]) -> list[dict]:
+        """The rows the completions of the planned requests give (see :meth:`rows_from_completion`)."""
+        return [out for (item, _), completion in zip(asked, completions)
+                for out in self.rows_from_completion(item, completion)]
+
+    def frame(self, rows: list[dict], data: pl.DataFrame) -> pl.DataFrame:
+        """The output rows as a frame (generators override it to give an empty output its schema)."""
+        return rows_to_frame(rows, like=data)
+
+    # -- the batch -----------------------------------------------------------------------
+    def process(self, data: pl.DataFrame, ctx: StepContext | None = None) -> pl.DataFrame:
+        if ctx is None or ctx.llm is None:
+            raise TypeError(f"{type(self).__name__}.process needs a StepContext with an LLM client")
+        return self.frame(ctx.llm.run(self.exchange(data.to_dicts(), ctx)), data)
+
+    def rows_from_completion(self, row: dict, completion: Completion, parse=None) -> list[dict]:
+        """The rows one completion gives: one per sample, its parsed columns added; a failed
+        request or an unreadable reply drops the row with the reason and the raw reply."""
+        if completion.error is not None:
+            return [dropped(row, completion.error_reason, completion.error)]
+        parse = parse or self.parse
+        out = []
+        for k, reply in enumerate(completion.texts):
+            extra = {self.sample_column: k} if self.samples > 1 else {}
+            try:
+                columns = parse(reply, row)
+            except ParseError as err:
+                out.append(dropped({**row, **extra}, err.reason, str(err), reply))
+                continue
+            out.append({**row, **columns, **extra})
+        return out
 
     # -- helpers ------------------------------------------------------------------------
     @property
@@ -228,33 +388,12 @@ class LLMStep(RowStep):
             conv.append({"role": "assistant", "content": prefill})
         return conv
 
-    def template_source(self) -> str:
-        t = self.config.template
-        if t is None:
-            return (TEMPLATE_DIR / f"{self.name}.j2").read_text(encoding="utf-8")
-        if t.endswith(".j2") and "\n" not in t:
-            path = Path(t) if Path(t).is_absolute() else self.base_dir / t
-            return path.read_text(encoding="utf-8")
-        return t
-
-    def render(self, row: dict, **extra) -> str:
-        if self._template is None:
-            self._template = compile_template(self.template_source())
-        return self._template.render({**row, **extra, "config": self.config}).strip()
-
-    def check(self):
-        problems = []
-        t = self.config.template
-        if t and t.endswith(".j2") and "\n" not in t:
-            path = Path(t) if Path(t).is_absolute() else self.base_dir / t
-            if not path.is_file():
-                return [(f"template file '{t}' does not exist", "template",
-                         "give a path relative to the recipe file, or inline the template text")]
-        try:
-            compile_template(self.template_source())
-        except Exception as err:  # jinja2.TemplateSyntaxError and friends
-            problems.append((f"the template does not compile: {err}", "template", "fix the Jinja syntax"))
-        return problems
+    def task_variables(self, row: dict) -> dict:
+        """The task and its optional input as the templates name them (``task``, ``task_input``),
+        for steps whose config has ``column`` and ``input_column``."""
+        task_input = row.get(self.config.input_column)
+        return {"task": self.text(row, self.config.column), "task_input": task_input if isinstance(task_input, str)
+                else ""}
 
     def text(self, row: dict, column: str) -> str:
         """``row[column]`` as non-empty text, or :class:`InvalidRow`."""
@@ -266,37 +405,55 @@ class LLMStep(RowStep):
             raise InvalidRow(f"column '{column}' is empty")
         return value
 
-    def fingerprint(self) -> str:
-        return fingerprint([super().fingerprint(), self.template_source()])
+    # -- templates -----------------------------------------------------------------------
+    def template_options(self) -> dict[str, str]:
+        """Each template option and the default template file it falls back on."""
+        return self.templates or {"template": self.name}
 
-    # -- the batch loop -----------------------------------------------------------------
-    def process(self, batch: pl.DataFrame) -> pl.DataFrame:
-        rows = batch.to_dicts()
-        out: list[dict] = []
-        todo: list[tuple[dict, Conversation]] = []
-        for row in rows:
-            try:
-                todo.append((row, self.build_messages(row)))
-            except InvalidRow as err:
-                out.append({**row, DROP: "invalid_input", DROP_DETAIL: str(err)})
-        completions = self.llm.chat([conv for _, conv in todo], self.generation_params()) if todo else []
-        for (row, _), completion in zip(todo, completions):
-            out.extend(self.rows_from_completion(row, completion))
-        return rows_to_frame(out, like=batch)
+    def template_source(self, option: str = "template") -> str:
+        value = getattr(self.config, option)
+        if value is None:
+            return (TEMPLATE_DIR / f"{self.template_options()[option]}.j2").read_text(encoding="utf-8")
+        if is_template_path(value):
+            return self.path(value).read_text(encoding="utf-8")
+        return value
 
-    def rows_from_completion(self, row: dict, completion: Completion) -> list[dict]:
-        if completion.error is not None:
-            return [{**row, DROP: completion.error_reason, DROP_DETAIL: completion.error}]
-        out = []
-        for k, reply in enumerate(completion.texts):
-            extra = {self.sample_column: k} if self.samples > 1 else {}
-            try:
-                columns = self.parse(reply, row)
-            except ParseError as err:
-                out.append({**row, **extra, DROP: err.reason, RAW_REPLY: reply, DROP_DETAIL: str(err)})
+    @functools.cached_property
+    def _compiled(self) -> dict:
+        return {}
+
+    def render(self, row: dict, option: str = "template", **extra) -> str:
+        if option not in self._compiled:
+            self._compiled[option] = compile_template(self.template_source(option))
+        return self._compiled[option].render({**row, **extra, "config": self.config}).strip()
+
+    def check(self):
+        problems = []
+        for name in self.template_options():
+            value = getattr(self.config, name)
+            if value is not None and is_template_path(value) and not self.path(value).is_file():
+                problems.append((f"template file '{value}' does not exist", name,
+                                 "give a path relative to the recipe file, or inline the template text"))
                 continue
-            out.append({**row, **columns, **extra})
-        return out
+            try:
+                compile_template(self.template_source(name))
+            except Exception as err:  # jinja2.TemplateSyntaxError and friends
+                problems.append((f"the template does not compile: {err}", name, "fix the Jinja syntax"))
+        return problems
+
+    def fingerprint(self) -> str:
+        return fingerprint([super().fingerprint(), [self.template_source(o) for o in self.template_options()]])
+
+
+def verdict_only(params: GenerationParams) -> GenerationParams:
+    """Parameters for a reply that is a verdict or a score alone: it ends at the line's end,
+    and a few tokens hold it."""
+    return dataclasses.replace(params, stop=params.stop + ("\n",), max_tokens=min(params.max_tokens, 8))
+
+
+def is_template_path(value: str) -> bool:
+    """A template option names a file (``prompts/judge.j2``) rather than holding the text."""
+    return value.endswith(".j2") and "\n" not in value
 
 
 def compile_template(source: str):
@@ -307,10 +464,12 @@ def compile_template(source: str):
     return env.from_string(source)
 
 
-def rows_to_frame(rows: list[dict], like: pl.DataFrame | None = None) -> pl.DataFrame:
-    """Rows (dicts) as a frame; with no rows, an empty frame with ``like``'s schema."""
+def rows_to_frame(rows: list[dict], like: pl.DataFrame | None = None, schema: dict | None = None) -> pl.DataFrame:
+    """Rows (dicts) as a frame with a ``_drop_reason`` column; with no rows, an empty frame
+    with ``schema``, else ``like``'s, so that no later step misses a column."""
     if not rows:
-        frame = like.clear() if like is not None else pl.DataFrame()
-        return frame.with_columns(pl.lit(None, dtype=pl.String).alias(DROP))
-    return pl.from_dicts(rows, infer_schema_length=None, strict=False)
-
+        frame = pl.DataFrame(schema=schema) if schema is not None else like.clear() if like is not None \
+            else pl.DataFrame()
+    else:
+        frame = pl.from_dicts(rows, infer_schema_length=None, strict=False)
+    return frame if DROP in frame.columns else frame.with_columns(pl.lit(None, dtype=pl.String).alias(DROP))

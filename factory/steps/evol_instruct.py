@@ -21,20 +21,22 @@ generation (the lineage columns ``factory inspect`` shows).
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import random
 import re
-import typing
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Literal
 
 import polars as pl
 
 from ..config import option, suggest
 from ..errors import FactoryError, ParseError
-from ..llm.base import Completion, GenerationParams
-from .base import (DROP, DROP_DETAIL, RAW_REPLY, TEMPLATE_DIR, GlobalStep, InvalidRow, LLMStep, LLMStepConfig,
-                   compile_template)
+from ..llm.base import Completion, GenerationParams, Request
+from ..text import has_text
+from .base import (DROP, DROP_DETAIL, RAW_REPLY, InvalidRow, LLMStep, LLMStepConfig, StepContext, dropped,
+                   rows_to_frame)
+from .evol_rules import DEFAULT_LEAK_PHRASES, RULES, Elimination, Rule, prompt_runs
 
 # What the depth template asks for, per operation (the template's `instruction` variable).
 DEPTH_OPERATIONS = {
@@ -49,35 +51,21 @@ DEPTH_OPERATIONS = {
 BREADTH = "breadth"
 OPERATIONS = [*DEPTH_OPERATIONS, BREADTH]
 
-Rule = Literal["no_information_gain", "apologetic_response", "empty_response", "template_leak"]
-RULES = typing.get_args(Rule)
-
 # Replies start after these labels, which the default templates' examples use: a small
 # model then writes one task instead of answering it or chatting about it.
 DEPTH_PREFILL = "#Harder Prompt#:"
 BREADTH_PREFILL = "#New Prompt#:"
 EQUALITY_PREFILL = "Answer:"
+EQUALITY_PARAMS = GenerationParams(temperature=0.0, max_tokens=8, stop=("\n",))  # a verdict in a word or two
 
-DEFAULT_LEAK_PHRASES = ["given prompt", "rewritten prompt", "created prompt", "original prompt", "harder prompt",
-                        "new prompt", "#prompt#"]
-LEAK_RUN_WORDS = 5  # this many words in a row copied from the evolving prompt's own wording is a leak
-APOLOGY_MAX_WORDS = 80
-
-STOP_WORDS = frozenset("""
-a about above after again against all am an and any are as at be because been before being below between
-both but by can could did do does doing down during each few for from further had has have having he her here
-hers herself him himself his how i if in into is it its itself just me more most my myself no nor not now of
-off on once only or other our ours ourselves out over own same she should so some such than that the their
-theirs them themselves then there these they this those through to too under until up very was we were what
-when where which while who whom why will with would you your yours yourself yourselves ok okay yes oh um
-""".split())
-
-_SENTINEL = "\x00"
-
-
-def normalize(text: str) -> str:
-    return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
-
+# Each prompt renders with these before a run starts (template option -> its variables).
+RENDER_EXAMPLES = {
+    "depth_template": {"prompt": "Name a fruit.", "instruction": DEPTH_OPERATIONS["add_constraints"],
+                       "operation": "add_constraints"},
+    "breadth_template": {"prompt": "Name a fruit."},
+    "equality_template": {"first": "Name a fruit.", "second": "Name two fruits."},
+}
+_HOLE = "\x00"  # rendered where the parent goes, to find the evolving prompt's own wording
 
 # -- parsing --------------------------------------------------------------------------------
 
@@ -137,37 +125,6 @@ def clean_instruction(reply: str) -> str:
     return text
 
 
-_EQUALITY = re.compile(r"\b(not\s+equal|unequal|not\s+equivalent|not\s+the\s+same|differ\w*"
-                       r"|equal|equivalent|the\s+same|identical)\b", re.I)
-_YES_NO = re.compile(r"^\W*(yes|no|true|false)\b", re.I)
-
-
-def parse_equality(reply: str) -> bool:
-    """True when the reply says the two instructions are equal ("Equal", "Yes, they are the same").
-
-    The first verdict wins: small models give it first and then ramble.
-
-    Raises:
-        ParseError: the reply says neither.
-    """
-    found = _EQUALITY.search(reply)
-    if found:
-        return " ".join(found.group(1).lower().split()) in ("equal", "equivalent", "the same", "identical")
-    yes_no = _YES_NO.search(reply)
-    if yes_no:
-        return yes_no.group(1).lower() in ("yes", "true")
-    raise ParseError("no verdict found (expected 'Equal' or 'Not Equal')")
-
-
-def is_empty_response(response: str) -> bool:
-    """Only punctuation and stop words (or nothing at all)."""
-    return all(word in STOP_WORDS for word in normalize(response).split())
-
-
-def is_apologetic(response: str) -> bool:
-    return "sorry" in response.lower() and len(response.split()) < APOLOGY_MAX_WORDS
-
-
 # -- the step -------------------------------------------------------------------------------
 
 @dataclass
@@ -224,7 +181,7 @@ class EvolInstructConfig(LLMStepConfig):
         return problems
 
 
-class EvolInstruct(GlobalStep, LLMStep):
+class EvolInstruct(LLMStep):
     """Evolves tasks into harder (in-depth) and rarer (in-breadth) ones, generation by generation.
 
     Every LLM call of a generation is one batch: the evolutions, then the equality checks,
@@ -245,17 +202,9 @@ class EvolInstruct(GlobalStep, LLMStep):
     name = "evol_instruct"
     kind = "global"
     Config = EvolInstructConfig
+    templates = {"depth_template": "evol_depth", "breadth_template": "evol_breadth",
+                 "equality_template": "evol_equal"}
 
-    def __init__(self, config, **kwargs):
-        super().__init__(config, **kwargs)
-        self._templates: dict = {}  # compiled lazily, per kind
-        self._leak_runs: dict = {}  # word runs of each operation's evolving prompt
-
-    def __getstate__(self):
-        # Compiled templates do not pickle; they are rebuilt where the step runs.
-        return {**super().__getstate__(), "_templates": {}, "_leak_runs": {}}
-
-    # -- column flow ---------------------------------------------------------------------
     def requires(self):
         return [self.config.column]
 
@@ -267,243 +216,176 @@ class EvolInstruct(GlobalStep, LLMStep):
         kept = columns if self.config.keep_parents else []
         return kept + [c for c in self.produces() if c not in kept]
 
-    # -- prompts -------------------------------------------------------------------------
-    def prompt_source(self, kind: str) -> str:
-        """The template text of ``kind`` (depth, breadth or equality): the option's, or the default file."""
-        value = getattr(self.config, f"{kind}_template")
-        if value is None:
-            return (TEMPLATE_DIR / f"evol_{'equal' if kind == 'equality' else kind}.j2").read_text(encoding="utf-8")
-        if _is_path(value):
-            return self._path(value).read_text(encoding="utf-8")
-        return value
-
-    def template_source(self) -> str:
-        return "\n".join(self.prompt_source(kind) for kind in ("depth", "breadth", "equality"))
-
     def check(self):
-        problems = []
-        examples = {"depth": {"prompt": "Name a fruit.", "instruction": DEPTH_OPERATIONS["add_constraints"],
-                              "operation": "add_constraints"},
-                    "breadth": {"prompt": "Name a fruit."},
-                    "equality": {"first": "Name a fruit.", "second": "Name two fruits."}}
-        for kind, variables in examples.items():
-            key = f"{kind}_template"
-            value = getattr(self.config, key)
-            if value is not None and _is_path(value) and not self._path(value).is_file():
-                problems.append((f"template file '{value}' does not exist", key,
-                                 "give a path relative to the recipe file, or inline the template text"))
-                continue
+        problems = super().check()  # missing files, Jinja syntax
+        for key in [key for key in RENDER_EXAMPLES if all(problem[1] != key for problem in problems)]:
             try:
-                compile_template(self.prompt_source(kind)).render(**variables, config=self.config)
-            except Exception as err:  # jinja2's syntax and undefined-variable errors
-                problems.append((f"the {kind} template does not render: {err}", key,
-                                 f"fix the Jinja syntax; its variables are {', '.join(variables)}"))
+                self.render({}, key, **RENDER_EXAMPLES[key])
+            except Exception as err:  # jinja2's undefined-variable errors
+                problems.append((f"the {key.removesuffix('_template')} template does not render: {err}", key,
+                                 f"fix the Jinja syntax; its variables are {', '.join(RENDER_EXAMPLES[key])}"))
         return problems
 
-    def _path(self, value: str) -> Path:
-        return Path(value) if Path(value).is_absolute() else self.base_dir / value
-
-    def _render(self, kind: str, **variables) -> str:
-        if kind not in self._templates:
-            self._templates[kind] = compile_template(self.prompt_source(kind))
-        return self._templates[kind].render(**variables, config=self.config).strip()
-
-    def evolution_prompt(self, parent: str, operation: str) -> str:
-        if operation == BREADTH:
-            return self._render("breadth", prompt=parent)
-        return self._render("depth", prompt=parent, instruction=DEPTH_OPERATIONS[operation], operation=operation)
-
-    def evolution_messages(self, parent: str, operation: str):
-        return self.messages(self.evolution_prompt(parent, operation),
-                             prefill=BREADTH_PREFILL if operation == BREADTH else DEPTH_PREFILL)
-
-    def given_prompt(self, row: dict) -> str:
-        """The row's task as the model sees it: its text, and its input when it has one."""
-        task = self.text(row, self.config.column)
-        task_input = row.get(self.config.input_column)
-        return f"{task}\n\n{task_input}" if isinstance(task_input, str) and task_input.strip() else task
-
-    def parse(self, reply, row):
-        return {self.config.column: clean_instruction(reply)}
-
-    # -- elimination ---------------------------------------------------------------------
-    def leak(self, candidate: dict) -> str | None:
-        """Why an evolved task leaks its evolving prompt, or None."""
-        text = candidate[self.config.column]
-        lowered = text.lower()
-        for phrase in self.config.leak_phrases:
-            if phrase.lower() in lowered:
-                return f"mentions '{phrase}'"
-        # The template's own wording, without the parent's, so that a task that keeps its
-        # parent's words is not mistaken for a leak.
-        runs = self._template_runs(candidate["operation"]) - _runs(normalize(candidate["parent"]).split())
-        words = normalize(text).split()
-        for i in range(len(words) - LEAK_RUN_WORDS + 1):
-            run = tuple(words[i:i + LEAK_RUN_WORDS])
-            if run in runs:
-                return f"copies '{' '.join(run)}' from the evolving prompt"
-        return None
-
-    def _template_runs(self, operation: str) -> set[tuple[str, ...]]:
-        if operation not in self._leak_runs:
-            runs: set = set()
-            for part in self.evolution_prompt(_SENTINEL, operation).split(_SENTINEL):
-                runs |= _runs(normalize(part).split())
-            self._leak_runs[operation] = runs
-        return self._leak_runs[operation]
-
-    def eliminate(self, candidates: list[dict], generation: int) -> None:
-        """Applies the rules to a generation's candidates (in place): cheap checks first, then
-        the equality check, then answers for the tasks still standing."""
-        c = self.config
-        rules = set(c.eliminate)
-        for cand in _live(candidates):
-            if "template_leak" in rules and (why := self.leak(cand)):
-                _drop(cand, "template_leak", why)
-                continue
-            evolved, parent = normalize(cand[c.column]), normalize(cand["parent"])
-            # Not one word the parent lacks: the same task, a piece of it, or its words reshuffled.
-            if "no_information_gain" in rules and set(evolved.split()) <= set(parent.split()):
-                _drop(cand, "no_information_gain",
-                      "identical to its parent" if evolved == parent else "no word that its parent lacks")
-        if "no_information_gain" in rules:
-            self.progress.set_postfix_str(f"generation {generation}/{c.generations}: equality checks")
-            self.check_equality(_live(candidates))
-        if c.respond:
-            self.progress.set_postfix_str(f"generation {generation}/{c.generations}: answering")
-            live = _live(candidates)
-            for cand, completion in zip(live, self.answer([cand[c.column] for cand in live])):
-                self.check_response(cand, completion, rules)
-
-    def check_equality(self, candidates: list[dict]) -> None:
-        c = self.config
-        conversations = [self.messages(self._render("equality", first=cand["parent"], second=cand[c.column]),
-                                       prefill=EQUALITY_PREFILL) for cand in candidates]
-        params = GenerationParams(temperature=0.0, max_tokens=8, stop=("\n",))
-        for cand, completion in zip(candidates, self.llm.chat(conversations, params)):
-            if completion.error is not None:
-                _drop(cand, completion.error_reason, completion.error)
-                continue
-            reply = completion.texts[0]
-            try:
-                equal = parse_equality(reply)
-            except ParseError:
-                # No verdict is no evidence against the evolution: keep it, and count how often.
-                self.report["equality_unclear"] = self.report.get("equality_unclear", 0) + 1
-                continue
-            if equal:
-                _drop(cand, "no_information_gain", f"judged equal to its parent: {reply.strip()!r}")
-
-    def answer(self, tasks: list[str]) -> list[Completion]:
-        c = self.config
-        params = GenerationParams(temperature=c.response_temperature, top_p=c.top_p, max_tokens=c.response_max_tokens)
-        return self.llm.chat([self.messages(task) for task in tasks], params)
-
-    def check_response(self, row: dict, completion: Completion, rules: set) -> None:
-        """Stores the answer in ``row``, or drops the row: response rules apply when in ``rules``."""
-        if completion.error is not None:
-            _drop(row, completion.error_reason, completion.error)
-            return
-        response = completion.texts[0].strip()
-        row[self.config.response_column] = response
-        if "empty_response" in rules and is_empty_response(response):
-            _drop(row, "empty_response", "only punctuation and stop words")
-        elif not response:
-            _drop(row, "parse_error", "empty response")
-        elif "apologetic_response" in rules and is_apologetic(response):
-            _drop(row, "apologetic_response", f"says sorry in {len(response.split())} words")
-
-    # -- the generations -----------------------------------------------------------------
-    def evolve(self, parents: list[str], generation: int, rng: random.Random) -> list[dict]:
-        """One candidate per parent, its operation drawn by weight."""
-        c = self.config
-        names = [name for name, weight in c.operations.items() if weight > 0]
-        operations = rng.choices(names, weights=[c.operations[n] for n in names], k=len(parents))
-        self.progress.set_postfix_str(f"generation {generation}/{c.generations}: evolving")
-        completions = self.llm.chat([self.evolution_messages(p, op) for p, op in zip(parents, operations)],
-                                    self.generation_params())
-        candidates = []
-        for parent, operation, completion in zip(parents, operations, completions):
-            cand = {c.column: None, "parent": parent, "operation": operation, "generation": generation,
-                    "origin": self.name, DROP: None, RAW_REPLY: None, DROP_DETAIL: None}
-            if c.respond:
-                cand[c.response_column] = None
-            candidates.append(cand)
-            if completion.error is not None:
-                _drop(cand, completion.error_reason, completion.error)
-                continue
-            cand[RAW_REPLY] = completion.texts[0]
-            try:
-                cand.update(self.parse(completion.texts[0], {}))
-            except ParseError as err:
-                _drop(cand, err.reason, str(err))
-        return candidates
-
-    def process(self, table: pl.DataFrame) -> pl.DataFrame:
-        c = self.config
-        seeds, dropped = [], []
-        for row in table.to_dicts():
-            try:
-                seeds.append((row, self.given_prompt(row)))
-            except InvalidRow as err:
-                dropped.append({**row, DROP: "invalid_input", DROP_DETAIL: str(err)})
-        if not seeds:
-            raise FactoryError(f"steps[{self.index}].evol_instruct: the input has no tasks in column '{c.column}'; "
-                               "point `source:` at a file of tasks or set `column:`")
-        rng = random.Random(f"{self.seed}:{self.index}")
-        parents = [prompt for _, prompt in seeds]
-        kept: list[dict] = []
-        self.report = {"kept_per_generation": {}}
-        for generation in range(1, c.generations + 1):
-            if not parents or (c.max_rows is not None and len(kept) >= c.max_rows):
-                break
-            self.progress.reset(total=len(parents))
-            candidates = self.evolve(parents, generation, rng)
-            self.eliminate(candidates, generation)
-            survivors = []
-            for cand in candidates:
-                if cand[DROP] is None and c.max_rows is not None and len(kept) + len(survivors) >= c.max_rows:
-                    _drop(cand, "over_quota", f"max_rows={c.max_rows} reached")
-                (survivors if cand[DROP] is None else dropped).append(cand)
-            self.progress.update(len(candidates))
-            self.report["kept_per_generation"][str(generation)] = len(survivors)
-            kept += survivors
-            parents = [s[c.column] for s in survivors]
-        if c.keep_parents:
-            kept = self.parent_rows(seeds) + kept
-        out = pl.from_dicts(kept + dropped, infer_schema_length=None, strict=False)
+    def frame(self, rows, data):
+        c, out = self.config, rows_to_frame(rows, like=data)
         # Stable types even when a column happens to be all null (e.g. no candidate was answered).
         strings = [col for col in (c.column, "parent", "operation", "origin", c.response_column, DROP, RAW_REPLY,
                                    DROP_DETAIL) if col in out.columns]
         return out.with_columns(pl.col(strings).cast(pl.String), pl.col("generation").cast(pl.Int64))
 
-    def parent_rows(self, seeds: list[tuple[dict, str]]) -> list[dict]:
-        """The input rows as generation 0; with ``respond``, those without an answer are answered
-        (one batch), and dropped as the evolved tasks would be when that fails."""
+    def exchange(self, rows: list[dict], ctx: StepContext):
+        seeds, invalid = [], []
+        for row in rows:
+            try:
+                seeds.append((row, self.given_prompt(row)))
+            except InvalidRow as err:
+                invalid.append(dropped(row, "invalid_input", str(err)))
+        if not seeds:
+            raise FactoryError(f"{self.label}: the input has no tasks in column '{self.config.column}'; "
+                               "point `source:` at a file of tasks or set `column:`")
+        run = EvolRun(self, ctx)
+        kept, gone = yield from run.generations([prompt for _, prompt in seeds])
+        parents = (yield from run.answer_parents(seeds)) if self.config.keep_parents else []
+        return parents + kept + invalid + gone
+
+    def given_prompt(self, row: dict) -> str:
+        """The row's task as the model sees it: its text, and its input when it has one."""
+        task = self.text(row, self.config.column)
+        task_input = row.get(self.config.input_column)
+        return f"{task}\n\n{task_input}" if has_text(task_input) else task
+
+    def parse(self, reply, row):
+        # The raw reply stays with the candidate, kept or dropped later by a rule.
+        return {self.config.column: clean_instruction(reply), RAW_REPLY: reply}
+
+
+class EvolPrompts:
+    """The step's requests, from its templates: evolutions, equality checks and answers."""
+
+    def __init__(self, step: EvolInstruct):
+        self.step = step
+        self._leak_runs: dict[str, set] = {}
+
+    def evolution(self, parent: str, operation: str) -> Request:
+        prefill = BREADTH_PREFILL if operation == BREADTH else DEPTH_PREFILL
+        return Request(self.step.messages(self.evolution_prompt(parent, operation), prefill),
+                       self.step.generation_params())
+
+    def evolution_prompt(self, parent: str, operation: str) -> str:
+        if operation == BREADTH:
+            return self.step.render({}, "breadth_template", prompt=parent)
+        return self.step.render({}, "depth_template", prompt=parent, instruction=DEPTH_OPERATIONS[operation],
+                                operation=operation)
+
+    def equality(self, cand: dict) -> Request:
+        prompt = self.step.render({}, "equality_template", first=cand["parent"], second=cand[self.step.config.column])
+        return Request(self.step.messages(prompt, prefill=EQUALITY_PREFILL), EQUALITY_PARAMS)
+
+    def answer(self, task: str) -> Request:
+        c = self.step.config
+        return Request(self.step.messages(task), GenerationParams(temperature=c.response_temperature, top_p=c.top_p,
+                                                                  max_tokens=c.response_max_tokens))
+
+    def leak_runs(self, operation: str) -> set[tuple[str, ...]]:
+        """The word runs of ``operation``'s evolving prompt, worked out once per operation."""
+        if operation not in self._leak_runs:
+            self._leak_runs[operation] = prompt_runs(self.evolution_prompt(_HOLE, operation), _HOLE)
+        return self._leak_runs[operation]
+
+
+class EvolRun:
+    """One run of the step: generation after generation of candidates, each a few rounds of
+    requests (the evolutions, the equality checks, the answers), repeatable from the recipe
+    seed and the step's position."""
+
+    def __init__(self, step: EvolInstruct, ctx: StepContext):
+        c = self.config = step.config
+        self.step, self.ctx, self.prompts = step, ctx, EvolPrompts(step)
+        self.rng = random.Random(f"{step.seed}:{step.index}")
+        self.rules = Elimination(set(c.eliminate), c.column, c.response_column, c.leak_phrases)
+
+    def generations(self, parents: list[str]):
+        """The kept and the dropped candidates of every generation."""
+        c, kept, gone = self.config, [], []
+        self.ctx.report["kept_per_generation"] = {}
+        for generation in range(1, c.generations + 1):
+            if not parents or (c.max_rows is not None and len(kept) >= c.max_rows):
+                break
+            self.ctx.progress.reset(total=len(parents))
+            stage = f"generation {generation}/{c.generations}"
+            candidates = yield from self.evolve(parents, generation, stage)
+            candidates = yield from self.eliminate(candidates, stage)
+            survivors, over = within_quota(candidates, c.max_rows, len(kept))
+            self.ctx.progress.update(len(candidates))
+            self.ctx.report["kept_per_generation"][str(generation)] = len(survivors)
+            kept, gone, parents = kept + survivors, gone + over, [s[c.column] for s in survivors]
+        return kept, gone
+
+    def evolve(self, parents: list[str], generation: int, stage: str):
+        """One candidate per parent, its operation drawn by weight."""
+        c = self.config
+        names = [name for name, weight in c.operations.items() if weight > 0]
+        operations = self.rng.choices(names, weights=[c.operations[n] for n in names], k=len(parents))
+        self.ctx.progress.set_postfix_str(f"{stage}: evolving")
+        completions = yield [self.prompts.evolution(p, op) for p, op in zip(parents, operations)]
+        return [self.step.rows_from_completion(candidate(c, parent, operation, generation, self.step.name), done)[0]
+                for parent, operation, done in zip(parents, operations, completions)]
+
+    def eliminate(self, candidates: list[dict], stage: str):
+        """The candidates after the rules: cheap checks first, then the equality check, then
+        answers for the tasks still standing."""
+        candidates = [self.rules.look(cand, self.prompts.leak_runs) for cand in candidates]
+        if "no_information_gain" in self.rules.rules:
+            self.ctx.progress.set_postfix_str(f"{stage}: equality checks")
+            live = _live(candidates)
+            candidates = yield from ask(candidates, live, [self.prompts.equality(candidates[i]) for i in live],
+                                        functools.partial(self.rules.judged, report=self.ctx.report))
+        if self.config.respond:
+            self.ctx.progress.set_postfix_str(f"{stage}: answering")
+            live = _live(candidates)
+            candidates = yield from ask(candidates, live, [self.prompts.answer(candidates[i][self.config.column])
+                                                           for i in live], self.rules.answered)
+        return candidates
+
+    def answer_parents(self, seeds: list[tuple[dict, str]]):
+        """The input rows as generation 0; with ``respond``, those without an answer are answered,
+        and dropped as the evolved tasks would be when that fails."""
         c = self.config
         rows = [{**row, "parent": None, "operation": None, "generation": 0, "origin": row.get("origin") or "seed",
                  DROP: None} for row, _ in seeds]
-        if c.respond:
-            todo = [(row, prompt) for row, (_, prompt) in zip(rows, seeds)
-                    if not (isinstance(row.get(c.response_column), str) and row[c.response_column].strip())]
-            for (row, _), completion in zip(todo, self.answer([prompt for _, prompt in todo])):
-                # The rules judge evolutions, not the input: only a failed or empty answer drops a parent.
-                self.check_response(row, completion, rules=set())
-        return rows
+        todo = [i for i, row in enumerate(rows) if c.respond and not has_text(row.get(c.response_column))]
+        # The rules judge evolutions, not the input: only a failed or empty answer drops a parent.
+        return (yield from ask(rows, todo, [self.prompts.answer(seeds[i][1]) for i in todo],
+                               dataclasses.replace(self.rules, rules=set()).answered))
 
 
-def _is_path(value: str) -> bool:
-    return value.endswith(".j2") and "\n" not in value
+def candidate(config: EvolInstructConfig, parent: str, operation: str, generation: int, origin: str) -> dict:
+    """A new candidate before its reply is read: its lineage, and every column a drop fills."""
+    row = {config.column: None, "parent": parent, "operation": operation, "generation": generation,
+           "origin": origin, DROP: None, RAW_REPLY: None, DROP_DETAIL: None}
+    return {**row, config.response_column: None} if config.respond else row
 
 
-def _runs(words: list[str]) -> set[tuple[str, ...]]:
-    return {tuple(words[i:i + LEAK_RUN_WORDS]) for i in range(len(words) - LEAK_RUN_WORDS + 1)}
+def ask(rows: list[dict], todo: list[int], requests: list[Request], read: Callable[[dict, Completion], dict]):
+    """``rows``, each of those at the positions ``todo`` replaced by ``read(row, completion)``
+    with the completion of its request (one round)."""
+    completions = yield requests
+    rows = list(rows)
+    for i, completion in zip(todo, completions):
+        rows[i] = read(rows[i], completion)
+    return rows
 
 
-def _live(candidates: list[dict]) -> list[dict]:
-    return [cand for cand in candidates if cand[DROP] is None]
+def within_quota(candidates: list[dict], max_rows: int | None, kept: int) -> tuple[list[dict], list[dict]]:
+    """The live candidates that fit in ``max_rows`` after the ``kept`` rows of earlier
+    generations, and the others, the surplus dropped as ``over_quota``."""
+    survivors, gone = [], []
+    for cand in candidates:
+        if cand[DROP] is None and max_rows is not None and kept + len(survivors) >= max_rows:
+            cand = dropped(cand, "over_quota", f"max_rows={max_rows} reached")
+        (survivors if cand[DROP] is None else gone).append(cand)
+    return survivors, gone
 
 
-def _drop(row: dict, reason: str, detail: str) -> None:
-    row[DROP] = reason
-    row[DROP_DETAIL] = detail
+def _live(candidates: list[dict]) -> list[int]:
+    return [i for i, cand in enumerate(candidates) if cand[DROP] is None]

@@ -9,7 +9,7 @@ from typing import Literal
 
 from ..config import option
 from ..errors import ParseError
-from .base import TEMPLATE_DIR, LLMStep, LLMStepConfig
+from .base import AnswerStepConfig, LLMStep, verdict_only
 
 DEFAULT_RUBRIC = (
     "A top score means correct, complete and helpful. A middle score means partly correct or missing "
@@ -80,7 +80,7 @@ def parse_verdict(reply: str) -> bool:
 
 
 @dataclass
-class JudgeConfig(LLMStepConfig):
+class JudgeConfig(AnswerStepConfig):
     mode: Literal["score", "binary"] = option(
         "score", help="`score`: a score from 1 to `scale` on the rubric; `binary`: a correct/incorrect verdict "
                       "(into `correct_column`), shown the reference answer when `reference_column` is set.")
@@ -89,9 +89,6 @@ class JudgeConfig(LLMStepConfig):
     reasoning: bool = option(True, help="Ask for a short justification before the score (chain of thought); "
                                         "false asks for the score alone (at most 8 tokens, one line), which is "
                                         "faster and parses better with small models.")
-    column: str = option("instruction", help="The task text.")
-    input_column: str = option("input", help="Optional task input shown to the judge when present.")
-    response_column: str = option("response", help="The answer to judge.")
     reference_column: str | None = option(None, help="A reference answer to show the judge (binary mode).")
     output_column: str = option("score", help="Where the score goes (score mode).")
     correct_column: str = option("judge_correct", help="Where the verdict goes (binary mode).")
@@ -134,18 +131,14 @@ class Judge(LLMStep):
         c = self.config
         return [c.output_column if c.mode == "score" else c.correct_column, c.judgement_column]
 
-    def template_source(self) -> str:
-        if self.config.template is None and self.config.mode == "binary":
-            return (TEMPLATE_DIR / "judge_binary.j2").read_text(encoding="utf-8")
-        return super().template_source()
+    def template_options(self):
+        return {"template": "judge_binary" if self.config.mode == "binary" else "judge"}
 
     def build_messages(self, row):
         c = self.config
-        task_input = row.get(c.input_column)
         reference = str(row.get(c.reference_column)) if c.reference_column else ""
-        prompt = self.render(row, task=self.text(row, c.column), response=self.text(row, c.response_column),
-                             task_input=task_input if isinstance(task_input, str) else "", rubric=c.rubric,
-                             reference=reference)
+        prompt = self.render(row, **self.task_variables(row), response=self.text(row, c.response_column),
+                             rubric=c.rubric, reference=reference)
         return self.messages(prompt, prefill=self.prefill)
 
     def answer_regex(self) -> str:
@@ -160,10 +153,7 @@ class Judge(LLMStep):
         params = super().generation_params()
         if self.config.guided:
             params = dataclasses.replace(params, regex=self.answer_regex())
-        if self.config.reasoning:
-            return params
-        # The score alone: it ends at the line's end, and a few tokens hold it.
-        return dataclasses.replace(params, stop=params.stop + ("\n",), max_tokens=min(params.max_tokens, 8))
+        return params if self.config.reasoning else verdict_only(params)
 
     def parse(self, reply, row):
         c = self.config

@@ -23,18 +23,17 @@ from rapidfuzz.distance import LCSseq
 
 from ..config import option
 from ..errors import FactoryError, ParseError
-from .base import DROP, DROP_DETAIL, RAW_REPLY, TEMPLATE_DIR, GlobalStep, LLMStep, LLMStepConfig, compile_template
+from ..llm.base import Completion, GenerationParams, Request
+from ..text import has_text, normalize
+from .base import DROP, LLMStep, LLMStepConfig, StepContext, dropped, rows_to_frame
 
 # Self-Instruct's filter for tasks that a language model cannot perform in text.
 DEFAULT_BLACKLIST = ["image", "images", "graph", "graphs", "picture", "pictures", "file", "files", "map", "maps",
                      "draw", "plot", "go to", "video", "audio", "music", "flowchart", "diagram"]
+INSTANCE_STOP = ("\nTask:", "\nInput:", "\n\n\n")  # an instance ends where the model starts another
 
 _NUMBERING = re.compile(r"^\s*(?:task\s*)?(?:\d+\s*[.):]|[-*•])\s*", re.I)
 _NO_INPUT = {"", "<noinput>", "noinput", "none", "n/a", "-", "no input"}
-
-
-def normalize(text: str) -> str:
-    return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
 
 
 def tokens(text: str) -> list[str]:
@@ -56,6 +55,18 @@ def clean_task(reply: str) -> str:
     line = _NUMBERING.sub("", line)
     line = re.sub(r"^(?:task|instruction)\s*:\s*", "", line, flags=re.I)
     return line.strip().strip('"').strip()
+
+
+def parse_task(reply: str) -> str:
+    """The task a reply continues the list with.
+
+    Raises:
+        ParseError: the reply's first line holds no task.
+    """
+    task = clean_task(reply)
+    if not task or not re.search(r"[A-Za-z]", task):
+        raise ParseError("no task in the reply")
+    return task
 
 
 def parse_instance(reply: str) -> tuple[str, str]:
@@ -109,7 +120,7 @@ class SelfInstructConfig(LLMStepConfig):
     stop: list[str] = option(default_factory=lambda: ["\n"], help="A task ends at the end of its line.")
 
 
-class SelfInstruct(GlobalStep, LLMStep):
+class SelfInstruct(LLMStep):
     """Generates new tasks (and optionally their instances) from the seed tasks in the input.
 
     Requires: ``instruction`` (the seed tasks; ``input``/``output`` when present are used as
@@ -127,6 +138,7 @@ class SelfInstruct(GlobalStep, LLMStep):
     name = "self_instruct"
     kind = "global"
     Config = SelfInstructConfig
+    templates = {"template": "self_instruct", "instance_template": "self_instruct_instance"}
 
     def requires(self):
         return [self.config.column]
@@ -139,37 +151,107 @@ class SelfInstruct(GlobalStep, LLMStep):
         kept = columns if self.config.keep_seeds else []
         return kept + [c for c in self.produces() if c not in kept]
 
-    def instance_template_source(self) -> str:
-        t = self.config.instance_template
-        if t is None:
-            return (TEMPLATE_DIR / "self_instruct_instance.j2").read_text(encoding="utf-8")
-        return (self.base_dir / t).read_text(encoding="utf-8") if t.endswith(".j2") and "\n" not in t else t
+    def frame(self, rows, data):
+        c = self.config
+        seeds = [data.with_columns(origin=pl.lit("seed"), operation=pl.lit(None, dtype=pl.String),
+                                   generation=pl.lit(0, dtype=pl.Int64))] if c.keep_seeds else []
+        schema = {c.column: pl.String, "origin": pl.String, "operation": pl.String, "generation": pl.Int64}
+        return pl.concat(seeds + [rows_to_frame(rows, schema={**schema, DROP: pl.String})], how="diagonal_relaxed")
 
-    def check(self):
-        problems = super().check()
-        try:
-            compile_template(self.instance_template_source())
-        except Exception as err:  # a missing file or bad Jinja
-            problems.append((f"the instance template does not load: {err}", "instance_template",
-                             "fix the path or the Jinja syntax"))
-        return problems
+    def exchange(self, rows: list[dict], ctx: StepContext):
+        c = self.config
+        seed_rows = [row for row in rows if has_text(row.get(c.column))]
+        if not seed_rows:
+            raise FactoryError(f"{self.label}: the input has no seed tasks in column '{c.column}'; "
+                               "point `source:` at a file of tasks or set `column:`")
+        rng = random.Random(f"{self.seed}:{self.index}")
+        pool, gone = TaskPool(c, [row[c.column] for row in seed_rows]), []
+        ctx.progress.reset(total=c.num_tasks)
+        for generation in range(1, c.max_rounds + 1):
+            if pool.full:
+                break
+            completions = yield [self.task_request(pool.examples(rng)) for _ in range(pool.round_size())]
+            for completion in completions:
+                row = pool.offer(completion, generation)
+                if row is None:
+                    ctx.progress.update(1)
+                else:
+                    gone.append(row)
+        kept = pool.kept
+        if c.instances and kept:
+            kept, failed = yield from write_instances(self, kept, seed_rows, rng)
+            gone += failed
+        return kept + gone
 
-    def fingerprint(self) -> str:
-        from ..llm.base import fingerprint
-
-        return fingerprint([super().fingerprint(), self.instance_template_source()])
-
-    def prompt(self, examples: list[str]):
+    def task_request(self, examples: list[str]) -> Request:
+        """The model continues the numbered list of ``examples`` with one more task."""
         listing = "".join(f"{i + 1}. {e}\n" for i, e in enumerate(examples))
-        return self.messages(self.render({}), prefill=f"{listing}{len(examples) + 1}.")
+        return Request(self.messages(self.render({}), prefill=f"{listing}{len(examples) + 1}."),
+                       self.generation_params())
 
-    def parse(self, reply, row):
-        task = clean_task(reply)
-        if not task or not re.search(r"[A-Za-z]", task):
-            raise ParseError("no task in the reply")
-        return {self.config.column: task}
+    def instance_request(self, task: str, shown: list[dict]) -> Request:
+        """The model writes an instance of ``task`` after those of the seed rows ``shown``."""
+        c = self.config
+        examples = [{"task": row[c.column], "input": row.get("input") or "", "output": row["output"]} for row in shown]
+        params = GenerationParams(n=c.instances, temperature=c.temperature, top_p=c.top_p,
+                                  max_tokens=c.instance_max_tokens, stop=INSTANCE_STOP)
+        return Request(self.messages(self.render({}, "instance_template", task=task, examples=examples),
+                                     prefill="Input:"), params)
 
-    def verdict(self, task: str, words: list[str], pool: list[list[str]], pool_texts: list[str]) -> tuple:
+
+class TaskPool:
+    """The seed tasks and the tasks kept so far, which a candidate must not repeat.
+
+    A candidate joins the pool unless a filter of the paper drops it: too short or long, a
+    word of the blacklist, or a ROUGE-L with a task of the pool that reaches the threshold.
+    """
+
+    def __init__(self, config: SelfInstructConfig, seeds: list[str]):
+        self.config, self.seeds = config, seeds
+        self.texts, self.words = list(seeds), [tokens(t) for t in seeds]
+        self.kept: list[dict] = []
+
+    @property
+    def full(self) -> bool:
+        return len(self.kept) >= self.config.num_tasks
+
+    def round_size(self) -> int:
+        """What is missing, plus a margin for the candidates the filters will drop."""
+        need = self.config.num_tasks - len(self.kept)
+        return min(self.config.prompts_per_round, need + need // 2 + 1)
+
+    def examples(self, rng: random.Random) -> list[str]:
+        """A prompt's in-context examples: seed tasks and, once there are some, kept ones."""
+        c = self.config
+        n_machine = min(c.machine_examples, len(self.kept), c.examples)
+        n_seed = min(c.examples - n_machine, len(self.seeds))
+        examples = rng.sample(self.seeds, n_seed) + rng.sample([k[c.column] for k in self.kept], n_machine)
+        rng.shuffle(examples)
+        return examples
+
+    def offer(self, completion: Completion, generation: int) -> dict | None:
+        """Keeps the task of a reply (None), or returns the reply's row, dropped with why."""
+        c = self.config
+        if completion.error is not None:
+            return dropped({}, completion.error_reason, completion.error)
+        reply = completion.texts[0]
+        try:
+            task = parse_task(reply)
+        except ParseError:
+            return dropped({}, "parse_error", reply=reply)
+        words = tokens(task)
+        reason, detail = self.verdict(task, words)
+        if reason is None and self.full:
+            reason = "over_quota"
+        if reason:
+            return {**dropped({c.column: task}, reason, detail, reply), "generation": generation}
+        self.texts.append(task)
+        self.words.append(words)
+        self.kept.append({c.column: task, "origin": "self_instruct", "operation": "bootstrap",
+                          "generation": generation})
+        return None
+
+    def verdict(self, task: str, words: list[str]) -> tuple[str | None, str | None]:
         """``(reason, detail)`` for a candidate that must go, else ``(None, None)``."""
         c = self.config
         if len(task.split()) < c.min_words:
@@ -180,102 +262,30 @@ class SelfInstruct(GlobalStep, LLMStep):
         hit = next((w for w in c.blacklist if f" {normalize(w)} " in lowered), None)
         if hit:
             return "blacklisted", f"mentions '{hit}'"
-        scores = rouge_l(words, pool)
+        scores = rouge_l(words, self.words)
         if scores:
             best = max(range(len(scores)), key=scores.__getitem__)
             if scores[best] >= c.novelty_threshold:
-                return "too_similar", f"ROUGE-L {scores[best]:.2f} with: {pool_texts[best]}"
+                return "too_similar", f"ROUGE-L {scores[best]:.2f} with: {self.texts[best]}"
         return None, None
 
-    def process(self, table: pl.DataFrame) -> pl.DataFrame:
-        c = self.config
-        seed_rows = [r for r in table.to_dicts() if isinstance(r.get(c.column), str) and r[c.column].strip()]
-        seeds = [r[c.column] for r in seed_rows]
-        if not seeds:
-            raise FactoryError(f"steps[{self.index}].self_instruct: the input has no seed tasks in column '{c.column}'; "
-                               "point `source:` at a file of tasks or set `column:`")
-        rng = random.Random(f"{self.seed}:{self.index}")
-        pool_texts = list(seeds)
-        pool = [tokens(t) for t in seeds]
-        kept: list[dict] = []
-        dropped: list[dict] = []
-        self.progress.reset(total=c.num_tasks)
-        for round_ in range(c.max_rounds):
-            if len(kept) >= c.num_tasks:
-                break
-            # Ask for what is missing plus a margin for candidates the filters will drop.
-            need = c.num_tasks - len(kept)
-            conversations = []
-            for _ in range(min(c.prompts_per_round, need + need // 2 + 1)):
-                n_machine = min(c.machine_examples, len(kept), c.examples)
-                n_seed = min(c.examples - n_machine, len(seeds))
-                examples = rng.sample(seeds, n_seed) + rng.sample([k[c.column] for k in kept], n_machine)
-                rng.shuffle(examples)
-                conversations.append(self.prompt(examples))
-            for completion in self.llm.chat(conversations, self.generation_params()):
-                if completion.error is not None:
-                    dropped.append({DROP: completion.error_reason, DROP_DETAIL: completion.error})
-                    continue
-                reply = completion.texts[0]
-                try:
-                    task = self.parse(reply, {})[c.column]
-                except ParseError:
-                    dropped.append({DROP: "parse_error", RAW_REPLY: reply})
-                    continue
-                words = tokens(task)
-                reason, detail = self.verdict(task, words, pool, pool_texts)
-                if reason is None and len(kept) >= c.num_tasks:
-                    reason = "over_quota"
-                if reason:
-                    dropped.append({c.column: task, DROP: reason, DROP_DETAIL: detail, RAW_REPLY: reply,
-                                    "generation": round_ + 1})
-                    continue
-                pool.append(words)
-                pool_texts.append(task)
-                kept.append({c.column: task, "origin": "self_instruct", "operation": "bootstrap",
-                             "generation": round_ + 1})
-                self.progress.update(1)
-        if c.instances and kept:
-            kept, more_dropped = self._instances(kept, seed_rows, rng)
-            dropped += more_dropped
-        parts = []
-        if c.keep_seeds:
-            parts.append(table.with_columns(origin=pl.lit("seed"), operation=pl.lit(None, dtype=pl.String),
-                                            generation=pl.lit(0, dtype=pl.Int64)))
-        if kept:
-            parts.append(pl.from_dicts(kept, infer_schema_length=None))
-        if dropped:
-            parts.append(pl.from_dicts(dropped, infer_schema_length=None))
-        if not parts:
-            return pl.DataFrame(schema={c.column: pl.String, "origin": pl.String, "operation": pl.String,
-                                        "generation": pl.Int64, DROP: pl.String})
-        out = pl.concat(parts, how="diagonal_relaxed")
-        return out if DROP in out.columns else out.with_columns(pl.lit(None, dtype=pl.String).alias(DROP))
 
-    def _instances(self, kept: list[dict], seed_rows: list[dict], rng: random.Random) -> tuple[list[dict], list]:
-        """One row per parsed instance of each kept task; tasks without one are dropped."""
-        c = self.config
-        template = compile_template(self.instance_template_source())
-        demos = [r for r in seed_rows if isinstance(r.get("output"), str) and r["output"].strip()]
-        conversations = []
-        for task in kept:
-            shown = rng.sample(demos, min(c.instance_examples, len(demos)))
-            prompt = template.render(task=task[c.column], examples=[
-                {"task": d[c.column], "input": d.get("input") or "", "output": d["output"]} for d in shown]).strip()
-            conversations.append(self.messages(prompt, prefill="Input:"))
-        params = self.generation_params().__class__(
-            n=c.instances, temperature=c.temperature, top_p=c.top_p, max_tokens=c.instance_max_tokens,
-            stop=("\nTask:", "\nInput:", "\n\n\n"))
-        rows, dropped = [], []
-        for task, completion in zip(kept, self.llm.chat(conversations, params)):
-            if completion.error is not None:
-                dropped.append({**task, DROP: completion.error_reason, DROP_DETAIL: completion.error})
-                continue
-            for reply in completion.texts:
-                try:
-                    task_input, output = parse_instance(reply)
-                except ParseError as err:
-                    dropped.append({**task, DROP: "no_instance", RAW_REPLY: reply, DROP_DETAIL: str(err)})
-                    continue
-                rows.append({**task, "input": task_input, c.output_column: output})
-        return rows, dropped
+def write_instances(step: SelfInstruct, kept: list[dict], seed_rows: list[dict], rng: random.Random):
+    """One row per parsed instance of each kept task, and the tasks without one, dropped as
+    ``no_instance`` (one round; each prompt shows a few seed rows that have an output)."""
+    c = step.config
+    demos = [row for row in seed_rows if has_text(row.get("output"))]
+    completions = yield [step.instance_request(task[c.column], rng.sample(demos, min(c.instance_examples, len(demos))))
+                         for task in kept]
+    rows = [row for task, completion in zip(kept, completions)
+            for row in step.rows_from_completion(task, completion, parse=lambda reply, _: instance(reply, c))]
+    return [row for row in rows if DROP not in row], [row for row in rows if DROP in row]
+
+
+def instance(reply: str, config: SelfInstructConfig) -> dict:
+    """The columns of an instance reply: ``input`` and the output."""
+    try:
+        task_input, output = parse_instance(reply)
+    except ParseError as err:
+        raise ParseError(str(err), reason="no_instance") from err
+    return {"input": task_input, config.output_column: output}

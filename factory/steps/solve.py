@@ -8,14 +8,12 @@ from typing import Literal
 from ..answers import extract_answer
 from ..config import option
 from ..errors import ParseError
-from .base import LLMStep, LLMStepConfig
+from .base import LLMStep, TaskStepConfig
 
 
 @dataclass
-class SolveConfig(LLMStepConfig):
+class SolveConfig(TaskStepConfig):
     samples: int = option(1, help="Answers sampled per task (one row each, numbered in `sample`).", min=1)
-    column: str = option("instruction", help="The task text.")
-    input_column: str = option("input", help="Optional extra input appended to the task when the row has it.")
     output_column: str = option("response", help="Where the answer goes.")
     temperature: float = option(0.7, help="Sampling temperature; 0 is greedy.", min=0.0, max=5.0)
     top_p: float = option(0.95, help="Nucleus sampling mass.", min=0.0, max=1.0)
@@ -52,10 +50,7 @@ class Solve(LLMStep):
         return columns
 
     def build_messages(self, row):
-        task = self.text(row, self.config.column)
-        task_input = row.get(self.config.input_column)
-        task_input = task_input if isinstance(task_input, str) else ""
-        return self.messages(self.render(row, task=task, task_input=task_input))
+        return self.messages(self.render(row, **self.task_variables(row)))
 
     def parse(self, reply, row):
         answer = reply.strip()

@@ -9,7 +9,7 @@ import polars as pl
 
 from ..answers import answers_match
 from ..config import option
-from .base import DROP, RowStep
+from .base import DROP, RowStep, StepContext
 
 
 @dataclass
@@ -46,7 +46,7 @@ class Verify(RowStep):
     def produces(self):
         return [self.config.output_column]
 
-    def process(self, batch: pl.DataFrame) -> pl.DataFrame:
+    def process(self, batch: pl.DataFrame, ctx: StepContext | None = None) -> pl.DataFrame:
         c = self.config
         correct = [answers_match(p, r, c.method, c.tolerance)
                    for p, r in zip(batch[c.prediction].cast(pl.String).to_list(),

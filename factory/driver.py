@@ -1,0 +1,254 @@
+"""The driver: walks a recipe's steps, hands their work to an executor, keeps the stats.
+
+Row steps run over batches of ``batch_size`` rows and global steps over the whole table.
+Every batch's output (and its report) is cached under a key made of the step's identity
+(class, config, seed, model) and the batch's content, so a re-run -- or a run restarted
+after a crash -- reuses finished batches and redoes only the one that was in flight; the
+LLM replies of that batch are journaled one by one (:mod:`factory.llm.requests`), so even
+it resends only the requests that had not been answered. Rows a step drops go to the
+rejected table with the step and the reason.
+
+The executor (:mod:`factory.executors`) decides where the work runs: in this process, or
+on a Ray cluster. It never looks inside a step or a backend; everything it runs goes
+through :func:`factory.executors.base.run_batch` and the step's own ``process``.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+import polars as pl
+
+from .cache import Cache, NullCache, frame_digest
+from .errors import FactoryError
+from .executors.base import Executor
+from .executors.local import LocalExecutor
+from .llm import create_backend
+from .llm.base import fingerprint
+from .llm.requests import BackendPool, LLMSession, Usage
+from .steps.base import DROP, INTERNAL_PREFIX, StepContext, merge_reports
+
+BACKEND_FAILURES = {"backend_error"}
+DEAD_BACKEND_BATCHES = 3  # batches in a row whose every row failed in the backend: stop
+
+
+@dataclass
+class StepStats:
+    """What one step did: rows in and out, drops per reason, time, cache hits, LLM usage."""
+
+    index: int
+    name: str
+    kind: str
+    rows_in: int = 0
+    rows_out: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+    batches: int = 0
+    cached_batches: int = 0
+    llm: dict | None = None
+    report: dict = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return f"steps[{self.index}].{self.name}"
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class RunResult:
+    table: pl.DataFrame
+    rejected: pl.DataFrame
+    steps: list[StepStats]
+    seconds: float
+    source_rows: int = 0  # rows the source gave the first step
+    source_dropped: dict[str, int] = field(default_factory=dict)  # rows set aside while reading
+
+
+def split_dropped(frame: pl.DataFrame, label: str) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Splits a step's output into kept rows and dropped rows.
+
+    Internal columns (``_drop_reason``, ``_raw_reply``, ``_duplicate_of``...) say why a row
+    went: kept rows lose them, dropped rows keep them without the underscore.
+    """
+    if DROP not in frame.columns:
+        frame = frame.with_columns(pl.lit(None, dtype=pl.String).alias(DROP))
+    internal = [c for c in frame.columns if c.startswith(INTERNAL_PREFIX)]
+    kept = frame.filter(pl.col(DROP).is_null()).drop(internal)
+    dropped = frame.filter(pl.col(DROP).is_not_null())
+    dropped = dropped.rename({c: c[len(INTERNAL_PREFIX):] for c in internal
+                              if c[len(INTERNAL_PREFIX):] not in dropped.columns})
+    dropped = dropped.drop([c for c in dropped.columns if c.startswith(INTERNAL_PREFIX)])
+    return kept, dropped.with_columns(pl.lit(label).alias("drop_step"))
+
+
+class Driver:
+    """Runs a recipe, step after step, on an executor.
+
+    Args:
+        cache: where finished batches and LLM replies are kept (None: no cache).
+        executor: where the work runs (default: this process).
+        progress: show a progress bar per step on stderr.
+        backend_factory: builds a backend from a validated llm config (tests inject
+            scripted backends here).
+    """
+
+    def __init__(self, cache: Cache | None = None, *, executor: Executor | None = None, progress: bool = True,
+                 backend_factory=create_backend):
+        self.cache = cache or NullCache()
+        self.executor = executor or LocalExecutor()
+        self.progress = progress
+        self.backends = BackendPool(backend_factory)
+
+    def preflight(self, recipe) -> None:
+        """Checks every backend the recipe uses (server reachable, GPU present) before any work."""
+        for step in recipe.steps:
+            if step.uses_llm:
+                self.backends.get(step.llm_config).check()
+
+    def run(self, recipe, table: pl.DataFrame | None = None) -> RunResult:
+        """Runs all steps of ``recipe`` on ``table`` (default: the recipe's source)."""
+        start = time.perf_counter()
+        rejected_parts: list[pl.DataFrame] = []
+        if table is None:
+            table = recipe.source.read() if recipe.source else pl.DataFrame()
+            if recipe.source and recipe.source.rejected is not None:
+                rejected_parts.append(recipe.source.rejected)
+        source_rows = table.height
+        source_dropped = (dict(rejected_parts[0]["drop_reason"].value_counts().iter_rows()) if rejected_parts else {})
+        all_stats: list[StepStats] = []
+        try:
+            with self.executor:
+                for step in recipe.steps:
+                    stats = StepStats(step.index, step.name, step.kind, rows_in=table.height)
+                    session = LLMSession(step.llm_config, self.cache, recipe.seed, self.backends) \
+                        if step.uses_llm else None
+                    usage = Usage() if session else None
+                    began = time.perf_counter()
+                    if step.kind == "global":
+                        out = self._run_global(step, table, stats, session, usage)
+                        kept, dropped = split_dropped(out, stats.label)
+                    else:
+                        kept, dropped = self._run_rows(step, table, stats, session, usage, recipe.header)
+                    stats.rows_out = kept.height
+                    stats.dropped = dict(sorted(dropped["drop_reason"].value_counts().iter_rows())) \
+                        if dropped.height else {}
+                    stats.seconds = round(time.perf_counter() - began, 3)
+                    if session is not None:
+                        stats.llm = {**session.describe(), **usage.to_json()}
+                    all_stats.append(stats)
+                    if dropped.height:
+                        rejected_parts.append(dropped)
+                    table = kept
+        finally:
+            self.backends.close()
+        rejected = pl.concat(rejected_parts, how="diagonal_relaxed") if rejected_parts else pl.DataFrame(
+            schema={"drop_reason": pl.String, "drop_step": pl.String})
+        return RunResult(table, rejected, all_stats, round(time.perf_counter() - start, 3), source_rows,
+                         source_dropped)
+
+    def _step_key(self, step, session: LLMSession | None) -> str:
+        return fingerprint([step.fingerprint(), session.model_id if session else None])
+
+    def _bar(self, step, total: int | None):
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, desc=f"[{step.index}] {step.name}", unit="row", file=sys.stderr,
+                    disable=not self.progress, dynamic_ncols=True, mininterval=0.5, leave=True)
+
+    def _run_rows(self, step, table: pl.DataFrame, stats: StepStats, session, usage: Usage | None, header):
+        step_key = self._step_key(step, session)
+        batches = [table.slice(offset, header.batch_size) for offset in range(0, table.height, header.batch_size)]
+        keys = [fingerprint([step_key, frame_digest(batch)]) for batch in batches]
+        outputs = [self.cache.get_frame("steps", key) for key in keys]
+        reports = [self.cache.get_json("reports", key) or {} if out is not None else None
+                   for key, out in zip(keys, outputs)]
+        todo = [i for i, out in enumerate(outputs) if out is None]
+        stats.batches, stats.cached_batches = len(batches), len(batches) - len(todo)
+        kept_parts, dropped_parts = [], []
+        failures = processed = failed_batches_in_a_row = 0
+        with self._bar(step, table.height) as bar:
+            # Replies move the bar within a batch; a step may send several requests per row, so
+            # the bar never runs past the batches taken so far.
+            shown, allowed = [0], [0]
+
+            def advance(count: int) -> None:
+                count = min(count, allowed[0] - shown[0])
+                if count > 0:
+                    bar.update(count)
+                    shown[0] += count
+
+            computed = self.executor.map_batches(step, [(batches[i], keys[i]) for i in todo], self.cache, session,
+                                                 advance)
+            for i, batch in enumerate(batches):
+                allowed[0] += batch.height
+                if outputs[i] is None:
+                    outputs[i], facts = next(computed)
+                    reports[i] = facts["report"]
+                    if usage is not None:
+                        usage.add(facts["usage"])
+                kept, dropped = split_dropped(outputs[i], stats.label)
+                kept_parts.append(kept)
+                dropped_parts.append(dropped)
+                processed += batch.height
+                if session is not None:
+                    failed = dropped.filter(pl.col("drop_reason").is_in(BACKEND_FAILURES)).height
+                    failures += failed
+                    failed_batches_in_a_row = failed_batches_in_a_row + 1 if failed == batch.height else 0
+                    # Stop as soon as the step's share of failures is bound to exceed the limit,
+                    # or when the backend failed every row of several batches running (it is down).
+                    if (failures > header.max_failure_rate * table.height
+                            or failed_batches_in_a_row >= DEAD_BACKEND_BATCHES):
+                        _stop_on_failures(stats, failures, processed, header.max_failure_rate, dropped)
+                advance(batch.height)
+                if usage is not None:
+                    bar.set_postfix_str(_usage_text(usage, bar), refresh=False)
+        stats.report = merge_reports(r for r in reports if r)
+        if not kept_parts:
+            return split_dropped(table.clear(), stats.label)
+        return (pl.concat(kept_parts, how="diagonal_relaxed"),
+                pl.concat(dropped_parts, how="diagonal_relaxed"))
+
+    def _run_global(self, step, table: pl.DataFrame, stats: StepStats, session, usage: Usage | None):
+        key = fingerprint([self._step_key(step, session), frame_digest(table)])
+        stats.batches = 1
+        out = self.cache.get_frame("steps", key)
+        if out is not None:
+            stats.cached_batches = 1
+            stats.report = self.cache.get_json("reports", key) or {}
+            return out
+        with self._bar(step, None) as bar:
+            ctx = StepContext(llm=session.client() if session else None, progress=bar)
+            out = self.executor.run_global(step, table, ctx)
+        _check_output(step, out)
+        self.cache.put_json("reports", key, ctx.report)
+        self.cache.put_frame("steps", key, out)
+        stats.report = ctx.report
+        if usage is not None:
+            usage.add(ctx.llm.usage)
+        return out
+
+
+def _check_output(step, out) -> None:
+    if not isinstance(out, pl.DataFrame):
+        raise TypeError(f"{type(step).__name__}.process returned {type(out).__name__}, not a polars DataFrame")
+
+
+def _stop_on_failures(stats: StepStats, failures: int, processed: int, rate: float, dropped: pl.DataFrame) -> None:
+    if failures:
+        detail = ""
+        if "drop_detail" in dropped.columns:
+            details = dropped.filter(pl.col("drop_reason").is_in(BACKEND_FAILURES))["drop_detail"].drop_nulls()
+            detail = f" (last error: {details[-1]})" if len(details) else ""
+        raise FactoryError(f"{stats.label}: {failures} of {processed} rows failed in the backend{detail}; "
+                           f"stopping rather than writing a hollow dataset (max_failure_rate={rate}). Fix the "
+                           "backend and run the same command again: finished batches are cached")
+
+
+def _usage_text(usage: Usage, bar) -> str:
+    elapsed = bar.format_dict.get("elapsed") or 0
+    rate = usage.completion_tokens / elapsed if elapsed else 0
+    return f"{usage.completion_tokens} tok, {rate:.0f} tok/s"

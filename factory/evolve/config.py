@@ -1,0 +1,81 @@
+"""The ``evolve:`` section of a recipe: rounds, training, evaluation, stopping.
+
+Validated with the recipe (before any model loads); the loop that runs it is
+:mod:`factory.evolve.loop`, which this module does not import.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from trainers.dpo import DPOTrainConfig
+from trainers.sft import SFTConfig
+
+from ..config import build, option
+from ..errors import Problem
+
+
+@dataclass
+class EvalSection:
+    path: str = option(help="The held-out eval set (.jsonl/.parquet...) with questions and reference answers.")
+    column: str = option("instruction", help="The question column.")
+    answer_column: str = option("answer", help="The reference answer column.")
+    limit: int | None = option(None, help="Evaluate on the first N items.", min=1)
+    method: Literal["auto", "exact", "numeric", "normalized", "choice"] = option("auto",
+                                                                                 help="How answers are compared.")
+
+
+@dataclass
+class WinRateSection:
+    path: str = option(help="Open-ended tasks (a file with an instruction column) to compare rounds on.")
+    column: str = option("instruction", help="The task column.")
+    limit: int = option(16, help="Tasks compared per round.", min=1)
+    max_tokens: int = option(192, help="Most tokens per answer.", min=1)
+    judge: dict | None = option(None, help="The judge's llm (default: the recipe's model without adapter, so the "
+                                           "judge stays the same across rounds).")
+
+
+@dataclass
+class EvolveConfig:
+    rounds: int = option(2, help="Rounds to run (`factory evolve --rounds` overrides it).", min=1)
+    method: Literal["sft", "dpo"] = option("sft", help="How each version is trained on (trainers.sft or "
+                                                       "trainers.dpo).")
+    train: dict[str, Any] = option(default_factory=dict, help="Trainer options (see `python -m trainers.sft "
+                                                              "--help`), e.g. {max_steps: 20, learning_rate: 2e-4}.")
+    init: Literal["previous", "base"] = option("previous", help="Start each round's adapter from the previous "
+                                                                "round's (`previous`) or from scratch (`base`).")
+    model: str | None = option(None, help="The base model to train (default: the recipe's `llm.model`).")
+    eval: EvalSection | None = option(None, help="Accuracy on a verifiable held-out set, before round 1 and "
+                                                 "after each round.")
+    win_rate: WinRateSection | None = option(None, help="Judge win rate of each round's model against the "
+                                                        "previous round's on open-ended tasks.")
+    patience: int | None = option(None, help="Stop when eval accuracy has not improved by `min_delta` for this "
+                                             "many rounds (default: run every round).", min=1)
+    min_delta: float = option(0.0, help="Smallest accuracy gain that counts as improvement.", min=0.0)
+    fresh_source: bool = option(True, help="A generator source gets seed + round, so each round sees new tasks.")
+    judge_threshold: float | None = option(None, help="Judge score from which the `judge_score` verifier accepts "
+                                                      "a sample (default: the upper half of the scale).")
+
+
+def build_evolve(data, path: tuple, problems: list[Problem], llm) -> EvolveConfig | None:
+    """Validates a recipe's ``evolve:`` section (trainer options against the trainer's config)."""
+    config = build(EvolveConfig, data, path, problems)
+    if config is None:
+        return None
+    trainer = SFTConfig if config.method == "sft" else DPOTrainConfig
+    reserved = {"dataset", "out", "model", "init_adapter"}
+    for key in config.train:
+        if key in reserved:
+            problems.append(Problem(f"'{key}' is set by the loop", path=path + ("train", key),
+                                    fix="remove it (use evolve.model for the base model)"))
+    before = len(problems)
+    build(trainer, {**{k: v for k, v in config.train.items() if k not in reserved}, "dataset": "-", "out": "-"},
+          path + ("train",), problems)
+    if llm is not None and not hasattr(llm, "adapter"):
+        problems.append(Problem(f"the `{llm.backend}` backend cannot load the adapters the loop trains",
+                                path=("llm", "backend"), fix="use `backend: transformers` (or vllm on a GPU)"))
+    if llm is not None and config.model is None and llm.backend == "scripted":
+        problems.append(Problem("a scripted llm has no weights to train", path=path + ("model",),
+                                fix="set evolve.model to a local model folder"))
+    return config if len(problems) == before else None

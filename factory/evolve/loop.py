@@ -1,0 +1,282 @@
+"""``factory evolve``: generate -> curate -> train -> evaluate, round after round.
+
+Round r generates and curates data with the current model (the base model plus the
+adapter of round r-1) into dataset version v_r (parent v_(r-1), adapter recorded), trains
+adapter r on it in a separate process, evaluates it on a held-out eval set, and measures
+the generation-verification gap of the round's samples ("Mind the Gap", Song et al.).
+Everything a round finishes is recorded in ``OUT/evolve.json`` as it finishes, and every
+LLM call is cached, so a loop stopped at any point resumes at the step it stopped in.
+
+The loop drives validated objects: each round's recipe is the validated recipe with the
+round's adapter (and, for a generator source, the round's seed) put in with
+``dataclasses.replace``; the trainer gets its options as a ``--config`` file.
+
+Layout of OUT::
+
+    evolve.json            the state: per round, its version, adapter, eval, gap figures
+    datasets/<name>/v<r>   the dataset versions (v1 is round 1's)
+    adapters/round-<r>     the LoRA adapters, with training.json (round-<r>.yaml: the trainer's config)
+    report.json/.md/.png   the report (`factory report OUT` redraws it)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import polars as pl
+import yaml
+
+from filters.consistency import Consistency
+from trainers.common import is_trained
+from trainers.evaluate import accuracy, gap_metrics, read_eval, round_samples, solve_step_for
+
+from ..build import format_summary, run_recipe
+from ..cache import Cache
+from ..config import to_dict
+from ..driver import Driver
+from ..errors import FactoryError, Problem
+from ..llm import build_llm_config, create_backend, merge_llm
+from ..llm.requests import LLMClient
+from ..recipe import Recipe, load_recipe
+from ..report import write_report
+from ..steps.base import StepContext
+from ..steps.pairwise import Pairwise, PairwiseConfig
+from ..steps.solve import Solve, SolveConfig
+from .config import EvolveConfig
+
+STATE = "evolve.json"
+
+
+def _save(out: Path, state: dict) -> None:
+    tmp = out / f".{STATE}.tmp"
+    tmp.write_text(json.dumps(state, indent=2, default=str) + "\n", encoding="utf-8")
+    os.replace(tmp, out / STATE)
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def first_step(recipe: Recipe, kind: type):
+    """The recipe's first step of class ``kind``, or None."""
+    return next((step for step in recipe.steps if isinstance(step, kind)), None)
+
+
+class Evolution:
+    """One evolve run in ``out``: its recipe, its state, and the phases of each round.
+
+    Args:
+        driver: runs each round's recipe (default: the local executor, cache in OUT/.cache).
+    """
+
+    def __init__(self, recipe_file: str, out: str | Path, overrides: list[str], rounds: int | None = None,
+                 progress: bool = True, driver: Driver | None = None):
+        self.recipe_file = recipe_file
+        self.overrides = list(overrides)
+        self.recipe = load_recipe(recipe_file, self.overrides)
+        if self.recipe.evolve is None:
+            raise FactoryError(f"{recipe_file}: the recipe has no `evolve:` section; add one with the rounds, the "
+                               "trainer options and the eval set (see recipes/self_evolve_arith.yaml)")
+        self.config: EvolveConfig = self.recipe.evolve
+        self.rounds = rounds or self.config.rounds
+        self.out = Path(out)
+        self.progress = progress
+        self.cache = Cache(self.out / ".cache")
+        self.driver = driver or Driver(self.cache, progress=progress)
+        self.base_model = self.config.model or self.recipe.llm.model
+        self.solve = first_step(self.recipe, Solve)
+        if self.config.eval and (self.solve is None or self.solve.config.answer_format == "none"):
+            raise FactoryError(f"{recipe_file}: evolve.eval checks final answers, so the recipe needs a `solve` step "
+                               "with `answer_format` (e.g. number); its prompt is the one evaluated")
+        self.state = self._load_state()
+
+    def _load_state(self) -> dict:
+        path = self.out / STATE
+        if path.is_file():
+            state = json.loads(path.read_text(encoding="utf-8"))
+            if state["recipe_hash"] != self.recipe.hash:
+                raise FactoryError(f"{self.out} holds an evolve run of another recipe (or other --set values); "
+                                   "resume it with the same command, or use a new --out")
+            return state
+        return {"recipe_file": self.recipe_file, "recipe_hash": self.recipe.hash, "overrides": self.overrides,
+                "name": self.recipe.name, "base_model": self.base_model, "method": self.config.method,
+                "evolve": to_dict(self.config), "rounds": [{"round": 0}], "stopped": None}
+
+    def save(self) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        _save(self.out, self.state)
+
+    def round_state(self, r: int) -> dict:
+        while len(self.state["rounds"]) <= r:
+            self.state["rounds"].append({"round": len(self.state["rounds"])})
+        return self.state["rounds"][r]
+
+    # -- the phases ----------------------------------------------------------------------------
+    def round_recipe(self, r: int, adapter: str | None) -> Recipe:
+        """The recipe of round ``r``: the model with the previous round's adapter and, for a
+        generator source with ``fresh_source``, seed + r so that each round sees new tasks."""
+        recipe = self.recipe.with_llm(dataclasses.replace(self.recipe.llm, adapter=adapter))
+        source = recipe.source
+        if self.config.fresh_source and source and source.generator and hasattr(source.generator_config, "seed"):
+            config = dataclasses.replace(source.generator_config, seed=source.generator_config.seed + r)
+            recipe = dataclasses.replace(recipe, source=dataclasses.replace(source, generator_config=config))
+        return recipe
+
+    def client(self, adapter: str | None, llm=None) -> LLMClient:
+        """A client of the recipe's model (or ``llm``) with ``adapter``, caching in OUT/.cache."""
+        llm = llm or self.recipe.llm
+        backend = create_backend(dataclasses.replace(llm, adapter=adapter) if hasattr(llm, "adapter") else llm)
+        return LLMClient(backend, self.cache, seed=self.recipe.seed)
+
+    def generate(self, r: int, adapter: str | None, parent: str | None) -> str:
+        version, manifest, _ = run_recipe(self.round_recipe(r, adapter), self.out / "datasets", parent=parent,
+                                          driver=self.driver,
+                                          extra_manifest={"evolve": {"run": str(self.out), "round": r,
+                                                                     "adapter": adapter}})
+        _log(format_summary(manifest))
+        return str(version)
+
+    def train(self, r: int, version: str, adapter_in: str | None) -> str:
+        out = self.out / "adapters" / f"round-{r}"
+        if is_trained(out):
+            return str(out)
+        options = {**self.config.train, "dataset": version, "out": str(out), "model": self.base_model}
+        if adapter_in and self.config.init == "previous":
+            options["init_adapter"] = adapter_in
+        config_file = out.parent / f"round-{r}.yaml"
+        config_file.parent.mkdir(parents=True, exist_ok=True)
+        config_file.write_text(yaml.safe_dump(options, sort_keys=False), encoding="utf-8")
+        command = [sys.executable, "-m", f"trainers.{self.config.method}", "--config", str(config_file)]
+        _log(f"round {r}: training {out} ({self.config.method}) on {version}")
+        done = subprocess.run(command, stdout=sys.stderr if self.progress else subprocess.DEVNULL,
+                              stderr=sys.stderr if self.progress else subprocess.PIPE, text=True)
+        if done.returncode != 0:
+            raise FactoryError(f"round {r}: training failed (exit {done.returncode}); run the same command again "
+                               f"to resume from the last checkpoint. Command: {' '.join(command)}")
+        return str(out)
+
+    def evaluate(self, adapter: str | None) -> dict:
+        e = self.config.eval
+        table = read_eval(e.path, self.recipe.base_dir, e.limit)
+        client = self.client(adapter)
+        try:
+            result = accuracy(solve_step_for(True, "number", 256, template_from=self.solve), client, table, e.column,
+                              e.answer_column, e.method, progress=self.progress)
+        finally:
+            client.backend.close()
+        return {**result.summary(), "examples": result.results[:3]}
+
+    def answers(self, tasks: pl.DataFrame, adapter: str | None) -> pl.Series:
+        """Greedy answers of the model with ``adapter`` to the win-rate tasks."""
+        client = self.client(adapter)
+        try:
+            step = Solve(SolveConfig(temperature=0.0, max_tokens=self.config.win_rate.max_tokens))
+            return step.process(tasks, StepContext(llm=client))["response"]
+        finally:
+            client.backend.close()
+
+    def win_rate(self, adapter: str | None, previous: str | None) -> dict:
+        w = self.config.win_rate
+        tasks = read_eval(w.path, self.recipe.base_dir, w.limit).select(pl.col(w.column).alias("instruction"))
+        table = tasks.with_columns(response=self.answers(tasks, adapter), previous=self.answers(tasks, previous))
+        # The judge is the base model (or the one given), the same in every round.
+        base = {**to_dict(self.recipe.llm), **({"adapter": None} if hasattr(self.recipe.llm, "adapter") else {})}
+        problems: list[Problem] = []
+        judge_llm = build_llm_config(merge_llm(base, w.judge), ("evolve", "win_rate", "judge"), problems)
+        if problems:
+            raise FactoryError(problems[0].format())
+        client = self.client(None, judge_llm)
+        try:
+            judge = Pairwise(PairwiseConfig(a_column="response", b_column="previous", reasoning=False))
+            verdicts = judge.process(table, StepContext(llm=client))
+        finally:
+            client.backend.close()
+        counts = {k: int((verdicts["winner"] == k).sum()) if "winner" in verdicts.columns else 0
+                  for k in ("a", "b", "tie")}
+        judged = sum(counts.values())
+        return {"tasks": tasks.height, "judged": judged, "wins": counts["a"], "losses": counts["b"],
+                "ties": counts["tie"],
+                "win_rate": round((counts["a"] + 0.5 * counts["tie"]) / judged, 4) if judged else None}
+
+    def gap(self, version: str) -> dict:
+        if self.solve is None:
+            return {}
+        consistency = first_step(self.recipe, Consistency)
+        return gap_metrics(round_samples(version, self.solve.index), task_column=self.solve.config.column,
+                           prediction_column=self.solve.config.prediction_column,
+                           min_agreement=consistency.config.min_agreement if consistency else 0.5,
+                           judge_threshold=self.config.judge_threshold)
+
+    # -- the loop ------------------------------------------------------------------------------
+    def phase(self, rs: dict, name: str, run: Callable[[], object], timed: str | None = None) -> None:
+        """Runs a phase of a round unless the state has its result; records it (and its time)."""
+        if name in rs:
+            return
+        began = time.time()
+        rs[name] = run()
+        if timed:
+            rs.setdefault("seconds", {})[timed] = round(time.time() - began, 1)
+        self.save()
+
+    def run(self) -> dict:
+        began = time.time()
+        self.state["stopped"] = None  # a resumed or extended run decides afresh
+        self.save()
+        baseline = self.round_state(0)
+        if self.config.eval and "eval" not in baseline:
+            _log("round 0: evaluating the base model")
+            self.phase(baseline, "eval", lambda: self.evaluate(None))
+        adapter, version = None, None
+        best, stale = baseline.get("eval", {}).get("accuracy"), 0
+        for r in range(1, self.rounds + 1):
+            rs = self.round_state(r)
+            rs.setdefault("adapter_in", adapter)
+            rs.setdefault("parent", version)
+            rs.setdefault("seconds", {})
+            if "version" not in rs:
+                _log(f"round {r}: generating with {'base + ' + adapter if adapter else 'the base model'}")
+            self.phase(rs, "version", lambda: self.generate(r, adapter, version), timed="generate")
+            self.phase(rs, "gap", lambda: self.gap(rs["version"]))
+            self.phase(rs, "adapter", lambda: self.train(r, rs["version"], adapter), timed="train")
+            self.phase(rs, "train", lambda: _training_summary(rs["adapter"]))
+            if self.config.eval:
+                if "eval" not in rs:
+                    _log(f"round {r}: evaluating {rs['adapter']}")
+                self.phase(rs, "eval", lambda: self.evaluate(rs["adapter"]), timed="eval")
+            if self.config.win_rate:
+                if "win_rate" not in rs:
+                    _log(f"round {r}: win rate against {'round ' + str(r - 1) if adapter else 'the base model'}")
+                self.phase(rs, "win_rate", lambda: self.win_rate(rs["adapter"], adapter), timed="win_rate")
+            write_report(self.out, self.state)
+            adapter, version = rs["adapter"], rs["version"]
+            accuracy = rs.get("eval", {}).get("accuracy")
+            if self.config.patience and accuracy is not None:
+                if best is None or accuracy > best + self.config.min_delta:
+                    best, stale = accuracy, 0
+                else:
+                    stale += 1
+                if stale >= self.config.patience:
+                    self.state["stopped"] = (f"eval accuracy did not improve by more than {self.config.min_delta} "
+                                             f"for {stale} round(s); stopped after round {r}")
+                    break
+        del self.state["rounds"][r + 1:]  # rounds beyond a stop, from an earlier longer run, are not this run's
+        self.state["stopped"] = self.state["stopped"] or f"completed {r} round(s)"
+        self.state["seconds"] = round(self.state.get("seconds", 0) + time.time() - began, 1)
+        self.save()
+        write_report(self.out, self.state)
+        return self.state
+
+
+def _training_summary(adapter: str) -> dict:
+    record = json.loads((Path(adapter) / "training.json").read_text(encoding="utf-8"))
+    metrics = record.get("metrics", {})
+    return {"steps": metrics.get("steps"), "train_loss": metrics.get("train_loss"),
+            "examples": record.get("data", {}).get("examples") or record.get("data", {}).get("pairs"),
+            "dataset_sha256": record["dataset"]["manifest_sha256"], "wall_seconds": metrics.get("wall_seconds")}

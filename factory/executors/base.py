@@ -1,0 +1,53 @@
+"""What every executor implements, and the one function that runs a batch anywhere."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import polars as pl
+
+from ..cache import Cache
+from ..llm.requests import LLMSession
+from ..steps.base import Step, StepContext
+
+Job = tuple[pl.DataFrame, str]  # a batch of rows and its cache key
+Result = tuple[pl.DataFrame, dict]  # a batch's output and its facts (report, LLM usage)
+
+
+def run_batch(step: Step, batch: pl.DataFrame, key: str, cache: Cache, session: LLMSession | None,
+              on_progress: Callable[[int], None] | None = None) -> Result:
+    """Runs a row step on one batch and caches its output and report under ``key``."""
+    ctx = StepContext(llm=session.client(on_progress) if session is not None else None)
+    out = step.process(batch, ctx)
+    if not isinstance(out, pl.DataFrame):
+        raise TypeError(f"{type(step).__name__}.process returned {type(out).__name__}, not a polars DataFrame")
+    cache.put_json("reports", key, ctx.report)
+    cache.put_frame("steps", key, out)
+    return out, ctx.facts()
+
+
+class Executor:
+    """Runs the work of a step; knows nothing of what the step does or which model answers.
+
+    Used as a context manager around a whole run (a cluster is joined once).
+    """
+
+    name: str
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+    def map_batches(self, step: Step, jobs: list[Job], cache: Cache, session: LLMSession | None,
+                    on_progress: Callable[[int], None] | None = None) -> Iterator[Result]:
+        """Each job's result, in the order of ``jobs``, each computed with :func:`run_batch`.
+
+        ``on_progress`` may be called with counts of requests answered while a batch runs.
+        """
+        raise NotImplementedError
+
+    def run_global(self, step: Step, table: pl.DataFrame, ctx: StepContext) -> pl.DataFrame:
+        """The step's output on the whole table (spread out where the step's hooks allow)."""
+        raise NotImplementedError

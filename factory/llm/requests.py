@@ -1,0 +1,218 @@
+"""The one LLM path: every request of every step, on every executor, goes through here.
+
+A step says what to ask and how to read the answer; :class:`LLMClient` does the rest:
+
+* **seeds** -- each request gets a sampling seed derived from the recipe seed, its
+  conversation and parameters, and how many identical requests the step asked before it
+  in the same run (so a repeated question is a new sample, not the same one). Seeds do not
+  depend on batching, the executor or what else is asked, so the local and the Ray
+  executor sample alike;
+* **cache** -- a round of requests has a journal in the cache; every reply is appended the
+  moment it arrives, so a run stopped mid-round (crash, Ctrl-C, SIGTERM) resends only the
+  replies that had not arrived. A failed request is never written, so a re-run asks again;
+* **usage** -- requests, cache hits, tokens and the backend's retries, per step;
+* **rounds** -- :meth:`LLMClient.run` drives a step's exchange (a generator that yields
+  requests and receives their completions), so generators that plan several rounds over
+  the whole pool go through the same path as a one-request-per-row step.
+
+Turning a failed request or an unreadable reply into a dropped row is the step base's
+part (:meth:`factory.steps.base.LLMStep.rows_from_completion`), the same for every step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from collections import Counter
+from collections.abc import Callable, Generator
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..cache import Cache, NullCache
+from ..config import to_dict
+from .base import Backend, Completion, Conversation, GenerationParams, Request, fingerprint
+
+# A step's conversation with the model: yields lists of requests, receives their
+# completions (in order), returns the step's output rows.
+Exchange = Generator[list[Request], list[Completion], Any]
+
+
+@dataclass
+class Usage:
+    """What a step asked of its model (reported per step in the manifest).
+
+    Attributes:
+        calls: batches of requests sent to the backend (none when every reply was cached).
+        conversations: requests the step made, cached or not.
+        cached_conversations: of those, the ones answered from the cache.
+        prompt_tokens, completion_tokens: tokens of the requests sent to the backend.
+        retries, retry_reasons: the backend's retries while answering them, by reason.
+    """
+
+    calls: int = 0
+    conversations: int = 0
+    cached_conversations: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    retries: int = 0
+    retry_reasons: dict[str, int] = field(default_factory=dict)
+
+    def add(self, other: "Usage | dict") -> None:
+        other = other if isinstance(other, dict) else dataclasses.asdict(other)
+        for name, value in other.items():
+            if name == "retry_reasons":
+                for reason, count in value.items():
+                    self.retry_reasons[reason] = self.retry_reasons.get(reason, 0) + count
+            else:
+                setattr(self, name, getattr(self, name) + value)
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class LLMClient:
+    """Sends a step's requests to its backend through the reply cache, counting usage.
+
+    Args:
+        backend: the backend that answers.
+        cache: where replies are journaled (None: nowhere).
+        seed: the recipe seed, from which every request's sampling seed is derived.
+        on_progress: called with a count of requests answered, as they are (progress bars
+            move within a batch).
+    """
+
+    def __init__(self, backend: Backend, cache: Cache | None = None, seed: int = 0,
+                 on_progress: Callable[[int], None] | None = None):
+        self.backend = backend
+        self.cache = cache or NullCache()
+        self.seed = seed
+        self.on_progress = on_progress
+        self.usage = Usage()
+
+    def run(self, exchange: Exchange):
+        """Drives a step's exchange: each list of requests it yields is answered and sent back."""
+        asked: Counter = Counter()  # identical requests so far in this exchange
+        try:
+            requests = next(exchange)
+            while True:
+                requests = exchange.send(self.ask(requests, asked))
+        except StopIteration as finished:
+            return finished.value
+
+    def chat(self, conversations: list[Conversation], params: GenerationParams) -> list[Completion]:
+        """The same parameters for every conversation."""
+        return self.ask([Request(c, params) for c in conversations])
+
+    def ask(self, requests: list[Request], asked: Counter | None = None) -> list[Completion]:
+        """The completions of ``requests``, in order: from the cache, or from the backend.
+
+        Args:
+            requests: what to ask (their ``params.seed`` is replaced by the derived seed).
+            asked: how often each request was asked before in the same exchange; updated.
+        """
+        if not requests:
+            return []
+        asked = Counter() if asked is None else asked
+        model_id = self.backend.model_id
+        keys, seeded = [], []
+        for request in requests:
+            what = fingerprint([request.params.sampling_key(), request.messages])
+            seed = _digest_int(f"{self.seed}:{what}:{asked[what]}")
+            asked[what] += 1
+            keys.append(_digest(f"{model_id}:{seed}:{what}"))
+            seeded.append(Request(request.messages, request.params.with_seed(seed)))
+        journal = self.cache.journal("llm", fingerprint(keys))
+        cached = journal.read()
+        results = [Completion.from_json(cached[k]) if k in cached else None for k in keys]
+        todo = [i for i, c in enumerate(results) if c is None]
+        self.usage.conversations += len(requests)
+        self.usage.cached_conversations += len(requests) - len(todo)
+        self._progress(len(requests) - len(todo))
+        if not todo:
+            return results  # type: ignore[return-value]
+
+        def arrived(ready: list[tuple[int, Completion]]) -> None:
+            fresh = [(todo[j], completion) for j, completion in ready if results[todo[j]] is None]
+            for i, completion in fresh:
+                results[i] = completion
+                self.usage.prompt_tokens += completion.prompt_tokens
+                self.usage.completion_tokens += completion.completion_tokens
+                if completion.error is None:  # a failure is never cached: a re-run asks again
+                    journal.append(keys[i], completion.to_json())
+            journal.flush()
+            self._progress(len(fresh))
+
+        stats = self.backend.stats
+        retries_before, reasons_before = stats.retries, dict(stats.retry_reasons)
+        self.usage.calls += 1
+        try:
+            arrived(list(enumerate(self.backend.generate([seeded[i] for i in todo], arrived))))
+        finally:
+            journal.close()
+            self.usage.add({"retries": stats.retries - retries_before,
+                            "retry_reasons": {reason: count - reasons_before.get(reason, 0)
+                                              for reason, count in stats.retry_reasons.items()
+                                              if count != reasons_before.get(reason, 0)}})
+        return results  # type: ignore[return-value]
+
+    def _progress(self, count: int) -> None:
+        if self.on_progress is not None and count:
+            self.on_progress(count)
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _digest_int(text: str) -> int:
+    """A 32-bit integer from ``text`` (a seed)."""
+    return int(_digest(text)[:8], 16)
+
+
+class BackendPool:
+    """Backends by their config, built on first use and shared by the steps that use them.
+
+    A copy sent to another process (a Ray worker) starts empty and builds its own.
+    """
+
+    def __init__(self, factory: Callable[[Any], Backend]):
+        self.factory = factory
+        self._open: dict[str, Backend] = {}
+
+    def get(self, config) -> Backend:
+        key = fingerprint(to_dict(config))
+        if key not in self._open:
+            self._open[key] = self.factory(config)
+        return self._open[key]
+
+    def close(self) -> None:
+        for backend in self._open.values():
+            backend.close()
+        self._open.clear()
+
+    def __getstate__(self):
+        return {"factory": self.factory, "_open": {}}
+
+
+@dataclass
+class LLMSession:
+    """What the batches of one LLM step need to reach its model, wherever they run.
+
+    Executors hand it to the process that runs a batch and ask it for a client there; they
+    never look at the backend behind it.
+    """
+
+    config: Any
+    cache: Cache
+    seed: int
+    backends: BackendPool
+
+    @property
+    def model_id(self) -> str:
+        return self.backends.get(self.config).model_id
+
+    def describe(self) -> dict:
+        return self.backends.get(self.config).describe()
+
+    def client(self, on_progress: Callable[[int], None] | None = None) -> LLMClient:
+        return LLMClient(self.backends.get(self.config), self.cache, self.seed, on_progress)
