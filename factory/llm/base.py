@@ -160,15 +160,28 @@ class Backend:
         """Frees the model or connections."""
 
 
+def digest(text: str) -> str:
+    """The sha256 hex digest of a text."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def seed_of(text: str) -> int:
+    """A stable 32-bit integer from a text (a sampling seed)."""
+    return int(digest(text)[:8], 16)
+
+
+def _canonical(data: Any) -> str:
+    return json.dumps(data, sort_keys=True, ensure_ascii=False, default=str, separators=(",", ":"))
+
+
 def fingerprint(data: Any) -> str:
     """A stable sha256 hex digest of JSON-serialisable data."""
-    text = json.dumps(data, sort_keys=True, ensure_ascii=False, default=str, separators=(",", ":"))
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+    return digest(_canonical(data))
 
 
 def fingerprint_int(data: Any) -> int:
     """A stable 32-bit integer from JSON-serialisable data (for seeds)."""
-    return int(fingerprint(data)[:8], 16)
+    return seed_of(_canonical(data))
 
 
 def split_prefill(conversation: Conversation) -> tuple[Conversation, str | None]:

@@ -22,7 +22,6 @@ part (:meth:`factory.steps.base.LLMStep.rows_from_completion`), the same for eve
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from collections import Counter
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
@@ -30,7 +29,7 @@ from typing import Any
 
 from ..cache import Cache, NullCache
 from ..config import to_dict
-from .base import Backend, Completion, Conversation, GenerationParams, Request, fingerprint
+from .base import Backend, Completion, Conversation, GenerationParams, Request, digest, fingerprint, seed_of
 
 # A step's conversation with the model: yields lists of requests, receives their
 # completions (in order), returns the step's output rows.
@@ -117,9 +116,9 @@ class LLMClient:
         keys, seeded = [], []
         for request in requests:
             what = fingerprint([request.params.sampling_key(), request.messages])
-            seed = _digest_int(f"{self.seed}:{what}:{asked[what]}")
+            seed = seed_of(f"{self.seed}:{what}:{asked[what]}")
             asked[what] += 1
-            keys.append(_digest(f"{model_id}:{seed}:{what}"))
+            keys.append(digest(f"{model_id}:{seed}:{what}"))
             seeded.append(Request(request.messages, request.params.with_seed(seed)))
         journal = self.cache.journal("llm", fingerprint(keys))
         cached = journal.read()
@@ -158,15 +157,6 @@ class LLMClient:
     def _progress(self, count: int) -> None:
         if self.on_progress is not None and count:
             self.on_progress(count)
-
-
-def _digest(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-def _digest_int(text: str) -> int:
-    """A 32-bit integer from ``text`` (a seed)."""
-    return int(_digest(text)[:8], 16)
 
 
 class BackendPool:
