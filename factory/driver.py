@@ -23,7 +23,7 @@ import polars as pl
 
 from .cache import Cache, NullCache, frame_digest
 from .errors import FactoryError
-from .executors.base import Executor
+from .executors.base import Executor, check_output
 from .executors.local import LocalExecutor
 from .llm import create_backend
 from .llm.base import fingerprint
@@ -222,19 +222,13 @@ class Driver:
             return out
         with self._bar(step, None) as bar:
             ctx = StepContext(llm=session.client() if session else None, progress=bar)
-            out = self.executor.run_global(step, table, ctx)
-        _check_output(step, out)
+            out = check_output(step, self.executor.run_global(step, table, ctx))
         self.cache.put_json("reports", key, ctx.report)
         self.cache.put_frame("steps", key, out)
         stats.report = ctx.report
         if usage is not None:
             usage.add(ctx.llm.usage)
         return out
-
-
-def _check_output(step, out) -> None:
-    if not isinstance(out, pl.DataFrame):
-        raise TypeError(f"{type(step).__name__}.process returned {type(out).__name__}, not a polars DataFrame")
 
 
 def _stop_on_failures(stats: StepStats, failures: int, processed: int, rate: float, dropped: pl.DataFrame) -> None:

@@ -18,12 +18,17 @@ def run_batch(step: Step, batch: pl.DataFrame, key: str, cache: Cache, session: 
               on_progress: Callable[[int], None] | None = None) -> Result:
     """Runs a row step on one batch and caches its output and report under ``key``."""
     ctx = StepContext(llm=session.client(on_progress) if session is not None else None)
-    out = step.process(batch, ctx)
-    if not isinstance(out, pl.DataFrame):
-        raise TypeError(f"{type(step).__name__}.process returned {type(out).__name__}, not a polars DataFrame")
+    out = check_output(step, step.process(batch, ctx))
     cache.put_json("reports", key, ctx.report)
     cache.put_frame("steps", key, out)
     return out, ctx.facts()
+
+
+def check_output(step: Step, out) -> pl.DataFrame:
+    """``out`` when it is a frame; a step that returns anything else is a bug in the step."""
+    if not isinstance(out, pl.DataFrame):
+        raise TypeError(f"{type(step).__name__}.process returned {type(out).__name__}, not a polars DataFrame")
+    return out
 
 
 class Executor:
