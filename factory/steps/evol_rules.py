@@ -15,7 +15,7 @@ from typing import Literal
 
 from ..errors import ParseError
 from ..llm.base import Completion
-from ..text import ngrams, normalize
+from ..text import count_words, ngrams, normalize
 from .base import DROP, dropped
 
 Rule = Literal["no_information_gain", "apologetic_response", "empty_response", "template_leak"]
@@ -63,7 +63,7 @@ def is_empty_response(response: str) -> bool:
 
 
 def is_apologetic(response: str) -> bool:
-    return "sorry" in response.lower() and len(response.split()) < APOLOGY_MAX_WORDS
+    return "sorry" in response.lower() and count_words(response) < APOLOGY_MAX_WORDS
 
 
 def word_runs(text: str) -> set[tuple[str, ...]]:
@@ -151,5 +151,5 @@ class Elimination:
         if not response:
             return dropped(row, "parse_error", "empty response")
         if "apologetic_response" in self.rules and is_apologetic(response):
-            return dropped(row, "apologetic_response", f"says sorry in {len(response.split())} words")
+            return dropped(row, "apologetic_response", f"says sorry in {count_words(response)} words")
         return row

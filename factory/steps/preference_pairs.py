@@ -8,6 +8,7 @@ from typing import Literal
 import polars as pl
 
 from ..config import option
+from ..text import has_text
 from .base import DROP, LLMStep, TaskStepConfig, dropped, rows_to_frame
 from .pairwise import compare, judged_row
 
@@ -133,7 +134,7 @@ def pair_row(c: PreferencePairsConfig, chosen: dict, rejected: dict, chosen_scor
              rejected_score: float) -> dict:
     """The DPO row of a task: its prompt (task and input), chosen and rejected answers, scores."""
     task_input = chosen.get(c.input_column)
-    prompt = chosen[c.column] + (f"\n\n{task_input}" if isinstance(task_input, str) and task_input.strip() else "")
+    prompt = chosen[c.column] + (f"\n\n{task_input}" if has_text(task_input) else "")
     row = {c.column: chosen[c.column], "prompt": prompt, "chosen": chosen[c.response_column],
            "rejected": rejected[c.response_column], "chosen_score": chosen_score,
            "rejected_score": rejected_score}
@@ -155,7 +156,7 @@ def _distinct(rows: list[dict], column: str) -> list[dict]:
     seen, out = set(), []
     for row in rows:
         text = row.get(column)
-        if isinstance(text, str) and text.strip() and text.strip() not in seen:
+        if has_text(text) and text.strip() not in seen:
             seen.add(text.strip())
             out.append(row)
     return out

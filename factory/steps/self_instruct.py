@@ -24,7 +24,7 @@ from rapidfuzz.distance import LCSseq
 from ..config import option
 from ..errors import FactoryError, ParseError
 from ..llm.base import Completion, GenerationParams, Request
-from ..text import has_text, normalize
+from ..text import count_words, has_text, normalize
 from .base import DROP, LLMStep, LLMStepConfig, StepContext, dropped, rows_to_frame
 
 # Self-Instruct's filter for tasks that a language model cannot perform in text.
@@ -254,9 +254,9 @@ class TaskPool:
     def verdict(self, task: str, words: list[str]) -> tuple[str | None, str | None]:
         """``(reason, detail)`` for a candidate that must go, else ``(None, None)``."""
         c = self.config
-        if len(task.split()) < c.min_words:
+        if count_words(task) < c.min_words:
             return "too_short", None
-        if len(task.split()) > c.max_words:
+        if count_words(task) > c.max_words:
             return "too_long", None
         lowered = f" {normalize(task)} "
         hit = next((w for w in c.blacklist if f" {normalize(w)} " in lowered), None)
