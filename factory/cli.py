@@ -375,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except FactoryError as err:
         print("\n".join(error_lines(err)), file=sys.stderr)
-        return 2
+        return err.exit_code
     except BrokenPipeError:  # output piped into `head`
         sys.stderr.close()
         return 0

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 import polars as pl
 
 from .cache import Cache, NullCache, frame_digest
-from .errors import FactoryError
+from .errors import BackendError
 from .executors.base import Executor, check_output
 from .executors.local import LocalExecutor
 from .llm import create_backend
@@ -133,6 +133,7 @@ class Driver:
                         kept, dropped = split_dropped(out, stats.label)
                     else:
                         kept, dropped = self._run_rows(step, table, stats, session, usage, recipe.header)
+                    kept = with_columns_of(step, table, kept)
                     stats.rows_out = kept.height
                     stats.dropped = dict(sorted(dropped["drop_reason"].value_counts().iter_rows())) \
                         if dropped.height else {}
@@ -223,12 +224,25 @@ class Driver:
         with self._bar(step, None) as bar:
             ctx = StepContext(llm=session.client() if session else None, progress=bar)
             out = check_output(step, self.executor.run_global(step, table, ctx))
-        self.cache.put_json("reports", key, ctx.report)
-        self.cache.put_frame("steps", key, out)
         stats.report = ctx.report
         if usage is not None:
             usage.add(ctx.llm.usage)
+            sent = usage.conversations - usage.cached_conversations
+            if usage.failures and usage.failures >= sent:
+                raise BackendError(f"{stats.label}: every one of its {sent} requests failed in the backend (last "
+                                   f"error: {usage.last_error}); nothing was written. Fix the backend and run the "
+                                   "same command again")
+        if ctx.complete:  # a failure is never a result: a re-run asks the failed requests again
+            self.cache.put_json("reports", key, ctx.report)
+            self.cache.put_frame("steps", key, out)
         return out
+
+
+def with_columns_of(step, before: pl.DataFrame, after: pl.DataFrame) -> pl.DataFrame:
+    """``after`` with every column the step declares it outputs, null where the step wrote
+    none (an empty output, or rows that all lacked it), so no later step misses a column."""
+    missing = [c for c in step.output_columns(before.columns) if c not in after.columns]
+    return after.with_columns(pl.lit(None).alias(c) for c in missing) if missing else after
 
 
 def _stop_on_failures(stats: StepStats, failures: int, processed: int, rate: float, dropped: pl.DataFrame) -> None:
@@ -237,7 +251,7 @@ def _stop_on_failures(stats: StepStats, failures: int, processed: int, rate: flo
         if "drop_detail" in dropped.columns:
             details = dropped.filter(pl.col("drop_reason").is_in(BACKEND_FAILURES))["drop_detail"].drop_nulls()
             detail = f" (last error: {details[-1]})" if len(details) else ""
-        raise FactoryError(f"{stats.label}: {failures} of {processed} rows failed in the backend{detail}; "
+        raise BackendError(f"{stats.label}: {failures} of {processed} rows failed in the backend{detail}; "
                            f"stopping rather than writing a hollow dataset (max_failure_rate={rate}). Fix the "
                            "backend and run the same command again: finished batches are cached")
 

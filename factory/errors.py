@@ -6,8 +6,10 @@ from __future__ import annotations
 class FactoryError(Exception):
     """An error caused by the user's input or environment, with the fix in its message.
 
-    The CLI prints ``str(error)`` on one line and exits with code 2, without a traceback.
+    The CLI prints ``str(error)`` on one line and exits with ``exit_code``, without a traceback.
     """
+
+    exit_code = 2
 
 
 class RecipeError(FactoryError):
@@ -63,7 +65,10 @@ class ParseError(ValueError):
 
 
 class BackendError(FactoryError):
-    """A backend could not be reached or failed permanently."""
+    """A backend could not be reached or failed permanently (exit code 1: the recipe is fine,
+    the model behind it is not)."""
+
+    exit_code = 1
 
 
 def error_lines(err: FactoryError) -> list[str]:

@@ -188,10 +188,14 @@ def export_model(model: str, out_dir: str | Path) -> Path:
     """Writes ``model`` (e.g. the embedded GGUF) as a plain Hugging Face folder.
 
     The folder holds safetensors weights, the tokenizer and config, so that vLLM, the
-    trainers and other tools load it without any download.
+    trainers and other tools load it without any download. Its generation config says
+    ``do_sample: true``: servers that take their sampling switch from it (``transformers
+    serve``) then sample when a request asks for temperature > 0, and decode greedily at 0.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    load_plain_causal_lm(model, device="cpu", dtype="float32").save_pretrained(out, safe_serialization=True)
+    lm = load_plain_causal_lm(model, device="cpu", dtype="float32")
+    lm.generation_config.do_sample = True
+    lm.save_pretrained(out, safe_serialization=True)
     load_tokenizer(model).save_pretrained(out)
     return out

@@ -5,8 +5,14 @@ or from ``fault_fn(payload, number)`` (called for every request; number counts f
 A fault is ``"ok"``, an HTTP status such as ``429`` or ``500``, ``"retry_after"`` (429
 with Retry-After: 0), ``"slow"`` (sleeps ``slow_seconds``, past the client's timeout),
 ``"reset"`` (closes the connection), ``"not_json"``, ``"truncated"`` (half a JSON body)
-or ``"empty_choices"``. Replies are ``reply_fn(payload, index)``; ``latency`` seconds
-are added to every request.
+or ``"empty_choices"``, ``"too_long"`` (vLLM's 400 for a prompt past the context) or
+``"unauthorized"`` (401). Replies are ``reply_fn(payload, index)``; ``latency`` seconds are
+added to every request.
+
+Like real servers it can be strict (``accepts``: the only fields it takes; others get
+``transformers serve``'s 422), ignore ``n`` (``honours_n=False``) and know only some models
+(``models``: others get vLLM's 404). The backend's probes before a run go to ``probes``,
+not ``requests``.
 """
 
 from __future__ import annotations
@@ -17,6 +23,9 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from factory.llm.server import PROBE_PROMPT
+
+STANDARD = {"model", "messages", "n", "temperature", "top_p", "max_tokens", "stop", "seed"}
 FAULTS = [429, "retry_after", 500, 503, "slow", "reset", "not_json", "truncated", "empty_choices"]
 
 
@@ -35,7 +44,12 @@ class _Server(ThreadingHTTPServer):
 
 
 class FakeOpenAI:
-    def __init__(self, reply_fn=echo, fault_fn=None, latency: float = 0.0, slow_seconds: float = 1.5):
+    def __init__(self, reply_fn=echo, fault_fn=None, latency: float = 0.0, slow_seconds: float = 1.5,
+                 accepts: set | None = None, honours_n: bool = True, models: list[str] | None = None):
+        self.accepts = accepts
+        self.honours_n = honours_n
+        self.models = models
+        self.probes: list[dict] = []
         self.faults: list = []
         self.fault_fn = fault_fn
         self.latency = latency
@@ -64,7 +78,8 @@ class FakeOpenAI:
 
             def do_GET(self):
                 if self.path.rstrip("/").endswith("/models"):
-                    self._send(200, json.dumps({"data": [{"id": "fake"}]}).encode())
+                    ids = server.models or ["fake"]
+                    self._send(200, json.dumps({"data": [{"id": i, "owned_by": "fake"} for i in ids]}).encode())
                 else:
                     self._send(404, b"{}")
 
@@ -76,6 +91,30 @@ class FakeOpenAI:
                 except ValueError:
                     # The client went away mid-request (a test interrupted it): that is no request to count.
                     self.close_connection = True
+                    return
+                extra = sorted(set(payload) - server.accepts) if server.accepts is not None else []
+                if extra:
+                    self._send(422, json.dumps({"detail": f"Unexpected fields in the request: {', '.join(extra)}"})
+                               .encode())
+                    return
+                if server.models is not None and payload.get("model") not in server.models:
+                    self._send(404, json.dumps({"error": {"message": f"The model `{payload.get('model')}` does "
+                                                          "not exist.", "type": "NotFoundError", "code": 404}}).encode())
+                    return
+                if "messages" not in payload:  # /v1/completions
+                    with server.lock:
+                        (server.probes if payload.get("max_tokens") == 1 else server.requests).append(payload)
+                    text = server.reply_fn(payload, 0) if payload.get("max_tokens") != 1 else "O"
+                    self._send(200, json.dumps({"choices": [{"index": 0, "text": text, "finish_reason": "stop"}],
+                                                "usage": {"prompt_tokens": 7, "completion_tokens": 3}}).encode())
+                    return
+                if payload["messages"][0].get("content") == PROBE_PROMPT:
+                    with server.lock:
+                        server.probes.append(payload)
+                    n = int(payload.get("n", 1)) if server.honours_n else 1
+                    self._send(200, json.dumps({"choices": [{"index": i, "message": {"role": "assistant",
+                                                "content": "O"}, "finish_reason": "length"} for i in range(n)]})
+                               .encode())
                     return
                 with server.lock:
                     server.requests.append(payload)
@@ -98,6 +137,14 @@ class FakeOpenAI:
                 if isinstance(fault, int):
                     self._send(fault, b'{"error": "injected"}')
                     return
+                if fault == "too_long":
+                    self._send(400, json.dumps({"error": {"message": "This model's maximum context length is 2048 "
+                                                          "tokens. However, you requested 2100 tokens (1844 in the "
+                                                          "messages, 256 in the completion).", "code": 400}}).encode())
+                    return
+                if fault == "unauthorized":
+                    self._send(401, json.dumps({"error": {"message": "Incorrect API key provided"}}).encode())
+                    return
                 if fault == "retry_after":
                     self._send(429, b'{"error": "slow down"}', {"Retry-After": "0"})
                     return
@@ -107,7 +154,7 @@ class FakeOpenAI:
                 if fault == "empty_choices":
                     self._send(200, json.dumps({"choices": []}).encode())
                     return
-                n = int(payload.get("n", 1))
+                n = int(payload.get("n", 1)) if server.honours_n else 1
                 choices = [{"index": i, "message": {"role": "assistant", "content": server.reply_fn(payload, i)},
                             "finish_reason": "stop"} for i in range(n)]
                 body = json.dumps({"choices": choices, "usage": {"prompt_tokens": 7, "completion_tokens": 3 * n}})

@@ -16,11 +16,14 @@ Result = tuple[pl.DataFrame, dict]  # a batch's output and its facts (report, LL
 
 def run_batch(step: Step, batch: pl.DataFrame, key: str, cache: Cache, session: LLMSession | None,
               on_progress: Callable[[int], None] | None = None) -> Result:
-    """Runs a row step on one batch and caches its output and report under ``key``."""
+    """Runs a row step on one batch and caches its output and report under ``key`` -- unless
+    a request of the batch failed: a failure is never a result, so a re-run redoes the batch
+    (its answered requests come back from the reply cache; only the failed ones are resent)."""
     ctx = StepContext(llm=session.client(on_progress) if session is not None else None)
     out = check_output(step, step.process(batch, ctx))
-    cache.put_json("reports", key, ctx.report)
-    cache.put_frame("steps", key, out)
+    if ctx.complete:
+        cache.put_json("reports", key, ctx.report)
+        cache.put_frame("steps", key, out)
     return out, ctx.facts()
 
 

@@ -46,6 +46,8 @@ class Usage:
         cached_conversations: of those, the ones answered from the cache.
         prompt_tokens, completion_tokens: tokens of the requests sent to the backend.
         retries, retry_reasons: the backend's retries while answering them, by reason.
+        failures: requests that failed in the backend (after its retries); never cached.
+        last_error: the last of those failures' errors (server, status, message).
     """
 
     calls: int = 0
@@ -55,6 +57,8 @@ class Usage:
     completion_tokens: int = 0
     retries: int = 0
     retry_reasons: dict[str, int] = field(default_factory=dict)
+    failures: int = 0
+    last_error: str | None = None
 
     def add(self, other: "Usage | dict") -> None:
         other = other if isinstance(other, dict) else dataclasses.asdict(other)
@@ -62,6 +66,8 @@ class Usage:
             if name == "retry_reasons":
                 for reason, count in value.items():
                     self.retry_reasons[reason] = self.retry_reasons.get(reason, 0) + count
+            elif name == "last_error":
+                self.last_error = value or self.last_error
             else:
                 setattr(self, name, getattr(self, name) + value)
 
@@ -138,6 +144,9 @@ class LLMClient:
                 self.usage.completion_tokens += completion.completion_tokens
                 if completion.error is None:  # a failure is never cached: a re-run asks again
                     journal.append(keys[i], completion.to_json())
+                elif completion.error_reason == "backend_error":
+                    self.usage.failures += 1
+                    self.usage.last_error = completion.error
             journal.flush()
             self._progress(len(fresh))
 

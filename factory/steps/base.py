@@ -85,6 +85,11 @@ class StepContext:
     progress: Any = field(default_factory=NoProgress)
     report: dict = field(default_factory=dict)
 
+    @property
+    def complete(self) -> bool:
+        """No request of the step failed (its output may be cached as a result)."""
+        return self.llm is None or not self.llm.usage.failures
+
     def facts(self) -> dict:
         """The report and the LLM usage, as an executor sends them back to the driver."""
         return {"report": self.report, "usage": self.llm.usage.to_json() if self.llm is not None else None}

@@ -1,0 +1,166 @@
+"""What an OpenAI-compatible server accepts, learned once per server, and how to read its errors.
+
+Servers differ beyond the standard chat-completions fields: vLLM and SGLang continue a
+prefilled assistant turn (``continue_final_message``) and constrain replies to a regex
+(``structured_outputs``, ``guided_regex`` before); ``transformers serve`` and OpenAI's own API
+reject any field they do not know (HTTP 400/422); some servers ignore ``n``. The backend
+sends extensions only when it knows the server takes them (:class:`ServerInfo`), learns
+the rest from the server's answers, and emulates what is missing, so a recipe runs
+unchanged on any of them.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+
+from ..errors import BackendError
+from .base import Conversation
+
+PREFILL_FIELDS = ("continue_final_message", "add_generation_prompt")
+REGEX_FIELDS = ("structured_outputs", "guided_regex")
+# Fields a request may carry besides the model and the messages (the standard ones first).
+OPTIONAL_FIELDS = ("n", "temperature", "top_p", "max_tokens", "stop", "seed") + PREFILL_FIELDS + REGEX_FIELDS
+
+PROBE_PROMPT = "Say OK."  # the one-token requests that learn what a server accepts
+
+TOO_LONG = re.compile(r"context length|context_length|maximum context|context window|too long|too many tokens|"
+                      r"exceeds? the (?:model|max)|prompt is too|input length", re.IGNORECASE)
+
+
+@dataclass
+class ServerInfo:
+    """What the backend knows about its server; recorded in the manifest.
+
+    Attributes:
+        models: the model ids the server lists (None: it has no ``/models``).
+        owned_by: the ``owned_by`` of the served model (``vllm``, ``sglang``...), when listed.
+        prefill: ``native`` when the server continues a prefilled assistant turn;
+            ``completions`` when the model's tokenizer is at hand and the server has
+            ``/v1/completions`` (the chat template is applied here, the turn continued there);
+            else ``emulated`` (the prefix is asked for in the prompt and cut from the reply).
+        regex: the field that carries a regex constraint, or None (replies are parsed anyway).
+        n: whether the server returns ``n`` samples per request (None: not known yet).
+        rejected: fields the server refused by name; never sent again.
+        identical_samples: the server returned identical samples at temperature > 0.
+        probed: the server was asked what it accepts before the run.
+    """
+
+    models: list[str] | None = None
+    owned_by: str | None = None
+    prefill: str = "emulated"
+    regex: str | None = None
+    n: bool | None = None
+    rejected: list[str] = field(default_factory=list)
+    identical_samples: bool = False
+    probed: bool = False
+
+    def to_json(self) -> dict:
+        return {"models": self.models[:20] if self.models else self.models, "owned_by": self.owned_by,
+                "prefill": self.prefill, "regex": self.regex, "n": self.n, "rejected_fields": sorted(self.rejected),
+                "identical_samples": self.identical_samples, "probed": self.probed}
+
+    def reject(self, name: str) -> None:
+        """The server refused ``name``: stop sending it (and what depends on it)."""
+        if name not in self.rejected:
+            self.rejected.append(name)
+        if name in PREFILL_FIELDS:
+            self.prefill = "emulated"
+        if name == self.regex:
+            self.regex = None
+
+
+def server_message(body: str) -> str:
+    """The human part of an error body (OpenAI's ``error.message``, FastAPI's ``detail``...)."""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return " ".join(body.split())[:300]
+    if isinstance(data, dict):
+        error = data.get("error")
+        if isinstance(error, dict) and error.get("message"):
+            return str(error["message"])[:300]
+        for key in ("detail", "message", "error"):
+            if data.get(key):
+                value = data[key]
+                return (value if isinstance(value, str) else json.dumps(value))[:300]
+    return " ".join(body.split())[:300]
+
+
+def rejected_fields(message: str, sent: list[str]) -> list[str]:
+    """The optional fields among ``sent`` that a 400/422 message names as not accepted."""
+    lowered = message.lower()
+    if not any(word in lowered for word in ("unexpected", "unrecognized", "unknown", "extra", "not permitted",
+                                              "not allowed", "not supported", "unsupported", "invalid")):
+        return []
+    return [name for name in sent if name in OPTIONAL_FIELDS and re.search(rf"\b{re.escape(name)}\b", message)]
+
+
+def is_too_long(message: str) -> bool:
+    """Whether an error message says the prompt (or prompt + max_tokens) exceeds the context."""
+    return bool(TOO_LONG.search(message))
+
+
+def emulate_prefill(conversation: Conversation, prefix: str) -> Conversation:
+    """The conversation without its trailing assistant message, the prefix asked for in the
+    last user message instead (for servers that cannot continue an assistant turn)."""
+    head = [dict(m) for m in conversation[:-1]]
+    ask = f"Your reply must begin with exactly the following text, which you then continue:\n{prefix}"
+    if head and head[-1].get("role") == "user":
+        head[-1]["content"] = f"{head[-1].get('content', '')}\n\n{ask}"
+    else:
+        head.append({"role": "user", "content": ask})
+    return head
+
+
+def continuation(reply: str, prefix: str) -> str:
+    """What follows ``prefix`` in a reply asked to begin with it, in the shape a server that
+    continues the assistant turn returns (the prefix itself is not repeated)."""
+    text = reply.lstrip()
+    candidates = [prefix.strip()]
+    lines = [line.strip() for line in prefix.strip().splitlines() if line.strip()]
+    if len(lines) > 1:
+        candidates.append(lines[-1])  # a long prefix: the model often repeats only its last line
+    for candidate in candidates:
+        if candidate and text.startswith(candidate):
+            return text[len(candidate):]
+    if prefix and not prefix[-1].isspace() and text:
+        return " " + text
+    return text
+
+
+def connection_error(base_url: str, err: Exception) -> BackendError:
+    """A clear error for a server that cannot be reached: refused, unknown host, TLS, timeout."""
+    causes, seen = [], err
+    while seen is not None and len(causes) < 8:  # httpx wraps the socket's error: read the chain
+        causes.append(f"{type(seen).__name__}: {seen}")
+        seen = seen.__cause__ or seen.__context__
+    text = causes[0]
+    lowered = " | ".join(causes).lower()
+    if "gaierror" in lowered or any(s in lowered for s in ("name or service not known", "nodename nor servname", "name resolution",
+                                  "getaddrinfo failed", "no address associated")):
+        return BackendError(f"cannot resolve the host of llm.base_url {base_url} ({text}); check the host name")
+    if any(s in lowered for s in ("ssl", "certificate", "tls")):
+        return BackendError(f"the TLS handshake with {base_url} failed ({text}); use http:// for a server without "
+                            "TLS, or point SSL_CERT_FILE at the server's CA certificate")
+    if "refused" in lowered or "errno 111" in lowered:
+        return BackendError(f"nothing answers at {base_url} (connection refused); start the server or fix "
+                            "llm.base_url")
+    if "timeout" in lowered:
+        return BackendError(f"the server at {base_url} did not answer in time ({text}); check that it is up, or "
+                            "raise llm.timeout")
+    return BackendError(f"cannot reach the OpenAI-compatible server at {base_url} ({text}); start the server or "
+                        "fix llm.base_url")
+
+
+def auth_error(base_url: str, status: int, message: str, env: str, key_set: bool) -> BackendError:
+    key = f"${env} is set but the server refused it" if key_set else f"${env} is not set"
+    return BackendError(f"the server at {base_url} answered HTTP {status} ({message}): {key}; put a valid API key "
+                        f"in ${env} (or name another variable with llm.api_key_env)")
+
+
+def model_error(base_url: str, model: str, message: str, models: list[str] | None) -> BackendError:
+    served = f"; it serves: {', '.join(models[:20])}" if models else ""
+    return BackendError(f"the server at {base_url} has no model '{model}' (HTTP 404: {message}){served}; set "
+                        "llm.model to a served name")

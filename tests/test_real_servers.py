@@ -1,0 +1,99 @@
+"""A real OpenAI-compatible server, started by the test: `transformers serve` (strict request
+schema, ignores `n`) serving the embedded model on CPU, and a recipe with a generator, solve
+and judge run against it unchanged. vLLM's server is covered in tests/test_vllm_real.py."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from factory.store import read_manifest, read_version
+
+from .conftest import ROOT
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("fastapi") is None or importlib.util.find_spec("uvicorn")
+                                is None, reason="needs transformers[serving] (pip install 'transformers[serving]')")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def transformers_serve(tmp_path_factory):
+    """`transformers serve` on the embedded model exported as a plain folder; yields (base_url, folder)."""
+    from factory.models import EMBEDDED, export_model
+
+    folder = export_model(EMBEDDED, tmp_path_factory.mktemp("served") / "smollm2")
+    port = _free_port()
+    log = open(tmp_path_factory.mktemp("serve-log") / "serve.log", "w")
+    serve = Path(sys.executable).with_name("transformers")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
+    proc = subprocess.Popen([str(serve), "serve", str(folder), "--port", str(port)], stdout=log,
+                            stderr=subprocess.STDOUT, env=env)
+    base_url = f"http://127.0.0.1:{port}/v1"
+    try:
+        deadline = time.time() + 180
+        while True:
+            try:
+                if httpx.get(f"{base_url}/models", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if proc.poll() is not None or time.time() > deadline:
+                pytest.fail(f"transformers serve did not start: {Path(log.name).read_text()[-2000:]}")
+            time.sleep(0.5)
+        yield base_url, folder
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+@pytest.mark.timeout(900)
+def test_a_recipe_runs_unchanged_on_transformers_serve(transformers_serve, tmp_path):
+    base_url, folder = transformers_serve
+    recipe = tmp_path / "served.yaml"
+    recipe.write_text(f"""\
+name: served
+seed: 3
+batch_size: 8
+llm: {{backend: openai, model: "{folder}", base_url: "{base_url}", max_concurrency: 2, timeout: 300}}
+source: {{path: {ROOT / "data" / "seeds" / "tasks.jsonl"}}}
+steps:
+  - self_instruct: {{num_tasks: 2, examples: 3, prompts_per_round: 4, max_rounds: 2, max_tokens: 24}}
+  - solve: {{samples: 2, temperature: 0.8, max_tokens: 24}}
+  - judge: {{scale: 10, reasoning: false}}
+  - score: {{min: 1}}
+output: {{format: messages, columns: [instruction, response, score]}}
+""")
+    out = tmp_path / "out"
+    result = subprocess.run([sys.executable, "-m", "factory", "run", str(recipe), "--out", str(out), "--quiet"],
+                            capture_output=True, text=True, cwd=ROOT, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    version = out / "served" / "v1"
+    manifest = read_manifest(version)
+    steps = {s["name"]: s for s in manifest["steps"]}
+    server = steps["solve"]["llm"]["server"]
+    # The server rejects vLLM's fields and ignores `n`; the backend learned both before the run.
+    assert server["probed"] and server["n"] is False
+    assert server["prefill"] == "completions"  # the tokenizer is at hand: the model folder itself
+    assert steps["self_instruct"]["rows_out"] >= 1 and steps["solve"]["rows_out"] == 2 * steps["solve"]["rows_in"]
+    assert manifest["rows"] >= 1
+    rejected = read_version(version, "rejected")
+    assert "backend_error" not in set(rejected["drop_reason"].to_list() if rejected.height else [])
+    # Samples asked one by one came back different (each with its own seed, sampled).
+    assert server["identical_samples"] is False

