@@ -63,11 +63,13 @@ def test_with_the_tokenizer_at_hand_a_prefill_continues_through_the_completions_
 
 def test_a_field_rejected_by_name_is_dropped_remembered_and_the_request_resent():
     # No probe (check_server false) and extensions on: the server's 422 teaches the backend.
-    with FakeOpenAI(accepts=STANDARD) as server:
+    reply = lambda payload, i: "Score: 7" if "must begin with exactly" in payload["messages"][-1]["content"] else "?"
+    with FakeOpenAI(reply_fn=reply, accepts=STANDARD) as server:
         backend = backend_for(server, check_server=False, extensions="on")
         first = backend.chat([PREFILLED], GenerationParams(max_tokens=4, regex="x"))
         second = backend.chat([PREFILLED], GenerationParams(max_tokens=4, regex="x"))
-    assert first[0].error is None and second[0].error is None
+    # The request resent emulated comes back as a continuation, like every later one.
+    assert first[0].error is None and first[0].texts == [" 7"] and second[0].texts == [" 7"]
     assert set(backend.server.rejected) >= {"continue_final_message", "structured_outputs"}
     assert backend.server.prefill == "emulated"
     # Two learning round trips for the first request at most, none for the second.

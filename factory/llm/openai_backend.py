@@ -255,8 +255,8 @@ class OpenAIBackend(Backend):
 
     def _payload(self, conv: Conversation, params: GenerationParams, n: int, seed: int) -> dict:
         server = self.server
-        messages, prefix = conv, split_prefill(conv)[1]
-        payload = {"model": self.config.model, "messages": messages, "temperature": params.temperature,
+        prefix = split_prefill(conv)[1]
+        payload = {"model": self.config.model, "messages": conv, "temperature": params.temperature,
                    "top_p": params.top_p, "max_tokens": params.max_tokens, "seed": seed}
         if n != 1:
             payload["n"] = n
@@ -278,7 +278,6 @@ class OpenAIBackend(Backend):
 
     async def _complete(self, client: httpx.AsyncClient, conv: Conversation, params: GenerationParams) -> Completion:
         prefix = split_prefill(conv)[1]
-        emulated = prefix is not None and self.server.prefill == "emulated"
         if params.n > 1 and self.server.n is False:
             asks = [(1, params.seed + k) for k in range(params.n)]  # the server ignores `n`: one sample each
         else:
@@ -305,7 +304,9 @@ class OpenAIBackend(Backend):
             # Fewer samples than asked for: ask for the rest, each with a seed of its own.
             asks = [(1, params.seed + len(texts) + k) for k in range(need)]
         texts = texts[:params.n]
-        if emulated:
+        # Read after the replies: a server that refused `continue_final_message` on this very
+        # request turned prefill to `emulated`, and the resent request was emulated.
+        if prefix is not None and self.server.prefill == "emulated":
             texts = [continuation(t, prefix) for t in texts]
         if params.n > 1 and params.temperature > 0 and len(set(texts)) == 1 and not self.server.identical_samples:
             self.server.identical_samples = True
