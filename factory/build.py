@@ -11,7 +11,7 @@ from .cache import Cache, NullCache
 from .errors import FactoryError
 from .driver import Driver, RunResult
 from .recipe import OutputConfig, Recipe
-from .store import read_manifest, write_version
+from .store import read_manifest, truncation_lines, write_version
 
 
 def chat_messages(table: pl.DataFrame, output: OutputConfig, task_column: str = "instruction",
@@ -113,4 +113,5 @@ def format_summary(manifest: dict) -> str:
         cached = f"  (cached {s['cached_batches']}/{s['batches']})" if s["cached_batches"] else ""
         lines.append(f"  {'[' + str(s['index']) + '] ' + s['name']:<{width}}  {s['rows_in']:>7}  {s['rows_out']:>7}  "
                      f"{s['seconds']:>7.1f}  {dropped}{cached}")
-    return "\n".join(lines)
+    return "\n".join(lines + ["  " + line for line in truncation_lines(steps)])
+

@@ -15,6 +15,7 @@ through :func:`factory.executors.base.run_batch` and the step's own ``process``.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -49,6 +50,7 @@ class StepStats:
     cached_batches: int = 0
     llm: dict | None = None
     report: dict = field(default_factory=dict)
+    truncation: dict | None = None  # replies cut at max_tokens (see :func:`truncation_facts`)
 
     @property
     def label(self) -> str:
@@ -140,6 +142,7 @@ class Driver:
                     stats.seconds = round(time.perf_counter() - began, 3)
                     if session is not None:
                         stats.llm = {**session.describe(), **usage.to_json()}
+                        stats.truncation = truncation_facts(step, stats)
                     all_stats.append(stats)
                     if dropped.height:
                         rejected_parts.append(dropped)
@@ -224,7 +227,7 @@ class Driver:
         with self._bar(step, None) as bar:
             ctx = StepContext(llm=session.client() if session else None, progress=bar)
             out = check_output(step, self.executor.run_global(step, table, ctx))
-        stats.report = ctx.report
+        stats.report = ctx.full_report()
         if usage is not None:
             usage.add(ctx.llm.usage)
             sent = usage.conversations - usage.cached_conversations
@@ -233,15 +236,47 @@ class Driver:
                                    f"error: {usage.last_error}); nothing was written. Fix the backend and run the "
                                    "same command again")
         if ctx.complete:  # a failure is never a result: a re-run asks the failed requests again
-            self.cache.put_json("reports", key, ctx.report)
+            self.cache.put_json("reports", key, stats.report)
             self.cache.put_frame("steps", key, out)
         return out
+
+
+def truncation_facts(step, stats: StepStats) -> dict | None:
+    """What the step's replies cut at ``max_tokens`` came to (None when none was cut):
+
+    ``cut`` replies of ``replies`` ended at a token limit (``limits``: how many at which),
+    ``dropped`` of them went as ``truncated``, ``kept`` stayed (``on_truncation: keep``, or a
+    score or verdict read before the cut), ``continued`` continuations were asked for; with
+    a ``hint`` that names the option to raise when rows were lost."""
+    counted = stats.report.pop("truncation", None)
+    if not counted or not (counted.get("cut") or counted.get("continued")):
+        return None
+    c = step.config
+    lost = stats.dropped.get("truncated", 0)
+    facts = {"replies": counted.get("replies", 0), "cut": counted["cut"], "dropped": lost,
+             "kept": max(0, counted["cut"] - lost), "limits": counted.get("limits", {}),
+             "continued": counted.get("continued", 0), "on_truncation": c.on_truncation}
+    if lost or (facts["kept"] and c.on_truncation == "keep"):
+        went = f"{lost} dropped as truncated" if lost else f"{facts['kept']} kept, marked in column `truncated`"
+        facts["hint"] = (f"{counted['cut']} of {facts['replies']} replies hit the token limit ({went}): raise "
+                         f"{_limit_option(c, facts['limits'])} on {stats.label}"
+                         + ("" if c.on_truncation == "continue" else " or set on_truncation: continue"))
+    return facts
+
+
+def _limit_option(config, limits: dict) -> str:
+    """The option (and its value) that set the token limit most replies were cut at: a step
+    may have several (``max_tokens``, ``feedback_max_tokens``, ``response_max_tokens``...)."""
+    top = max(limits, key=limits.get) if limits else None
+    names = [f.name for f in dataclasses.fields(config) if f.name.endswith("max_tokens")]
+    name = next((n for n in names if str(getattr(config, n)) == top), "max_tokens")
+    return f"{name} (now {getattr(config, name)})"
 
 
 def with_columns_of(step, before: pl.DataFrame, after: pl.DataFrame) -> pl.DataFrame:
     """``after`` with every column the step declares it outputs, null where the step wrote
     none (an empty output, or rows that all lacked it), so no later step misses a column."""
-    missing = [c for c in step.output_columns(before.columns) if c not in after.columns]
+    missing = [c for c in step.columns_after(before.columns) if c not in after.columns]
     return after.with_columns(pl.lit(None).alias(c) for c in missing) if missing else after
 
 

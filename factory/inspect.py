@@ -8,7 +8,7 @@ from pathlib import Path
 
 import polars as pl
 
-from .store import read_manifest, read_version
+from .store import read_manifest, read_version, truncation_lines
 
 
 def length_stats(table: pl.DataFrame) -> list[dict]:
@@ -122,8 +122,8 @@ def summarize(version_dir: str | Path, examples: int = 3, tokenizer=None) -> dic
         "rows": table.height,
         "rejected_rows": rejected.height,
         "columns": {c: str(t) for c, t in table.schema.items()},
-        "steps": [{k: s[k] for k in ("index", "name", "rows_in", "rows_out", "dropped", "seconds")}
-                  for s in manifest.get("steps", [])],
+        "steps": [{**{k: s[k] for k in ("index", "name", "rows_in", "rows_out", "dropped", "seconds")},
+                   "truncation": s.get("truncation")} for s in manifest.get("steps", [])],
         "drop_reasons": (dict(rejected.group_by("drop_step", "drop_reason").len()
                               .sort("drop_step", "drop_reason")
                               .select(pl.format("{} {}", "drop_step", "drop_reason"), "len").iter_rows())
@@ -159,6 +159,7 @@ def render(info: dict, width: int = 100) -> str:
             dropped = ", ".join(f"{k}={v}" for k, v in s["dropped"].items()) or "-"
             out.append(f"{'[' + str(s['index']) + '] ' + s['name']:<24} {s['rows_in']:>7} {s['rows_out']:>7} "
                        f"{s['seconds']:>7.1f}  {dropped}")
+        out += truncation_lines(info["steps"])
     out += _length_table("length (chars)", info["lengths"], [("min", 7), ("median", 7), ("mean", 9), ("max", 7),
                                                              ("words", 7)])
     out += _length_table("length (tokens)", info.get("tokens"), [("min", 7), ("median", 7), ("mean", 9), ("p95", 7),

@@ -134,7 +134,7 @@ class Recipe:
         """Columns present after the last step (source columns plus what steps produce)."""
         columns = list(self.source.columns()) if self.source else []
         for step in self.steps:
-            columns = step.output_columns(columns)
+            columns = step.columns_after(columns)
         return columns
 
 
@@ -446,7 +446,7 @@ def _check_columns(recipe: Recipe, problems: list[Problem]) -> None:
                 f"needs column '{column}', which neither {origin} nor an earlier step produces", path=path,
                 fix=(f"did you mean '{match}'? (set the step's column option)" if match
                      else "add a step that produces it first, or a `source:` that has it")))
-        columns = step.output_columns(columns)
+        columns = step.columns_after(columns)
     if recipe.output.format == "messages" and not ({"response", "messages"} & set(columns)):
         problems.append(Problem("format 'messages' needs a `response` column (from a solve step) or a "
                                 "`messages` column in the source", path=("output", "format"),

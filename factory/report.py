@@ -16,7 +16,9 @@ def rows(state: dict) -> list[dict]:
     table = []
     for rs in state["rounds"]:
         gap = rs.get("gap") or {}
-        row = {"round": rs["round"], "accuracy": (rs.get("eval") or {}).get("accuracy"),
+        evaluated = rs.get("eval") or {}
+        row = {"round": rs["round"], "accuracy": evaluated.get("accuracy"),
+               "eval_cut": (f"{evaluated['truncated']}/{evaluated['items']}" if "truncated" in evaluated else None),
                "win_rate": (rs.get("win_rate") or {}).get("win_rate"), "J_f": gap.get("J_f"),
                "samples": gap.get("samples"), "train_loss": (rs.get("train") or {}).get("train_loss")}
         wins = rs.get("win_rate") or {}
@@ -38,11 +40,12 @@ def markdown(state: dict, table: list[dict]) -> str:
              f"Base model: `{state['base_model']}`; training: {state['method']}; "
              f"recipe: `{state['recipe_file']}` (hash `{state['recipe_hash'][:12]}`); {state.get('stopped') or ''}.",
              "", "## Evaluation", "",
-             "| round | eval accuracy | win rate vs previous | wins / losses / ties | train loss |",
-             "|---|---|---|---|---|"]
+             "An answer cut at the token limit counts as wrong (column *cut*).", "",
+             "| round | eval accuracy | cut | win rate vs previous | wins / losses / ties | train loss |",
+             "|---|---|---|---|---|---|"]
     for row in table:
-        lines.append(f"| {row['round']} | {_fmt(row['accuracy'])} | {_fmt(row['win_rate'])} | "
-                     f"{row['win_loss_tie'] or '-'} | {_fmt(row['train_loss'])} |")
+        lines.append(f"| {row['round']} | {_fmt(row['accuracy'])} | {row.get('eval_cut') or '-'} | "
+                     f"{_fmt(row['win_rate'])} | {row['win_loss_tie'] or '-'} | {_fmt(row['train_loss'])} |")
     verifiers = sorted({k[len('gap_'):] for row in table for k in row if k.startswith("gap_")})
     if verifiers:
         lines += ["", "## Generation-verification gap", "",

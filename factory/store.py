@@ -188,6 +188,10 @@ def dataset_card(manifest: dict, table: pl.DataFrame, configs: list[dict] | None
         dropped = ", ".join(f"{k}: {v}" for k, v in s["dropped"].items()) or "-"
         lines.append(f"| {s['index']}. {s['name']} | {s.get('rows_in', '-')} | {s.get('rows_out', '-')} | {dropped} | "
                      f"{s.get('seconds', '-')} |")
+    cut = truncation_lines(manifest.get("steps", []))
+    if cut:
+        lines += ["", "Replies cut at the token limit (`max_tokens`):", ""] + [f"- {line[len('cut: '):]}"
+                                                                                for line in cut]
     lines += ["", "## Columns", ""]
     lines += [f"- `{c}`: {t}" for c, t in manifest["columns"].items()]
     lines += ["", "## Load it", "", "```python", "from datasets import load_dataset", "",
@@ -195,3 +199,24 @@ def dataset_card(manifest: dict, table: pl.DataFrame, configs: list[dict] | None
                          'split="train")'),
               "```", "", "## Recipe", "", "```yaml", yaml.safe_dump(recipe, sort_keys=False).rstrip(), "```", ""]
     return "\n".join(lines)
+
+
+def truncation_lines(steps: list[dict]) -> list[str]:
+    """One line per step some of whose replies were cut at the token limit: how many, what
+    became of them, and the hint."""
+    lines = []
+    for s in steps:
+        t = s.get("truncation")
+        if not t:
+            continue
+        label = f"steps[{s['index']}].{s['name']}"
+        limits = ", ".join(f"{count} at {limit}" for limit, count in t["limits"].items())
+        continued = f", {t['continued']} continuations asked" if t.get("continued") else ""
+        if t.get("hint"):
+            lines.append(f"cut: {label}: {t['hint']} (cut {limits}{continued})")
+        elif t["cut"]:
+            lines.append(f"cut: {label}: {t['cut']} of {t['replies']} replies hit the token limit ({limits}); "
+                         f"kept: what the step reads came before the cut{continued}")
+        else:
+            lines.append(f"cut: {label}: none left cut{continued}")
+    return lines

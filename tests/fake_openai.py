@@ -6,8 +6,8 @@ A fault is ``"ok"``, an HTTP status such as ``429`` or ``500``, ``"retry_after"`
 with Retry-After: 0), ``"slow"`` (sleeps ``slow_seconds``, past the client's timeout),
 ``"reset"`` (closes the connection), ``"not_json"``, ``"truncated"`` (half a JSON body)
 or ``"empty_choices"``, ``"too_long"`` (vLLM's 400 for a prompt past the context) or
-``"unauthorized"`` (401). Replies are ``reply_fn(payload, index)``; ``latency`` seconds are
-added to every request.
+``"unauthorized"`` (401). Replies are ``reply_fn(payload, index)``, cut after ``max_tokens``
+words with finish reason ``length``; ``latency`` seconds are added to every request.
 
 Like real servers it can be strict (``accepts``: the only fields it takes; others get
 ``transformers serve``'s 422), ignore ``n`` (``honours_n=False``) and know only some models
@@ -31,6 +31,14 @@ FAULTS = [429, "retry_after", 500, 503, "slow", "reset", "not_json", "truncated"
 
 def echo(payload: dict, index: int) -> str:
     return f"echo: {payload['messages'][-1]['content'][:40]} #{index}"
+
+
+def limited(text: str, payload: dict) -> tuple[str, str]:
+    """A reply as a server sends it: cut after ``max_tokens`` words (a token is a word here),
+    with finish reason ``length``; else whole, with ``stop``."""
+    words = text.split(" ")
+    limit = int(payload.get("max_tokens") or 1 << 30)
+    return (" ".join(words[:limit]), "length") if len(words) > limit else (text, "stop")
 
 
 class _Server(ThreadingHTTPServer):
@@ -104,8 +112,9 @@ class FakeOpenAI:
                 if "messages" not in payload:  # /v1/completions
                     with server.lock:
                         (server.probes if payload.get("max_tokens") == 1 else server.requests).append(payload)
-                    text = server.reply_fn(payload, 0) if payload.get("max_tokens") != 1 else "O"
-                    self._send(200, json.dumps({"choices": [{"index": 0, "text": text, "finish_reason": "stop"}],
+                    text, finish = limited(server.reply_fn(payload, 0), payload) if payload.get("max_tokens") != 1 \
+                        else ("O", "length")
+                    self._send(200, json.dumps({"choices": [{"index": 0, "text": text, "finish_reason": finish}],
                                                 "usage": {"prompt_tokens": 7, "completion_tokens": 3}}).encode())
                     return
                 if payload["messages"][0].get("content") == PROBE_PROMPT:
@@ -155,8 +164,9 @@ class FakeOpenAI:
                     self._send(200, json.dumps({"choices": []}).encode())
                     return
                 n = int(payload.get("n", 1)) if server.honours_n else 1
-                choices = [{"index": i, "message": {"role": "assistant", "content": server.reply_fn(payload, i)},
-                            "finish_reason": "stop"} for i in range(n)]
+                replies = [limited(server.reply_fn(payload, i), payload) for i in range(n)]
+                choices = [{"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
+                           for i, (text, finish) in enumerate(replies)]
                 body = json.dumps({"choices": choices, "usage": {"prompt_tokens": 7, "completion_tokens": 3 * n}})
                 if fault == "truncated":
                     body = body[: len(body) // 2]

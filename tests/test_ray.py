@@ -142,7 +142,7 @@ batch_size: 4
 llm: {{backend: transformers, model: {tiny_model_dir}, batch_size: 4}}
 source: {{path: {tasks}}}
 steps:
-  - solve: {{samples: 2, temperature: 1.0, max_tokens: 6}}
+  - solve: {{samples: 2, temperature: 1.0, max_tokens: 6, on_truncation: keep}}
 """)
     local_dir, _, _ = run_recipe(load_recipe(recipe_path), tmp_path / "local", driver=local(tmp_path / "c1"))
     ray_dir, _, _ = run_recipe(load_recipe(recipe_path), tmp_path / "ray", driver=on_ray(tmp_path / "c2", replicas=2))

@@ -75,7 +75,7 @@ llm: {{backend: openai, model: "{folder}", base_url: "{base_url}", max_concurren
 source: {{path: {ROOT / "data" / "seeds" / "tasks.jsonl"}}}
 steps:
   - self_instruct: {{num_tasks: 2, examples: 3, prompts_per_round: 4, max_rounds: 2, max_tokens: 24}}
-  - solve: {{samples: 2, temperature: 0.8, max_tokens: 24}}
+  - solve: {{samples: 2, temperature: 0.8, max_tokens: 24, on_truncation: keep}}
   - judge: {{scale: 10, reasoning: false}}
   - score: {{min: 1}}
 output: {{format: messages, columns: [instruction, response, score]}}
@@ -97,3 +97,24 @@ output: {{format: messages, columns: [instruction, response, score]}}
     assert "backend_error" not in set(rejected["drop_reason"].to_list() if rejected.height else [])
     # Samples asked one by one came back different (each with its own seed, sampled).
     assert server["identical_samples"] is False
+    # 24 tokens cut some answers: kept (on_truncation: keep), and counted from the server's finish reasons.
+    cut = steps["solve"].get("truncation") or {"cut": 0, "kept": 0}
+    assert cut["kept"] == cut["cut"] <= steps["solve"]["rows_out"]
+
+
+@pytest.mark.timeout(300)
+def test_the_servers_finish_reason_tells_a_cut_reply(transformers_serve):
+    from factory.llm import OpenAIBackend, OpenAIConfig
+    from factory.llm.base import GenerationParams, Request
+
+    base_url, folder = transformers_serve
+    backend = OpenAIBackend(OpenAIConfig(base_url=base_url, model=str(folder), timeout=120))
+    try:
+        story = [{"role": "user", "content": "Write a long story about the sea."}]
+        short = [{"role": "user", "content": "Reply with the single word: OK"}]
+        cut, whole = backend.generate([Request(story, GenerationParams(max_tokens=4)),
+                                       Request(short, GenerationParams(max_tokens=200))])
+    finally:
+        backend.close()
+    assert cut.finish_reasons == ["length"] and cut.completion_tokens == 4
+    assert whole.finish_reasons == ["stop"] and whole.completion_tokens < 200

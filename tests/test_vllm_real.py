@@ -90,6 +90,12 @@ class TestOfflineBackend:
         assert again.texts == first.texts  # greedy is deterministic
         print(f"one greedy reply: {first.completion_tokens} tokens in {seconds:.2f}s")
 
+    def test_finish_reason_tells_a_cut_reply(self, backend):
+        [cut] = ask(backend, [USER], max_tokens=3)
+        [whole] = ask(backend, [[{"role": "user", "content": "Reply with the single word: OK"}]], max_tokens=200)
+        assert cut.finish_reasons == ["length"] and cut.completion_tokens == 3
+        assert whole.finish_reasons == ["stop"] and whole.completion_tokens < 200
+
     def test_seed_decides_the_samples(self, backend):
         conversations = [USER] * 3
         seeds = [11, 11, 12]
@@ -199,7 +205,7 @@ llm: {llm}
 source: {{path: {seeds}}}
 steps:
   - self_instruct: {{num_tasks: 4, examples: 3, prompts_per_round: 8, max_rounds: 3, novelty_threshold: 0.9}}
-  - solve: {{samples: 1, temperature: 0.7, max_tokens: 48}}
+  - solve: {{samples: 1, temperature: 0.7, max_tokens: 48, on_truncation: keep}}
   - judge: {{scale: 10, reasoning: false, guided: true}}
 output: {{format: messages, columns: [instruction, origin, response, score]}}
 """
@@ -219,6 +225,9 @@ def run_recipe(tmp_path: Path, name: str, llm: str) -> tuple[dict, float]:
     manifest = json.loads((version / "manifest.json").read_text())
     assert manifest["rows"] > 0, manifest
     assert list(version.glob("**/*.parquet"))
+    # Answers cut at 48 tokens are kept (on_truncation: keep) and counted from vLLM's finish reasons.
+    cut = manifest["steps"][1].get("truncation") or {"cut": 0, "kept": 0}
+    assert cut["kept"] == cut["cut"] <= manifest["steps"][1]["rows_out"]
     return manifest, seconds
 
 

@@ -21,7 +21,7 @@ import polars as pl
 from factory.answers import answer_key, answers_match
 from factory.config import option
 from factory.errors import FactoryError
-from factory.steps.base import DROP, RAW_REPLY, StepContext
+from factory.steps.base import DROP, RAW_REPLY, TRUNCATED, StepContext
 from factory.text import ngrams
 from filters.consistency import Consistency, ConsistencyConfig
 from trainers.common import parse_config, run_main
@@ -51,9 +51,11 @@ class AccuracyResult:
     correct: int
     no_answer: int
     results: list[dict] = field(default_factory=list)
+    truncated: int = 0  # answers cut at the token limit (counted wrong, and among no_answer)
 
     def summary(self) -> dict:
-        return {"accuracy": self.accuracy, "items": self.items, "correct": self.correct, "no_answer": self.no_answer}
+        return {"accuracy": self.accuracy, "items": self.items, "correct": self.correct, "no_answer": self.no_answer,
+                "truncated": self.truncated}
 
 
 def read_eval(path: str, base_dir: Path | None = None, limit: int | None = None) -> pl.DataFrame:
@@ -71,7 +73,8 @@ def accuracy(solve_step, client, table: pl.DataFrame, column: str, answer_column
              batch_size: int = 64, progress: bool = False) -> AccuracyResult:
     """Answers every question with ``solve_step``'s prompt through ``client`` and checks them.
 
-    A reply without a final answer counts as wrong (``no_answer``), never as skipped.
+    A reply without a final answer counts as wrong (``no_answer``), never as skipped; so does
+    one cut at the token limit (``truncated``), even when a number came before the cut.
     """
     import sys
 
@@ -92,14 +95,15 @@ def accuracy(solve_step, client, table: pl.DataFrame, column: str, answer_column
             prediction = row.get(solve_step.config.prediction_column) if row.get(DROP) is None else None
             results.append({"question": row[solve_step.config.column], "reference": row[answer_column],
                             "prediction": prediction, "response": row.get(solve_step.config.output_column)
-                            or row.get(RAW_REPLY), "correct": answers_match(prediction, row[answer_column], method)})
+                            or row.get(RAW_REPLY), "correct": answers_match(prediction, row[answer_column], method),
+                            "truncated": row.get(DROP) == TRUNCATED})
         bar.update(batch.height)
         bar.set_postfix_str(f"accuracy {sum(r['correct'] for r in results) / len(results):.3f}", refresh=False)
     bar.close()
     correct = sum(r["correct"] for r in results)
     no_answer = sum(r["prediction"] is None for r in results)
     return AccuracyResult(round(correct / len(results), 4) if results else 0.0, len(results), correct, no_answer,
-                          results)
+                          results, sum(r["truncated"] for r in results))
 
 
 def solve_step_for(cot: bool, answer_format: str, max_tokens: int, template_from=None):

@@ -171,6 +171,9 @@ class Evolution:
                               e.answer_column, e.method, progress=self.progress)
         finally:
             client.backend.close()
+        cut = (f"; {result.truncated} answers cut at the token limit, counted wrong (raise max_tokens on the "
+               "recipe's solve step)" if result.truncated else "")
+        _log(f"eval accuracy {result.accuracy:.3f} ({result.correct}/{result.items}){cut}")
         return {**result.summary(), "examples": result.results[:3]}
 
     def answers(self, tasks: pl.DataFrame, adapter: str | None) -> pl.Series:

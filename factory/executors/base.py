@@ -22,7 +22,7 @@ def run_batch(step: Step, batch: pl.DataFrame, key: str, cache: Cache, session: 
     ctx = StepContext(llm=session.client(on_progress) if session is not None else None)
     out = check_output(step, step.process(batch, ctx))
     if ctx.complete:
-        cache.put_json("reports", key, ctx.report)
+        cache.put_json("reports", key, ctx.full_report())
         cache.put_frame("steps", key, out)
     return out, ctx.facts()
 

@@ -8,6 +8,10 @@ one LLM path (:mod:`factory.llm.requests`) sits between the two.
 
 A conversation whose last message has role ``assistant`` is a *prefill*: the backend
 continues that message instead of starting a new one, and returns only the continuation.
+
+Every reply comes with why it ended (its *finish reason*): ``stop`` (the model ended it, or a
+stop string did), ``length`` (it hit ``max_tokens``: the reply is cut), or a server's own
+value (``abort``, ``content_filter``...). Steps drop cut replies unless told otherwise.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
+
+LENGTH = "length"  # the finish reason of a reply cut at max_tokens
 
 Message = dict[str, str]
 Conversation = list[Message]
@@ -32,6 +38,9 @@ class GenerationParams:
     stop: tuple[str, ...] = ()
     seed: int = 0
     regex: str | None = None  # structured decoding: replies must match (vLLM, vLLM servers); others ignore it
+    # How many times the LLM path asks the model to go on with a reply cut at max_tokens (it
+    # is not sent to backends, and not part of the sampling key: the first reply is the same).
+    continuations: int = 0
 
     @property
     def greedy(self) -> bool:
@@ -39,7 +48,8 @@ class GenerationParams:
 
     def with_seed(self, seed: int) -> "GenerationParams":
         # Positional rather than dataclasses.replace: this runs for every request.
-        return GenerationParams(self.n, self.temperature, self.top_p, self.max_tokens, self.stop, seed, self.regex)
+        return GenerationParams(self.n, self.temperature, self.top_p, self.max_tokens, self.stop, seed, self.regex,
+                                self.continuations)
 
     def sampling_key(self) -> tuple:
         """Everything but the seed: requests with equal keys can share a batch."""
@@ -73,6 +83,8 @@ class Completion:
         completion_tokens: generated tokens over all ``n`` replies.
         error: why the request failed permanently, or None.
         error_reason: the drop reason recorded for rows whose request failed.
+        finish_reasons: why each reply ended, one per text: ``stop``, ``length`` (cut at
+            ``max_tokens``) or the server's own value; missing entries read as ``stop``.
     """
 
     texts: list[str]
@@ -80,11 +92,21 @@ class Completion:
     completion_tokens: int = 0
     error: str | None = None
     error_reason: str = "backend_error"
+    finish_reasons: list[str] = field(default_factory=list)
+
+    def finish(self, k: int = 0) -> str:
+        """Why reply ``k`` ended."""
+        return self.finish_reasons[k] if k < len(self.finish_reasons) else "stop"
+
+    def cut(self, k: int = 0) -> bool:
+        """Reply ``k`` ended at the token limit, mid-text."""
+        return self.finish(k) == LENGTH
 
     def to_json(self) -> dict:
         # Explicit rather than dataclasses.asdict, which deep-copies and is slow per reply.
         return {"texts": list(self.texts), "prompt_tokens": self.prompt_tokens,
-                "completion_tokens": self.completion_tokens, "error": self.error, "error_reason": self.error_reason}
+                "completion_tokens": self.completion_tokens, "error": self.error, "error_reason": self.error_reason,
+                "finish_reasons": list(self.finish_reasons)}
 
     @classmethod
     def from_json(cls, data: dict) -> "Completion":
@@ -129,6 +151,12 @@ class Backend:
     def model_id(self) -> str:
         """A string that identifies the weights that answer (part of cache keys)."""
         return str(getattr(self.config, "model", self.name))
+
+    @property
+    def continues_replies(self) -> bool:
+        """Whether a prefilled assistant turn is truly continued (so a cut reply can be asked
+        to go on); known after the first request for servers that are probed."""
+        return True
 
     def describe(self) -> dict:
         """What the manifest records about this backend."""
@@ -189,6 +217,13 @@ def split_prefill(conversation: Conversation) -> tuple[Conversation, str | None]
     if conversation and conversation[-1].get("role") == "assistant":
         return conversation[:-1], conversation[-1].get("content", "")
     return conversation, None
+
+
+def continued(conversation: Conversation, reply: str) -> Conversation:
+    """The conversation that asks the model to go on with ``reply`` (the continuation of the
+    conversation's prefill, if it has one): its assistant turn holds all that came so far."""
+    messages, prefill = split_prefill(conversation)
+    return messages + [{"role": "assistant", "content": (prefill or "") + reply}]
 
 
 def trim_at_stop(text: str, stop: tuple[str, ...]) -> str:

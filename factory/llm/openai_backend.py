@@ -95,6 +95,11 @@ class OpenAIBackend(Backend):
     def model_id(self) -> str:
         return f"openai:{self.config.base_url}#{self.config.model}"
 
+    @property
+    def continues_replies(self) -> bool:
+        # An emulated prefill asks the model to repeat the text and cuts it: not a continuation.
+        return self.server.prefill != "emulated"
+
     def describe(self) -> dict:
         return {**super().describe(), "base_url": self.config.base_url, "server": self.server.to_json()}
 
@@ -283,6 +288,7 @@ class OpenAIBackend(Backend):
         else:
             asks = [(params.n, params.seed)]
         texts: list[str] = []
+        finishes: list[str] = []
         prompt_tokens = completion_tokens = 0
         while True:
             results = await asyncio.gather(*(self._ask(client, conv, params, n, seed) for n, seed in asks))
@@ -294,16 +300,17 @@ class OpenAIBackend(Backend):
                 usage = body.get("usage") or {}
                 prompt_tokens = int(usage.get("prompt_tokens") or prompt_tokens)
                 completion_tokens += int(usage.get("completion_tokens") or 0)
-                got = [_text(choice) for choice in body["choices"][:want]]
-                if want > 1 and len(got) < want:
+                choices = body["choices"][:want]
+                if want > 1 and len(choices) < want:
                     self.server.n = False  # remember: ask one sample per request from now on
-                texts += got
+                texts += [_text(choice) for choice in choices]
+                finishes += [choice.get("finish_reason") or "unknown" for choice in choices]
             need = params.n - len(texts)
             if need <= 0:
                 break
             # Fewer samples than asked for: ask for the rest, each with a seed of its own.
             asks = [(1, params.seed + len(texts) + k) for k in range(need)]
-        texts = texts[:params.n]
+        texts, finishes = texts[:params.n], finishes[:params.n]
         # Read after the replies: a server that refused `continue_final_message` on this very
         # request turned prefill to `emulated`, and the resent request was emulated.
         if prefix is not None and self.server.prefill == "emulated":
@@ -313,7 +320,7 @@ class OpenAIBackend(Backend):
             print(f"warning: the server at {self.config.base_url} returned {params.n} identical samples at "
                   f"temperature {params.temperature}; it may ignore `seed` or sampling, so repeated samples add "
                   "nothing (check the server's sampling settings)", file=sys.stderr)
-        return Completion(texts, prompt_tokens, completion_tokens)
+        return Completion(texts, prompt_tokens, completion_tokens, finish_reasons=finishes)
 
     async def _ask(self, client: httpx.AsyncClient, conv: Conversation, params: GenerationParams, n: int,
                    seed: int) -> tuple[dict, int] | Completion:

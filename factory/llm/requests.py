@@ -11,6 +11,9 @@ A step says what to ask and how to read the answer; :class:`LLMClient` does the 
   moment it arrives, so a run stopped mid-round (crash, Ctrl-C, SIGTERM) resends only the
   replies that had not arrived. A failed request is never written, so a re-run asks again;
 * **usage** -- requests, cache hits, tokens and the backend's retries, per step;
+* **cut replies** -- a reply that ended at ``max_tokens`` is asked to go on (up to
+  ``params.continuations`` times, where the backend truly continues a prefill) and the
+  parts joined; the replies still cut are counted per token limit (:attr:`LLMClient.truncation`);
 * **rounds** -- :meth:`LLMClient.run` drives a step's exchange (a generator that yields
   requests and receives their completions), so generators that plan several rounds over
   the whole pool go through the same path as a one-request-per-row step.
@@ -22,6 +25,7 @@ part (:meth:`factory.steps.base.LLMStep.rows_from_completion`), the same for eve
 from __future__ import annotations
 
 import dataclasses
+import sys
 from collections import Counter
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
@@ -29,7 +33,7 @@ from typing import Any
 
 from ..cache import Cache, NullCache
 from ..config import to_dict
-from .base import Backend, Completion, Conversation, GenerationParams, Request, digest, fingerprint, seed_of
+from .base import Backend, Completion, Conversation, GenerationParams, Request, continued, digest, fingerprint, seed_of
 
 # A step's conversation with the model: yields lists of requests, receives their
 # completions (in order), returns the step's output rows.
@@ -93,6 +97,9 @@ class LLMClient:
         self.seed = seed
         self.on_progress = on_progress
         self.usage = Usage()
+        # Replies received (cached or not), those that ended cut at max_tokens (by the limit),
+        # and continuations asked for: the step's report carries them to the manifest.
+        self.truncation: dict = {"replies": 0, "cut": 0, "limits": {}, "continued": 0}
 
     def run(self, exchange: Exchange):
         """Drives a step's exchange: each list of requests it yields is answered and sent back."""
@@ -111,13 +118,60 @@ class LLMClient:
     def ask(self, requests: list[Request], asked: Counter | None = None) -> list[Completion]:
         """The completions of ``requests``, in order: from the cache, or from the backend.
 
+        Replies cut at ``max_tokens`` are continued when the request's parameters allow it
+        (:meth:`continue_cut`), then counted.
+
         Args:
             requests: what to ask (their ``params.seed`` is replaced by the derived seed).
             asked: how often each request was asked before in the same exchange; updated.
         """
+        asked = Counter() if asked is None else asked
+        results = self.continue_cut(requests, self.fetch(requests, asked), asked)
+        for request, completion in zip(requests, results):
+            if completion.error is None:
+                self.truncation["replies"] += len(completion.texts)
+                cut = sum(completion.cut(k) for k in range(len(completion.texts)))
+                if cut:
+                    self.truncation["cut"] += cut
+                    limit = str(request.params.max_tokens)
+                    self.truncation["limits"][limit] = self.truncation["limits"].get(limit, 0) + cut
+        return results
+
+    def continue_cut(self, requests: list[Request], results: list[Completion], asked: Counter) -> list[Completion]:
+        """``results`` with each reply cut at ``max_tokens`` continued: the model is asked to go
+        on from all it said so far (a prefill), up to ``params.continuations`` times, and the
+        parts are joined. Each continuation is a request of its own (cached, seeded alike)."""
+        for round_ in range(max((r.params.continuations for r in requests), default=0)):
+            cut = [(i, k) for i, (request, completion) in enumerate(zip(requests, results))
+                   if completion.error is None and request.params.continuations > round_
+                   for k in range(len(completion.texts)) if completion.cut(k)]
+            if not cut:
+                break
+            if not self.backend.continues_replies:
+                if not getattr(self.backend, "_said_cannot_continue", False):
+                    self.backend._said_cannot_continue = True
+                    print(f"warning: {self.backend.name} backend cannot continue a reply (the server does not "
+                          "continue a prefilled assistant turn): on_truncation: continue drops cut replies as "
+                          "`truncated`; raise max_tokens instead", file=sys.stderr)
+                break
+            follow = [Request(continued(requests[i].messages, results[i].texts[k]),
+                              dataclasses.replace(requests[i].params, n=1)) for i, k in cut]
+            self.truncation["continued"] += len(follow)
+            for (i, k), more in zip(cut, self.fetch(follow, asked)):
+                if more.error is not None:
+                    continue  # the reply stays as it was: cut
+                first = results[i]
+                texts, finishes = list(first.texts), [first.finish(j) for j in range(len(first.texts))]
+                texts[k] += more.texts[0]
+                finishes[k] = more.finish(0)
+                results[i] = dataclasses.replace(first, texts=texts, finish_reasons=finishes,
+                                                 completion_tokens=first.completion_tokens + more.completion_tokens)
+        return results
+
+    def fetch(self, requests: list[Request], asked: Counter) -> list[Completion]:
+        """The completions of ``requests`` as they were first given: cached or asked for."""
         if not requests:
             return []
-        asked = Counter() if asked is None else asked
         model_id = self.backend.model_id
         keys, seeded = [], []
         for request in requests:
@@ -128,7 +182,9 @@ class LLMClient:
             seeded.append(Request(request.messages, request.params.with_seed(seed)))
         journal = self.cache.journal("llm", fingerprint(keys))
         cached = journal.read()
-        results = [Completion.from_json(cached[k]) if k in cached else None for k in keys]
+        # A reply cached without its finish reasons (by an older version) cannot tell whether it
+        # was cut: ask again.
+        results = [Completion.from_json(cached[k]) if "finish_reasons" in cached.get(k, ()) else None for k in keys]
         todo = [i for i, c in enumerate(results) if c is None]
         self.usage.conversations += len(requests)
         self.usage.cached_conversations += len(requests) - len(todo)

@@ -7,6 +7,12 @@ digit from that hash, 0-9), ``{score}`` (1-10 from that hash), ``{seed}`` (the s
 seed the request was sent with, for tests of seeding) and the rule's named groups. The same
 conversation always gets the same replies (with ``{seed}``: the same conversation and seed).
 
+A token is a word here: a reply longer than ``max_tokens`` words is cut there and ends with
+finish reason ``length``, like a real model's; a rule's ``finish`` sets the finish reason
+of its replies outright (``length`` to test a cut reply of any size). A conversation that
+ends with an assistant turn is continued: when the reply to it starts with that turn's
+text, only the rest comes back (so a cut reply can be asked to go on).
+
 Example (in a recipe):
     llm:
       backend: scripted
@@ -23,14 +29,15 @@ from dataclasses import dataclass
 from typing import Callable, Literal
 
 from ..config import option
-from .base import Backend, Completion, Conversation, OnReply, Request, fingerprint, trim_at_stop
+from .base import LENGTH, Backend, Completion, Conversation, OnReply, Request, fingerprint, split_prefill, trim_at_stop
 
 
 @dataclass
 class ScriptedConfig:
     backend: Literal["scripted"] = option("scripted", help="Deterministic replies from rules (for tests).")
     model: str = option("scripted", help="A name recorded in the manifest and cache keys.")
-    rules: list[dict[str, str]] = option(default_factory=list, help="Ordered `{match: REGEX, reply: TEMPLATE}` rules.")
+    rules: list[dict[str, str]] = option(default_factory=list, help="Ordered `{match: REGEX, reply: TEMPLATE}` rules; "
+                                         "`finish: length` makes a rule's replies count as cut at max_tokens.")
     default: str = option("", help="The reply when no rule matches.")
     adapter: str | None = option(None, help="Recorded (e.g. by the evolve loop) but not used: replies come from "
                                             "the rules.")
@@ -38,10 +45,10 @@ class ScriptedConfig:
     def validate(self):
         problems = []
         for i, rule in enumerate(self.rules):
-            extra = set(rule) - {"match", "reply"}
+            extra = set(rule) - {"match", "reply", "finish"}
             if extra or "reply" not in rule:
-                problems.append((f"rule {i} must have `match` and `reply` only, got {sorted(rule)}", "rules",
-                                 "write rules as {match: REGEX, reply: TEMPLATE}"))
+                problems.append((f"rule {i} must have `match`, `reply` and optionally `finish`, got {sorted(rule)}",
+                                 "rules", "write rules as {match: REGEX, reply: TEMPLATE}"))
                 continue
             try:
                 re.compile(rule.get("match", ""))
@@ -51,7 +58,10 @@ class ScriptedConfig:
         return problems
 
 
-ReplyFn = Callable[[Conversation, int], str]
+# Returns the reply, or ``(reply, finish_reason)``.
+ReplyFn = Callable[[Conversation, int], "str | tuple[str, str]"]
+
+_WORD = re.compile(r"\S+")
 
 
 class ScriptedBackend(Backend):
@@ -63,7 +73,7 @@ class ScriptedBackend(Backend):
     def __init__(self, config: ScriptedConfig, reply_fn: ReplyFn | None = None):
         super().__init__(config)
         self.reply_fn = reply_fn
-        self.rules = [(re.compile(r.get("match", "")), r["reply"]) for r in config.rules]
+        self.rules = [(re.compile(r.get("match", "")), r["reply"], r.get("finish")) for r in config.rules]
         self.calls = 0
 
     @property
@@ -72,17 +82,37 @@ class ScriptedBackend(Backend):
         return f"scripted:{self.config.model}@{rules}" + ("+fn" if self.reply_fn else "")
 
     def reply(self, conversation: Conversation, sample: int, seed: int = 0) -> str:
+        return self.answer(conversation, sample, seed)[0]
+
+    def answer(self, conversation: Conversation, sample: int, seed: int = 0) -> tuple[str, str | None]:
+        """The reply and the finish reason its rule sets (None: decided by the token limit)."""
         if self.reply_fn is not None:
-            return self.reply_fn(conversation, sample)
+            got = self.reply_fn(conversation, sample)
+            return got if isinstance(got, tuple) else (got, None)
         text = "\n".join(m.get("content", "") for m in conversation)
         digest = hashlib.sha256(repr((conversation, sample)).encode()).hexdigest()
         fields = {"sample": sample, "hash": digest[:8], "digit": int(digest[:8], 16) % 10,
                   "score": int(digest[8:16], 16) % 10 + 1, "seed": seed}
-        for pattern, template in self.rules:
+        for pattern, template, finish in self.rules:
             found = pattern.search(text)
             if found:
-                return template.format(**fields, **found.groupdict())
-        return self.config.default.format(**fields)
+                return template.format(**fields, **found.groupdict()), finish
+        return self.config.default.format(**fields), None
+
+    def sample(self, conversation: Conversation, k: int, params) -> tuple[str, str]:
+        """One reply as a model gives it: continued from a prefill it repeats, cut at a stop
+        string, or at ``max_tokens`` words."""
+        text, finish = self.answer(conversation, k, params.seed)
+        prefill = split_prefill(conversation)[1]
+        if prefill and text.startswith(prefill):
+            text = text[len(prefill):]
+        stopped = trim_at_stop(text, params.stop)
+        if finish is None:
+            words = list(_WORD.finditer(stopped))
+            if len(words) > params.max_tokens:
+                return stopped[:words[params.max_tokens - 1].end()], LENGTH
+            finish = "stop"
+        return stopped, finish
 
     def generate(self, requests: list[Request], on_reply: OnReply | None = None) -> list[Completion]:
         self.calls += 1
@@ -90,9 +120,11 @@ class ScriptedBackend(Backend):
         for request in requests:
             self.stats.requests += 1
             params = request.params
-            texts = [trim_at_stop(self.reply(request.messages, k, params.seed), params.stop) for k in range(params.n)]
+            replies = [self.sample(request.messages, k, params) for k in range(params.n)]
+            texts = [text for text, _ in replies]
             prompt_tokens = sum(len(m.get("content", "").split()) for m in request.messages)
-            out.append(Completion(texts, prompt_tokens, sum(len(t.split()) for t in texts)))
+            out.append(Completion(texts, prompt_tokens, sum(len(t.split()) for t in texts),
+                                  finish_reasons=[finish for _, finish in replies]))
         if on_reply is not None:
             on_reply(list(enumerate(out)))
         return out

@@ -9,8 +9,8 @@ from typing import Literal
 from ..config import option
 from ..errors import FactoryError
 from ..models import adapter_fingerprint, check_adapter, load_causal_lm, load_tokenizer, model_fingerprint, pick_device
-from .base import (Backend, Completion, Conversation, OnReply, Request, by_sampling, fingerprint_int, split_prefill,
-                   trim_at_stop)
+from .base import (LENGTH, Backend, Completion, Conversation, OnReply, Request, by_sampling, fingerprint_int,
+                   split_prefill, trim_at_stop)
 
 
 @dataclass
@@ -136,12 +136,16 @@ class TransformersBackend(Backend):
                 generated = out[:, batch["input_ids"].shape[1]:].tolist()
                 ready = []
                 for j, i in enumerate(chunk):
-                    texts, count = [], 0
+                    texts, finishes, count = [], [], 0
                     for k in range(params.n):
-                        ids = _cut_at_eos(generated[j * params.n + k], eos_ids)
+                        ids, ended = _cut_at_eos(generated[j * params.n + k], eos_ids)
                         count += len(ids)
-                        texts.append(trim_at_stop(tok.decode(ids, skip_special_tokens=True), params.stop))
-                    ready.append((i, Completion(texts, len(encoded[i]), count)))
+                        text = tok.decode(ids, skip_special_tokens=True)
+                        texts.append(trim_at_stop(text, params.stop))
+                        # Cut: no end of sequence, no stop string, and the whole budget spent.
+                        cut = not ended and texts[-1] == text and len(ids) >= params.max_tokens
+                        finishes.append(LENGTH if cut else "stop")
+                    ready.append((i, Completion(texts, len(encoded[i]), count, finish_reasons=finishes)))
                 done(ready)
         return results  # type: ignore[return-value]
 
@@ -158,8 +162,9 @@ def _eos_ids(model, tokenizer) -> set[int]:
     return ids
 
 
-def _cut_at_eos(ids: list[int], eos_ids: set[int]) -> list[int]:
+def _cut_at_eos(ids: list[int], eos_ids: set[int]) -> tuple[list[int], bool]:
+    """The ids up to the end of sequence, and whether there was one."""
     for pos, token in enumerate(ids):
         if token in eos_ids:
-            return ids[:pos + 1]  # the eos counts as a generated token, as in OpenAI usage
-    return ids
+            return ids[:pos + 1], True  # the eos counts as a generated token, as in OpenAI usage
+    return ids, False

@@ -242,7 +242,8 @@ class VLLMBackend(Backend):
     @staticmethod
     def _completion(output) -> Completion:
         return Completion([o.text for o in output.outputs], len(output.prompt_token_ids or []),
-                          sum(len(o.token_ids) for o in output.outputs))
+                          sum(len(o.token_ids) for o in output.outputs),
+                          finish_reasons=[o.finish_reason or "unknown" for o in output.outputs])
 
     def generate(self, requests: list[Request], on_reply: OnReply | None = None) -> list[Completion]:
         self.load()

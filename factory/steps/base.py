@@ -28,7 +28,7 @@ import functools
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import polars as pl
 
@@ -39,6 +39,7 @@ from ..llm.base import Completion, Conversation, GenerationParams, Request, fing
 DROP = "_drop_reason"
 RAW_REPLY = "_raw_reply"
 DROP_DETAIL = "_drop_detail"
+TRUNCATED = "truncated"  # the drop reason of a reply cut at max_tokens, and the column that marks kept ones
 INTERNAL_PREFIX = "_"
 
 TEMPLATE_DIR = Path(__file__).parent / "templates"
@@ -90,9 +91,15 @@ class StepContext:
         """No request of the step failed (its output may be cached as a result)."""
         return self.llm is None or not self.llm.usage.failures
 
+    def full_report(self) -> dict:
+        """The step's report, with what its LLM client counted of cut replies (``truncation``)
+        when any reply was cut."""
+        cut = self.llm.truncation if self.llm is not None else None
+        return {**self.report, "truncation": cut} if cut and (cut["cut"] or cut["continued"]) else self.report
+
     def facts(self) -> dict:
         """The report and the LLM usage, as an executor sends them back to the driver."""
-        return {"report": self.report, "usage": self.llm.usage.to_json() if self.llm is not None else None}
+        return {"report": self.full_report(), "usage": self.llm.usage.to_json() if self.llm is not None else None}
 
 
 def merge_reports(reports: Iterable[dict]) -> dict:
@@ -141,6 +148,11 @@ class Step:
     def output_columns(self, columns: list[str]) -> list[str]:
         """The columns after this step, given those before it (for validating column flow)."""
         return columns + [c for c in self.produces() if c not in columns]
+
+    def columns_after(self, columns: list[str]) -> list[str]:
+        """:meth:`output_columns` and the columns every step of its kind adds (the one place
+        callers ask)."""
+        return self.output_columns(columns)
 
     def check(self) -> list[tuple[str, str | None, str | None]]:
         """Static checks beyond types (files exist, templates compile): ``(message, key, fix)``."""
@@ -263,6 +275,13 @@ class LLMStepConfig:
     template: str | None = option(None, help="The prompt as a Jinja template (inline text or a .j2 file); "
                                              "row columns are variables. Default: the step's own template.")
     system: str | None = option(None, help="A system message sent before the prompt.")
+    on_truncation: Literal["drop", "keep", "continue"] = option(
+        "drop", help="A reply cut at max_tokens: `drop` its row as `truncated` (raw reply kept in rejected/; "
+                     "a step that reads a score or verdict keeps it when that came before the cut), `keep` it and "
+                     "mark it in a `truncated` column, or `continue`: ask the model to go on, up to "
+                     "max_continuations times, and join the parts (dropped if still cut).")
+    max_continuations: int = option(2, help="With on_truncation: continue, how many times a cut reply is continued.",
+                                    min=1, max=16)
 
 
 @dataclass
@@ -300,6 +319,9 @@ class LLMStep(Step):
     uses_llm = True
     Config = LLMStepConfig
     sample_column: ClassVar[str] = "sample"
+    # The parse reads a verdict or a score and the rest of the reply is reasoning: a reply cut
+    # after the verdict is still read (and counted as kept in the manifest's truncation).
+    reads_verdict: ClassVar[bool] = False
     templates: ClassVar[dict[str, str]] = {}  # option -> default template file; default {"template": name}
 
     def __init__(self, config, **kwargs):
@@ -363,16 +385,43 @@ class LLMStep(Step):
         if completion.error is not None:
             return [dropped(row, completion.error_reason, completion.error)]
         parse = parse or self.parse
+        keep_cut = self.config.on_truncation == "keep"
         out = []
         for k, reply in enumerate(completion.texts):
             extra = {self.sample_column: k} if self.samples > 1 else {}
+            cut = completion.cut(k)
+            if cut and not self.reads_verdict and not keep_cut:
+                out.append(dropped({**row, **extra}, TRUNCATED, self.truncation_detail(), reply))
+                continue
             try:
                 columns = parse(reply, row)
             except ParseError as err:
-                out.append(dropped({**row, **extra}, err.reason, str(err), reply))
+                # A reply that was cut fails to parse because it was cut: say that.
+                reason, detail = (TRUNCATED, f"{self.truncation_detail()} ({err})") if cut else (err.reason, str(err))
+                out.append(dropped({**row, **extra}, reason, detail, reply))
                 continue
+            if keep_cut:
+                extra[TRUNCATED] = cut
             out.append({**row, **columns, **extra})
         return out
+
+    def columns_after(self, columns: list[str]) -> list[str]:
+        out = self.output_columns(columns)
+        keep_cut = getattr(self.config, "on_truncation", "drop") == "keep"
+        return out + [TRUNCATED] if keep_cut and TRUNCATED not in out else out
+
+    def truncation_detail(self, option: str = "max_tokens") -> str:
+        """Why a cut reply's row went, and the fix (``option``: the limit that cut it)."""
+        return (f"the reply stopped at the token limit ({option}: {getattr(self.config, option)} on {self.label}), "
+                f"mid-text; raise {option}, or set on_truncation: continue (or keep)")
+
+    def cut_dropped(self, row: dict, completion: Completion, k: int = 0, option: str = "max_tokens") -> dict | None:
+        """``row`` dropped as ``truncated`` when reply ``k`` was cut at the token limit (the
+        config's ``option``) and the step does not keep cut replies; else None. For steps that
+        read replies themselves."""
+        if completion.cut(k) and self.config.on_truncation != "keep":
+            return dropped(row, TRUNCATED, self.truncation_detail(option), completion.texts[k])
+        return None
 
     # -- helpers ------------------------------------------------------------------------
     @property
@@ -382,7 +431,14 @@ class LLMStep(Step):
     def generation_params(self) -> GenerationParams:
         c = self.config
         return GenerationParams(n=self.samples, temperature=c.temperature, top_p=c.top_p,
-                                max_tokens=c.max_tokens, stop=tuple(c.stop))
+                                max_tokens=c.max_tokens, stop=tuple(c.stop),
+                                continuations=self.continuations)
+
+    @property
+    def continuations(self) -> int:
+        """How often a cut reply is asked to go on (``on_truncation: continue``), else 0."""
+        c = self.config
+        return c.max_continuations if c.on_truncation == "continue" else 0
 
     def messages(self, prompt: str, prefill: str | None = None) -> Conversation:
         conv = []
@@ -453,7 +509,8 @@ class LLMStep(Step):
 def verdict_only(params: GenerationParams) -> GenerationParams:
     """Parameters for a reply that is a verdict or a score alone: it ends at the line's end,
     and a few tokens hold it."""
-    return dataclasses.replace(params, stop=params.stop + ("\n",), max_tokens=min(params.max_tokens, 8))
+    return dataclasses.replace(params, stop=params.stop + ("\n",), max_tokens=min(params.max_tokens, 8),
+                               continuations=0)
 
 
 def is_template_path(value: str) -> bool:

@@ -284,7 +284,8 @@ class EvolPrompts:
     def answer(self, task: str) -> Request:
         c = self.step.config
         return Request(self.step.messages(task), GenerationParams(temperature=c.response_temperature, top_p=c.top_p,
-                                                                  max_tokens=c.response_max_tokens))
+                                                                  max_tokens=c.response_max_tokens,
+                                                                  continuations=self.step.continuations))
 
     def leak_runs(self, operation: str) -> set[tuple[str, ...]]:
         """The word runs of ``operation``'s evolving prompt, worked out once per operation."""
@@ -302,7 +303,8 @@ class EvolRun:
         c = self.config = step.config
         self.step, self.ctx, self.prompts = step, ctx, EvolPrompts(step)
         self.rng = random.Random(f"{step.seed}:{step.index}")
-        self.rules = Elimination(set(c.eliminate), c.column, c.response_column, c.leak_phrases)
+        self.rules = Elimination(set(c.eliminate), c.column, c.response_column, c.leak_phrases,
+                                 functools.partial(step.cut_dropped, option="response_max_tokens"))
 
     def generations(self, parents: list[str]):
         """The kept and the dropped candidates of every generation."""

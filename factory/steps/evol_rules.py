@@ -113,6 +113,8 @@ class Elimination:
     column: str
     response_column: str
     leak_phrases: list[str]
+    # The row dropped as `truncated` when its reply was cut and the step drops cut replies, else None.
+    cut: Callable[[dict, Completion], dict | None] = lambda row, completion: None
 
     def look(self, cand: dict, runs: Callable[[str], set[tuple[str, ...]]]) -> dict:
         """The cheap checks on a live candidate's text: a template leak (``runs(operation)``: the
@@ -146,6 +148,8 @@ class Elimination:
             return dropped(row, completion.error_reason, completion.error)
         response = completion.texts[0].strip()
         row = {**row, self.response_column: response}
+        if (cut := self.cut(row, completion)) is not None:
+            return cut
         if "empty_response" in self.rules and is_empty_response(response):
             return dropped(row, "empty_response", "only punctuation and stop words")
         if not response:

@@ -115,6 +115,7 @@ class Judge(LLMStep):
     """
 
     name = "judge"
+    reads_verdict = True  # a score or verdict read before a cut is kept
     Config = JudgeConfig
 
     @property

@@ -44,7 +44,7 @@ def combine_orders(first: str, second: str | None) -> str:
 
 def compare(step: LLMStep, pairs: list[tuple[str, str, str, str]], both_orders: bool = True):
     """Judges ``(task, input, a, b)`` pairs with ``step``'s prompt (its config has ``reasoning``):
-    an exchange that returns ``(verdict or None, replies, error or None)`` per pair."""
+    an exchange that returns ``(verdict or None, replies, (reason, detail) or None)`` per pair."""
     reasoning = step.config.reasoning
     prefill = None if reasoning else "Winner:"
     params = step.generation_params() if reasoning else verdict_only(step.generation_params())
@@ -61,23 +61,28 @@ def compare(step: LLMStep, pairs: list[tuple[str, str, str, str]], both_orders: 
         group = completions[i * per_pair:(i + 1) * per_pair]
         failed = next((c for c in group if c.error is not None), None)
         if failed is not None:
-            results.append((None, [], failed.error))
+            results.append((None, [], (failed.error_reason, failed.error)))
             continue
         replies = [(prefill or "") + c.texts[0] for c in group]
         try:
             verdicts = [parse_winner(r) for r in replies]
         except ParseError as err:
-            results.append((None, replies, str(err)))
+            # A verdict missing from a reply cut at the token limit is missing because of the cut.
+            cut = any(c.cut() for c in group)
+            results.append((None, replies, ("truncated", f"{step.truncation_detail()} ({err})") if cut
+                            else (err.reason, str(err))))
             continue
         results.append((combine_orders(verdicts[0], verdicts[1] if both_orders else None), replies, None))
     return results
 
 
-def judged_row(row: dict, verdict: str | None, replies: list[str], error: str | None, **columns) -> dict:
-    """A compared row: ``columns`` added, or dropped when the comparison failed (``parse_error``
-    when the judge answered without a winner, ``backend_error`` when it did not answer)."""
+def judged_row(row: dict, verdict: str | None, replies: list[str], error: tuple[str, str] | None,
+               **columns) -> dict:
+    """A compared row: ``columns`` added, or dropped with ``error``'s reason and detail when
+    the comparison failed (the judge answered without a winner, was cut, or did not answer)."""
     if verdict is None:
-        return dropped(row, "parse_error" if replies else "backend_error", error, "\n---\n".join(replies))
+        reason, detail = error or ("parse_error", "no verdict")
+        return dropped(row, reason, detail, "\n---\n".join(replies))
     return {**row, **columns}
 
 

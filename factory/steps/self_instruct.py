@@ -172,7 +172,8 @@ class SelfInstruct(LLMStep):
                 break
             completions = yield [self.task_request(pool.examples(rng)) for _ in range(pool.round_size())]
             for completion in completions:
-                row = pool.offer(completion, generation)
+                cut = self.cut_dropped({}, completion)
+                row = pool.offer(completion, generation) if cut is None else {**cut, "generation": generation}
                 if row is None:
                     ctx.progress.update(1)
                 else:
@@ -194,7 +195,8 @@ class SelfInstruct(LLMStep):
         c = self.config
         examples = [{"task": row[c.column], "input": row.get("input") or "", "output": row["output"]} for row in shown]
         params = GenerationParams(n=c.instances, temperature=c.temperature, top_p=c.top_p,
-                                  max_tokens=c.instance_max_tokens, stop=INSTANCE_STOP)
+                                  max_tokens=c.instance_max_tokens, stop=INSTANCE_STOP,
+                                  continuations=self.continuations)
         return Request(self.messages(self.render({}, "instance_template", task=task, examples=examples),
                                      prefill="Input:"), params)
 

@@ -46,6 +46,34 @@ class Refinement:
     active: bool = True
     failed: dict | None = None  # the row as dropped, when its first critique failed
 
+    def critiqued(self, completion, cut: dict | None, stop_when_correct: bool) -> bool:
+        """Records a critique (``cut``: the row dropped as truncated when the critique was cut
+        and cut replies go); whether the answer goes on to be refined."""
+        text = reply_text(completion)
+        if text and cut is not None:
+            self.active = False  # a cut critique says nothing reliable: the first drops the row
+            self.failed = self.failed or (cut if not self.history else None)
+            return False
+        if not text:
+            self.active = False
+            if not self.history:
+                self.failed = dropped(self.row, completion.error_reason if completion.error else "parse_error",
+                                      completion.error or "empty feedback", completion.texts[0] if completion.texts
+                                      else "")
+            return False
+        self.history.append(text)
+        self.verdict = verdict_of(text)
+        self.active = not (self.verdict == "correct" and stop_when_correct)
+        return self.active
+
+    def refined(self, completion, cut: dict | None) -> None:
+        """Takes a refinement; a failed, empty or cut one (``cut`` set) ends the rounds with
+        the answer before it."""
+        if cut is None and reply_text(completion):
+            self.answer, self.rounds = reply_text(completion), self.rounds + 1
+        else:
+            self.active = False
+
 
 def reply_text(completion) -> str:
     return completion.texts[0].strip() if completion.error is None else ""
@@ -72,7 +100,8 @@ class SelfRefine(LLMStep):
         super().__init__(config, **kwargs)
         c = config
         common = dict(llm=c.llm, temperature=c.temperature, top_p=c.top_p, stop=c.stop, system=c.system,
-                      column=c.column, input_column=c.input_column, response_column=c.response_column)
+                      on_truncation=c.on_truncation, max_continuations=c.max_continuations, column=c.column,
+                      input_column=c.input_column, response_column=c.response_column)
         self.feedback = Feedback(FeedbackConfig(**common, template=c.feedback_template,
                                                 max_tokens=c.feedback_max_tokens), **kwargs)
         self.refine = Refine(RefineConfig(**common, template=c.refine_template, max_tokens=c.max_tokens,
@@ -99,31 +128,15 @@ class SelfRefine(LLMStep):
                 break
             critiques = yield [Request(self.feedback.build_messages({**s.row, c.response_column: s.answer}),
                                        self.feedback.generation_params()) for s in active]
-            to_refine = [s for s, completion in zip(active, critiques) if self.critiqued(s, completion)]
+            to_refine = [s for s, done in zip(active, critiques)
+                         if s.critiqued(done, self.cut_dropped(s.row, done, option="feedback_max_tokens"),
+                                        c.stop_when_correct)]
             answers = yield [Request(self.refine.build_messages({**s.row, c.response_column: s.answer,
                                                                  "feedback": s.history[-1]}),
                                      self.refine.generation_params()) for s in to_refine]
-            for state, completion in zip(to_refine, answers):
-                if reply_text(completion):
-                    state.answer, state.rounds = reply_text(completion), state.rounds + 1
-                else:
-                    state.active = False
+            for state, done in zip(to_refine, answers):
+                state.refined(done, self.cut_dropped(state.row, done))
         return out + [s.failed or self.final_row(s) for s in states]
-
-    def critiqued(self, state: Refinement, completion) -> bool:
-        """Records a critique; whether the answer goes on to be refined."""
-        text = reply_text(completion)
-        if not text:
-            state.active = False
-            if not state.history:
-                state.failed = dropped(state.row, completion.error_reason if completion.error else "parse_error",
-                                       completion.error or "empty feedback",
-                                       completion.texts[0] if completion.texts else "")
-            return False
-        state.history.append(text)
-        state.verdict = verdict_of(text)
-        state.active = not (state.verdict == "correct" and self.config.stop_when_correct)
-        return state.active
 
     def final_row(self, state: Refinement) -> dict:
         return {**state.row, "initial_response": state.row[self.config.response_column],

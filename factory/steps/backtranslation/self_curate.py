@@ -65,6 +65,7 @@ class SelfCurate(LLMStep):
     """
 
     name = "self_curate"
+    reads_verdict = True  # a score or verdict read before a cut is kept
     Config = SelfCurateConfig
 
     def requires(self):
@@ -102,7 +103,7 @@ class SelfCurate(LLMStep):
         if not missing:
             return completions
         reasonings = [completions[i].texts[0].rstrip() + SCORE_CUE for i in missing]
-        params = dataclasses.replace(self.generation_params(), n=1, max_tokens=4, stop=("\n",))
+        params = dataclasses.replace(self.generation_params(), n=1, max_tokens=4, stop=("\n",), continuations=0)
         scores = yield [Request(conversations[i] + [{"role": "assistant", "content": r}], params)
                         for i, r in zip(missing, reasonings)]
         completed = list(completions)
@@ -110,5 +111,6 @@ class SelfCurate(LLMStep):
             first = completions[i]
             if score.error is None:
                 completed[i] = dataclasses.replace(first, texts=[reasoning + score.texts[0]],
+                                                   finish_reasons=score.finish_reasons,
                                                    completion_tokens=first.completion_tokens + score.completion_tokens)
         return completed

@@ -71,6 +71,7 @@ class Groundedness(LLMStep):
     """
 
     name = "groundedness"
+    reads_verdict = True  # a score or verdict read before a cut is kept
     Config = GroundednessConfig
 
     @property
