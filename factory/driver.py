@@ -29,7 +29,7 @@ from .executors.local import LocalExecutor
 from .llm import create_backend
 from .llm.base import fingerprint
 from .llm.requests import BackendPool, LLMSession, Usage
-from .steps.base import DROP, INTERNAL_PREFIX, StepContext, merge_reports
+from .steps.base import CUT, DROP, INTERNAL_PREFIX, StepContext, merge_reports
 
 BACKEND_FAILURES = {"backend_error"}
 DEAD_BACKEND_BATCHES = 3  # batches in a row whose every row failed in the backend: stop
@@ -173,7 +173,7 @@ class Driver:
         todo = [i for i, out in enumerate(outputs) if out is None]
         stats.batches, stats.cached_batches = len(batches), len(batches) - len(todo)
         kept_parts, dropped_parts = [], []
-        failures = processed = failed_batches_in_a_row = 0
+        failures = processed = failed_batches_in_a_row = kept_cut = 0
         with self._bar(step, table.height) as bar:
             # Replies move the bar within a batch; a step may send several requests per row, so
             # the bar never runs past the batches taken so far.
@@ -194,6 +194,7 @@ class Driver:
                     reports[i] = facts["report"]
                     if usage is not None:
                         usage.add(facts["usage"])
+                kept_cut += count_kept_cut(outputs[i])
                 kept, dropped = split_dropped(outputs[i], stats.label)
                 kept_parts.append(kept)
                 dropped_parts.append(dropped)
@@ -211,6 +212,7 @@ class Driver:
                 if usage is not None:
                     bar.set_postfix_str(_usage_text(usage, bar), refresh=False)
         stats.report = merge_reports(r for r in reports if r)
+        note_kept_cut(stats, kept_cut)
         if not kept_parts:
             return split_dropped(table.clear(), stats.label)
         return (pl.concat(kept_parts, how="diagonal_relaxed"),
@@ -223,6 +225,7 @@ class Driver:
         if out is not None:
             stats.cached_batches = 1
             stats.report = self.cache.get_json("reports", key) or {}
+            note_kept_cut(stats, count_kept_cut(out))
             return out
         with self._bar(step, None) as bar:
             ctx = StepContext(llm=session.client() if session else None, progress=bar)
@@ -238,7 +241,22 @@ class Driver:
         if ctx.complete:  # a failure is never a result: a re-run asks the failed requests again
             self.cache.put_json("reports", key, stats.report)
             self.cache.put_frame("steps", key, out)
+        note_kept_cut(stats, count_kept_cut(out))
         return out
+
+
+def count_kept_cut(frame: pl.DataFrame) -> int:
+    """Rows of a step's output that it kept although their reply was cut (marked ``_cut``)."""
+    if CUT not in frame.columns:
+        return 0
+    kept = frame.filter(pl.col(DROP).is_null()) if DROP in frame.columns else frame
+    return int(kept[CUT].fill_null(False).sum())
+
+
+def note_kept_cut(stats: StepStats, count: int) -> None:
+    """Adds ``count`` kept-though-cut rows to the step's truncation report."""
+    if count:
+        stats.report.setdefault("truncation", {})["kept"] = count
 
 
 def truncation_facts(step, stats: StepStats) -> dict | None:
@@ -246,20 +264,19 @@ def truncation_facts(step, stats: StepStats) -> dict | None:
 
     ``cut`` replies of ``replies`` ended at a token limit (``limits``: how many at which),
     ``dropped`` of them went as ``truncated``, ``kept`` stayed (``on_truncation: keep``, or a
-    score or verdict read before the cut), ``continued`` continuations were asked for; with
-    a ``hint`` that names the option to raise when rows were lost."""
+    score or verdict read before the cut; the others went for another reason), ``continued``
+    continuations were asked for; with a ``hint`` that names the option to raise when rows
+    were lost."""
     counted = stats.report.pop("truncation", None)
     if not counted or not (counted.get("cut") or counted.get("continued")):
         return None
     c = step.config
     lost = stats.dropped.get("truncated", 0)
     facts = {"replies": counted.get("replies", 0), "cut": counted["cut"], "dropped": lost,
-             "kept": max(0, counted["cut"] - lost), "limits": counted.get("limits", {}),
+             "kept": counted.get("kept", 0), "limits": counted.get("limits", {}),
              "continued": counted.get("continued", 0), "on_truncation": c.on_truncation}
     if lost or (facts["kept"] and c.on_truncation == "keep"):
-        went = f"{lost} dropped as truncated" if lost else f"{facts['kept']} kept, marked in column `truncated`"
-        facts["hint"] = (f"{counted['cut']} of {facts['replies']} replies hit the token limit ({went}): raise "
-                         f"{_limit_option(c, facts['limits'])} on {stats.label}"
+        facts["hint"] = (f"raise {_limit_option(c, facts['limits'])} on {stats.label}"
                          + ("" if c.on_truncation == "continue" else " or set on_truncation: continue"))
     return facts
 

@@ -210,13 +210,16 @@ def truncation_lines(steps: list[dict]) -> list[str]:
         if not t:
             continue
         label = f"steps[{s['index']}].{s['name']}"
+        parts = [f"{t['dropped']} dropped as truncated"] if t["dropped"] else []
+        if t["kept"]:
+            parts.append(f"{t['kept']} kept" + (" (column `truncated`)" if t["on_truncation"] == "keep"
+                                                else " (read before the cut)"))
+        if other := t["cut"] - t["dropped"] - t["kept"]:
+            parts.append(f"{other} dropped for another reason")
+        if t.get("continued"):
+            parts.append(f"{t['continued']} continuations asked")
         limits = ", ".join(f"{count} at {limit}" for limit, count in t["limits"].items())
-        continued = f", {t['continued']} continuations asked" if t.get("continued") else ""
-        if t.get("hint"):
-            lines.append(f"cut: {label}: {t['hint']} (cut {limits}{continued})")
-        elif t["cut"]:
-            lines.append(f"cut: {label}: {t['cut']} of {t['replies']} replies hit the token limit ({limits}); "
-                         f"kept: what the step reads came before the cut{continued}")
-        else:
-            lines.append(f"cut: {label}: none left cut{continued}")
+        line = f"cut: {label}: {t['cut']} of {t['replies']} replies hit the token limit" + \
+            (f" ({limits})" if limits else "") + (f": {', '.join(parts)}" if parts else "")
+        lines.append(line + (f"; {t['hint']}" if t.get("hint") else ""))
     return lines

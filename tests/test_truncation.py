@@ -127,8 +127,8 @@ def tasks_file(tmp_path):
     return path
 
 
-def build(write_recipe, tmp_path, tasks_file, solve: str, extra_steps: str = ""):
-    recipe = load_recipe(write_recipe(f"name: cut\n{RULES}source: {{path: {tasks_file}}}\nsteps:\n"
+def build(write_recipe, tmp_path, tasks_file, solve: str, extra_steps: str = "", rules: str = RULES):
+    recipe = load_recipe(write_recipe(f"name: cut\n{rules}source: {{path: {tasks_file}}}\nsteps:\n"
                                       f"  - solve: {solve}\n{extra_steps}output: {{format: raw}}\n"))
     folder, manifest, _ = run_recipe(recipe, tmp_path / "out", cache_dir=tmp_path / "cache", progress=False)
     return read_version(folder), read_version(folder, "rejected"), manifest, folder
@@ -143,11 +143,12 @@ def test_drop_mode_drops_cut_replies_with_the_raw_reply_and_a_hint(write_recipe,
     t = manifest["steps"][0]["truncation"]
     assert t == {"replies": 5, "cut": 3, "dropped": 3, "kept": 0, "limits": {"5": 3}, "continued": 0,
                  "on_truncation": "drop", "hint": t["hint"]}
-    assert "3 of 5 replies hit the token limit" in t["hint"]
-    assert "raise max_tokens (now 5) on steps[0].solve" in t["hint"]
-    assert t["hint"] in format_summary(manifest)
-    assert t["hint"] in render(summarize(folder))
-    assert t["hint"] in (folder / "README.md").read_text()  # the dataset card
+    assert t["hint"] == "raise max_tokens (now 5) on steps[0].solve or set on_truncation: continue"
+    line = ("steps[0].solve: 3 of 5 replies hit the token limit (3 at 5): 3 dropped as truncated; raise max_tokens "
+            "(now 5) on steps[0].solve")
+    assert line in format_summary(manifest)
+    assert line in render(summarize(folder))
+    assert line in (folder / "README.md").read_text()  # the dataset card
 
 
 def test_keep_mode_marks_cut_replies_in_a_truncated_column(write_recipe, tmp_path, tasks_file):
@@ -156,7 +157,7 @@ def test_keep_mode_marks_cut_replies_in_a_truncated_column(write_recipe, tmp_pat
     assert kept.sort("instruction")["truncated"].to_list() == [True] * 3 + [False] * 2
     t = manifest["steps"][0]["truncation"]
     assert (t["cut"], t["dropped"], t["kept"], t["on_truncation"]) == (3, 0, 3, "keep")
-    assert "3 kept, marked in column `truncated`" in t["hint"]
+    assert "3 kept (column `truncated`); raise max_tokens (now 5)" in format_summary(manifest)
 
 
 def test_continue_mode_asks_the_model_to_go_on_and_joins_the_parts(write_recipe, tmp_path, tasks_file):
@@ -223,7 +224,20 @@ def test_a_verdict_read_before_the_cut_is_kept_and_counted(write_recipe, tmp_pat
     assert manifest["steps"][0].get("truncation") is None
     t = manifest["steps"][1]["truncation"]
     assert (t["cut"], t["dropped"], t["kept"], t.get("hint")) == (5, 0, 5, None)
-    assert "steps[1].judge: 5 of 5 replies hit the token limit" in format_summary(manifest)
+    assert "steps[1].judge: 5 of 5 replies hit the token limit (5 at 4): 5 kept (read before the cut)" \
+        in format_summary(manifest)
+
+
+def test_a_verdict_missing_from_a_reply_past_the_verdict_cap_is_a_parse_error(write_recipe, tmp_path, tasks_file):
+    rambling = RULES.replace("Score: {score}. The answer", "Well, the answer is not bad and I would say that it")
+    _, rejected, manifest, _ = build(write_recipe, tmp_path, tasks_file, "{max_tokens: 50}",
+                                     "  - judge: {reasoning: false}\n", rules=rambling)
+    # Without reasoning the judge gets 8 tokens for its verdict: raising max_tokens would not help.
+    assert set(rejected["drop_reason"]) == {"parse_error"}
+    assert "past the 8 tokens a verdict gets" in rejected["drop_detail"][0]
+    t = manifest["steps"][1]["truncation"]
+    assert (t["cut"], t["dropped"], t["kept"], t.get("hint")) == (5, 0, 0, None)
+    assert "5 of 5 replies hit the token limit (5 at 8): 5 dropped for another reason" in format_summary(manifest)
 
 
 def test_a_parse_that_fails_on_a_cut_reply_drops_it_as_truncated(write_recipe, tmp_path, tasks_file):

@@ -40,6 +40,7 @@ DROP = "_drop_reason"
 RAW_REPLY = "_raw_reply"
 DROP_DETAIL = "_drop_detail"
 TRUNCATED = "truncated"  # the drop reason of a reply cut at max_tokens, and the column that marks kept ones
+CUT = "_cut"  # marks, until the driver counts them, kept rows whose reply was cut
 INTERNAL_PREFIX = "_"
 
 TEMPLATE_DIR = Path(__file__).parent / "templates"
@@ -379,29 +380,39 @@ class LLMStep(Step):
             raise TypeError(f"{type(self).__name__}.process needs a StepContext with an LLM client")
         return self.frame(ctx.llm.run(self.exchange(data.to_dicts(), ctx)), data)
 
-    def rows_from_completion(self, row: dict, completion: Completion, parse=None) -> list[dict]:
+    def rows_from_completion(self, row: dict, completion: Completion, parse=None,
+                             option: str = "max_tokens") -> list[dict]:
         """The rows one completion gives: one per sample, its parsed columns added; a failed
-        request or an unreadable reply drops the row with the reason and the raw reply."""
+        request, an unreadable reply or one cut at the token limit (the config's ``option``)
+        drops the row with the reason and the raw reply (see ``on_truncation``)."""
         if completion.error is not None:
             return [dropped(row, completion.error_reason, completion.error)]
         parse = parse or self.parse
         keep_cut = self.config.on_truncation == "keep"
+        # A verdict asked for in a few tokens (reasoning off) has a cap of the step's own: a
+        # reply that rambles past it gave no verdict, which no max_tokens would change.
+        capped = option == "max_tokens" and self.generation_params().max_tokens < self.config.max_tokens
         out = []
         for k, reply in enumerate(completion.texts):
             extra = {self.sample_column: k} if self.samples > 1 else {}
             cut = completion.cut(k)
             if cut and not self.reads_verdict and not keep_cut:
-                out.append(dropped({**row, **extra}, TRUNCATED, self.truncation_detail(), reply))
+                out.append(dropped({**row, **extra}, TRUNCATED, self.truncation_detail(option), reply))
                 continue
             try:
                 columns = parse(reply, row)
             except ParseError as err:
-                # A reply that was cut fails to parse because it was cut: say that.
-                reason, detail = (TRUNCATED, f"{self.truncation_detail()} ({err})") if cut else (err.reason, str(err))
+                reason, detail = err.reason, str(err)
+                if cut and capped:
+                    detail += f" (the reply ran past the {self.generation_params().max_tokens} tokens a verdict gets)"
+                elif cut:  # a reply that was cut fails to parse because it was cut: say that
+                    reason, detail = TRUNCATED, f"{self.truncation_detail(option)} ({err})"
                 out.append(dropped({**row, **extra}, reason, detail, reply))
                 continue
             if keep_cut:
                 extra[TRUNCATED] = cut
+            if cut:
+                extra[CUT] = True  # counted as kept though cut (the column goes with the kept rows)
             out.append({**row, **columns, **extra})
         return out
 

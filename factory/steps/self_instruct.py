@@ -280,7 +280,8 @@ def write_instances(step: SelfInstruct, kept: list[dict], seed_rows: list[dict],
     completions = yield [step.instance_request(task[c.column], rng.sample(demos, min(c.instance_examples, len(demos))))
                          for task in kept]
     rows = [row for task, completion in zip(kept, completions)
-            for row in step.rows_from_completion(task, completion, parse=lambda reply, _: instance(reply, c))]
+            for row in step.rows_from_completion(task, completion, parse=lambda reply, _: instance(reply, c),
+                                                 option="instance_max_tokens")]
     return [row for row in rows if DROP not in row], [row for row in rows if DROP in row]
 
 
