@@ -29,7 +29,7 @@ from .executors.local import LocalExecutor
 from .llm import create_backend
 from .llm.base import fingerprint
 from .llm.requests import BackendPool, LLMSession, Usage
-from .steps.base import CUT, DROP, INTERNAL_PREFIX, StepContext, merge_reports
+from .steps.base import CUT, DROP, INTERNAL_PREFIX, TRUNCATED, StepContext, merge_reports
 
 BACKEND_FAILURES = {"backend_error"}
 DEAD_BACKEND_BATCHES = 3  # batches in a row whose every row failed in the backend: stop
@@ -271,7 +271,7 @@ def truncation_facts(step, stats: StepStats) -> dict | None:
     if not counted or not (counted.get("cut") or counted.get("continued")):
         return None
     c = step.config
-    lost = stats.dropped.get("truncated", 0)
+    lost = stats.dropped.get(TRUNCATED, 0)
     facts = {"replies": counted.get("replies", 0), "cut": counted["cut"], "dropped": lost,
              "kept": counted.get("kept", 0), "limits": counted.get("limits", {}),
              "continued": counted.get("continued", 0), "on_truncation": c.on_truncation}

@@ -17,6 +17,7 @@ from factory.llm.requests import LLMClient
 from factory.llm.transformers_backend import TransformersBackend, TransformersConfig
 from factory.recipe import load_recipe
 from factory.steps.solve import Solve, SolveConfig
+from factory.steps.base import StepContext
 from factory.store import read_version
 from trainers.evaluate import accuracy
 
@@ -300,3 +301,16 @@ def test_embedded_model_with_a_small_max_tokens_drops_cut_answers(write_recipe, 
     assert t["cut"] >= 3 and t["dropped"] == t["cut"] == rejected.height
     assert set(rejected["drop_reason"]) == {"truncated"}
     assert "raise max_tokens (now 8) on steps[0].solve" in format_summary(manifest)
+
+
+@pytest.mark.parametrize("reasoning, reason", [(True, "truncated"), (False, "parse_error")])
+def test_pairwise_without_a_verdict_in_a_cut_reply(reasoning, reason):
+    """With reasoning the cut came at the step's max_tokens (raise it); without, past the few
+    tokens a verdict gets, which no max_tokens changes: the same rule as the other steps."""
+    from factory.steps.pairwise import Pairwise, PairwiseConfig
+
+    backend = ScriptedBackend(ScriptedConfig(rules=[{"match": ".", "reply": LONG}]))
+    step = Pairwise(PairwiseConfig(a_column="response", b_column="previous", reasoning=reasoning, max_tokens=10))
+    table = pl.DataFrame({"instruction": ["Say hi."], "response": ["hi"], "previous": ["hello"]})
+    out = step.process(table, StepContext(llm=LLMClient(backend)))
+    assert out["_drop_reason"].to_list() == [reason]

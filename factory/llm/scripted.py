@@ -81,9 +81,6 @@ class ScriptedBackend(Backend):
         rules = fingerprint([self.config.rules, self.config.default, self.config.adapter])[:12]
         return f"scripted:{self.config.model}@{rules}" + ("+fn" if self.reply_fn else "")
 
-    def reply(self, conversation: Conversation, sample: int, seed: int = 0) -> str:
-        return self.answer(conversation, sample, seed)[0]
-
     def answer(self, conversation: Conversation, sample: int, seed: int = 0) -> tuple[str, str | None]:
         """The reply and the finish reason its rule sets (None: decided by the token limit)."""
         if self.reply_fn is not None:

@@ -389,9 +389,6 @@ class LLMStep(Step):
             return [dropped(row, completion.error_reason, completion.error)]
         parse = parse or self.parse
         keep_cut = self.config.on_truncation == "keep"
-        # A verdict asked for in a few tokens (reasoning off) has a cap of the step's own: a
-        # reply that rambles past it gave no verdict, which no max_tokens would change.
-        capped = option == "max_tokens" and self.generation_params().max_tokens < self.config.max_tokens
         out = []
         for k, reply in enumerate(completion.texts):
             extra = {self.sample_column: k} if self.samples > 1 else {}
@@ -402,12 +399,7 @@ class LLMStep(Step):
             try:
                 columns = parse(reply, row)
             except ParseError as err:
-                reason, detail = err.reason, str(err)
-                if cut and capped:
-                    detail += f" (the reply ran past the {self.generation_params().max_tokens} tokens a verdict gets)"
-                elif cut:  # a reply that was cut fails to parse because it was cut: say that
-                    reason, detail = TRUNCATED, f"{self.truncation_detail(option)} ({err})"
-                out.append(dropped({**row, **extra}, reason, detail, reply))
+                out.append(dropped({**row, **extra}, *self.unparsed(err, cut, option=option), reply))
                 continue
             if keep_cut:
                 extra[TRUNCATED] = cut
@@ -416,10 +408,23 @@ class LLMStep(Step):
             out.append({**row, **columns, **extra})
         return out
 
+    def unparsed(self, err: ParseError, cut: bool, limit: int | None = None,
+                 option: str = "max_tokens") -> tuple[str, str]:
+        """The drop reason and detail of a reply whose parse failed (``cut``: it ended at the
+        token limit ``limit``, by default the step's own request's). A cut reply fails because it
+        was cut -- unless the limit is a cap of the step's own below ``max_tokens`` (a verdict
+        asked for in a few tokens): a reply that rambles past it gave no verdict, which no
+        max_tokens would change."""
+        if not cut:
+            return err.reason, str(err)
+        limit = self.generation_params().max_tokens if limit is None else limit
+        if option == "max_tokens" and limit < self.config.max_tokens:
+            return err.reason, f"{err} (the reply ran past the {limit} tokens a verdict gets)"
+        return TRUNCATED, f"{self.truncation_detail(option)} ({err})"
+
     def columns_after(self, columns: list[str]) -> list[str]:
         out = self.output_columns(columns)
-        keep_cut = getattr(self.config, "on_truncation", "drop") == "keep"
-        return out + [TRUNCATED] if keep_cut and TRUNCATED not in out else out
+        return out + [TRUNCATED] if self.config.on_truncation == "keep" and TRUNCATED not in out else out
 
     def truncation_detail(self, option: str = "max_tokens") -> str:
         """Why a cut reply's row went, and the fix (``option``: the limit that cut it)."""

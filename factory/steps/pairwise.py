@@ -67,10 +67,7 @@ def compare(step: LLMStep, pairs: list[tuple[str, str, str, str]], both_orders: 
         try:
             verdicts = [parse_winner(r) for r in replies]
         except ParseError as err:
-            # A verdict missing from a reply cut at the token limit is missing because of the cut.
-            cut = any(c.cut() for c in group)
-            results.append((None, replies, ("truncated", f"{step.truncation_detail()} ({err})") if cut
-                            else (err.reason, str(err))))
+            results.append((None, replies, step.unparsed(err, any(c.cut() for c in group), params.max_tokens)))
             continue
         results.append((combine_orders(verdicts[0], verdicts[1] if both_orders else None), replies, None))
     return results
