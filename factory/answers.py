@@ -6,6 +6,7 @@ Used by ``solve`` (the ``prediction`` column), ``verify`` (the ``correct`` colum
 
 from __future__ import annotations
 
+import ast
 import math
 import re
 import string
@@ -117,6 +118,56 @@ def normalize_text(text: str) -> str:
 
 VERIFY_METHODS = ("auto", "exact", "numeric", "normalized", "choice")
 
+_MARKED = [re.compile(r"####\s*(.+)"),
+           re.compile(r"(?:final answer|answer)\s*(?:is\s*:?|:)\s*(.+)", re.I)]
+_REFERENCE_KINDS = {"number": "numeric", "text": "normalized", "none": "exact"}
+
+
+def marked_answer(text: str) -> str | None:
+    """What an answer marker points at: the last ``\\boxed{}``, else what follows the last
+    ``####``, else the last "the answer is" / "Answer:"; None when the text has no marker."""
+    boxed = [inner.strip() for inner in _boxed_contents(text) if inner.strip()]
+    if boxed:
+        return boxed[-1]
+    for pattern in _MARKED:
+        matches = [m.strip().strip("*").strip() for m in pattern.findall(text)]
+        if matches and matches[-1]:
+            return matches[-1]
+    return None
+
+
+def reference_answer(text: str | None, method: str = "auto") -> str | None:
+    """A reference answer read with the same extraction as predictions; None when it holds no value.
+
+    ``method`` is a verify method (``VERIFY_METHODS``) or an answer format (``number``, ``choice``,
+    ``text``). A bare value stays itself (``"330"``, ``"$5.50"``, ``"B"``, ``"Paris"``); a worked
+    solution gives its final value (``... #### 18``, ``\\boxed{18}``, "The answer is 18."). Numbers
+    are read as ``extract_number`` reads them, letters as ``extract_choice``; text is taken whole
+    unless a marker (``####``, ``\\boxed{}``, "the answer is", "Answer:") points at the answer.
+    """
+    if text is None:
+        return None
+    text = str(text).strip()
+    if not text:
+        return None
+    kind = _REFERENCE_KINDS.get(method, method)
+    if kind == "numeric":
+        return text if canonical_number(text) is not None else extract_number(text)
+    if kind == "choice":
+        bare = text.strip("() .").upper()
+        return extract_choice(text) or (bare if len(bare) == 1 and bare in "ABCDEFGHIJ" else None)
+    return marked_answer(text) or text
+
+
+def reference_problem(method: str) -> str:
+    """Why a reference gave no value under ``method``, and what a usable one looks like."""
+    kind = _REFERENCE_KINDS.get(method, method)
+    if kind == "numeric":
+        return "holds no number; write the number (330, 1,234, 3/4), or end a worked solution with `#### 330`"
+    if kind == "choice":
+        return "holds no option letter; write the letter (B), or end a worked solution with 'The answer is (B)'"
+    return "is empty; write the reference answer"
+
 
 def answers_match(prediction: str | None, reference: str | None, method: str = "auto",
                   tolerance: float = 1e-6) -> bool:
@@ -158,3 +209,39 @@ def answer_key(answer: str | None, method: str = "auto") -> str | None:
     if method == "exact":
         return str(answer).strip()
     return normalize_text(str(answer))
+
+
+_OPERAND = r"\d[\d,]*(?:\.\d+)?"
+_CALCULATION = re.compile(rf"(?<![\w.])((?:\(?\s*{_OPERAND}\s*\)?\s*[-+*/×x÷−]\s*)+\(?\s*{_OPERAND}\s*\)?)\s*=\s*"
+                          rf"\$?\s*([-−]?{_OPERAND})(?![\d])")
+_CALC_NODES = (ast.Expression, ast.BinOp, ast.UnaryOp, ast.Constant, ast.Add, ast.Sub, ast.Mult, ast.Div,
+               ast.USub)
+
+
+def _evaluate(expression: str) -> float | None:
+    """An arithmetic expression of numbers, + - * / and parentheses; None if it is anything else."""
+    text = expression.replace(",", "").replace("×", "*").replace("x", "*").replace("÷", "/").replace("−", "-")
+    try:
+        tree = ast.parse(text, mode="eval")
+        if not all(isinstance(node, _CALC_NODES) for node in ast.walk(tree)):
+            return None
+        return float(eval(compile(tree, "<calculation>", "eval"), {"__builtins__": {}}))
+    except (SyntaxError, ZeroDivisionError, TypeError, ValueError, OverflowError):
+        return None
+
+
+def false_calculations(text: str, tolerance: float = 1e-6) -> list[str]:
+    """The calculations written in ``text`` (``12 + 5 = 17``, ``4 × 6 = 24``) whose result is wrong.
+
+    A reply whose final answer matches the reference by luck usually shows it here:
+    ``10 / 6 = 1`` or ``8 * 24 = 16``. Only number-operator-number chains are read.
+    """
+    wrong = []
+    for match in _CALCULATION.finditer(text):
+        left, right = match.group(1), canonical_number(match.group(2))
+        value = _evaluate(left)
+        if value is None or right is None:
+            continue
+        if not math.isclose(value, float(right), rel_tol=tolerance, abs_tol=max(tolerance, 0.005)):
+            wrong.append(f"{left.strip()} = {match.group(2)}")
+    return wrong

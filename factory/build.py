@@ -10,7 +10,7 @@ import polars as pl
 from .cache import Cache, NullCache
 from .errors import FactoryError
 from .driver import Driver, RunResult
-from .recipe import OutputConfig, Recipe
+from .recipe import OutputConfig, Recipe, output_format
 from .store import read_manifest, truncation_lines, write_version
 
 
@@ -38,7 +38,7 @@ def chat_messages(table: pl.DataFrame, output: OutputConfig, task_column: str = 
 
 def finalize(table: pl.DataFrame, output: OutputConfig) -> pl.DataFrame:
     """Shapes the final table as ``output`` asks."""
-    if output.format == "messages" and table.width:
+    if output_format(output, table.columns) == "messages" and table.width:
         table = chat_messages(table, output)
     if output.columns:
         keep = [c for c in output.columns if c in table.columns]
@@ -68,6 +68,7 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, *, cache_dir: str | Path | N
         # Every row was dropped: keep the declared columns so the version still has a schema.
         table = table.with_columns(pl.lit(None, dtype=pl.String).alias(c) for c in recipe.columns_after()
                                    if c not in table.columns)
+    written_as = output_format(recipe.output, table.columns)
     table = finalize(table, recipe.output)
     models = []
     for step in recipe.steps:
@@ -92,6 +93,7 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, *, cache_dir: str | Path | N
         "steps": [s.to_json() for s in result.steps],
         "retries": sum((s.llm or {}).get("retries", 0) for s in result.steps),
         "backend_failures": sum(s.dropped.get("backend_error", 0) for s in result.steps),
+        "output_format": written_as,
         "timings": {"started_at": began, "run_seconds": result.seconds},
         "executor": driver.executor.name,
         **(extra_manifest or {}),
@@ -113,5 +115,30 @@ def format_summary(manifest: dict) -> str:
         cached = f"  (cached {s['cached_batches']}/{s['batches']})" if s["cached_batches"] else ""
         lines.append(f"  {'[' + str(s['index']) + '] ' + s['name']:<{width}}  {s['rows_in']:>7}  {s['rows_out']:>7}  "
                      f"{s['seconds']:>7.1f}  {dropped}{cached}")
-    return "\n".join(lines + ["  " + line for line in truncation_lines(steps)])
+    lines += ["  " + line for line in truncation_lines(steps)]
+    written = manifest.get("output_format")
+    if written == "messages":
+        lines.append("  written as chat `messages` (user task, assistant response) beside the kept columns")
+    elif written == "raw":
+        lines.append("  written as the rows are (no task and response columns for chat `messages`)")
+    return "\n".join(lines)
+
+
+def format_examples(table: pl.DataFrame, count: int = 3, width: int = 110) -> str:
+    """Up to ``count`` rows spread over the table, one line per chat turn or column, cut to ``width``."""
+    if count <= 0 or table.height == 0:
+        return ""
+    picks = sorted({i * table.height // min(count, table.height) for i in range(min(count, table.height))})
+    lines = [f"{len(picks)} of the {table.height} rows:"]
+    for n, i in enumerate(picks, 1):
+        row = table.row(i, named=True)
+        if row.get("messages"):
+            fields = [(turn["role"], turn["content"]) for turn in row["messages"]]
+        else:
+            fields = [(name, value) for name, value in row.items() if not name.startswith("_")]
+        for k, (name, value) in enumerate(fields):
+            text = " ".join(str(value).split())
+            text = text if len(text) <= width else text[:width - 3] + "..."
+            lines.append(f"  {str(n) + '.' if k == 0 else '':<3} {name}: {text}")
+    return "\n".join(lines)
 

@@ -25,7 +25,7 @@ EPILOG = """\
 examples:
   factory validate recipes/quickstart.yaml
   factory run recipes/quickstart.yaml --out out
-  factory run recipes/quickstart.yaml --set steps[0].self_instruct.num_tasks=8
+  factory run recipes/quickstart.yaml --set source.num_rows=8
   factory inspect out/quickstart/v1 --plot quickstart.png
   factory export out/quickstart/v1 --format trl-sft --out exports/qs
   factory push out/quickstart/v1 --repo my-org/quickstart --dry-run
@@ -33,6 +33,8 @@ examples:
   factory evolve recipes/self_evolve_arith.yaml --out runs/arith
   factory train sft --dataset out/quickstart/v1 --out adapters/qs --max-steps 20
   factory steps solve
+  factory recipes
+  factory init quickstart
 
 Exit codes: 0 success, 1 no space left on device, 2 bad input (recipe, data, unreachable server),
 130 interrupted (Ctrl-C), 143 terminated (SIGTERM). An interrupted run resumes from its cache.
@@ -64,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-cache", action="store_true", help="neither read nor write the cache")
     run.add_argument("--parent", default=None, help="record this version folder as the parent in the manifest")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
+    run.add_argument("--examples", type=int, default=3, metavar="N",
+                     help="rows of the new version shown after the summary (default: 3; 0 shows none)")
     _add_executor(run)
     run.set_defaults(func=cmd_run)
 
@@ -171,6 +175,21 @@ def build_parser() -> argparse.ArgumentParser:
                                        "and every option with its default and help.")
     steps.add_argument("name", nargs="?", help="a step name, e.g. solve")
     steps.set_defaults(func=cmd_steps)
+
+    recipes = sub.add_parser("recipes", help="list the bundled recipes (start one with `factory init NAME`)",
+                             description="List the recipes that ship with the factory, one line each: the name "
+                                         "`factory init` takes and what the recipe makes.")
+    recipes.set_defaults(func=cmd_recipes)
+
+    init = sub.add_parser("init", help="write a bundled recipe and the data files it reads into this folder",
+                          description="Write the bundled recipe NAME (default: quickstart) into the current folder, "
+                                      "with the data files it references at the same relative paths (data/...), so "
+                                      "that it runs from here as it is. Existing files are never overwritten "
+                                      "(identical ones are left alone) unless --force is given.")
+    init.add_argument("name", nargs="?", default="quickstart", metavar="NAME",
+                      help="a name from `factory recipes` (default: quickstart)")
+    init.add_argument("--force", action="store_true", help="overwrite files that already exist")
+    init.set_defaults(func=cmd_init)
     return parser
 
 
@@ -214,8 +233,9 @@ def _quiet_libraries() -> None:
 
 
 def cmd_run(args) -> int:
-    from .build import format_summary, run_recipe
+    from .build import format_examples, format_summary, run_recipe
     from .recipe import load_recipe
+    from .store import read_version
 
     from pathlib import Path
 
@@ -224,6 +244,8 @@ def cmd_run(args) -> int:
                          progress=not args.quiet)
     version_dir, manifest, _ = run_recipe(recipe, args.out, driver=driver, parent=args.parent)
     print(format_summary(manifest))
+    if manifest["rows"] and args.examples > 0:
+        print(format_examples(read_version(version_dir), args.examples))
     if manifest["rows"] == 0:
         print("warning: the version has no rows; see rejected/ and `factory inspect` for why", file=sys.stderr)
     print(version_dir)
@@ -351,6 +373,24 @@ def cmd_steps(args) -> int:
         print(f"  {f.name} = {default!r}")
         print(textwrap.fill(f.metadata.get("help", ""), width=96, initial_indent="      ",
                             subsequent_indent="      "))
+    return 0
+
+
+def cmd_recipes(args) -> int:
+    from .bundled import recipes, summary
+
+    for name, path in recipes().items():
+        print(f"{name:<24} {summary(path)}")
+    return 0
+
+
+def cmd_init(args) -> int:
+    from .bundled import init
+
+    done = init(args.name, ".", force=args.force)
+    for rel, written in done:
+        print(f"wrote {rel}" if written else f"kept  {rel} (already there, the same)")
+    print(f"next: factory run {done[0][0]} --out out")
     return 0
 
 

@@ -74,27 +74,31 @@ def build(cls, data: Any, path: tuple, problems: list[Problem], *, exclude: tupl
     hints = typing.get_type_hints(cls)
     known = {f.name: f for f in dataclasses.fields(cls) if f.init}
     before = len(problems)
+    aliases = column_aliases(known, hints)
+    _check_column_pairs(data, known, aliases, path, problems)
     values = {}
     for key, value in data.items():
         if key in exclude:
             continue
-        if key not in known:
+        name = aliases.get(key, key)
+        if name not in known:
             problems.append(Problem(f"unknown key '{key}'", path=path + (key,),
                                     fix=suggest(key, [k for k in known if k not in exclude])))
             continue
-        field = known[key]
-        checked = check_value(value, hints[key], path + (key,), problems)
+        field = known[name]
+        checked = check_value(value, hints[name], path + (key,), problems)
         if checked is _INVALID:
             continue
         bound_problem = _check_bounds(checked, field.metadata)
         if bound_problem:
             problems.append(Problem(bound_problem[0], path=path + (key,), fix=bound_problem[1]))
             continue
-        values[key] = checked
+        values[name] = checked
+    given = {aliases.get(key, key) for key in data}
     for name, field in known.items():
         if name in exclude or name in values:
             continue
-        if field.default is MISSING and field.default_factory is MISSING and name not in data:
+        if field.default is MISSING and field.default_factory is MISSING and name not in given:
             problems.append(Problem(f"missing required key '{name}'", path=path,
                                     fix=f"add `{name}:` ({field.metadata.get('help', '')})"))
     if len(problems) > before:
@@ -107,6 +111,29 @@ def build(cls, data: Any, path: tuple, problems: list[Problem], *, exclude: tupl
         if len(problems) > before:
             return None
     return instance
+
+
+def column_aliases(known: dict, hints: dict) -> dict[str, str]:
+    """``column`` -> ``columns`` (and ``eval_column`` -> ``eval_columns``...) for a config whose
+    option takes a list of columns and that has no option of the single name: one column given
+    as ``column: x`` is ``columns: [x]``."""
+    return {name[:-1]: name for name in known if name.endswith("columns") and name[:-1] not in known
+            and _is_list(hints[name])}
+
+
+def _is_list(annotation: Any) -> bool:
+    if typing.get_origin(annotation) in (Union, types.UnionType):
+        return any(_is_list(a) for a in typing.get_args(annotation))
+    return typing.get_origin(annotation) in (list, tuple)
+
+
+def _check_column_pairs(data: dict, known: dict, aliases: dict, path: tuple, problems: list[Problem]) -> None:
+    """``column`` and ``columns`` both given: one of them would be ignored, so neither is guessed."""
+    singles = set(aliases) | {name[:-1] for name in known if name.endswith("columns") and name[:-1] in known}
+    for single in sorted(singles):
+        if single in data and single + "s" in data:
+            problems.append(Problem(f"both `{single}` and `{single}s` are given", path=path + (single,),
+                                    fix=f"keep one: `{single}: x` for one column, `{single}s: [x, y]` for several"))
 
 
 class _Invalid:
@@ -147,7 +174,8 @@ def check_value(value: Any, annotation: Any, path: tuple, problems: list[Problem
         problems.append(Problem(f"'{value}' is not one of {', '.join(choices)}", path=path, fix=fix))
         return _INVALID
     if origin in (list, tuple):
-        if isinstance(value, (str, int, float)) and args and args[0] is str and isinstance(value, str):
+        if isinstance(value, str) and args and (args[0] is str or (typing.get_origin(args[0]) is Literal and all(
+                isinstance(a, str) for a in typing.get_args(args[0])))):
             value = [value]  # a single string where a list of strings is expected
         if not isinstance(value, list):
             problems.append(Problem(f"expected a list, got {_describe(value)}", path=path,

@@ -97,6 +97,20 @@ def _alpaca(chat: list[dict]) -> dict:
     return row
 
 
+def why_empty(manifest: dict) -> str:
+    """Where a version's rows went: the step that dropped the last of them and its main reasons."""
+    source = manifest.get("source") or {}
+    for step in manifest.get("steps", []):
+        if step.get("rows_in") and not step.get("rows_out"):
+            reasons = sorted((step.get("dropped") or {}).items(), key=lambda kv: -kv[1])[:3]
+            because = f": {', '.join(f'{r} {n}' for r, n in reasons)}" if reasons else ""
+            return f"steps[{step['index']}].{step['name']} dropped the last {step['rows_in']} rows{because}"
+    if source.get("dropped"):
+        reasons = ", ".join(f"{r} {n}" for r, n in source["dropped"].items())
+        return f"the source's {source.get('rows_read', 0)} rows were all set aside while reading: {reasons}"
+    return "every row was dropped, or none was there"
+
+
 def export(version_dir: str | Path, fmt: str, out_dir: str | Path, style: str | None = None) -> list[Path]:
     """Writes ``version_dir`` in format ``fmt`` into ``out_dir``; returns the files written."""
     from .store import MANIFEST, read_manifest, read_version
@@ -106,6 +120,10 @@ def export(version_dir: str | Path, fmt: str, out_dir: str | Path, style: str | 
     version_dir = Path(version_dir)
     manifest = read_manifest(version_dir)
     table = read_version(version_dir)
+    if table.height == 0:
+        raise FactoryError(f"{version_dir} has 0 rows, so there is nothing to export ({why_empty(manifest)}); "
+                           f"see `factory inspect {version_dir}` for the drops per step and reason, and export a "
+                           "version with rows. Nothing was written")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     name = f"{manifest['name']}_v{manifest['version']}".replace("-", "_")

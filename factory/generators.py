@@ -20,11 +20,30 @@ NAMES = ["Ava", "Ben", "Chen", "Dara", "Eli", "Fatima", "Gus", "Hana", "Ivan", "
          "Nia", "Omar", "Priya", "Quinn", "Rosa", "Sam", "Tariq", "Uma", "Vik", "Wen", "Yara", "Zane"]
 
 
+def _one_step(rng: random.Random, name: str) -> tuple[str, int, int]:
+    """One operation: addition, subtraction, multiplication or an exact division."""
+    kind, r = rng.randrange(4), rng.randint
+    if kind == 0:
+        a, b = r(5, 60), r(2, 40)
+        return f"{name} has {a} marbles and wins {b} more. How many marbles does {name} have now?", a + b, 1
+    if kind == 1:
+        a = r(10, 90)
+        b = r(1, a - 1)
+        return f"{name} has {a} stickers and gives {b} of them away. How many stickers are left?", a - b, 1
+    if kind == 2:
+        a, b = r(2, 12), r(2, 10)
+        return f"A box holds {a} pencils. How many pencils are there in {b} boxes?", a * b, 1
+    n, each = r(2, 9), r(2, 12)
+    return f"{n * each} sweets are shared equally among {n} friends. How many sweets does each friend get?", each, 1
+
+
 def _p(rng: random.Random, steps: int) -> tuple[str, int, int]:
     """One problem: (text, answer, number of operations)."""
     name = rng.choice(NAMES)
-    kind = rng.randrange(8) if steps >= 3 else rng.randrange(4)
     r = rng.randint
+    if steps == 1:
+        return _one_step(rng, name)
+    kind = rng.randrange(8) if steps >= 3 else rng.randrange(4)
     if kind == 0:
         a, b = r(5, 60), r(2, 40)
         c = r(1, a + b)
@@ -74,8 +93,9 @@ class ArithmeticConfig:
                                                            "by a hash of their text, so splits never overlap.")
     eval_share: float = option(0.2, help="Share of all possible problems that belong to the eval split.",
                                min=0.01, max=0.99)
-    min_steps: int = option(2, help="Fewest arithmetic operations per problem.", min=2, max=4)
-    max_steps: int = option(4, help="Most arithmetic operations per problem.", min=2, max=4)
+    min_steps: int = option(2, help="Fewest arithmetic operations per problem (1: a single addition, "
+                                    "subtraction, multiplication or division).", min=1, max=4)
+    max_steps: int = option(4, help="Most arithmetic operations per problem.", min=1, max=4)
     seed: int = option(0, help="Generator seed (the recipe seed is not used, so eval sets stay fixed).")
 
     def validate(self):

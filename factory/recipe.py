@@ -61,14 +61,28 @@ class RecipeHeader:
 
 @dataclass
 class OutputConfig:
-    format: Literal["messages", "raw"] = option(
-        "messages", help="`messages`: add the chat column `messages` (user task, assistant response); "
-                         "`raw`: write the columns as they are.")
+    format: Literal["auto", "messages", "raw"] = option(
+        "auto", help="`messages`: add the chat column `messages` (user task, assistant response); "
+                     "`raw`: write the columns as they are; `auto`: `messages` when the rows have a task and a "
+                     "response (or a `messages` column), else `raw` -- a filter-only recipe writes its rows as is.")
     columns: list[str] | None = option(None, help="Keep only these columns (plus `messages`).")
     system_prompt: str | None = option(None, help="A system message put first in every `messages` row.")
     shard_rows: int = option(100_000, help="Rows per parquet shard.", min=1)
     license: str = option("other", help="License in the dataset card (an SPDX id such as apache-2.0).")
     tags: list[str] = option(default_factory=list, help="Extra tags for the dataset card.")
+
+
+def can_write_messages(columns) -> bool:
+    """Whether rows with these columns can become chat ``messages`` (a task and a response, or messages)."""
+    columns = set(columns)
+    return "messages" in columns or {"instruction", "response"} <= columns
+
+
+def output_format(output: OutputConfig, columns) -> str:
+    """The format a run writes: ``auto`` resolved against the final columns."""
+    if output.format != "auto":
+        return output.format
+    return "messages" if can_write_messages(columns) else "raw"
 
 
 TOP_LEVEL = ("name", "description", "seed", "batch_size", "max_failure_rate", "llm", "source", "steps", "output",
@@ -447,10 +461,11 @@ def _check_columns(recipe: Recipe, problems: list[Problem]) -> None:
                 fix=(f"did you mean '{match}'? (set the step's column option)" if match
                      else "add a step that produces it first, or a `source:` that has it")))
         columns = step.columns_after(columns)
-    if recipe.output.format == "messages" and not ({"response", "messages"} & set(columns)):
-        problems.append(Problem("format 'messages' needs a `response` column (from a solve step) or a "
+    if recipe.output.format == "messages" and not can_write_messages(columns):
+        problems.append(Problem("format 'messages' needs `instruction` and `response` columns (a solve step) or a "
                                 "`messages` column in the source", path=("output", "format"),
-                                fix="add a solve step, or set `output: {format: raw}`"))
+                                fix="add a solve step, or leave `format` out (auto) or set it to `raw` to write "
+                                    "the rows as they are"))
     if recipe.output.columns:
         for column in recipe.output.columns:
             if column not in columns and column != "messages":

@@ -9,11 +9,13 @@ from typing import Any, Literal
 
 import polars as pl
 
+from . import bundled
 from .config import build, option, suggest
 from .errors import FactoryError, Problem
 from .generators import GENERATORS
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+# The last place a relative path is looked for: the project (the bundled recipes/ and data/ in a wheel).
+PROJECT_ROOT = bundled.root()
 FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet", ".csv": "csv",
            ".tsv": "csv", ".md": "documents", ".txt": "documents"}
 DOCUMENT_SUFFIXES = (".md", ".markdown", ".txt")

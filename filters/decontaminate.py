@@ -69,13 +69,15 @@ class DecontaminateConfig:
     eval: str = option(help="The evaluation set: a .jsonl/.json/.parquet/.csv file or a saved dataset folder "
                             "(relative to the working folder, the recipe's folder or the project).")
     eval_columns: list[str] = option(default_factory=lambda: ["instruction"],
-                                     help="Eval columns whose text must not leak (joined with a space).")
+                                     help="Eval columns whose text must not leak (joined with a space; "
+                                          "`eval_column: x` for one).")
     eval_id_column: str | None = option(None, help="Eval column naming each item in the report (default: "
                                                    "its position, eval[17]).")
     eval_split: str = option("train", help="Split to read when the eval set is a saved DatasetDict.")
     eval_format: Literal["auto", "jsonl", "json", "parquet", "csv", "hf"] = option("auto", help="Eval file format.")
     columns: list[str] = option(default_factory=lambda: ["instruction"],
-                                help="Our columns to check (joined with a space), e.g. [instruction, response].")
+                                help="Our columns to check (joined with a space), e.g. [instruction, response] "
+                                     "(`column: x` for one).")
     ngram: int = option(13, help="Word n-gram size (13, as in GPT-3's decontamination).", min=1, max=500)
     min_words: int = option(5, help="Eval items with fewer words match only identical whole texts.", min=1)
 

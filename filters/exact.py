@@ -22,7 +22,8 @@ def normalized(column: str, lowercase: bool, punctuation: bool) -> pl.Expr:
 @dataclass
 class ExactConfig:
     columns: list[str] = option(default_factory=lambda: ["instruction"],
-                                help="Rows are duplicates when all these columns match after normalisation.")
+                                help="Rows are duplicates when all these columns match after normalisation "
+                                     "(`column: x` for one column).")
     lowercase: bool = option(True, help="Ignore case.")
     ignore_punctuation: bool = option(False, help="Ignore punctuation.")
 
@@ -38,6 +39,7 @@ class ExactDedup(TableFilter):
 
     Example:
         - exact: {columns: [instruction, response]}
+        - exact: {column: response}
     """
 
     name = "exact"

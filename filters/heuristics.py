@@ -39,7 +39,8 @@ def repeated_line_fraction(text: str) -> float:
 
 @dataclass
 class HeuristicsConfig:
-    columns: list[str] = option(default_factory=lambda: ["response"], help="The text columns to check.")
+    columns: list[str] = option(default_factory=lambda: ["response"],
+                                help="The text columns to check (`column: x` for one).")
     checks: list[Literal["length", "refusal", "language", "repetition"]] = option(
         default_factory=lambda: list(CHECKS), help="Which checks to run: length, refusal, language, repetition.")
     min_words: int = option(1, help="Fewer words: `too_short`.", min=0)

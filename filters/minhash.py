@@ -56,9 +56,9 @@ _FOLD = np.uint64(0x9E3779B97F4A7C15)
 
 @dataclass
 class MinHashConfig:
-    column: str = option("instruction", help="The text column (ignored when `columns` is given).")
+    column: str = option("instruction", help="The text column (or give `columns`, not both).")
     columns: list[str] | None = option(None, help="Several text columns, joined with a newline before "
-                                                  "shingling, e.g. [instruction, response]; overrides `column`.")
+                                                  "shingling, e.g. [instruction, response]; instead of `column`.")
     threshold: float = option(0.8, help="Jaccard similarity of two rows' shingle sets from which the later "
                                         "row is a near-duplicate; strictly between 0 and 1.")
     num_perm: int = option(128, help="Hash functions per MinHash signature; more estimate the similarity "

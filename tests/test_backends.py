@@ -61,6 +61,17 @@ def test_transformers_generation_leaves_autograd_on_for_training_in_the_same_pro
     assert not any(p.requires_grad for p in tiny_backend.model.parameters())
 
 
+def test_transformers_samples_share_one_prefill_and_match_the_plain_path(tiny_backend):
+    # Greedy samples of a prompt read once and copied n times equal the prompt's greedy reply,
+    # which takes the plain path (n=1): same tokens, left padding and all.
+    convs = [[{"role": "user", "content": "hi " * k}] for k in (1, 9, 3)]
+    one = tiny_backend.chat(convs, GenerationParams(max_tokens=6))
+    three = tiny_backend.chat(convs, GenerationParams(n=3, max_tokens=6))
+    assert tiny_backend._shares_prefill
+    assert [c.texts for c in three] == [c.texts * 3 for c in one]
+    assert [c.completion_tokens for c in three] == [c.completion_tokens * 3 for c in one]
+
+
 def test_transformers_reports_progress_per_generate_call_through_the_client(tiny_model_dir):
     from factory.llm.requests import LLMClient
 

@@ -59,8 +59,8 @@ def test_unreachable_server_exits_1_and_writes_nothing(write_recipe, tmp_path):
 def test_validate_ok_and_print(capsys):
     assert main(["validate", str(ROOT / "recipes" / "quickstart.yaml"), "--print"]) == 0
     out = capsys.readouterr().out
-    assert "ok (4 steps: self_instruct -> solve -> judge -> score" in out
-    assert "num_tasks: 32" in out
+    assert "ok (4 steps: solve -> verify -> exact -> decontaminate" in out
+    assert "num_rows: 32" in out and "check_calculations: true" in out
 
 
 def test_validate_with_set(capsys, scripted_recipe):

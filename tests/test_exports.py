@@ -132,6 +132,27 @@ def test_export_command(tmp_path, capsys):
                                       "axolotl"])
 
 
+def test_export_refuses_a_version_with_no_rows(write_recipe, tmp_path, capsys):
+    source = tmp_path / "tasks.jsonl"
+    source.write_text("\n".join(json.dumps({"instruction": f"Task {i}", "response": "Done."}) for i in range(3)))
+    recipe = write_recipe(f"name: none-left\nsource: {{path: {source}}}\nsteps:\n"
+                          "  - heuristics: {column: instruction, checks: [length], min_words: 50}\n")
+    assert main(["run", str(recipe), "--out", str(tmp_path / "out"), "--quiet"]) == 0
+    version = tmp_path / "out" / "none-left" / "v1"
+    capsys.readouterr()
+    for fmt in FORMATS:
+        assert main(["export", str(version), "--format", fmt, "--out", str(tmp_path / "e")]) == 2
+        assert capsys.readouterr().err == (
+            f"error: {version} has 0 rows, so there is nothing to export (steps[0].heuristics dropped the last 3 "
+            f"rows: too_short 3); see `factory inspect {version}` for the drops per step and reason, and export a "
+            "version with rows. Nothing was written\n")
+    assert not (tmp_path / "e").exists()
+    empty = write_version(tmp_path / "plain", "times", pl.DataFrame(schema={"instruction": pl.String}), REJECTED, {})
+    with pytest.raises(FactoryError, match="has 0 rows, so there is nothing to export \\(every row was dropped"):
+        export(empty, "trl-sft", tmp_path / "e2")
+    assert not (tmp_path / "e2").exists()
+
+
 # -- push --------------------------------------------------------------------------------------
 
 def test_push_plan_adds_shards_card_manifest_deletes_stale_shards_and_tags(tmp_path):

@@ -184,3 +184,48 @@ steps:
     leaked = read_version(version, "rejected").filter(pl.col("drop_reason") == "contaminated").row(0, named=True)
     assert leaked["matched_eval"] == expected and leaked["drop_step"] == "steps[5].decontaminate"
     assert sorted(kept["instruction"]) == [f"Problem {i}: what is 3 + 4?" for i in range(5)]
+
+
+# -- `column:` for one column, `columns:` for several, in every step -----------------------------
+
+def filter_step(write_recipe, step: str):
+    path = write_recipe(f"name: cols\nsource: {{path: {SEEDS}}}\nsteps:\n  - {step}\noutput: {{format: raw}}\n")
+    return load_recipe(path).steps[0]
+
+
+@pytest.mark.parametrize("step, option, expected", [
+    ("exact: {column: output}", "columns", ["output"]),
+    ("exact: {columns: output}", "columns", ["output"]),
+    ("exact: {columns: [instruction, output]}", "columns", ["instruction", "output"]),
+    ("minhash: {columns: [instruction, output]}", "columns", ["instruction", "output"]),
+    ("minhash: {columns: output}", "columns", ["output"]),
+    ("minhash: {column: output}", "column", "output"),
+    ("heuristics: {column: output}", "columns", ["output"]),
+    ("heuristics: {columns: output, checks: length}", "checks", ["length"]),
+    ("decontaminate: {eval: data/eval/arithmetic.jsonl, column: output, eval_column: instruction}", "columns",
+     ["output"]),
+    ("decontaminate: {eval: data/eval/arithmetic.jsonl, eval_column: instruction}", "eval_columns", ["instruction"]),
+    ("score: {column: output, min: 1}", "column", "output"),
+    ("consistency: {column: output, answer_column: instruction}", "column", "output"),
+])
+def test_column_and_columns_are_accepted_everywhere(write_recipe, step, option, expected, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    assert getattr(filter_step(write_recipe, step).config, option) == expected
+
+
+@pytest.mark.parametrize("step", ["exact: {column: output, columns: [instruction]}",
+                                  "minhash: {column: output, columns: [instruction, output]}",
+                                  "heuristics: {column: output, columns: output}"])
+def test_column_and_columns_together_is_one_located_error(write_recipe, step):
+    with pytest.raises(RecipeError) as err:
+        filter_step(write_recipe, step)
+    [problem] = err.value.problems
+    assert problem.line == 4 and problem.key_path.endswith(".column")
+    assert problem.format().endswith("column: both `column` and `columns` are given; keep one: `column: x` for one "
+                                     "column, `columns: [x, y]` for several")
+
+
+def test_exact_on_one_column_given_as_column(write_recipe, tmp_path):
+    step = filter_step(write_recipe, "exact: {column: output}")
+    table = pl.DataFrame({"instruction": ["a", "b", "c"], "output": ["same", "Same", "other"]})
+    assert reasons(step.process(table)) == [None, "duplicate", None]

@@ -149,3 +149,19 @@ steps:
     here, there = read_version(local_dir), read_version(ray_dir)
     assert here.height == 24 and there.equals(here)
     assert here["response"].n_unique() > 12  # sampled, not greedy
+
+
+def test_bad_input_in_a_ray_worker_is_one_line(tmp_path, ray_cluster):
+    """A step's FactoryError in a worker (here: a reference with no number) reaches the driver as
+    itself, the line the command prints, not as a Ray traceback."""
+    from factory.errors import FactoryError
+
+    rows = [{"id": f"q{i}", "instruction": f"Task {i}: add", "answer": "unknown" if i == 20 else f"#### {i}"}
+            for i in range(24)]
+    (tmp_path / "tasks.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    path = tmp_path / "recipe.yaml"
+    path.write_text(f"name: badref\nbatch_size: 8\n{LLM}source: {{path: {tmp_path / 'tasks.jsonl'}}}\nsteps:\n"
+                    "  - solve: {cot: true, answer_format: number}\n  - verify: {reference: answer, method: numeric}\n")
+    with pytest.raises(FactoryError, match=r"^steps\[1\]\.verify: row id 'q20': the reference 'unknown'") as err:
+        run_recipe(load_recipe(path), tmp_path / "out", driver=on_ray(tmp_path / "cache"))
+    assert err.value.exit_code == 2

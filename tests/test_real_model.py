@@ -11,7 +11,9 @@ import sys
 
 import pytest
 
+from factory.answers import answers_match, false_calculations
 from factory.llm import GenerationParams, TransformersBackend, TransformersConfig
+from factory.store import read_version
 
 from .conftest import ROOT
 
@@ -30,12 +32,15 @@ def test_embedded_model_answers_in_a_batch():
 def test_quickstart_recipe_end_to_end_small(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "factory", "run", str(ROOT / "recipes" / "quickstart.yaml"), "--out", str(tmp_path),
-         "--quiet", "--set", "steps[0].self_instruct.num_tasks=6", "--set", "steps[1].solve.max_tokens=48"],
+         "--quiet", "--set", "source.num_rows=8"],
         capture_output=True, text=True, cwd=ROOT, timeout=900)
     assert proc.returncode == 0, proc.stderr[-2000:]
     version = proc.stdout.strip().splitlines()[-1]
     manifest = json.loads((tmp_path / "quickstart" / "v1" / "manifest.json").read_text())
     assert version == str(tmp_path / "quickstart" / "v1")
-    assert manifest["steps"][0]["rows_out"] == 6
+    assert manifest["steps"][0]["rows_in"] == 8
     assert manifest["models"][0]["model_id"].startswith("HuggingFaceTB/SmolLM2-135M-Instruct")
-    assert manifest["rows"] + manifest["rejected_rows"] >= 6
+    assert manifest["rows"] + manifest["rejected_rows"] == 8 * 4
+    # Whatever the model wrote, every kept row has the reference's answer and only true calculations.
+    for row in read_version(tmp_path / "quickstart" / "v1").iter_rows(named=True):
+        assert answers_match(row["prediction"], row["answer"], "numeric") and not false_calculations(row["response"])

@@ -27,9 +27,9 @@ def test_quickstart_resolves_defaults_and_hash_is_stable():
     b = load_recipe(ROOT / "recipes" / "quickstart.yaml")
     assert a.hash == b.hash
     resolved = a.resolved()
-    solve = resolved["steps"][1]["solve"]
-    assert solve["samples"] == 1 and solve["llm"]["model"] == "embedded"
-    assert [s.name for s in a.steps] == ["self_instruct", "solve", "judge", "score"]
+    solve = resolved["steps"][0]["solve"]
+    assert solve["samples"] == 4 and solve["llm"]["model"] == "embedded" and solve["max_continuations"] == 2
+    assert [s.name for s in a.steps] == ["solve", "verify", "exact", "decontaminate"]
 
 
 def test_unknown_step_names_line_path_and_closest_step(write_recipe):
@@ -98,9 +98,13 @@ def test_unknown_backend_and_top_level_key(write_recipe):
 
 
 def test_messages_output_needs_a_response(write_recipe):
-    path = write_recipe(f"name: t\nsource: {{path: {SEEDS}}}\nsteps:\n  - score: {{min: 1, column: id}}\n")
+    path = write_recipe(f"name: t\nsource: {{path: {SEEDS}}}\nsteps:\n  - score: {{min: 1, column: id}}\n"
+                        "output: {format: messages}\n")
     [line] = problems_of(path)
-    assert "output.format: format 'messages' needs a `response` column" in line
+    assert "output.format: format 'messages' needs `instruction` and `response` columns" in line
+    # Without `output:` the same recipe is valid: it writes the rows as they are.
+    recipe = load_recipe(write_recipe(f"name: t\nsource: {{path: {SEEDS}}}\nsteps:\n  - score: {{min: 1, column: id}}\n"))
+    assert recipe.output.format == "auto"
 
 
 def test_set_overrides_any_key(scripted_recipe):

@@ -18,7 +18,7 @@ from typing import Literal
 
 import polars as pl
 
-from factory.answers import answer_key, answers_match
+from factory.answers import answer_key, answers_match, reference_answer, reference_problem
 from factory.config import option
 from factory.errors import FactoryError
 from factory.steps.base import DROP, RAW_REPLY, TRUNCATED, StepContext
@@ -33,7 +33,8 @@ class AccuracyConfig:
     model: str = option("embedded", help="Base model: `embedded` or a local HF folder.")
     adapter: str | None = option(None, help="A LoRA adapter on top of the base model.")
     column: str = option("instruction", help="The question column.")
-    answer_column: str = option("answer", help="The reference answer column.")
+    answer_column: str = option("answer", help="The reference answer column: a bare value or a worked solution "
+                                               "ending in `#### n`, `\\boxed{n}` or 'The answer is n'.")
     limit: int | None = option(None, help="Evaluate the first N items only.", min=1)
     cot: bool = option(True, help="Ask for step-by-step reasoning before the final answer.")
     answer_format: Literal["number", "choice", "text"] = option("number", help="How final answers are extracted.")
@@ -69,10 +70,33 @@ def read_eval(path: str, base_dir: Path | None = None, limit: int | None = None)
     return table.head(limit) if limit else table
 
 
+def eval_references(table: pl.DataFrame, answer_column: str, kind: str, source: str | None = None) -> list[str]:
+    """The eval set's reference answers read as predictions are (``#### 18``, ``\\boxed{18}``, "The
+    answer is 18." give 18; a bare value stays itself); ``kind`` is a method or answer format.
+
+    Raises:
+        FactoryError: a reference holds no value (empty, or no number for numeric answers),
+            naming the eval file, the line (.jsonl) or row, and the value.
+    """
+    references = []
+    for i, value in enumerate(table[answer_column].cast(pl.String).to_list()):
+        reference = reference_answer(value, kind)
+        if reference is None:
+            where = source or "the eval set"
+            place = f"line {i + 1}" if str(source or "").endswith(".jsonl") else f"row {i}"
+            shown = "null" if value is None else repr(value)
+            raise FactoryError(f"{where}, {place}: the reference {shown} in column '{answer_column}' "
+                               f"{reference_problem(kind)}; fix it or remove the item")
+        references.append(reference)
+    return references
+
+
 def accuracy(solve_step, client, table: pl.DataFrame, column: str, answer_column: str, method: str = "auto",
-             batch_size: int = 64, progress: bool = False) -> AccuracyResult:
+             batch_size: int = 64, progress: bool = False, source: str | None = None) -> AccuracyResult:
     """Answers every question with ``solve_step``'s prompt through ``client`` and checks them.
 
+    References are read with the predictions' extraction (see :func:`eval_references`), all of
+    them before the model is asked anything; ``source`` names the eval file in errors.
     A reply without a final answer counts as wrong (``no_answer``), never as skipped; so does
     one cut at the token limit (``truncated``), even when a number came before the cut.
     """
@@ -83,6 +107,9 @@ def accuracy(solve_step, client, table: pl.DataFrame, column: str, answer_column
     missing = [c for c in (column, answer_column) if c not in table.columns]
     if missing:
         raise FactoryError(f"the eval set has no column {', '.join(missing)} (it has {', '.join(table.columns)})")
+    kind = method if method != "auto" else solve_step.config.answer_format
+    table = table.with_columns(pl.Series(answer_column, eval_references(table, answer_column, kind, source),
+                                         dtype=pl.String))
     ctx = StepContext(llm=client)
     results = []
     bar = tqdm(total=table.height, desc="eval", unit="item", file=sys.stderr, disable=not progress,
@@ -93,9 +120,10 @@ def accuracy(solve_step, client, table: pl.DataFrame, column: str, answer_column
         out = solve_step.process(batch, ctx)
         for row in out.to_dicts():
             prediction = row.get(solve_step.config.prediction_column) if row.get(DROP) is None else None
-            results.append({"question": row[solve_step.config.column], "reference": row[answer_column],
+            reference = row[answer_column]
+            results.append({"question": row[solve_step.config.column], "reference": reference,
                             "prediction": prediction, "response": row.get(solve_step.config.output_column)
-                            or row.get(RAW_REPLY), "correct": answers_match(prediction, row[answer_column], method),
+                            or row.get(RAW_REPLY), "correct": answers_match(prediction, reference, method),
                             "truncated": row.get(DROP) == TRUNCATED})
         bar.update(batch.height)
         bar.set_postfix_str(f"accuracy {sum(r['correct'] for r in results) / len(results):.3f}", refresh=False)
@@ -232,7 +260,7 @@ def main(argv: list[str] | None = None) -> dict:
     backend = TransformersBackend(TransformersConfig(model=config.model, adapter=config.adapter,
                                                      batch_size=config.batch_size))
     result = accuracy(solve_step_for(config.cot, config.answer_format, config.max_tokens), LLMClient(backend),
-                      table, config.column, config.answer_column, config.method, progress=True)
+                      table, config.column, config.answer_column, config.method, progress=True, source=config.eval)
     print(json.dumps(result.summary()))
     if config.out:
         Path(config.out).write_text(json.dumps({**result.summary(), "results": result.results}, indent=1) + "\n")

@@ -20,7 +20,8 @@ from ..errors import Problem
 class EvalSection:
     path: str = option(help="The held-out eval set (.jsonl/.parquet...) with questions and reference answers.")
     column: str = option("instruction", help="The question column.")
-    answer_column: str = option("answer", help="The reference answer column.")
+    answer_column: str = option("answer", help="The reference answer column: a bare value or a worked solution "
+                                               "ending in `#### n`, `\\boxed{n}` or 'The answer is n'.")
     limit: int | None = option(None, help="Evaluate on the first N items.", min=1)
     method: Literal["auto", "exact", "numeric", "normalized", "choice"] = option("auto",
                                                                                  help="How answers are compared.")

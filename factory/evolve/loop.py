@@ -35,7 +35,7 @@ import yaml
 
 from filters.consistency import Consistency
 from trainers.common import is_trained
-from trainers.evaluate import accuracy, gap_metrics, read_eval, round_samples, solve_step_for
+from trainers.evaluate import accuracy, eval_references, gap_metrics, read_eval, round_samples, solve_step_for
 
 from ..build import format_summary, run_recipe
 from ..cache import Cache
@@ -165,10 +165,13 @@ class Evolution:
     def evaluate(self, adapter: str | None) -> dict:
         e = self.config.eval
         table = read_eval(e.path, self.recipe.base_dir, e.limit)
+        if e.answer_column in table.columns:  # a reference without a value stops here, before any model loads
+            eval_references(table, e.answer_column, self.solve.config.answer_format if e.method == "auto"
+                            else e.method, e.path)
         client = self.client(adapter)
         try:
             result = accuracy(solve_step_for(True, "number", 256, template_from=self.solve), client, table, e.column,
-                              e.answer_column, e.method, progress=self.progress)
+                              e.answer_column, e.method, progress=self.progress, source=e.path)
         finally:
             client.backend.close()
         cut = (f"; {result.truncated} answers cut at the token limit, counted wrong (raise max_tokens on the "

@@ -27,6 +27,7 @@ import pickle
 
 import polars as pl
 
+from ..errors import FactoryError
 from ..steps.base import StepContext, merge_reports
 from .base import Executor, run_batch
 
@@ -73,7 +74,12 @@ class _BatchWorker:
         rows = []
         for index, batch in sorted(frame.partition_by(BATCH, as_dict=True, maintain_order=True).items()):
             index = int(index[0])
-            out, facts = run_batch(self.step, batch.drop(BATCH), self.keys[index], self.cache, self.session)
+            try:
+                out, facts = run_batch(self.step, batch.drop(BATCH), self.keys[index], self.cache, self.session)
+            except FactoryError as err:  # bad input: the driver stops with its one line, not a Ray traceback
+                facts = {"error": str(err), "exit_code": err.exit_code}
+                rows.append({"index": index, "payload": b"", "meta": json.dumps(facts)})
+                break
             rows.append({"index": index, "payload": _to_ipc(out), "meta": json.dumps(facts, default=str)})
         return _packed(rows)
 
@@ -147,6 +153,10 @@ class RayExecutor(Executor):
             zero_copy_batch=True)
         waiting, expected = {}, 0
         for index, payload, facts in _unpacked(done):
+            if "error" in facts:
+                error = FactoryError(facts["error"])
+                error.exit_code = facts["exit_code"]
+                raise error
             waiting[index] = (_from_ipc(payload), facts)
             while expected in waiting:
                 yield waiting.pop(expected)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+import logging
 import sys
 from dataclasses import dataclass
 from typing import Literal
@@ -11,6 +13,8 @@ from ..errors import FactoryError
 from ..models import adapter_fingerprint, check_adapter, load_causal_lm, load_tokenizer, model_fingerprint, pick_device
 from .base import (LENGTH, Backend, Completion, Conversation, OnReply, Request, by_sampling, fingerprint_int,
                    split_prefill, trim_at_stop)
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -43,6 +47,7 @@ class TransformersBackend(Backend):
         self.model = None
         self.tokenizer = None
         self._model_id: str | None = None
+        self._shares_prefill = True
 
     @property
     def model_id(self) -> str:
@@ -130,9 +135,8 @@ class TransformersBackend(Backend):
                     "do_sample": True, "temperature": params.temperature, "top_p": params.top_p}
                 extra = {"stop_strings": list(params.stop), "tokenizer": tok} if params.stop else {}
                 with torch.inference_mode():
-                    out = self.model.generate(**batch, max_new_tokens=params.max_tokens,
-                                              num_return_sequences=params.n, pad_token_id=tok.pad_token_id,
-                                              **sampling, **extra)
+                    out = self._generate(batch, params.n, max_new_tokens=params.max_tokens,
+                                         pad_token_id=tok.pad_token_id, **sampling, **extra)
                 generated = out[:, batch["input_ids"].shape[1]:].tolist()
                 ready = []
                 for j, i in enumerate(chunk):
@@ -148,6 +152,26 @@ class TransformersBackend(Backend):
                     ready.append((i, Completion(texts, len(encoded[i]), count, finish_reasons=finishes)))
                 done(ready)
         return results  # type: ignore[return-value]
+
+    def _generate(self, batch: dict, n: int, **kwargs):
+        """``model.generate`` with ``n`` samples per prompt. With n > 1 each prompt is read once and its
+        cache copied n times, instead of prefilling n copies of it (the bulk of the work for short replies
+        to few-shot prompts); models where that does not work take the plain path from then on."""
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        if n > 1 and self._shares_prefill and ids.shape[1] > 1:
+            try:
+                key = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+                positions = (mask.cumsum(-1) - 1).clamp(min=0)
+                prefix = self.model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1],
+                                    use_cache=True, logits_to_keep=1)
+                cache = prefix.get("cache") if prefix.get("cache") is not None else prefix.get("past_key_values")
+                cache.batch_repeat_interleave(n)
+                return self.model.generate(input_ids=ids.repeat_interleave(n, 0),
+                                           attention_mask=mask.repeat_interleave(n, 0), **{key: cache}, **kwargs)
+            except (TypeError, AttributeError, ValueError, NotImplementedError) as err:
+                log.info("shared prefill is not available for this model (%s); prefilling every sample", err)
+                self._shares_prefill = False
+        return self.model.generate(**batch, num_return_sequences=n, **kwargs)
 
     def close(self) -> None:
         self.model = None

@@ -7,14 +7,17 @@ from typing import Literal
 
 import polars as pl
 
-from ..answers import answers_match
+from ..answers import answers_match, false_calculations, reference_answer, reference_problem
 from ..config import option
-from .base import DROP, RowStep, StepContext
+from ..errors import FactoryError
+from .base import DROP, DROP_DETAIL, RowStep, StepContext
 
 
 @dataclass
 class VerifyConfig:
-    reference: str = option("answer", help="The column with the reference answer.")
+    reference: str = option("answer", help="The column with the reference answer: a bare value (330, B, Paris) or a "
+                                           "worked solution ending in `#### 330`, `\\boxed{330}` or 'The answer "
+                                           "is 330', read with the same extraction as predictions.")
     prediction: str = option("prediction", help="The column with the extracted answer (from `solve` with "
                                                 "`answer_format`).")
     method: Literal["auto", "exact", "numeric", "normalized", "choice"] = option(
@@ -23,14 +26,25 @@ class VerifyConfig:
                      "numeric when both are numbers, else normalized.")
     tolerance: float = option(1e-6, help="Absolute or relative tolerance for numeric answers.", min=0.0)
     output_column: str = option("correct", help="Where the verdict (true/false) goes.")
-    drop_incorrect: bool = option(False, help="Drop incorrect samples (reason `incorrect`) instead of only "
-                                              "labelling them.")
+    drop_incorrect: bool = option(False, help="Drop incorrect samples (reason `incorrect`, or `false_calculation`) "
+                                              "instead of only labelling them.")
+    check_calculations: bool = option(False, help="Also read every calculation the reply writes (`12 + 5 = 17`, "
+                                                  "`4 × 6 = 24`) and count the sample incorrect when one is false, "
+                                                  "so a right answer reached by a wrong sum is not kept.")
+    response: str = option("response", help="The reply whose calculations `check_calculations` reads.")
 
 
 class Verify(RowStep):
     """Labels each sample correct or not by comparing its prediction with the reference.
 
-    Requires: ``answer`` (reference) and ``prediction``.
+    A reference is read like a prediction: ``... #### 18``, ``\\boxed{18}`` and "The answer is 18."
+    give 18; a bare value stays itself. A reference without a value (empty, or no number for
+    ``method: numeric``) stops the run with one line naming the row: it would never match.
+
+    With ``check_calculations``, a sample whose reply writes a false calculation
+    (``10 / 6 = 1``) is incorrect even when its final answer matches.
+
+    Requires: ``answer`` (reference) and ``prediction`` (and ``response`` with ``check_calculations``).
     Produces: ``correct`` (bool).
 
     Example:
@@ -39,19 +53,52 @@ class Verify(RowStep):
 
     name = "verify"
     Config = VerifyConfig
+    version = "2"  # references are read with the prediction's extraction
 
     def requires(self):
-        return [self.config.reference, self.config.prediction]
+        return [self.config.reference, self.config.prediction] + \
+            ([self.config.response] if self.config.check_calculations else [])
 
     def produces(self):
         return [self.config.output_column]
 
     def process(self, batch: pl.DataFrame, ctx: StepContext | None = None) -> pl.DataFrame:
         c = self.config
+        references = reference_answers(batch, c.reference, c.method, self.label)
         correct = [answers_match(p, r, c.method, c.tolerance)
-                   for p, r in zip(batch[c.prediction].cast(pl.String).to_list(),
-                                   batch[c.reference].cast(pl.String).to_list())]
+                   for p, r in zip(batch[c.prediction].cast(pl.String).to_list(), references)]
+        reasons, details = [None if ok else "incorrect" for ok in correct], [None] * batch.height
+        if c.check_calculations:
+            for i, reply in enumerate(batch[c.response].cast(pl.String).to_list()):
+                wrong = false_calculations(reply or "", c.tolerance)
+                if wrong and correct[i]:
+                    correct[i], reasons[i] = False, "false_calculation"
+                if wrong:
+                    details[i] = "false: " + "; ".join(wrong[:3])
         out = batch.with_columns(pl.Series(c.output_column, correct, dtype=pl.Boolean))
-        reason = pl.when(pl.col(c.output_column).not_()).then(pl.lit("incorrect")) if c.drop_incorrect else None
-        return out.with_columns((reason.otherwise(None) if reason is not None
-                                 else pl.lit(None, dtype=pl.String)).cast(pl.String).alias(DROP))
+        if not c.drop_incorrect:
+            return out.with_columns(pl.lit(None, dtype=pl.String).alias(DROP))
+        return out.with_columns(pl.Series(DROP, reasons, dtype=pl.String), pl.Series(DROP_DETAIL, details,
+                                                                                     dtype=pl.String))
+
+
+def reference_answers(batch: pl.DataFrame, column: str, method: str, label: str) -> list[str]:
+    """The batch's references, read as predictions are; a row without a value is a :class:`FactoryError`."""
+    out = []
+    for i, value in enumerate(batch[column].cast(pl.String).to_list()):
+        reference = reference_answer(value, method)
+        if reference is None:
+            shown = "null" if value is None else repr(value)
+            raise FactoryError(f"{label}: {describe_row(batch, i)}: the reference {shown} in column '{column}' "
+                               f"{reference_problem(method)}; fix the reference or remove the row from the source")
+        out.append(reference)
+    return out
+
+
+def describe_row(batch: pl.DataFrame, i: int) -> str:
+    """The row by its ``id`` when it has one, else by its task text, else by its place in the batch."""
+    for column, what in (("id", "row id"), ("instruction", "the row with instruction")):
+        if column in batch.columns and batch[column][i] is not None:
+            text = str(batch[column][i])
+            return f"{what} {(text[:60] + '...') if len(text) > 60 else text!r}"
+    return f"row {i} of a batch of {batch.height}"
