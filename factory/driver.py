@@ -230,6 +230,9 @@ class Driver:
         with self._bar(step, None) as bar:
             ctx = StepContext(llm=session.client() if session else None, progress=bar)
             out = check_output(step, self.executor.run_global(step, table, ctx))
+            if bar.n == 0:  # a step that counts nothing itself has seen every row once
+                bar.total = table.height
+                bar.update(table.height)
         stats.report = ctx.full_report()
         if usage is not None:
             usage.add(ctx.llm.usage)
