@@ -11,6 +11,9 @@ import math
 import re
 import string
 from fractions import Fraction
+from typing import Callable
+
+from .errors import FactoryError
 
 _NUMBER = r"[-−]?\$?\d[\d,]*(?:\.\d+)?(?:\s*/\s*\d+)?|[-−]?\$?\.\d+"
 _NUMBER_RE = re.compile(_NUMBER)
@@ -167,6 +170,20 @@ def reference_problem(method: str) -> str:
     if kind == "choice":
         return "holds no option letter; write the letter (B), or end a worked solution with 'The answer is (B)'"
     return "is empty; write the reference answer"
+
+
+def read_references(values: list, method: str, column: str, where: Callable[[int], str], fix: str) -> list[str]:
+    """Every reference in ``values`` read by :func:`reference_answer`; the first without a value is a
+    :class:`FactoryError` that names it (``where(i)``), the column, the value and ``fix``."""
+    out = []
+    for i, value in enumerate(values):
+        reference = reference_answer(value, method)
+        if reference is None:
+            shown = "null" if value is None else repr(value)
+            raise FactoryError(f"{where(i)}: the reference {shown} in column '{column}' {reference_problem(method)}; "
+                               f"{fix}")
+        out.append(reference)
+    return out
 
 
 def answers_match(prediction: str | None, reference: str | None, method: str = "auto",

@@ -18,7 +18,7 @@ from typing import Literal
 
 import polars as pl
 
-from factory.answers import answer_key, answers_match, reference_answer, reference_problem
+from factory.answers import answer_key, answers_match, read_references
 from factory.config import option
 from factory.errors import FactoryError
 from factory.steps.base import DROP, RAW_REPLY, TRUNCATED, StepContext
@@ -78,17 +78,11 @@ def eval_references(table: pl.DataFrame, answer_column: str, kind: str, source: 
         FactoryError: a reference holds no value (empty, or no number for numeric answers),
             naming the eval file, the line (.jsonl) or row, and the value.
     """
-    references = []
-    for i, value in enumerate(table[answer_column].cast(pl.String).to_list()):
-        reference = reference_answer(value, kind)
-        if reference is None:
-            where = source or "the eval set"
-            place = f"line {i + 1}" if str(source or "").endswith(".jsonl") else f"row {i}"
-            shown = "null" if value is None else repr(value)
-            raise FactoryError(f"{where}, {place}: the reference {shown} in column '{answer_column}' "
-                               f"{reference_problem(kind)}; fix it or remove the item")
-        references.append(reference)
-    return references
+    where = source or "the eval set"
+    jsonl = str(source or "").endswith(".jsonl")
+    return read_references(table[answer_column].cast(pl.String).to_list(), kind, answer_column,
+                           lambda i: f"{where}, " + (f"line {i + 1}" if jsonl else f"row {i}"),
+                           "fix it or remove the item")
 
 
 def accuracy(solve_step, client, table: pl.DataFrame, column: str, answer_column: str, method: str = "auto",

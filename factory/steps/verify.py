@@ -7,9 +7,8 @@ from typing import Literal
 
 import polars as pl
 
-from ..answers import answers_match, false_calculations, reference_answer, reference_problem
+from ..answers import answers_match, false_calculations, read_references
 from ..config import option
-from ..errors import FactoryError
 from .base import DROP, DROP_DETAIL, RowStep, StepContext
 
 
@@ -64,7 +63,9 @@ class Verify(RowStep):
 
     def process(self, batch: pl.DataFrame, ctx: StepContext | None = None) -> pl.DataFrame:
         c = self.config
-        references = reference_answers(batch, c.reference, c.method, self.label)
+        references = read_references(batch[c.reference].cast(pl.String).to_list(), c.method, c.reference,
+                                     lambda i: f"{self.label}: {describe_row(batch, i)}",
+                                     "fix the reference or remove the row from the source")
         correct = [answers_match(p, r, c.method, c.tolerance)
                    for p, r in zip(batch[c.prediction].cast(pl.String).to_list(), references)]
         reasons, details = [None if ok else "incorrect" for ok in correct], [None] * batch.height
@@ -80,19 +81,6 @@ class Verify(RowStep):
             return out.with_columns(pl.lit(None, dtype=pl.String).alias(DROP))
         return out.with_columns(pl.Series(DROP, reasons, dtype=pl.String), pl.Series(DROP_DETAIL, details,
                                                                                      dtype=pl.String))
-
-
-def reference_answers(batch: pl.DataFrame, column: str, method: str, label: str) -> list[str]:
-    """The batch's references, read as predictions are; a row without a value is a :class:`FactoryError`."""
-    out = []
-    for i, value in enumerate(batch[column].cast(pl.String).to_list()):
-        reference = reference_answer(value, method)
-        if reference is None:
-            shown = "null" if value is None else repr(value)
-            raise FactoryError(f"{label}: {describe_row(batch, i)}: the reference {shown} in column '{column}' "
-                               f"{reference_problem(method)}; fix the reference or remove the row from the source")
-        out.append(reference)
-    return out
 
 
 def describe_row(batch: pl.DataFrame, i: int) -> str:
