@@ -36,9 +36,9 @@ def chat_messages(table: pl.DataFrame, output: OutputConfig, task_column: str = 
     return table.with_columns(pl.concat_list(turns).alias("messages"))
 
 
-def finalize(table: pl.DataFrame, output: OutputConfig) -> pl.DataFrame:
-    """Shapes the final table as ``output`` asks."""
-    if output_format(output, table.columns) == "messages" and table.width:
+def finalize(table: pl.DataFrame, output: OutputConfig, written_as: str) -> pl.DataFrame:
+    """Shapes the final table as ``output`` asks, in format ``written_as`` (``output_format`` resolved)."""
+    if written_as == "messages" and table.width:
         table = chat_messages(table, output)
     if output.columns:
         keep = [c for c in output.columns if c in table.columns]
@@ -69,7 +69,7 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, *, cache_dir: str | Path | N
         table = table.with_columns(pl.lit(None, dtype=pl.String).alias(c) for c in recipe.columns_after()
                                    if c not in table.columns)
     written_as = output_format(recipe.output, table.columns)
-    table = finalize(table, recipe.output)
+    table = finalize(table, recipe.output, written_as)
     models = []
     for step in recipe.steps:
         if step.uses_llm:
@@ -128,7 +128,8 @@ def format_examples(table: pl.DataFrame, count: int = 3, width: int = 110) -> st
     """Up to ``count`` rows spread over the table, one line per chat turn or column, cut to ``width``."""
     if count <= 0 or table.height == 0:
         return ""
-    picks = sorted({i * table.height // min(count, table.height) for i in range(min(count, table.height))})
+    shown = min(count, table.height)
+    picks = [i * table.height // shown for i in range(shown)]  # distinct: the step is at least one row
     lines = [f"{len(picks)} of the {table.height} rows:"]
     for n, i in enumerate(picks, 1):
         row = table.row(i, named=True)

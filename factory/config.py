@@ -75,7 +75,7 @@ def build(cls, data: Any, path: tuple, problems: list[Problem], *, exclude: tupl
     known = {f.name: f for f in dataclasses.fields(cls) if f.init}
     before = len(problems)
     aliases = column_aliases(known, hints)
-    _check_column_pairs(data, known, aliases, path, problems)
+    _check_column_pairs(data, known, path, problems)
     values = {}
     for key, value in data.items():
         if key in exclude:
@@ -127,10 +127,9 @@ def _is_list(annotation: Any) -> bool:
     return typing.get_origin(annotation) in (list, tuple)
 
 
-def _check_column_pairs(data: dict, known: dict, aliases: dict, path: tuple, problems: list[Problem]) -> None:
+def _check_column_pairs(data: dict, known: dict, path: tuple, problems: list[Problem]) -> None:
     """``column`` and ``columns`` both given: one of them would be ignored, so neither is guessed."""
-    singles = set(aliases) | {name[:-1] for name in known if name.endswith("columns") and name[:-1] in known}
-    for single in sorted(singles):
+    for single in sorted(name[:-1] for name in known if name.endswith("columns")):
         if single in data and single + "s" in data:
             problems.append(Problem(f"both `{single}` and `{single}s` are given", path=path + (single,),
                                     fix=f"keep one: `{single}: x` for one column, `{single}s: [x, y]` for several"))
