@@ -34,10 +34,26 @@ def frame_digest(frame: pl.DataFrame) -> str:
 
 
 class Cache:
-    """Files under ``root/<namespace>/<key[:2]>/<key>.<ext>``."""
+    """Files under ``root/<namespace>/<key[:2]>/<key>.<ext>``.
+
+    Attributes:
+        keep_each_reply: LLM replies are journaled per round of requests; while this is set (a
+            preview, the passes of a run to ``output.rows``), each is also kept under its own key
+            (:meth:`put_reply`), so that a later round of other rows -- the full run's first batch
+            after a preview's five rows -- finds it (:meth:`get_reply`).
+    """
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
+        self.keep_each_reply = False
+
+    def get_reply(self, key: str):
+        """A reply kept under its own key, or None (cheap when none was ever kept)."""
+        return self.get_json("replies", key) if (self.root / "replies").is_dir() else None
+
+    def put_reply(self, key: str, value) -> None:
+        if self.keep_each_reply:
+            self.put_json("replies", key, value)
 
     def _path(self, namespace: str, key: str, ext: str) -> Path:
         return self.root / namespace / key[:2] / f"{key}.{ext}"

@@ -26,6 +26,8 @@ examples:
   factory validate recipes/quickstart.yaml
   factory run recipes/quickstart.yaml --out out
   factory run recipes/quickstart.yaml --set source.num_rows=8
+  factory preview recipes/quickstart.yaml --limit 5
+  factory run recipes/quickstart.yaml --set output.rows=20
   factory inspect out/quickstart/v1 --plot quickstart.png
   factory export out/quickstart/v1 --format trl-sft --out exports/qs
   factory push out/quickstart/v1 --repo my-org/quickstart --dry-run
@@ -58,18 +60,42 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run a recipe and write a new dataset version",
                          description="Run RECIPE and write OUT/<name>/v<N>. Finished batches are cached, so "
                                      "re-running the same command after a crash resumes. The last line printed "
-                                     "is the version folder.")
+                                     "is the version folder. A recipe with `output: {rows: N}` reads more and "
+                                     "more of its source until N rows survive every step (one line per pass), "
+                                     "and warns when the source or output.max_candidates runs out first. The "
+                                     "summary ends with the LLM tokens per step and per model, and their cost "
+                                     "when the recipe has `prices:`. With --limit N: a preview (see `factory "
+                                     "preview`), nothing written.")
     run.add_argument("recipe", help="the recipe YAML file")
     run.add_argument("--out", default="out", help="output folder (default: out)")
     _add_set(run)
-    run.add_argument("--cache-dir", default=None, help="cache folder (default: OUT/.cache)")
-    run.add_argument("--no-cache", action="store_true", help="neither read nor write the cache")
+    _add_cache(run)
     run.add_argument("--parent", default=None, help="record this version folder as the parent in the manifest")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
     run.add_argument("--examples", type=int, default=3, metavar="N",
                      help="rows of the new version shown after the summary (default: 3; 0 shows none)")
+    run.add_argument("--limit", type=_positive, default=None, metavar="N",
+                     help="preview: run on the first N source rows only, print the rows and the drops per step, "
+                          "write no version (the same as `factory preview RECIPE --limit N`)")
     _add_executor(run)
     run.set_defaults(func=cmd_run)
+
+    preview = sub.add_parser("preview", help="run a recipe on its first rows and show them; write nothing",
+                             description="Run RECIPE on the first N rows of its source (a generator makes only N) "
+                                         "and print the rows that survive (up to 20) and, per step, rows in, rows "
+                                         "out and the drops by reason. No version is written. The cache is the "
+                                         "run's (OUT/.cache unless --cache-dir), so `factory run` afterwards "
+                                         "reuses the preview's LLM replies. `output.rows` is not applied.")
+    preview.add_argument("recipe", help="the recipe YAML file")
+    preview.add_argument("--limit", type=_positive, default=5, metavar="N",
+                         help="source rows to run on (default: 5)")
+    preview.add_argument("--out", default="out", help="the output folder whose cache a later run uses "
+                                                      "(default: out; nothing else is written there)")
+    _add_set(preview)
+    _add_cache(preview)
+    preview.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_executor(preview)
+    preview.set_defaults(func=cmd_preview)
 
     validate = sub.add_parser("validate", help="check a recipe without running it",
                               description="Check RECIPE (YAML, keys, types, files, columns) without loading any "
@@ -193,6 +219,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number of rows, got '{text}'") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected at least 1 row, got {value}")
+    return value
+
+
+def _add_cache(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--cache-dir", default=None, help="cache folder (default: OUT/.cache)")
+    parser.add_argument("--no-cache", action="store_true", help="neither read nor write the cache")
+
+
 def _add_executor(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--executor", choices=["local", "ray"], default="local",
                         help="local (this process, the default) or ray (Ray Data on a local or remote cluster)")
@@ -232,23 +273,42 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def _cache_dir(args):
+    from pathlib import Path
+
+    return args.cache_dir or Path(args.out) / ".cache"
+
+
 def cmd_run(args) -> int:
-    from .build import format_examples, format_summary, run_recipe
+    from .build import format_examples, format_summary, run_recipe, target_warning
     from .recipe import load_recipe
     from .store import read_version
 
-    from pathlib import Path
-
+    if args.limit is not None:
+        return cmd_preview(args)
     recipe = load_recipe(args.recipe, args.overrides)
-    driver = make_driver(args, args.cache_dir or Path(args.out) / ".cache", use_cache=not args.no_cache,
-                         progress=not args.quiet)
+    driver = make_driver(args, _cache_dir(args), use_cache=not args.no_cache, progress=not args.quiet)
     version_dir, manifest, _ = run_recipe(recipe, args.out, driver=driver, parent=args.parent)
     print(format_summary(manifest))
     if manifest["rows"] and args.examples > 0:
         print(format_examples(read_version(version_dir), args.examples))
-    if manifest["rows"] == 0:
+    warning = target_warning(manifest)
+    if warning:
+        print(warning, file=sys.stderr)
+    elif manifest["rows"] == 0:
         print("warning: the version has no rows; see rejected/ and `factory inspect` for why", file=sys.stderr)
     print(version_dir)
+    return 0
+
+
+def cmd_preview(args) -> int:
+    from .build import format_preview, preview_recipe
+    from .recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    driver = make_driver(args, _cache_dir(args), use_cache=not args.no_cache, progress=not args.quiet)
+    table, result = preview_recipe(recipe, driver, args.limit)
+    print(format_preview(recipe, table, result, args.limit, None if args.no_cache else str(_cache_dir(args))))
     return 0
 
 

@@ -11,19 +11,30 @@ rejected table with the step and the reason.
 The executor (:mod:`factory.executors`) decides where the work runs: in this process, or
 on a Ray cluster. It never looks inside a step or a backend; everything it runs goes
 through :func:`factory.executors.base.run_batch` and the step's own ``process``.
+
+Two runs read only a prefix of the source: a preview (:meth:`Driver.run` with ``limit``) and
+a run that must make exactly ``output.rows`` rows (:meth:`Driver.run_to_target`), which walks
+the whole recipe on a growing prefix until enough rows survive -- global steps (dedup, majority
+votes) still see the whole table. Both keep each LLM reply under its own key too
+(``Cache.keep_each_reply``), so the next pass, or the full run after a preview, sends only the
+requests that were never answered.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import math
 import sys
+import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import polars as pl
 
 from .cache import Cache, NullCache, frame_digest
-from .errors import BackendError
+from .errors import BackendError, FactoryError
 from .executors.base import Executor, check_output
 from .executors.local import LocalExecutor
 from .llm import create_backend
@@ -51,6 +62,7 @@ class StepStats:
     llm: dict | None = None
     report: dict = field(default_factory=dict)
     truncation: dict | None = None  # replies cut at max_tokens (see :func:`truncation_facts`)
+    acceptance: float | None = None  # rows out / rows in (above 1 for a step that makes several rows of one)
 
     @property
     def label(self) -> str:
@@ -68,6 +80,7 @@ class RunResult:
     seconds: float
     source_rows: int = 0  # rows the source gave the first step
     source_dropped: dict[str, int] = field(default_factory=dict)  # rows set aside while reading
+    target: dict | None = None  # how a run to `output.rows` went (see :meth:`Driver.run_to_target`)
 
 
 def split_dropped(frame: pl.DataFrame, label: str) -> tuple[pl.DataFrame, pl.DataFrame]:
@@ -111,8 +124,116 @@ class Driver:
             if step.uses_llm:
                 self.backends.get(step.llm_config).check()
 
-    def run(self, recipe, table: pl.DataFrame | None = None) -> RunResult:
-        """Runs all steps of ``recipe`` on ``table`` (default: the recipe's source)."""
+    def run(self, recipe, table: pl.DataFrame | None = None, *, limit: int | None = None) -> RunResult:
+        """Runs all steps of ``recipe`` on ``table`` (default: the recipe's source).
+
+        Args:
+            limit: read only the source's first ``limit`` rows (a preview). The replies are kept
+                one by one as well, so that the full run afterwards reuses them.
+        """
+        if limit is not None and recipe.source is not None and table is None:
+            recipe = dataclasses.replace(recipe, source=recipe.source.first(limit))
+        with self._open(), self._keeping_replies(limit is not None):
+            return self._walk(recipe, table)
+
+    def run_to_target(self, recipe, rows: int, max_candidates: int,
+                      on_pass: Callable[[str], None] | None = None) -> RunResult:
+        """Runs ``recipe`` on a growing prefix of its source until ``rows`` rows survive every step,
+        or ``max_candidates`` source rows were used, or the source ran out.
+
+        Each pass walks the whole recipe on the first k source rows, so global steps see the
+        whole table; what earlier passes computed comes back from the cache. After a pass that
+        kept ``kept`` of ``k`` candidates, the next reads ``k + ceil((rows - kept) / (kept / k) * 1.2)``
+        (twice as many when none was kept), at most ``max_candidates``. Of more than ``rows``
+        survivors the first ``rows`` (in source order) are kept; the others (the surplus) are
+        neither written nor rejected.
+
+        The result's steps are the last pass's, with each step's LLM usage and seconds summed
+        over all passes (tokens are what was sent to the backend, so a cached reply counts once);
+        its ``target`` says how it went: ``rows``, ``max_candidates``, ``candidates`` (source rows
+        fed into the steps in the last pass), ``passes``, ``reached``, ``surplus``, ``stopped``
+        (``reached``, ``max_candidates`` or ``source_exhausted``) and the ``history`` of passes.
+        """
+        if recipe.source is None:
+            raise FactoryError(f"{recipe.file}: output.rows reads the source until {rows} rows survive, and the "
+                               "recipe has no `source:`; add one, or remove output.rows")
+        say = on_pass or (lambda line: None)
+        began = time.perf_counter()
+        k = min(rows, max_candidates)
+        history: list[dict] = []
+        usage: dict[int, Usage] = {}
+        seconds: dict[int, float] = {}
+        with self._open(), self._cache_for_passes(), self._keeping_replies(True):
+            while True:
+                # A generator source makes rows past its num_rows: output.rows decides how many.
+                result = self._walk(dataclasses.replace(recipe, source=recipe.source.first(k, grow=True)))
+                for stats in result.steps:
+                    seconds[stats.index] = seconds.get(stats.index, 0.0) + stats.seconds
+                    if stats.llm is not None:
+                        usage.setdefault(stats.index, Usage()).add(
+                            {name: stats.llm[name] for name in USAGE_FIELDS if name in stats.llm})
+                kept, candidates = result.table.height, result.source_rows
+                history.append({"candidates": candidates, "rows": kept})
+                say(f"pass {len(history)}: {candidates} candidates -> {min(kept, rows)} rows of {rows}"
+                    + (f" (+{kept - rows} surplus)" if kept > rows else ""))
+                if kept >= rows:
+                    stopped = "reached"
+                elif candidates < k:  # the source gave fewer rows than asked for: it has no more
+                    stopped = "source_exhausted"
+                elif k >= max_candidates:
+                    stopped = "max_candidates"
+                else:
+                    k = min(max_candidates, next_candidates(k, kept, rows, candidates))
+                    continue
+                break
+        for stats in result.steps:
+            stats.seconds = round(seconds[stats.index], 3)
+            if stats.index in usage:
+                stats.llm.update(usage[stats.index].to_json())
+        surplus = max(0, result.table.height - rows)
+        result.table = result.table.head(rows)
+        result.seconds = round(time.perf_counter() - began, 3)
+        result.target = {"rows": rows, "max_candidates": max_candidates, "candidates": candidates,
+                         "passes": len(history), "reached": stopped == "reached", "surplus": surplus,
+                         "stopped": stopped, "history": history}
+        return result
+
+    @contextlib.contextmanager
+    def _cache_for_passes(self):
+        """The passes of a run to ``output.rows`` need a cache even without one (``--no-cache``), or
+        each pass would ask the model again for every row of the one before: a temporary one then."""
+        if not isinstance(self.cache, NullCache):
+            yield
+            return
+        before = self.cache
+        with tempfile.TemporaryDirectory(prefix="factory-passes-") as folder:
+            self.cache = Cache(folder)
+            try:
+                yield
+            finally:
+                self.cache = before
+
+    @contextlib.contextmanager
+    def _keeping_replies(self, on: bool):
+        """Keeps each LLM reply under its own key too while inside (``Cache.keep_each_reply``)."""
+        before = self.cache.keep_each_reply
+        self.cache.keep_each_reply = before or on
+        try:
+            yield
+        finally:
+            self.cache.keep_each_reply = before
+
+    @contextlib.contextmanager
+    def _open(self):
+        """The executor joined and the backends open for a run, or for every pass of one."""
+        try:
+            with self.executor:
+                yield
+        finally:
+            self.backends.close()
+
+    def _walk(self, recipe, table: pl.DataFrame | None = None) -> RunResult:
+        """One walk over the steps (inside :meth:`_open`)."""
         start = time.perf_counter()
         rejected_parts: list[pl.DataFrame] = []
         if table is None:
@@ -122,40 +243,39 @@ class Driver:
         source_rows = table.height
         source_dropped = (dict(rejected_parts[0]["drop_reason"].value_counts().iter_rows()) if rejected_parts else {})
         all_stats: list[StepStats] = []
-        try:
-            with self.executor:
-                for step in recipe.steps:
-                    stats = StepStats(step.index, step.name, step.kind, rows_in=table.height)
-                    session = LLMSession(step.llm_config, self.cache, recipe.seed, self.backends) \
-                        if step.uses_llm else None
-                    usage = Usage() if session else None
-                    began = time.perf_counter()
-                    if step.kind == "global":
-                        out = self._run_global(step, table, stats, session, usage)
-                        kept, dropped = split_dropped(out, stats.label)
-                    else:
-                        kept, dropped = self._run_rows(step, table, stats, session, usage, recipe.header)
-                    kept = with_columns_of(step, table, kept)
-                    stats.rows_out = kept.height
-                    stats.dropped = dict(sorted(dropped["drop_reason"].value_counts().iter_rows())) \
-                        if dropped.height else {}
-                    stats.seconds = round(time.perf_counter() - began, 3)
-                    if session is not None:
-                        stats.llm = {**session.describe(), **usage.to_json()}
-                        stats.truncation = truncation_facts(step, stats)
-                    all_stats.append(stats)
-                    if dropped.height:
-                        rejected_parts.append(dropped)
-                    table = kept
-        finally:
-            self.backends.close()
+        for step in recipe.steps:
+            stats = StepStats(step.index, step.name, step.kind, rows_in=table.height)
+            session = LLMSession(step.llm_config, self.cache, recipe.seed, self.backends) if step.uses_llm else None
+            usage = Usage() if session else None
+            began = time.perf_counter()
+            if step.kind == "global":
+                out = self._run_global(step, table, stats, session, usage)
+                kept, dropped = split_dropped(out, stats.label)
+            else:
+                kept, dropped = self._run_rows(step, table, stats, session, usage, recipe.header)
+            kept = with_columns_of(step, table, kept)
+            stats.rows_out = kept.height
+            stats.acceptance = round(kept.height / table.height, 4) if table.height else None
+            stats.dropped = dict(sorted(dropped["drop_reason"].value_counts().iter_rows())) if dropped.height else {}
+            stats.seconds = round(time.perf_counter() - began, 3)
+            if session is not None:
+                stats.llm = {**session.describe(), **usage.to_json()}
+                stats.truncation = truncation_facts(step, stats)
+            all_stats.append(stats)
+            if dropped.height:
+                rejected_parts.append(dropped)
+            table = kept
         rejected = pl.concat(rejected_parts, how="diagonal_relaxed") if rejected_parts else pl.DataFrame(
             schema={"drop_reason": pl.String, "drop_step": pl.String})
         return RunResult(table, rejected, all_stats, round(time.perf_counter() - start, 3), source_rows,
                          source_dropped)
 
     def _step_key(self, step, session: LLMSession | None) -> str:
-        return fingerprint([step.fingerprint(), session.model_id if session else None])
+        # A step that asks for JSON where the backend enforces a schema (and prefills otherwise)
+        # computes something else on each: the backend's capability is part of its identity.
+        structured = session.enforces_schema if session and getattr(step, "structured_output", False) else None
+        return fingerprint([step.fingerprint(), session.model_id if session else None]
+                           + ([structured] if structured is not None else []))
 
     def _bar(self, step, total: int | None):
         from tqdm.auto import tqdm
@@ -246,6 +366,20 @@ class Driver:
             self.cache.put_frame("steps", key, out)
         note_kept_cut(stats, count_kept_cut(out))
         return out
+
+
+USAGE_FIELDS = tuple(f.name for f in dataclasses.fields(Usage))
+GROWTH_MARGIN = 1.2  # a pass of output.rows reads 20% more candidates than the acceptance so far says it needs
+
+
+def next_candidates(k: int, kept: int, rows: int, candidates: int) -> int:
+    """How many source rows the next pass of ``output.rows`` reads, after a pass that kept ``kept``
+    rows of ``candidates``: enough for the rows still missing at the acceptance seen so far, with a
+    margin; twice as many when nothing was kept; always more than ``k``."""
+    if kept == 0:
+        return 2 * k
+    rate = kept / max(candidates, 1)
+    return max(k + 1, k + math.ceil((rows - kept) / rate * GROWTH_MARGIN))
 
 
 def count_kept_cut(frame: pl.DataFrame) -> int:

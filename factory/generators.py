@@ -3,6 +3,10 @@
 ``arithmetic``: multi-step arithmetic word problems with exact integer answers, for
 verifiable self-improvement. Problems are assigned to the ``train`` or ``eval`` split by a
 hash of their text, so the two splits never share a problem whatever seeds are used.
+
+Generators are prefix-stable: the first k rows are the same whatever ``num_rows`` is (rows
+come one by one from a seeded stream and ``num_rows`` only says when to stop), so a run on
+the first k rows (a preview, a pass of ``output.rows``) sees the rows a longer run starts with.
 """
 
 from __future__ import annotations

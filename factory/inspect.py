@@ -8,7 +8,7 @@ from pathlib import Path
 
 import polars as pl
 
-from .store import read_manifest, read_version, truncation_lines
+from .store import read_manifest, read_version, target_card_lines, truncation_lines
 
 
 def length_stats(table: pl.DataFrame) -> list[dict]:
@@ -123,7 +123,11 @@ def summarize(version_dir: str | Path, examples: int = 3, tokenizer=None) -> dic
         "rejected_rows": rejected.height,
         "columns": {c: str(t) for c, t in table.schema.items()},
         "steps": [{**{k: s[k] for k in ("index", "name", "rows_in", "rows_out", "dropped", "seconds")},
-                   "truncation": s.get("truncation")} for s in manifest.get("steps", [])],
+                   "acceptance": s.get("acceptance"), "truncation": s.get("truncation")}
+                  for s in manifest.get("steps", [])],
+        "target_rows": manifest.get("target_rows"),
+        "usage": manifest.get("usage") or {},
+        "cost_usd": manifest.get("cost_usd"),
         "drop_reasons": (dict(rejected.group_by("drop_step", "drop_reason").len()
                               .sort("drop_step", "drop_reason")
                               .select(pl.format("{} {}", "drop_step", "drop_reason"), "len").iter_rows())
@@ -160,6 +164,11 @@ def render(info: dict, width: int = 100) -> str:
             out.append(f"{'[' + str(s['index']) + '] ' + s['name']:<24} {s['rows_in']:>7} {s['rows_out']:>7} "
                        f"{s['seconds']:>7.1f}  {dropped}")
         out += truncation_lines(info["steps"])
+    out += [line[2:] for line in target_card_lines(info.get("target_rows"))]
+    for key, u in (info.get("usage") or {}).items():
+        cost = f", ${u['cost_usd']:.4f}" if "cost_usd" in u else ""
+        out.append(f"llm {key}: {u['prompt_tokens']} tokens in, {u['completion_tokens']} out, "
+                   f"{u['conversations']} requests ({u['cached_conversations']} from the cache){cost}")
     out += _length_table("length (chars)", info["lengths"], [("min", 7), ("median", 7), ("mean", 9), ("max", 7),
                                                              ("words", 7)])
     out += _length_table("length (tokens)", info.get("tokens"), [("min", 7), ("median", 7), ("mean", 9), ("p95", 7),

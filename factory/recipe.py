@@ -70,6 +70,46 @@ class OutputConfig:
     shard_rows: int = option(100_000, help="Rows per parquet shard.", min=1)
     license: str = option("other", help="License in the dataset card (an SPDX id such as apache-2.0).")
     tags: list[str] = option(default_factory=list, help="Extra tags for the dataset card.")
+    rows: int | None = option(None, help="Make exactly this many rows: the run reads more and more of the source "
+                                         "(the first k rows, k grown from the share that survived so far) until "
+                                         "this many survive every step, keeps the first `rows` of them and writes "
+                                         "what it got, with a warning, when the source or `max_candidates` runs "
+                                         "out first. A generator source makes rows past its `num_rows` as needed.",
+                              min=1)
+    max_candidates: int | None = option(None, help="With `rows`: the most source rows fed into the steps before "
+                                                   "the run gives up on reaching `rows` (default: 10 x rows).",
+                                        min=1)
+
+    def __post_init__(self):
+        if self.rows is not None and self.max_candidates is None:
+            self.max_candidates = CANDIDATES_PER_ROW * self.rows
+
+    def validate(self):
+        if self.rows is None and self.max_candidates is not None:
+            return [("`max_candidates` caps the candidates of `rows`, which is not set", "max_candidates",
+                     "add `rows: N` (the rows to make), or remove `max_candidates`")]
+        if self.rows is not None and self.max_candidates < self.rows:
+            return [(f"max_candidates {self.max_candidates} is below rows {self.rows}: the run could never reach "
+                     "them", "max_candidates", f"set it to at least {self.rows} (default: 10 x rows)")]
+        return []
+
+    def resolved(self) -> dict:
+        """As plain data; ``rows`` and ``max_candidates`` only when set (older recipes keep their hash)."""
+        data = to_dict(self)
+        if self.rows is None:
+            del data["rows"], data["max_candidates"]
+        return data
+
+
+CANDIDATES_PER_ROW = 10  # the default max_candidates of `output.rows`
+
+
+@dataclass
+class Price:
+    """What a model costs, in US dollars per million tokens (``prices: {MODEL: {input, output}}``)."""
+
+    input: float = option(help="USD per 1M tokens sent to the model (the prompt).", min=0.0)
+    output: float = option(help="USD per 1M tokens the model generates (the reply).", min=0.0)
 
 
 def can_write_messages(columns) -> bool:
@@ -86,7 +126,7 @@ def output_format(output: OutputConfig, columns) -> str:
 
 
 TOP_LEVEL = ("name", "description", "seed", "batch_size", "max_failure_rate", "llm", "source", "steps", "output",
-             "evolve")
+             "prices", "evolve")
 
 
 @dataclass
@@ -102,6 +142,7 @@ class Recipe:
     base_dir: Path = field(default_factory=Path.cwd)
     overrides: list[str] = field(default_factory=list)
     evolve: EvolveConfig | None = None  # the `evolve:` section, when the recipe has one
+    prices: dict[str, Price] = field(default_factory=dict)  # model name -> price (the `prices:` section)
 
     @property
     def name(self) -> str:
@@ -125,7 +166,8 @@ class Recipe:
             "source": ({**to_dict(self.source.config), **(to_dict(self.source.generator_config) or {})}
                        if self.source else None),
             "steps": steps,
-            "output": to_dict(self.output),
+            "output": self.output.resolved(),
+            **({"prices": to_dict(self.prices)} if self.prices else {}),
             **({"evolve": to_dict(self.evolve)} if self.evolve is not None else {}),
         }
 
@@ -144,12 +186,22 @@ class Recipe:
             raise RecipeError(problems)
         return dataclasses.replace(self, llm=llm, steps=steps)
 
+    def models(self) -> list[str]:
+        """The model names the recipe's LLM steps use (what ``prices`` is keyed by), in step order."""
+        return models_of(self.steps)
+
     def columns_after(self) -> list[str]:
         """Columns present after the last step (source columns plus what steps produce)."""
         columns = list(self.source.columns()) if self.source else []
         for step in self.steps:
             columns = step.columns_after(columns)
         return columns
+
+
+def models_of(steps: list[Step]) -> list[str]:
+    """The model names (the ``model`` of each LLM step's llm config) the steps use, in step order."""
+    return list(dict.fromkeys(str(getattr(step.llm_config, "model", step.llm_config.backend))
+                              for step in steps if step.uses_llm and step.llm_config is not None))
 
 
 # -- YAML with line numbers ------------------------------------------------------------
@@ -335,7 +387,7 @@ def _validate(data: dict, problems: list[Problem], base_dir: Path) -> Recipe | N
         if key not in TOP_LEVEL:
             problems.append(Problem(f"unknown top-level key '{key}'", path=(key,), fix=suggest(key, TOP_LEVEL)))
     header = build(RecipeHeader, {k: v for k, v in data.items() if k in TOP_LEVEL}, (), problems,
-                   exclude=("llm", "source", "steps", "output", "evolve"))
+                   exclude=("llm", "source", "steps", "output", "prices", "evolve"))
 
     llm_data = data.get("llm") if data.get("llm") is not None else dict(DEFAULT_LLM)
     llm = build_llm_config(llm_data, ("llm",), problems)
@@ -350,6 +402,12 @@ def _validate(data: dict, problems: list[Problem], base_dir: Path) -> Recipe | N
         source_ok = True
 
     output = build(OutputConfig, data.get("output"), ("output",), problems)
+    if output is not None and output.rows is not None and data.get("source") is None:
+        problems.append(Problem("`rows` reads the source until that many rows survive, and the recipe has no "
+                                "`source:`", path=("output", "rows"),
+                                fix="add a `source:` (a file, or e.g. `{generator: arithmetic}`), or remove `rows` "
+                                    "and size the run with the steps' own options (e.g. num_tasks)"))
+    prices = _build_prices(data.get("prices"), problems)
 
     steps_data = data.get("steps")
     steps: list[Step] = []
@@ -374,13 +432,47 @@ def _validate(data: dict, problems: list[Problem], base_dir: Path) -> Recipe | N
     evolve = None
     if data.get("evolve") is not None:
         evolve = build_evolve(data["evolve"], ("evolve",), problems, llm)
-    if header is None or llm is None or output is None or not steps_ok or not source_ok:
+    if steps_ok and isinstance(data.get("prices"), dict):
+        _check_prices(data["prices"], models_of(steps), problems)
+    if header is None or llm is None or output is None or not steps_ok or not source_ok or prices is None:
         return None
     if data.get("evolve") is not None and evolve is None:
         return None
-    recipe = Recipe(header, llm, source, steps, output, base_dir=base_dir, evolve=evolve)
+    recipe = Recipe(header, llm, source, steps, output, base_dir=base_dir, evolve=evolve, prices=prices)
     _check_columns(recipe, problems)
     return recipe if not problems else None
+
+
+def _build_prices(data: Any, problems: list[Problem]) -> dict[str, Price] | None:
+    """Validates ``prices: {MODEL: {input: USD, output: USD}}`` (per million tokens)."""
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        problems.append(Problem("`prices` must map model names to prices", path=("prices",),
+                                fix="write e.g. `prices: {gpt-4o-mini: {input: 0.15, output: 0.6}}` (USD per "
+                                    "million tokens)"))
+        return None
+    prices, before = {}, len(problems)
+    for model, price in data.items():
+        built = build(Price, price, ("prices", str(model)), problems)
+        if built is not None:
+            prices[str(model)] = built
+    return prices if len(problems) == before else None
+
+
+def _check_prices(prices: dict, used: list[str], problems: list[Problem]) -> None:
+    """A priced model must be one a step uses: a misspelt name would price nothing, silently."""
+    for model in map(str, prices):
+        if model in used:
+            continue
+        if not used:
+            problems.append(Problem(f"price for model '{model}', and no step of the recipe uses a model",
+                                    path=("prices", model), fix="remove `prices`"))
+        else:
+            problems.append(Problem(f"price for model '{model}', which no step uses (models in use: "
+                                    f"{', '.join(used)})", path=("prices", model),
+                                    fix=(f"did you mean '{match}'?" if (match := closest(model, used))
+                                         else "price a model in use (the `model` of a step's llm), or remove it")))
 
 
 def _build_step(i: int, item: Any, llm_data: dict | None, problems: list[Problem], seed: int,

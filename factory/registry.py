@@ -25,6 +25,8 @@ STEPS: dict[str, str] = {
     "chunk": "factory.steps.grounded.chunk:Chunk",
     "grounded_questions": "factory.steps.grounded.grounded_questions:GroundedQuestions",
     "grounded_answer": "factory.steps.grounded.grounded_answer:GroundedAnswer",
+    # your own prompt (text or typed columns)
+    "generate": "factory.steps.generate:Generate",
     # solving and verifying
     "solve": "factory.steps.solve:Solve",
     "verify": "factory.steps.verify:Verify",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,6 +87,22 @@ class Source:
             where = self.resolved_path or f"generator {self.config.generator}"
             raise FactoryError(f"source {where} has no rows; point `source:` at a file with data")
         return frame
+
+    def first(self, rows: int, *, grow: bool = False) -> "Source":
+        """A copy of this source that reads only its first ``rows`` rows (a preview, a pass of
+        ``output.rows``). A generator makes only those; with ``grow`` it makes them even past its
+        own ``num_rows`` (``output.rows`` keeps it going until enough rows survive). Generators are
+        prefix-stable (the first k rows are the same whatever ``num_rows`` is), so a longer prefix
+        repeats a shorter one and the reply cache answers its rows again."""
+        limit = rows if self.config.limit is None else min(rows, self.config.limit)
+        generator_config = self.generator_config
+        if generator_config is not None and hasattr(generator_config, "num_rows"):
+            made = rows if grow else min(rows, generator_config.num_rows)
+            if self.config.limit is not None:
+                made = min(made, self.config.limit)
+            generator_config = dataclasses.replace(generator_config, num_rows=made)
+        return dataclasses.replace(self, config=dataclasses.replace(self.config, limit=limit),
+                                   generator_config=generator_config, rejected=None)
 
     def parent_version(self) -> str | None:
         """The factory version folder this source was read from, if it is one."""

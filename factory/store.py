@@ -181,6 +181,8 @@ def dataset_card(manifest: dict, table: pl.DataFrame, configs: list[dict] | None
         f"- Source: {json.dumps(manifest.get('source'))}",
         f"- Models: {', '.join(sorted({m['model_id'] for m in manifest.get('models', [])})) or 'none'}",
         f"- Rows: {manifest['rows']} kept, {manifest['rejected_rows']} dropped (in `rejected/`)",
+        *target_card_lines(manifest.get("target_rows")),
+        *usage_card_lines(manifest.get("usage")),
         f"- Created: {manifest['created_at']} with dataset-factory {manifest['code_version'].get('factory')}",
         "", "| step | rows in | rows out | dropped | seconds |", "|---|---|---|---|---|",
     ]
@@ -199,6 +201,25 @@ def dataset_card(manifest: dict, table: pl.DataFrame, configs: list[dict] | None
                          'split="train")'),
               "```", "", "## Recipe", "", "```yaml", yaml.safe_dump(recipe, sort_keys=False).rstrip(), "```", ""]
     return "\n".join(lines)
+
+
+def target_card_lines(target: dict | None) -> list[str]:
+    """The card's line on ``output.rows``: asked, reached or not, from how many candidates."""
+    if not target:
+        return []
+    how = "reached" if target["reached"] else f"not reached: {target['stopped'].replace('_', ' ')}"
+    passes = f"{target['passes']} pass" + ("es" if target["passes"] != 1 else "")
+    return [f"- Target: {target['rows']} rows ({how}) from {target['candidates']} candidate source rows in {passes}; "
+            f"{target['surplus']} surplus rows cut"]
+
+
+def usage_card_lines(usage: dict | None) -> list[str]:
+    """The card's line on LLM usage: tokens per model (sent to the backend), cost when priced."""
+    if not usage:
+        return []
+    parts = [f"`{key}` {u['prompt_tokens']} tokens in, {u['completion_tokens']} out"
+             + (f" (${u['cost_usd']:.4f})" if "cost_usd" in u else "") for key, u in usage.items()]
+    return [f"- LLM usage: {'; '.join(parts)}"]
 
 
 def truncation_lines(steps: list[dict]) -> list[str]:

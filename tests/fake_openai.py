@@ -11,8 +11,9 @@ words with finish reason ``length``; ``latency`` seconds are added to every requ
 
 Like real servers it can be strict (``accepts``: the only fields it takes; others get
 ``transformers serve``'s 422), ignore ``n`` (``honours_n=False``) and know only some models
-(``models``: others get vLLM's 404). The backend's probes before a run go to ``probes``,
-not ``requests``.
+(``models``: others get vLLM's 404), and hold replies to a JSON Schema sent in one of
+``schema_fields`` (the probe of such a field gets ``{"ok": true}``). The backend's probes
+before a run go to ``probes``, not ``requests``.
 """
 
 from __future__ import annotations
@@ -53,8 +54,10 @@ class _Server(ThreadingHTTPServer):
 
 class FakeOpenAI:
     def __init__(self, reply_fn=echo, fault_fn=None, latency: float = 0.0, slow_seconds: float = 1.5,
-                 accepts: set | None = None, honours_n: bool = True, models: list[str] | None = None):
+                 accepts: set | None = None, honours_n: bool = True, models: list[str] | None = None,
+                 schema_fields: set | None = None):
         self.accepts = accepts
+        self.schema_fields = schema_fields or set()
         self.honours_n = honours_n
         self.models = models
         self.probes: list[dict] = []
@@ -121,8 +124,10 @@ class FakeOpenAI:
                     with server.lock:
                         server.probes.append(payload)
                     n = int(payload.get("n", 1)) if server.honours_n else 1
+                    held = server.schema_fields & set(payload)
                     self._send(200, json.dumps({"choices": [{"index": i, "message": {"role": "assistant",
-                                                "content": "O"}, "finish_reason": "length"} for i in range(n)]})
+                                                "content": '{"ok": true}' if held else "O"},
+                                                "finish_reason": "length"} for i in range(n)]})
                                .encode())
                     return
                 with server.lock:

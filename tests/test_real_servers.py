@@ -118,3 +118,36 @@ def test_the_servers_finish_reason_tells_a_cut_reply(transformers_serve):
         backend.close()
     assert cut.finish_reasons == ["length"] and cut.completion_tokens == 4
     assert whole.finish_reasons == ["stop"] and whole.completion_tokens < 200
+
+
+@pytest.mark.timeout(600)
+def test_a_json_schema_on_transformers_serve_is_held_or_checked_and_reasked(transformers_serve):
+    """Whatever the server does with `response_format` (hold replies to it, ignore it or refuse
+    it), the backend finds out before the run, and what reaches a step is valid JSON or a reply
+    that was sent back to be fixed."""
+    import json as _json
+
+    from factory.llm import OpenAIBackend, OpenAIConfig
+    from factory.llm.base import GenerationParams, Request
+    from factory.llm.requests import LLMClient
+    from factory.llm.schema import describe, problems, schema_text, to_json_schema, valid
+
+    base_url, folder = transformers_serve
+    schema = to_json_schema({"answer": ["yes", "no"], "reason": "str"})
+    backend = OpenAIBackend(OpenAIConfig(base_url=base_url, model=str(folder), timeout=120))
+    client = LLMClient(backend)
+    try:
+        ask = [{"role": "user", "content": f"Is the sea salty?\n\n{describe(schema)}"}]
+        [c] = client.ask([Request(ask, GenerationParams(max_tokens=64, json_schema=schema_text(schema)))])
+    finally:
+        backend.close()
+    server = backend.describe()["server"]
+    assert server["probed"] and server["json_schema"] in (None, "response_format"), server
+    if server["json_schema"]:
+        assert client.usage.reasks == 0 and c.finish_reasons == ["stop"]
+        assert not problems(_json.loads(c.texts[0]), schema), c.texts
+    else:  # checked after the fact: a reply that does not match is sent back, twice at most
+        assert c.error is None
+        final_ok = valid(c.texts[0], schema)
+        assert client.usage.reasks == 2 if not final_ok else client.usage.reasks <= 2
+    print(f"transformers serve: json_schema={server['json_schema']}, reasks={client.usage.reasks}, reply={c.texts}")

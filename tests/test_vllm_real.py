@@ -23,8 +23,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from factory.llm import GenerationParams
+from factory.llm import GenerationParams, OpenAIBackend, OpenAIConfig
 from factory.llm.base import Request
+from factory.llm.schema import problems, schema_text, to_json_schema
 from factory.llm.vllm_backend import VLLMBackend, VLLMConfig, vllm_available
 
 from .conftest import ROOT, SEEDS
@@ -134,6 +135,16 @@ class TestOfflineBackend:
         assert set(replies) <= {"yes", "no"}, replies
         [free] = ask(backend, [QUESTION], max_tokens=8)
         assert free.texts[0] not in {"yes", "no"}  # the model alone says more than that
+
+    def test_json_schema_holds_every_reply(self, backend):
+        schema = to_json_schema({"answer": ["yes", "no"], "confidence": "int", "reasons": "list[str]"})
+        requests = [Request(QUESTION, GenerationParams(temperature=1.0, max_tokens=96, seed=s,
+                                                       json_schema=schema_text(schema))) for s in range(6)]
+        assert backend.enforces_schema
+        done = [c for c in backend.generate(requests) if c.finish_reasons == ["stop"]]
+        assert len(done) >= 3  # a few may run out of tokens inside a long string
+        for c in done:
+            assert not problems(json.loads(c.texts[0]), schema), c.texts[0]
 
     def test_on_reply_reports_every_position_once(self, backend):
         messages = [USER, [*USER, {"role": "assistant", "content": "Waves"}], QUESTION,
@@ -302,4 +313,12 @@ def test_recipe_on_vllms_openai_server(tmp_path, vllm_server):
     llm = f"{{backend: openai, model: smol, base_url: {vllm_server}}}"
     manifest, seconds = run_recipe(tmp_path, "vllm-served", llm)
     assert manifest["models"][0]["model_id"].startswith("openai:")
+    # The server holds replies to a JSON Schema: the backend learns it and sends the schema.
+    backend = OpenAIBackend(OpenAIConfig(model="smol", base_url=vllm_server))
+    schema = to_json_schema({"answer": ["yes", "no"], "reasons": "list[str]"})
+    [c] = backend.generate([Request(QUESTION, GenerationParams(max_tokens=64, json_schema=schema_text(schema)))])
+    assert backend.server.json_schema is not None, backend.describe()
+    if c.finish_reasons == ["stop"]:
+        assert not problems(json.loads(c.texts[0]), schema), c.texts[0]
+    backend.close()
     print(f"recipe on vllm serve: {manifest['rows']} rows in {seconds:.0f}s")

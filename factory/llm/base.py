@@ -38,6 +38,10 @@ class GenerationParams:
     stop: tuple[str, ...] = ()
     seed: int = 0
     regex: str | None = None  # structured decoding: replies must match (vLLM, vLLM servers); others ignore it
+    # Structured output: the canonical JSON text of a JSON Schema replies must match. Backends that
+    # can enforce it while decoding do (:attr:`Backend.enforces_schema`); the LLM path checks every
+    # reply either way and asks again about the ones that do not match.
+    json_schema: str | None = None
     # How many times the LLM path asks the model to go on with a reply cut at max_tokens (it
     # is not sent to backends, and not part of the sampling key: the first reply is the same).
     continuations: int = 0
@@ -49,11 +53,12 @@ class GenerationParams:
     def with_seed(self, seed: int) -> "GenerationParams":
         # Positional rather than dataclasses.replace: this runs for every request.
         return GenerationParams(self.n, self.temperature, self.top_p, self.max_tokens, self.stop, seed, self.regex,
-                                self.continuations)
+                                self.json_schema, self.continuations)
 
     def sampling_key(self) -> tuple:
         """Everything but the seed: requests with equal keys can share a batch."""
-        return (self.n, self.temperature, self.top_p, self.max_tokens, self.stop, self.regex)
+        return (self.n, self.temperature, self.top_p, self.max_tokens, self.stop, self.regex) + \
+            ((self.json_schema,) if self.json_schema else ())  # cache keys of plain requests stay as they were
 
 
 @dataclass(frozen=True)
@@ -153,6 +158,12 @@ class Backend:
         return str(getattr(self.config, "model", self.name))
 
     @property
+    def enforces_schema(self) -> bool:
+        """Whether replies are held to ``params.json_schema`` while they are decoded (else the LLM
+        path only checks them, and asks again)."""
+        return False
+
+    @property
     def continues_replies(self) -> bool:
         """Whether a prefilled assistant turn is truly continued (so a cut reply can be asked
         to go on); known after the first request for servers that are probed."""
@@ -161,7 +172,8 @@ class Backend:
     def describe(self) -> dict:
         """What the manifest records about this backend."""
         return {"backend": self.name, "model": getattr(self.config, "model", None),
-                "adapter": getattr(self.config, "adapter", None), "model_id": self.model_id}
+                "adapter": getattr(self.config, "adapter", None), "model_id": self.model_id,
+                "enforces_schema": self.enforces_schema}
 
     def check(self) -> None:
         """Cheap checks before a run starts (files exist, server reachable).

@@ -19,6 +19,7 @@ one, and samples a server will not return through ``n`` are asked for one by one
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import random
 import sys
@@ -31,7 +32,7 @@ import httpx
 from ..config import option
 from ..errors import BackendError
 from .base import Backend, Completion, Conversation, GenerationParams, OnReply, Request, split_prefill
-from .server import (PROBE_PROMPT, ServerInfo, auth_error, connection_error, continuation, emulate_prefill,
+from .server import (JSON_SCHEMA_FIELDS, PROBE_PROMPT, PROBE_SCHEMA, ServerInfo, schema_payload, auth_error, connection_error, continuation, emulate_prefill,
                      is_too_long, model_error, rejected_fields, server_message)
 
 RETRY_STATUSES = {408, 409, 425, 429, 500, 502, 503, 504}
@@ -83,6 +84,7 @@ class OpenAIBackend(Backend):
         self.server = ServerInfo()
         if config.extensions == "on":
             self.server.prefill, self.server.regex = "native", "structured_outputs"
+            self.server.json_schema = "structured_outputs"
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._client: httpx.AsyncClient | None = None
@@ -99,6 +101,12 @@ class OpenAIBackend(Backend):
     def continues_replies(self) -> bool:
         # An emulated prefill asks the model to repeat the text and cuts it: not a continuation.
         return self.server.prefill != "emulated"
+
+    @property
+    def enforces_schema(self) -> bool:
+        if self.config.check_server and not self.server.probed:
+            self._run(self._probe())
+        return self.server.json_schema is not None
 
     def describe(self) -> dict:
         return {**super().describe(), "base_url": self.config.base_url, "server": self.server.to_json()}
@@ -167,6 +175,12 @@ class OpenAIBackend(Backend):
                     if await self._accepts(client, {name: value}):
                         self.server.regex = name
                         break
+            if self.config.extensions != "on":
+                # response_format is standard (OpenAI's own): asked even with extensions off.
+                for name in JSON_SCHEMA_FIELDS[:1] if self.config.extensions == "off" else JSON_SCHEMA_FIELDS:
+                    if await self._holds_schema(client, name):
+                        self.server.json_schema = name
+                        break
             if self.server.prefill != "native" and self._chat_template() is not None:
                 prompt = self._render(prefill)
                 if await self._probe_post(client, {"prompt": prompt}, endpoint="completions", fatal=False) is not None:
@@ -213,6 +227,17 @@ class OpenAIBackend(Backend):
 
     async def _accepts(self, client: httpx.AsyncClient, extra: dict) -> bool:
         return await self._probe_post(client, extra) is not None
+
+    async def _holds_schema(self, client: httpx.AsyncClient, name: str) -> bool:
+        """Whether the server takes a JSON Schema in field ``name`` and holds the reply to it (a
+        server that accepts the field but ignores it answers "Say OK." with "OK", not JSON)."""
+        body = await self._probe_post(client, {**schema_payload(name, PROBE_SCHEMA), "max_tokens": 4})
+        if body is None:
+            return False
+        try:
+            return _text(body["choices"][0]).lstrip().startswith("{")
+        except (KeyError, IndexError, TypeError, AttributeError):
+            return False
 
     def _chat_template(self):
         """The served model's tokenizer, when it is at hand locally (None otherwise)."""
@@ -275,7 +300,9 @@ class OpenAIBackend(Backend):
                 del payload["messages"]
             else:
                 payload["messages"] = emulate_prefill(conv, prefix)
-        if params.regex and server.regex:
+        if params.json_schema and server.json_schema:
+            payload.update(schema_payload(server.json_schema, json.loads(params.json_schema)))
+        elif params.regex and server.regex:
             payload[server.regex] = {"regex": params.regex} if server.regex == "structured_outputs" else params.regex
         for name in server.rejected:
             payload.pop(name, None)

@@ -14,6 +14,9 @@ A step says what to ask and how to read the answer; :class:`LLMClient` does the 
 * **cut replies** -- a reply that ended at ``max_tokens`` is asked to go on (up to
   ``params.continuations`` times, where the backend truly continues a prefill) and the
   parts joined; the replies still cut are counted per token limit (:attr:`LLMClient.truncation`);
+* **structured output** -- a request with a JSON Schema (``params.json_schema``) that the backend
+  cannot enforce while decoding has each reply checked; a reply that does not match is shown
+  back to the model with what is wrong, up to :data:`SCHEMA_REASKS` times;
 * **rounds** -- :meth:`LLMClient.run` drives a step's exchange (a generator that yields
   requests and receives their completions), so generators that plan several rounds over
   the whole pool go through the same path as a one-request-per-row step.
@@ -25,15 +28,32 @@ part (:meth:`factory.steps.base.LLMStep.rows_from_completion`), the same for eve
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
 from collections import Counter
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
 from ..cache import Cache, NullCache
 from ..config import to_dict
-from .base import Backend, Completion, Conversation, GenerationParams, Request, continued, digest, fingerprint, seed_of
+from ..errors import ParseError
+from .base import (
+    Backend,
+    Completion,
+    Conversation,
+    GenerationParams,
+    Request,
+    continued,
+    digest,
+    fingerprint,
+    seed_of,
+    split_prefill,
+)
+from .schema import read_reply
+
+SCHEMA_REASKS = 2  # how often a reply that does not match its JSON Schema is sent back to be fixed
 
 # A step's conversation with the model: yields lists of requests, receives their
 # completions (in order), returns the step's output rows.
@@ -52,6 +72,8 @@ class Usage:
         retries, retry_reasons: the backend's retries while answering them, by reason.
         failures: requests that failed in the backend (after its retries); never cached.
         last_error: the last of those failures' errors (server, status, message).
+        reasks: replies sent back because they did not match their JSON Schema (backends
+            that cannot enforce one), and ``reasks_fixed``: of those, the ones fixed.
     """
 
     calls: int = 0
@@ -63,6 +85,8 @@ class Usage:
     retry_reasons: dict[str, int] = field(default_factory=dict)
     failures: int = 0
     last_error: str | None = None
+    reasks: int = 0
+    reasks_fixed: int = 0
 
     def add(self, other: "Usage | dict") -> None:
         other = other if isinstance(other, dict) else dataclasses.asdict(other)
@@ -127,6 +151,8 @@ class LLMClient:
         """
         asked = Counter() if asked is None else asked
         results = self.continue_cut(requests, self.fetch(requests, asked), asked)
+        if not self.backend.enforces_schema:
+            results = self.reask_invalid(requests, results, asked)
         for request, completion in zip(requests, results):
             if completion.error is None:
                 self.truncation["replies"] += len(completion.texts)
@@ -168,6 +194,47 @@ class LLMClient:
                                                  completion_tokens=first.completion_tokens + more.completion_tokens)
         return results
 
+    @property
+    def enforces_schema(self) -> bool:
+        """Whether the backend holds replies to their JSON Schema while decoding (steps that read
+        fields ask for JSON then, and fall back on their prefill and parsing otherwise)."""
+        return self.backend.enforces_schema
+
+    def reask_invalid(self, requests: list[Request], results: list[Completion], asked: Counter) -> list[Completion]:
+        """``results`` with each reply that does not match its request's JSON Schema sent back to
+        the model with what is wrong, up to :data:`SCHEMA_REASKS` times (a cut reply is left as
+        it is: asking again would cut it again). The step still reads every reply."""
+        for _ in range(SCHEMA_REASKS):
+            bad = []
+            for i, (request, completion) in enumerate(zip(requests, results)):
+                if not request.params.json_schema or completion.error is not None:
+                    continue
+                for k, text in enumerate(completion.texts):
+                    problem = None if completion.cut(k) else _schema_problem(text, request.params.json_schema)
+                    if problem:
+                        bad.append((i, k, problem))
+            if not bad:
+                break
+            follow = []
+            for i, k, problem in bad:
+                messages, prefill = split_prefill(requests[i].messages)
+                follow.append(Request(messages + [
+                    {"role": "assistant", "content": (prefill or "") + results[i].texts[k]},
+                    {"role": "user", "content": f"That reply is not valid: {problem}. Reply again with only the "
+                                                "corrected JSON object."}],
+                    dataclasses.replace(requests[i].params, n=1, continuations=0)))
+            self.usage.reasks += len(follow)
+            for (i, k, _), more in zip(bad, self.fetch(follow, asked)):
+                if more.error is not None or not more.texts:
+                    continue
+                first = results[i]
+                texts, finishes = list(first.texts), [first.finish(j) for j in range(len(first.texts))]
+                texts[k], finishes[k] = more.texts[0], more.finish(0)
+                self.usage.reasks_fixed += _schema_problem(texts[k], requests[i].params.json_schema) is None
+                results[i] = dataclasses.replace(first, texts=texts, finish_reasons=finishes,
+                                                 completion_tokens=first.completion_tokens + more.completion_tokens)
+        return results
+
     def fetch(self, requests: list[Request], asked: Counter) -> list[Completion]:
         """The completions of ``requests`` as they were first given: cached or asked for."""
         if not requests:
@@ -185,6 +252,10 @@ class LLMClient:
         # A reply cached without its finish reasons (by an older version) cannot tell whether it
         # was cut: ask again.
         results = [Completion.from_json(cached[k]) if "finish_reasons" in cached.get(k, ()) else None for k in keys]
+        for i, key in enumerate(keys):
+            if results[i] is None:  # asked in a round of other requests (a preview's rows)?
+                kept = self.cache.get_reply(key)
+                results[i] = Completion.from_json(kept) if kept and "finish_reasons" in kept else None
         todo = [i for i, c in enumerate(results) if c is None]
         self.usage.conversations += len(requests)
         self.usage.cached_conversations += len(requests) - len(todo)
@@ -200,6 +271,7 @@ class LLMClient:
                 self.usage.completion_tokens += completion.completion_tokens
                 if completion.error is None:  # a failure is never cached: a re-run asks again
                     journal.append(keys[i], completion.to_json())
+                    self.cache.put_reply(keys[i], completion.to_json())
                 elif completion.error_reason == "backend_error":
                     self.usage.failures += 1
                     self.usage.last_error = completion.error
@@ -222,6 +294,20 @@ class LLMClient:
     def _progress(self, count: int) -> None:
         if self.on_progress is not None and count:
             self.on_progress(count)
+
+
+@lru_cache(maxsize=64)
+def _schema(text: str) -> dict:
+    return json.loads(text)
+
+
+def _schema_problem(reply: str, schema_text: str) -> str | None:
+    """Why a reply does not match the JSON Schema (canonical text), or None when it does."""
+    try:
+        read_reply(reply, _schema(schema_text))
+    except ParseError as err:
+        return str(err)
+    return None
 
 
 class BackendPool:
@@ -265,6 +351,10 @@ class LLMSession:
     @property
     def model_id(self) -> str:
         return self.backends.get(self.config).model_id
+
+    @property
+    def enforces_schema(self) -> bool:
+        return self.backends.get(self.config).enforces_schema
 
     def describe(self) -> dict:
         return self.backends.get(self.config).describe()

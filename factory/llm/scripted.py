@@ -41,6 +41,8 @@ class ScriptedConfig:
     default: str = option("", help="The reply when no rule matches.")
     adapter: str | None = option(None, help="Recorded (e.g. by the evolve loop) but not used: replies come from "
                                             "the rules.")
+    enforces_schema: bool = option(False, help="Act as a backend that holds replies to their JSON Schema while "
+                                               "decoding (steps then ask for JSON); replies still come from the rules.")
 
     def validate(self):
         problems = []
@@ -80,6 +82,10 @@ class ScriptedBackend(Backend):
     def model_id(self) -> str:
         rules = fingerprint([self.config.rules, self.config.default, self.config.adapter])[:12]
         return f"scripted:{self.config.model}@{rules}" + ("+fn" if self.reply_fn else "")
+
+    @property
+    def enforces_schema(self) -> bool:
+        return self.config.enforces_schema
 
     def answer(self, conversation: Conversation, sample: int, seed: int = 0) -> tuple[str, str | None]:
         """The reply and the finish reason its rule sets (None: decided by the token limit)."""

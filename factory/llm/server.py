@@ -20,8 +20,14 @@ from .base import Conversation
 
 PREFILL_FIELDS = ("continue_final_message", "add_generation_prompt")
 REGEX_FIELDS = ("structured_outputs", "guided_regex")
+# Fields that carry a JSON Schema: the standard one first, then vLLM's (newer, older).
+JSON_SCHEMA_FIELDS = ("response_format", "structured_outputs", "guided_json")
 # Fields a request may carry besides the model and the messages (the standard ones first).
-OPTIONAL_FIELDS = ("n", "temperature", "top_p", "max_tokens", "stop", "seed") + PREFILL_FIELDS + REGEX_FIELDS
+OPTIONAL_FIELDS = ("n", "temperature", "top_p", "max_tokens", "stop", "seed", "response_format") + PREFILL_FIELDS + \
+    REGEX_FIELDS + ("guided_json",)
+# The JSON Schema of the probe that learns whether a server holds replies to a schema.
+PROBE_SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+                "additionalProperties": False}
 
 PROBE_PROMPT = "Say OK."  # the one-token requests that learn what a server accepts
 
@@ -41,6 +47,8 @@ class ServerInfo:
             ``/v1/completions`` (the chat template is applied here, the turn continued there);
             else ``emulated`` (the prefix is asked for in the prompt and cut from the reply).
         regex: the field that carries a regex constraint, or None (replies are parsed anyway).
+        json_schema: the field that carries a JSON Schema the server enforces (``response_format``,
+            ``structured_outputs``, ``guided_json``), or None (replies are checked and re-asked).
         n: whether the server returns ``n`` samples per request (None: not known yet).
         rejected: fields the server refused by name; never sent again.
         identical_samples: the server returned identical samples at temperature > 0.
@@ -51,6 +59,7 @@ class ServerInfo:
     owned_by: str | None = None
     prefill: str = "emulated"
     regex: str | None = None
+    json_schema: str | None = None
     n: bool | None = None
     rejected: list[str] = field(default_factory=list)
     identical_samples: bool = False
@@ -58,7 +67,7 @@ class ServerInfo:
 
     def to_json(self) -> dict:
         return {"models": self.models[:20] if self.models else self.models, "owned_by": self.owned_by,
-                "prefill": self.prefill, "regex": self.regex, "n": self.n, "rejected_fields": sorted(self.rejected),
+                "prefill": self.prefill, "regex": self.regex, "json_schema": self.json_schema, "n": self.n, "rejected_fields": sorted(self.rejected),
                 "identical_samples": self.identical_samples, "probed": self.probed}
 
     def reject(self, name: str) -> None:
@@ -69,6 +78,33 @@ class ServerInfo:
             self.prefill = "emulated"
         if name == self.regex:
             self.regex = None
+        if name == self.json_schema:
+            self.json_schema = None
+
+
+def schema_payload(field: str, schema: dict) -> dict:
+    """The request field that asks a server to hold the reply to ``schema``."""
+    if field == "response_format":
+        return {field: {"type": "json_schema", "json_schema": {"name": "reply", "schema": schema,
+                                                                "strict": is_strict(schema)}}}
+    if field == "structured_outputs":
+        return {field: {"json": schema}}
+    return {field: schema}
+
+
+def is_strict(schema: dict) -> bool:
+    """Whether a schema meets OpenAI's strict mode (every object closed, every property
+    required), so that the server may enforce it."""
+    if not isinstance(schema, dict):
+        return True
+    if schema.get("type") == "object" or "properties" in schema:
+        props = schema.get("properties") or {}
+        if schema.get("additionalProperties", True) is not False or set(schema.get("required") or ()) != set(props):
+            return False
+        return all(is_strict(p) for p in props.values())
+    if schema.get("type") == "array":
+        return is_strict(schema.get("items") or {})
+    return True
 
 
 def server_message(body: str) -> str:

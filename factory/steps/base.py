@@ -35,6 +35,7 @@ import polars as pl
 from ..config import option, to_dict
 from ..errors import ParseError
 from ..llm.base import Completion, Conversation, GenerationParams, Request, fingerprint
+from ..llm.schema import describe, schema_text
 
 DROP = "_drop_reason"
 RAW_REPLY = "_raw_reply"
@@ -313,6 +314,11 @@ class LLMStep(Step):
     lists of requests and receives their completions (:meth:`plan` and :meth:`read` are the
     default's two halves). The step never calls the model itself.
 
+    A step that reads a score, a verdict, a list or fields sets :attr:`structured_output`: it
+    runs as a copy with :attr:`structured` set where the backend enforces JSON Schemas, and then
+    asks for JSON (:meth:`conversation`, :func:`json_params`) and reads it with
+    :func:`~factory.llm.schema.read_reply`; elsewhere it prefills and parses text.
+
     ``templates`` maps the step's template options to their default files in
     ``templates/``; a step with several prompts lists each.
     """
@@ -324,6 +330,14 @@ class LLMStep(Step):
     # after the verdict is still read (and counted as kept in the manifest's truncation).
     reads_verdict: ClassVar[bool] = False
     templates: ClassVar[dict[str, str]] = {}  # option -> default template file; default {"template": name}
+    # The step reads a score, a verdict, a list or fields: where the backend holds replies to a JSON
+    # Schema while decoding (``ctx.llm.enforces_schema``) it asks for JSON (no prefill), else it
+    # prefills and parses text. Its output differs with the backend's capability, which its batch
+    # cache key must therefore hold.
+    structured_output: ClassVar[bool] = False
+    # True on the copy of a step that asks for JSON in a run (see :meth:`for_client`); never set
+    # on the step itself, so that it holds no state between runs.
+    structured: bool = False
 
     def __init__(self, config, **kwargs):
         super().__init__(config, **kwargs)
@@ -333,6 +347,16 @@ class LLMStep(Step):
         """A copy of the step that asks the model of ``llm_config``."""
         step = copy.copy(self)
         step.llm_config = llm_config
+        return step
+
+    def for_client(self, llm) -> "LLMStep":
+        """The step as it asks ``llm`` (an :class:`~factory.llm.requests.LLMClient`): a copy with
+        :attr:`structured` set when the step reads fields and the backend enforces JSON Schemas,
+        else the step itself."""
+        if not self.structured_output or self.structured or not getattr(llm, "enforces_schema", False):
+            return self
+        step = copy.copy(self)  # without cached templates (see Step.__getstate__)
+        step.structured = True
         return step
 
     # -- what subclasses override -------------------------------------------------------
@@ -378,7 +402,8 @@ class LLMStep(Step):
     def process(self, data: pl.DataFrame, ctx: StepContext | None = None) -> pl.DataFrame:
         if ctx is None or ctx.llm is None:
             raise TypeError(f"{type(self).__name__}.process needs a StepContext with an LLM client")
-        return self.frame(ctx.llm.run(self.exchange(data.to_dicts(), ctx)), data)
+        step = self.for_client(ctx.llm)
+        return step.frame(ctx.llm.run(step.exchange(data.to_dicts(), ctx)), data)
 
     def rows_from_completion(self, row: dict, completion: Completion, parse=None,
                              option: str = "max_tokens") -> list[dict]:
@@ -427,9 +452,11 @@ class LLMStep(Step):
         return out + [TRUNCATED] if self.config.on_truncation == "keep" and TRUNCATED not in out else out
 
     def truncation_detail(self, option: str = "max_tokens") -> str:
-        """Why a cut reply's row went, and the fix (``option``: the limit that cut it)."""
+        """Why a cut reply's row went, and the fix (``option``: the limit that cut it). A JSON reply
+        (:attr:`structured`) is neither continued nor readable when cut: only the limit helps."""
         return (f"the reply stopped at the token limit ({option}: {getattr(self.config, option)} on {self.label}), "
-                f"mid-text; raise {option}, or set on_truncation: continue (or keep)")
+                f"mid-text; raise {option}" + (" (a JSON reply cannot be continued)" if self.structured
+                                               else ", or set on_truncation: continue (or keep)"))
 
     def cut_dropped(self, row: dict, completion: Completion, k: int = 0, option: str = "max_tokens") -> dict | None:
         """``row`` dropped as ``truncated`` when reply ``k`` was cut at the token limit (the
@@ -464,6 +491,14 @@ class LLMStep(Step):
         if prefill is not None:
             conv.append({"role": "assistant", "content": prefill})
         return conv
+
+    def conversation(self, prompt: str, schema: dict | None, prefill: str | None = None) -> Conversation:
+        """The conversation that asks ``prompt``: in a :attr:`structured` run, for a JSON reply
+        that matches ``schema`` (its fields described after the prompt, no prefill); else with
+        ``prefill``, the start of a text reply."""
+        if self.structured and schema is not None:
+            return self.messages(f"{prompt}\n\n{describe(schema)}")
+        return self.messages(prompt, prefill=prefill)
 
     def task_variables(self, row: dict) -> dict:
         """The task and its optional input as the templates name them (``task``, ``task_input``),
@@ -502,7 +537,10 @@ class LLMStep(Step):
     def render(self, row: dict, option: str = "template", **extra) -> str:
         if option not in self._compiled:
             self._compiled[option] = compile_template(self.template_source(option))
-        return self._compiled[option].render({**row, **extra, "config": self.config}).strip()
+        # `structured`: the reply is asked for as JSON (the default templates leave out their
+        # "end with Score: N" wording then; the fields are described after the prompt).
+        return self._compiled[option].render({**row, "structured": self.structured, **extra,
+                                              "config": self.config}).strip()
 
     def check(self):
         problems = []
@@ -527,6 +565,45 @@ def verdict_only(params: GenerationParams) -> GenerationParams:
     and a few tokens hold it."""
     return dataclasses.replace(params, stop=params.stop + ("\n",), max_tokens=min(params.max_tokens, 8),
                                continuations=0)
+
+
+VERDICT_JSON_TOKENS = (16, 32)  # the fewest and most tokens of a JSON object that holds a verdict alone
+
+
+def json_params(params: GenerationParams, schema: dict, verdict: bool = False) -> GenerationParams:
+    """Parameters for a reply that is a JSON object matching ``schema`` (structured output): the
+    schema supersedes a regex; no stop at a line's end (JSON may hold line breaks between its
+    fields); no continuation (a grammar starts a new object, it cannot go on with a cut one).
+    ``verdict``: the object holds a verdict or a score alone (:func:`verdict_only`'s JSON
+    counterpart): 16 to 32 tokens, braces, name, quotes and whitespace included."""
+    max_tokens = params.max_tokens
+    if verdict:
+        low, high = VERDICT_JSON_TOKENS
+        max_tokens = min(max(max_tokens, low), high)
+    return dataclasses.replace(params, json_schema=schema_text(schema), regex=None, max_tokens=max_tokens,
+                               stop=tuple(s for s in params.stop if s.strip()), continuations=0)
+
+
+def json_object(properties: dict[str, dict]) -> dict:
+    """The JSON Schema of an object with these properties, all required, in this order (the
+    order the model writes them in: reasoning before the verdict it leads to)."""
+    return {"type": "object", "properties": properties, "required": list(properties),
+            "additionalProperties": False}
+
+
+def text_field(description: str, max_tokens: int, overhead: int = 24) -> dict:
+    """A text property no longer than ``max_tokens`` hold, less ``overhead`` tokens for the rest
+    of the object (at 3 characters a token): a small model that rambles inside a JSON string is
+    made to close it in time to write the fields after it, instead of being cut without them
+    (grammars enforce ``maxLength``; SmolLM2-135M's reasoning otherwise runs to the limit)."""
+    return {"type": "string", "description": description, "maxLength": max(32, (max_tokens - overhead) * 3)}
+
+
+def reasoning_first(reasoning: str | None, properties: dict[str, dict], max_tokens: int = 256) -> dict:
+    """:func:`json_object` of ``properties``, after a ``reasoning`` text described as
+    ``reasoning`` when given (chain of thought before the verdict, within ``max_tokens``)."""
+    first = {"reasoning": text_field(reasoning, max_tokens)} if reasoning else {}
+    return json_object({**first, **properties})
 
 
 def is_template_path(value: str) -> bool:

@@ -8,7 +8,8 @@ the same domain. The model answers each evolved task, and the elimination step d
 evolutions that failed, one reason per rule:
 
 * ``no_information_gain`` -- the task asks nothing more than its parent: no word that the parent
-  lacks (the same text after normalisation, or a piece of it), or the model judges the two equal;
+  lacks (the same text after normalisation, or a piece of it), or the model judges the two equal
+  (``{"equal": true}`` where the backend enforces JSON Schemas, else a reply started with "Answer:");
 * ``template_leak`` -- the task mentions the evolving prompt ("given prompt", "#Rewritten
   Prompt#") or copies a run of its wording;
 * ``apologetic_response`` -- the answer says "sorry" in under 80 words;
@@ -35,8 +36,9 @@ from ..errors import FactoryError, ParseError
 from ..llm.base import Completion, GenerationParams, Request
 from ..text import has_text
 from .base import (DROP, DROP_DETAIL, RAW_REPLY, InvalidRow, LLMStep, LLMStepConfig, StepContext, dropped,
-                   rows_to_frame)
-from .evol_rules import DEFAULT_LEAK_PHRASES, RULES, Elimination, Rule, prompt_runs
+                   json_params, rows_to_frame)
+from .evol_rules import (DEFAULT_LEAK_PHRASES, EQUALITY_SCHEMA, RULES, Elimination, Rule, parse_equality, prompt_runs,
+                         read_equality)
 
 # What the depth template asks for, per operation (the template's `instruction` variable).
 DEPTH_OPERATIONS = {
@@ -57,6 +59,8 @@ DEPTH_PREFILL = "#Harder Prompt#:"
 BREADTH_PREFILL = "#New Prompt#:"
 EQUALITY_PREFILL = "Answer:"
 EQUALITY_PARAMS = GenerationParams(temperature=0.0, max_tokens=8, stop=("\n",))  # a verdict in a word or two
+# Where the backend enforces JSON Schemas: {"equal": true | false}, in at most 16 tokens, no prefill.
+EQUALITY_JSON_PARAMS = json_params(EQUALITY_PARAMS, EQUALITY_SCHEMA, verdict=True)
 
 # Each prompt renders with these before a run starts (template option -> its variables).
 RENDER_EXAMPLES = {
@@ -201,6 +205,7 @@ class EvolInstruct(LLMStep):
 
     name = "evol_instruct"
     kind = "global"
+    structured_output = True  # the equality check asks for {"equal": bool} where the backend enforces JSON
     Config = EvolInstructConfig
     templates = {"depth_template": "evol_depth", "breadth_template": "evol_breadth",
                  "equality_template": "evol_equal"}
@@ -279,7 +284,8 @@ class EvolPrompts:
 
     def equality(self, cand: dict) -> Request:
         prompt = self.step.render({}, "equality_template", first=cand["parent"], second=cand[self.step.config.column])
-        return Request(self.step.messages(prompt, prefill=EQUALITY_PREFILL), EQUALITY_PARAMS)
+        return Request(self.step.conversation(prompt, EQUALITY_SCHEMA, EQUALITY_PREFILL),
+                       EQUALITY_JSON_PARAMS if self.step.structured else EQUALITY_PARAMS)
 
     def answer(self, task: str) -> Request:
         c = self.step.config
@@ -304,7 +310,8 @@ class EvolRun:
         self.step, self.ctx, self.prompts = step, ctx, EvolPrompts(step)
         self.rng = random.Random(f"{step.seed}:{step.index}")
         self.rules = Elimination(set(c.eliminate), c.column, c.response_column, c.leak_phrases,
-                                 functools.partial(step.cut_dropped, option="response_max_tokens"))
+                                 functools.partial(step.cut_dropped, option="response_max_tokens"),
+                                 read_equality if step.structured else parse_equality)
 
     def generations(self, parents: list[str]):
         """The kept and the dropped candidates of every generation."""

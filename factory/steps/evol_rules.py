@@ -15,8 +15,9 @@ from typing import Literal
 
 from ..errors import ParseError
 from ..llm.base import Completion
+from ..llm.schema import read_reply
 from ..text import count_words, ngrams, normalize
-from .base import DROP, dropped
+from .base import DROP, dropped, json_object
 
 Rule = Literal["no_information_gain", "apologetic_response", "empty_response", "template_leak"]
 RULES = typing.get_args(Rule)
@@ -55,6 +56,19 @@ def parse_equality(reply: str) -> bool:
     if yes_no:
         return yes_no.group(1).lower() in ("yes", "true")
     raise ParseError("no verdict found (expected 'Equal' or 'Not Equal')")
+
+
+# The equality check's JSON reply, where the backend enforces it.
+EQUALITY_SCHEMA = json_object({"equal": {"type": "boolean", "description": "whether the two instructions are equal"}})
+
+
+def read_equality(reply: str) -> bool:
+    """The verdict of a JSON equality check (:data:`EQUALITY_SCHEMA`).
+
+    Raises:
+        ParseError: (``schema_error``) the reply does not match.
+    """
+    return read_reply(reply, EQUALITY_SCHEMA)["equal"]
 
 
 def is_empty_response(response: str) -> bool:
@@ -115,6 +129,8 @@ class Elimination:
     leak_phrases: list[str]
     # The row dropped as `truncated` when its reply was cut and the step drops cut replies, else None.
     cut: Callable[[dict, Completion], dict | None] = lambda row, completion: None
+    # How the equality check's reply is read: its text, or its JSON (:func:`read_equality`).
+    equality: Callable[[str], bool] = parse_equality
 
     def look(self, cand: dict, runs: Callable[[str], set[tuple[str, ...]]]) -> dict:
         """The cheap checks on a live candidate's text: a template leak (``runs(operation)``: the
@@ -134,7 +150,7 @@ class Elimination:
             return dropped(cand, completion.error_reason, completion.error)
         reply = completion.texts[0]
         try:
-            equal = parse_equality(reply)
+            equal = self.equality(reply)
         except ParseError:
             # No verdict is no evidence against the evolution: keep it, and count how often.
             report["equality_unclear"] = report.get("equality_unclear", 0) + 1

@@ -9,7 +9,8 @@ from typing import Literal
 
 from ..config import option
 from ..errors import ParseError
-from .base import AnswerStepConfig, LLMStep, verdict_only
+from ..llm.schema import read_reply
+from .base import AnswerStepConfig, LLMStep, json_params, reasoning_first, verdict_only
 
 DEFAULT_RUBRIC = (
     "A top score means correct, complete and helpful. A middle score means partly correct or missing "
@@ -87,27 +88,43 @@ class JudgeConfig(AnswerStepConfig):
     scale: int = option(10, help="Scores run from 1 to `scale`.", min=2, max=100)
     rubric: str = option(DEFAULT_RUBRIC, help="What each end of the scale means; shown to the judge.")
     reasoning: bool = option(True, help="Ask for a short justification before the score (chain of thought); "
-                                        "false asks for the score alone (at most 8 tokens, one line), which is "
-                                        "faster and parses better with small models.")
+                                        "false asks for the score alone (at most 8 tokens, one line; as JSON, "
+                                        "at most 32), which is faster and parses better with small models.")
     reference_column: str | None = option(None, help="A reference answer to show the judge (binary mode).")
     output_column: str = option("score", help="Where the score goes (score mode).")
     correct_column: str = option("judge_correct", help="Where the verdict goes (binary mode).")
     judgement_column: str = option("judgement", help="Where the judge's full reply goes.")
     guided: bool = option(False, help="Constrain the reply to end in a valid score or verdict with structured "
-                                      "decoding (vLLM backends and vLLM servers; other backends ignore it).")
+                                      "decoding (vLLM backends and vLLM servers; other backends ignore it). "
+                                      "Where the backend enforces JSON Schemas the judge asks for JSON instead, "
+                                      "which supersedes this.")
     max_tokens: int = option(192, help="Most tokens per judgement.", min=1)
+
+
+def judgement_schema(c: JudgeConfig) -> dict:
+    """The JSON reply a judge asks for where the backend enforces it: the reasoning (unless
+    ``reasoning: false``), then the score in 1..scale or the verdict."""
+    if c.mode == "binary":
+        return reasoning_first("one or two sentences that check the response" if c.reasoning else None,
+                               {"verdict": {"enum": ["correct", "incorrect"]}}, c.max_tokens)
+    # An enum rather than minimum/maximum, which grammars (outlines-core) do not enforce.
+    return reasoning_first("one or two sentences that explain the rating" if c.reasoning else None,
+                           {"score": {"type": "integer", "enum": list(range(1, c.scale + 1))}}, c.max_tokens)
 
 
 class Judge(LLMStep):
     """LLM-as-a-judge, pointwise: a score on a rubric, or a correct/incorrect verdict.
 
     The judge reasons first (chain of thought) unless ``reasoning: false``. It may run on a
-    different, stronger model than the solver (``llm:`` on the step).
+    different, stronger model than the solver (``llm:`` on the step). Where the backend
+    enforces JSON Schemas it replies in JSON, ``{"reasoning": ..., "score": N}`` (or
+    ``"verdict": "correct" | "incorrect"``; no reasoning with ``reasoning: false``); elsewhere its
+    reply is started with "Score:" or "Verdict:" when it gives the verdict alone, and read as text.
 
     Requires: ``instruction`` and ``response`` (and ``reference_column`` when set).
-    Produces: ``score`` (1..scale) or, with ``mode: binary``, ``judge_correct`` (bool); and
-    ``judgement`` (the judge's reply). A reply without a score in range or a verdict drops
-    the row as ``parse_error``, its raw reply kept.
+    Produces: ``score`` (1..scale, a float) or, with ``mode: binary``, ``judge_correct`` (bool); and
+    ``judgement`` (the judge's reply, as it wrote it). A reply without a score in range or a
+    verdict drops the row as ``parse_error`` (``schema_error`` for a JSON reply), its raw reply kept.
 
     Example:
         - judge: {scale: 10, llm: {backend: openai, model: judge}}
@@ -116,11 +133,12 @@ class Judge(LLMStep):
 
     name = "judge"
     reads_verdict = True  # a score or verdict read before a cut is kept
+    structured_output = True
     Config = JudgeConfig
 
     @property
     def prefill(self) -> str | None:
-        if self.config.reasoning:
+        if self.config.reasoning or self.structured:
             return None
         return "Score:" if self.config.mode == "score" else "Verdict:"
 
@@ -140,7 +158,7 @@ class Judge(LLMStep):
         reference = str(row.get(c.reference_column)) if c.reference_column else ""
         prompt = self.render(row, **self.task_variables(row), response=self.text(row, c.response_column),
                              rubric=c.rubric, reference=reference)
-        return self.messages(prompt, prefill=self.prefill)
+        return self.conversation(prompt, judgement_schema(c), self.prefill)
 
     def answer_regex(self) -> str:
         """What a valid reply looks like, for structured decoding."""
@@ -152,12 +170,19 @@ class Judge(LLMStep):
 
     def generation_params(self):
         params = super().generation_params()
+        if self.structured:
+            return json_params(params, judgement_schema(self.config), verdict=not self.config.reasoning)
         if self.config.guided:
             params = dataclasses.replace(params, regex=self.answer_regex())
         return params if self.config.reasoning else verdict_only(params)
 
     def parse(self, reply, row):
         c = self.config
+        if self.structured:  # the JSON reply is the judgement
+            fields = read_reply(reply, judgement_schema(c))
+            verdict = {c.correct_column: fields["verdict"] == "correct"} if c.mode == "binary" else \
+                {c.output_column: float(fields["score"])}
+            return {**verdict, c.judgement_column: reply.strip()}
         text = (self.prefill or "") + reply
         if c.mode == "binary":
             return {c.correct_column: parse_verdict(text), c.judgement_column: text.strip()}

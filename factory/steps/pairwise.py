@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from ..config import option
 from ..errors import ParseError
 from ..llm.base import Request
-from .base import InvalidRow, LLMStep, TaskStepConfig, dropped, verdict_only
+from ..llm.schema import read_reply
+from .base import InvalidRow, LLMStep, TaskStepConfig, dropped, json_params, reasoning_first, verdict_only
 
 _WINNER = re.compile(r"winner\s*(?:is)?\s*[:=]?\s*[*_\"']*\s*(?:response\s+)?(a|b|tie|neither|both|equal)\b", re.I)
 _BETTER = re.compile(r"\bresponse\s+(a|b)\s+is\s+(?:better|stronger|more)", re.I)
@@ -42,18 +43,39 @@ def combine_orders(first: str, second: str | None) -> str:
     return "a" if vote > 0 else "b" if vote < 0 else "tie"
 
 
+def winner_schema(reasoning: bool, max_tokens: int) -> dict:
+    """The JSON reply of a pairwise judgement where the backend enforces it: the comparison
+    (with ``reasoning``), then the winner."""
+    return reasoning_first("one or two sentences that compare the responses" if reasoning else None,
+                           {"winner": {"enum": ["A", "B", "tie"]}}, max_tokens)
+
+
+def read_winner(reply: str, schema: dict | None) -> str:
+    """``"A"``, ``"B"`` or ``"tie"`` from a judgement: its JSON with ``schema``, else its text.
+
+    Raises:
+        ParseError: no winner (``schema_error`` for JSON that does not match).
+    """
+    return parse_winner(reply) if schema is None else read_reply(reply, schema)["winner"]
+
+
 def compare(step: LLMStep, pairs: list[tuple[str, str, str, str]], both_orders: bool = True):
     """Judges ``(task, input, a, b)`` pairs with ``step``'s prompt (its config has ``reasoning``):
-    an exchange that returns ``(verdict or None, replies, (reason, detail) or None)`` per pair."""
+    an exchange that returns ``(verdict or None, replies, (reason, detail) or None)`` per pair.
+
+    A ``structured`` step (its backend enforces JSON Schemas) asks for ``{"reasoning", "winner"}``
+    JSON; else the verdict alone is started with "Winner:" and every reply is read as text."""
     reasoning = step.config.reasoning
-    prefill = None if reasoning else "Winner:"
-    params = step.generation_params() if reasoning else verdict_only(step.generation_params())
+    schema = winner_schema(reasoning, step.config.max_tokens) if step.structured else None
+    prefill = None if reasoning or schema is not None else "Winner:"
+    params = json_params(step.generation_params(), schema, verdict=not reasoning) if schema is not None \
+        else step.generation_params() if reasoning else verdict_only(step.generation_params())
     requests = []
     for task, task_input, a, b in pairs:
         orders = [(a, b), (b, a)] if both_orders else [(a, b)]
-        requests += [Request(step.messages(step.render({}, task=task, task_input=task_input, response_a=first,
-                                                       response_b=second), prefill=prefill), params)
-                     for first, second in orders]
+        prompts = [step.render({}, task=task, task_input=task_input, response_a=first, response_b=second)
+                   for first, second in orders]
+        requests += [Request(step.conversation(prompt, schema, prefill), params) for prompt in prompts]
     completions = yield requests
     per_pair = 2 if both_orders else 1
     results = []
@@ -65,7 +87,7 @@ def compare(step: LLMStep, pairs: list[tuple[str, str, str, str]], both_orders: 
             continue
         replies = [(prefill or "") + c.texts[0] for c in group]
         try:
-            verdicts = [parse_winner(r) for r in replies]
+            verdicts = [read_winner(r, schema) for r in replies]
         except ParseError as err:
             results.append((None, replies, step.unparsed(err, any(c.cut() for c in group), params.max_tokens)))
             continue
@@ -96,15 +118,19 @@ class PairwiseConfig(TaskStepConfig):
 class Pairwise(LLMStep):
     """Compares two responses to each task, in both orders to cancel position bias.
 
+    Where the backend enforces JSON Schemas the judge replies ``{"reasoning": ..., "winner": "A" |
+    "B" | "tie"}`` (no reasoning with ``reasoning: false``); elsewhere it writes "Winner: A".
+
     Requires: ``instruction``, ``response`` and ``response_b``.
     Produces: ``winner`` (``a``, ``b`` or ``tie``) and ``pairwise_judgements`` (the replies).
-    A reply without a winner drops the row as ``parse_error``.
+    A reply without a winner drops the row as ``parse_error`` (``schema_error`` for a JSON reply).
 
     Example:
         - pairwise: {a_column: response, b_column: previous_response}
     """
 
     name = "pairwise"
+    structured_output = True
     Config = PairwiseConfig
     templates = {"template": "pairwise"}
 

@@ -47,6 +47,7 @@ class PreferencePairs(LLMStep):
 
     name = "preference_pairs"
     kind = "global"
+    structured_output = True  # its pairwise judgements ask for JSON where the backend enforces it
     Config = PreferencePairsConfig
     templates = {"template": "pairwise"}
 

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 
 from ...config import option
 from ...llm.base import Completion, Conversation, Request
-from ..base import LLMStep, LLMStepConfig, dropped
+from ...llm.schema import read_reply
+from ..base import LLMStep, LLMStepConfig, dropped, json_params, reasoning_first
 from ..judge import parse_score
 
 _SCORE_LABEL = re.compile(r"[*_#\s]*\b(?:final\s+)?(?:score|rating)\s*(?:is|of|[:=])", re.I)
@@ -32,13 +33,21 @@ def split_rating(reply: str) -> tuple[float, str]:
     return score, _REASONING_LABEL.sub("", reasoning.strip()).strip()
 
 
+def rating_reply(config: "SelfCurateConfig") -> dict:
+    """Where the backend enforces JSON Schemas, the reply a rating is asked for in: the reasoning,
+    then the score (an enum: grammars do not enforce minimum and maximum)."""
+    return reasoning_first("one or two sentences that explain the rating",
+                           {"score": {"type": "integer", "enum": [1, 2, 3, 4, 5]}}, config.max_tokens)
+
+
 @dataclass
 class SelfCurateConfig(LLMStepConfig):
     min_score: float = option(4.0, help="Keep pairs rated at least this; lower ones are dropped as "
                                         "`below_min_score`.", min=1.0, max=5.0)
     force_score: bool = option(True, help="When the reasoning has no \"Score: N\", ask once more with the "
                                           "reasoning followed by \"Score:\" so that the model writes the number "
-                                          "(a few tokens; small models rarely end with a score on their own).")
+                                          "(a few tokens; small models rarely end with a score on their own). "
+                                          "Not needed where the backend enforces JSON: the reply holds the score.")
     column: str = option("instruction", help="The instruction.")
     response_column: str = option("response", help="The response rated against it.")
     score_column: str = option("curation_score", help="Where the 1-5 score goes.")
@@ -53,7 +62,9 @@ class SelfCurate(LLMStep):
     1 is irrelevant or incomplete, 3 answers but reads like an excerpt from elsewhere, 5 is a
     perfect, helpful, well-written answer. The model reasons first, then ends with "Score: N";
     with ``force_score``, a reasoning without an explicit "Score: N" is continued from
-    "Score:" in a second, short round.
+    "Score:" in a second, short round. Where the backend enforces JSON Schemas the model replies
+    ``{"reasoning": ..., "score": N}`` instead, in one round (a JSON reply that does not match
+    drops as ``schema_error``).
 
     Requires: ``instruction`` and ``response``.
     Produces: ``curation_score`` (1-5) and ``curation_reasoning``. Pairs below ``min_score``
@@ -66,6 +77,7 @@ class SelfCurate(LLMStep):
 
     name = "self_curate"
     reads_verdict = True  # a score or verdict read before a cut is kept
+    structured_output = True
     Config = SelfCurateConfig
 
     def requires(self):
@@ -79,11 +91,19 @@ class SelfCurate(LLMStep):
     def build_messages(self, row):
         c = self.config
         prompt = self.render(row, instruction=self.text(row, c.column), response=self.text(row, c.response_column))
-        return self.messages(prompt)
+        return self.conversation(prompt, rating_reply(c))
+
+    def generation_params(self):
+        params = super().generation_params()
+        return json_params(params, rating_reply(self.config)) if self.structured else params
 
     def parse(self, reply, row):
         c = self.config
-        score, reasoning = split_rating(reply)
+        if self.structured:
+            fields = read_reply(reply, rating_reply(c))
+            score, reasoning = float(fields["score"]), fields["reasoning"].strip()
+        else:
+            score, reasoning = split_rating(reply)
         columns = {c.score_column: score, c.reasoning_column: reasoning}
         if score < c.min_score:
             return dropped(columns, "below_min_score", f"score {score:g} is below min_score {c.min_score:g}")
@@ -92,7 +112,7 @@ class SelfCurate(LLMStep):
     def exchange(self, rows, ctx):
         asked, out = self.plan(rows)
         completions = yield [request for _, request in asked]
-        if self.config.force_score:
+        if self.config.force_score and not self.structured:  # a JSON reply holds its score
             completions = yield from self.complete_scores([r.messages for _, r in asked], completions)
         return out + self.read(asked, completions)
 

@@ -11,8 +11,10 @@ import polars as pl
 from ...config import option, suggest
 from ...errors import ParseError
 from ...llm.base import Request
+from ...llm.schema import read_reply
 from ...text import normalize
-from ..base import DROP, InvalidRow, LLMStep, LLMStepConfig, StepContext, dropped, rows_to_frame
+from ..base import (DROP, InvalidRow, LLMStep, LLMStepConfig, StepContext, dropped, json_object, json_params,
+                    rows_to_frame, text_field)
 from .context import format_context
 
 QUESTION_TYPES = ("factual", "reasoning", "multi_hop")
@@ -78,6 +80,23 @@ def clean_question(reply: str, min_words: int = 3, max_words: int = 60) -> str:
                      "'Explain ...')")
 
 
+def question_reply(config: "GroundedQuestionsConfig") -> dict:
+    """Where the backend enforces JSON Schemas, the reply a question is asked for in (one question
+    per request: each has its own type, difficulty and passages)."""
+    return json_object({"question": text_field("the question, ending with a question mark", config.max_tokens, 12)})
+
+
+def read_question(reply: str, config: "GroundedQuestionsConfig", structured: bool) -> str:
+    """The question in a reply: the ``question`` of its JSON (``structured``), or its text; either
+    way held to :func:`clean_question`'s rules.
+
+    Raises:
+        ParseError: no question (``schema_error``: JSON that does not match), or one that breaks a rule.
+    """
+    text = read_reply(reply, question_reply(config))["question"] if structured else reply
+    return clean_question(text, config.min_words, config.max_words)
+
+
 # -- the configuration ------------------------------------------------------------------
 
 def _weights(value: dict[str, float] | list[str]) -> dict[str, float]:
@@ -116,7 +135,9 @@ class GroundedQuestionsConfig(LLMStepConfig):
     temperature: float = option(0.7, help="Sampling temperature.", min=0.0, max=5.0)
     top_p: float = option(0.95, help="Nucleus sampling mass.", min=0.0, max=1.0)
     max_tokens: int = option(64, help="Most tokens per question.", min=1)
-    stop: list[str] = option(default_factory=lambda: ["\n"], help="A question ends at the end of its line.")
+    stop: list[str] = option(default_factory=lambda: ["\n"], help="A question ends at the end of its line (not "
+                                                                  "where the backend enforces JSON: a line's end "
+                                                                  "may come between its fields).")
 
     def validate(self):
         return _check_choices(self.types, QUESTION_TYPES, "types") + \
@@ -197,6 +218,7 @@ class GroundedQuestions(LLMStep):
     ``doc_id`` and lineage: ``origin`` (``grounded``), ``parent`` (the chunk ids joined with
     " + "), ``operation`` (the question type), ``generation`` (1). A reply without a question
     is dropped as ``parse_error``; a question asked twice of the same chunks as ``duplicate``.
+    Where the backend enforces JSON it asks for :func:`question_reply` (a mismatch drops as ``schema_error``).
 
     Example:
         - chunk: {}
@@ -205,6 +227,7 @@ class GroundedQuestions(LLMStep):
 
     name = "grounded_questions"
     kind = "global"
+    structured_output = True
     Config = GroundedQuestionsConfig
     prefill = "Question:"
 
@@ -222,10 +245,14 @@ class GroundedQuestions(LLMStep):
     def question_messages(self, item: dict):
         prompt = self.render({}, passages=item["passages"], question_type=item["question_type"],
                              difficulty=item["difficulty"])
-        return self.messages(prompt, prefill=self.prefill)
+        return self.conversation(prompt, question_reply(self.config), self.prefill)
+
+    def generation_params(self):
+        params = super().generation_params()
+        return json_params(params, question_reply(self.config)) if self.structured else params
 
     def parse(self, reply, row):
-        return {self.config.column: clean_question(reply, self.config.min_words, self.config.max_words)}
+        return {self.config.column: read_question(reply, self.config, self.structured)}
 
     def exchange(self, rows, ctx: StepContext):
         c = self.config

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 from ...config import option
 from ...errors import ParseError
-from ..base import InvalidRow, LLMStep, LLMStepConfig, dropped, verdict_only
+from ...llm.schema import read_reply
+from ..base import InvalidRow, LLMStep, LLMStepConfig, dropped, json_params, reasoning_first, verdict_only
 from .context import passage_list, passages_in
 
 
@@ -22,7 +23,8 @@ class GroundednessConfig(LLMStepConfig):
     output_column: str = option("grounded", help="Where the verdict goes (true on every kept row).")
     judgement_column: str = option("groundedness_judgement", help="Where the judge's reply goes.")
     reasoning: bool = option(False, help="Ask for a short check before the verdict; false asks for the verdict "
-                                         "alone (at most 8 tokens), which parses better with small models.")
+                                         "alone (at most 8 tokens; as JSON, at most 32), which parses better with "
+                                         "small models.")
     max_tokens: int = option(128, help="Most tokens per judgement.", min=1)
 
 
@@ -62,9 +64,11 @@ class Groundedness(LLMStep):
 
     Requires: ``instruction``, ``response``, ``context``, ``chunk_ids`` and ``citations``
     (from ``grounded_answer``).
-    Produces: ``grounded`` (true on kept rows) and ``groundedness_judgement``. An answer
-    judged unsupported is dropped as ``ungrounded`` (with its judgement); a reply without
-    a verdict as ``parse_error``.
+    Produces: ``grounded`` (true on kept rows) and ``groundedness_judgement`` (the judge's
+    reply). An answer judged unsupported is dropped as ``ungrounded`` (with its judgement); a
+    reply without a verdict as ``parse_error``. Where the backend enforces JSON Schemas the judge
+    replies ``{"reasoning": ..., "supported": true | false}`` (a JSON reply that does not match
+    drops as ``schema_error``); elsewhere it writes "Supported: yes".
 
     Example:
         - groundedness: {llm: {backend: openai, model: judge, base_url: http://127.0.0.1:8000/v1}}
@@ -72,11 +76,20 @@ class Groundedness(LLMStep):
 
     name = "groundedness"
     reads_verdict = True  # a score or verdict read before a cut is kept
+    structured_output = True
     Config = GroundednessConfig
 
     @property
     def prefill(self) -> str | None:
-        return None if self.config.reasoning else "Supported:"
+        return None if self.config.reasoning or self.structured else "Supported:"
+
+    def reply_schema(self) -> dict:
+        """The JSON reply asked for where the backend enforces it."""
+        return reasoning_first("one or two sentences on what the passages support and what they do not"
+                               if self.config.reasoning else None,
+                               {"supported": {"type": "boolean", "description": "whether the passages support "
+                                                                                "everything the answer claims"}},
+                               self.config.max_tokens)
 
     def requires(self):
         c = self.config
@@ -95,16 +108,19 @@ class Groundedness(LLMStep):
                              f"'{c.chunk_ids_column}': {sorted(set(cited) - {p['chunk_id'] for p in shown})}")
         prompt = self.render(row, question=self.text(row, c.column), response=self.text(row, c.response_column),
                              passages=shown)
-        return self.messages(prompt, prefill=self.prefill)
+        return self.conversation(prompt, self.reply_schema(), self.prefill)
 
     def generation_params(self):
         params = super().generation_params()
+        if self.structured:
+            return json_params(params, self.reply_schema(), verdict=not self.config.reasoning)
         return params if self.config.reasoning else verdict_only(params)
 
     def parse(self, reply, row):
         c = self.config
         text = ((self.prefill or "") + reply).strip()
-        if parse_supported(text):
+        supported = read_reply(reply, self.reply_schema())["supported"] if self.structured else parse_supported(text)
+        if supported:
             return {c.output_column: True, c.judgement_column: text}
         return dropped({c.output_column: False, c.judgement_column: text}, "ungrounded",
                        "the judge found the answer unsupported by the passages it cites")
