@@ -200,9 +200,10 @@ def usage_lines(manifest: dict) -> list[str]:
 # -- what the command line prints -----------------------------------------------------------
 
 def format_steps(steps: list[dict]) -> list[str]:
-    """The per-step table: rows in, out, the share kept, seconds, and drops by reason."""
+    """The per-step table: rows in, out, out/in (above 100% for a step that samples several rows
+    of one), seconds, and drops by reason."""
     width = max([len(f"[{s['index']}] {s['name']}") for s in steps] + [4])
-    lines = [f"  {'step':<{width}}  {'in':>7}  {'out':>7}  {'kept':>6}  {'secs':>7}  dropped"]
+    lines = [f"  {'step':<{width}}  {'in':>7}  {'out':>7}  {'out/in':>6}  {'secs':>7}  dropped"]
     for s in steps:
         dropped = ", ".join(f"{k}={v}" for k, v in s["dropped"].items()) or "-"
         cached = f"  (cached {s['cached_batches']}/{s['batches']})" if s["cached_batches"] else ""
