@@ -17,7 +17,7 @@ from .cache import Cache, NullCache
 from .errors import FactoryError
 from .driver import Driver, RunResult
 from .recipe import OutputConfig, Recipe, output_format
-from .store import read_manifest, truncation_lines, write_version
+from .store import STOPPED, read_manifest, target_line, truncation_lines, write_version
 
 
 def chat_messages(table: pl.DataFrame, output: OutputConfig, task_column: str = "instruction",
@@ -230,20 +230,6 @@ def format_summary(manifest: dict) -> str:
         lines.append("  written as the rows are (no task and response columns for chat `messages`)")
     lines += ["  " + line for line in usage_lines(manifest)]
     return "\n".join(lines)
-
-
-STOPPED = {"max_candidates": "max_candidates reached", "source_exhausted": "the source ran out"}
-
-
-def target_line(target: dict, rows: int) -> str:
-    """One line on a run to ``output.rows``: reached or not, in how many passes over how many candidates."""
-    passes = f"{target['passes']} pass{'es' if target['passes'] != 1 else ''}"
-    if target["reached"]:
-        surplus = f"; {target['surplus']} surplus rows cut" if target["surplus"] else ""
-        return f"output.rows: {rows} of {target['rows']} rows from {target['candidates']} candidates in {passes}" \
-               f"{surplus}"
-    return (f"output.rows: only {rows} of {target['rows']} rows from {target['candidates']} candidates in {passes} "
-            f"({STOPPED.get(target['stopped'], target['stopped'])})")
 
 
 def target_warning(manifest: dict, reasons_per_step: int = 3) -> str | None:

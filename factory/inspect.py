@@ -8,7 +8,7 @@ from pathlib import Path
 
 import polars as pl
 
-from .store import read_manifest, read_version, target_card_lines, truncation_lines
+from .store import read_manifest, read_version, target_line, truncation_lines, usage_text
 
 
 def length_stats(table: pl.DataFrame) -> list[dict]:
@@ -164,11 +164,9 @@ def render(info: dict, width: int = 100) -> str:
             out.append(f"{'[' + str(s['index']) + '] ' + s['name']:<24} {s['rows_in']:>7} {s['rows_out']:>7} "
                        f"{s['seconds']:>7.1f}  {dropped}")
         out += truncation_lines(info["steps"])
-    out += [line[2:] for line in target_card_lines(info.get("target_rows"))]
-    for key, u in (info.get("usage") or {}).items():
-        cost = f", ${u['cost_usd']:.4f}" if "cost_usd" in u else ""
-        out.append(f"llm {key}: {u['prompt_tokens']} tokens in, {u['completion_tokens']} out, "
-                   f"{u['conversations']} requests ({u['cached_conversations']} from the cache){cost}")
+    if info.get("target_rows"):
+        out.append(target_line(info["target_rows"], info["rows"]))
+    out += [f"llm {usage_text(key, u)}" for key, u in (info.get("usage") or {}).items()]
     out += _length_table("length (chars)", info["lengths"], [("min", 7), ("median", 7), ("mean", 9), ("max", 7),
                                                              ("words", 7)])
     out += _length_table("length (tokens)", info.get("tokens"), [("min", 7), ("median", 7), ("mean", 9), ("p95", 7),

@@ -97,9 +97,7 @@ class Source:
         limit = rows if self.config.limit is None else min(rows, self.config.limit)
         generator_config = self.generator_config
         if generator_config is not None and hasattr(generator_config, "num_rows"):
-            made = rows if grow else min(rows, generator_config.num_rows)
-            if self.config.limit is not None:
-                made = min(made, self.config.limit)
+            made = limit if grow else min(limit, generator_config.num_rows)
             generator_config = dataclasses.replace(generator_config, num_rows=made)
         return dataclasses.replace(self, config=dataclasses.replace(self.config, limit=limit),
                                    generator_config=generator_config, rejected=None)

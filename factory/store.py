@@ -181,7 +181,7 @@ def dataset_card(manifest: dict, table: pl.DataFrame, configs: list[dict] | None
         f"- Source: {json.dumps(manifest.get('source'))}",
         f"- Models: {', '.join(sorted({m['model_id'] for m in manifest.get('models', [])})) or 'none'}",
         f"- Rows: {manifest['rows']} kept, {manifest['rejected_rows']} dropped (in `rejected/`)",
-        *target_card_lines(manifest.get("target_rows")),
+        *([f"- {target_line(manifest['target_rows'], manifest['rows'])}"] if manifest.get("target_rows") else []),
         *usage_card_lines(manifest.get("usage")),
         f"- Created: {manifest['created_at']} with dataset-factory {manifest['code_version'].get('factory')}",
         "", "| step | rows in | rows out | dropped | seconds |", "|---|---|---|---|---|",
@@ -203,23 +203,30 @@ def dataset_card(manifest: dict, table: pl.DataFrame, configs: list[dict] | None
     return "\n".join(lines)
 
 
-def target_card_lines(target: dict | None) -> list[str]:
-    """The card's line on ``output.rows``: asked, reached or not, from how many candidates."""
-    if not target:
-        return []
-    how = "reached" if target["reached"] else f"not reached: {target['stopped'].replace('_', ' ')}"
-    passes = f"{target['passes']} pass" + ("es" if target["passes"] != 1 else "")
-    return [f"- Target: {target['rows']} rows ({how}) from {target['candidates']} candidate source rows in {passes}; "
-            f"{target['surplus']} surplus rows cut"]
+STOPPED = {"max_candidates": "max_candidates reached", "source_exhausted": "the source ran out"}
+
+
+def target_line(target: dict, rows: int) -> str:
+    """One line on a run to ``output.rows``: reached or not, in how many passes over how many candidates."""
+    passes = f"{target['passes']} pass{'es' if target['passes'] != 1 else ''}"
+    if target["reached"]:
+        surplus = f"; {target['surplus']} surplus rows cut" if target["surplus"] else ""
+        return f"output.rows: {rows} of {target['rows']} rows from {target['candidates']} candidates in {passes}" \
+               f"{surplus}"
+    return (f"output.rows: only {rows} of {target['rows']} rows from {target['candidates']} candidates in {passes} "
+            f"({STOPPED.get(target['stopped'], target['stopped'])})")
+
+
+def usage_text(key: str, usage: dict) -> str:
+    """One model's LLM usage (manifest ``usage``): tokens sent to the backend, requests, the cost when priced."""
+    cost = f", ${usage['cost_usd']:.4f}" if "cost_usd" in usage else ""
+    return (f"{key}: {usage['prompt_tokens']} tokens in, {usage['completion_tokens']} out, {usage['conversations']} "
+            f"requests ({usage['cached_conversations']} from the cache){cost}")
 
 
 def usage_card_lines(usage: dict | None) -> list[str]:
-    """The card's line on LLM usage: tokens per model (sent to the backend), cost when priced."""
-    if not usage:
-        return []
-    parts = [f"`{key}` {u['prompt_tokens']} tokens in, {u['completion_tokens']} out"
-             + (f" (${u['cost_usd']:.4f})" if "cost_usd" in u else "") for key, u in usage.items()]
-    return [f"- LLM usage: {'; '.join(parts)}"]
+    """The card's line on LLM usage, per model."""
+    return [f"- LLM usage: {'; '.join(usage_text(key, u) for key, u in usage.items())}"] if usage else []
 
 
 def truncation_lines(steps: list[dict]) -> list[str]:

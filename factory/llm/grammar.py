@@ -13,6 +13,7 @@ about as fast here but pulls in triton (1 GB) on Linux.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 
@@ -23,6 +24,7 @@ from ..errors import FactoryError
 WHITESPACE = r"[ ]?"
 
 
+@functools.lru_cache(maxsize=1)
 def available() -> bool:
     """Whether outlines-core is installed (else replies are checked after the fact)."""
     return importlib.util.find_spec("outlines_core") is not None

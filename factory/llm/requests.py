@@ -151,7 +151,8 @@ class LLMClient:
         """
         asked = Counter() if asked is None else asked
         results = self.continue_cut(requests, self.fetch(requests, asked), asked)
-        if not self.backend.enforces_schema:
+        # Asked only when a request has a schema: an openai backend learns it from its server.
+        if any(r.params.json_schema for r in requests) and not self.backend.enforces_schema:
             results = self.reask_invalid(requests, results, asked)
         for request, completion in zip(requests, results):
             if completion.error is None:
@@ -204,17 +205,19 @@ class LLMClient:
         """``results`` with each reply that does not match its request's JSON Schema sent back to
         the model with what is wrong, up to :data:`SCHEMA_REASKS` times (a cut reply is left as
         it is: asking again would cut it again). The step still reads every reply."""
+        # Every reply is checked once; after that, only the replies that came back from a re-ask.
+        checked = [(i, k) for i, (request, completion) in enumerate(zip(requests, results))
+                   if request.params.json_schema and completion.error is None for k in range(len(completion.texts))]
         for _ in range(SCHEMA_REASKS):
             bad = []
-            for i, (request, completion) in enumerate(zip(requests, results)):
-                if not request.params.json_schema or completion.error is not None:
-                    continue
-                for k, text in enumerate(completion.texts):
-                    problem = None if completion.cut(k) else _schema_problem(text, request.params.json_schema)
-                    if problem:
-                        bad.append((i, k, problem))
+            for i, k in checked:
+                problem = None if results[i].cut(k) else _schema_problem(results[i].texts[k],
+                                                                         requests[i].params.json_schema)
+                if problem:
+                    bad.append((i, k, problem))
             if not bad:
                 break
+            checked = []
             follow = []
             for i, k, problem in bad:
                 messages, prefill = split_prefill(requests[i].messages)
@@ -226,11 +229,15 @@ class LLMClient:
             self.usage.reasks += len(follow)
             for (i, k, _), more in zip(bad, self.fetch(follow, asked)):
                 if more.error is not None or not more.texts:
+                    checked.append((i, k))  # the reply stays as it was: asked again next time
                     continue
                 first = results[i]
                 texts, finishes = list(first.texts), [first.finish(j) for j in range(len(first.texts))]
                 texts[k], finishes[k] = more.texts[0], more.finish(0)
-                self.usage.reasks_fixed += _schema_problem(texts[k], requests[i].params.json_schema) is None
+                fixed = _schema_problem(texts[k], requests[i].params.json_schema) is None
+                self.usage.reasks_fixed += fixed
+                if not fixed:
+                    checked.append((i, k))
                 results[i] = dataclasses.replace(first, texts=texts, finish_reasons=finishes,
                                                  completion_tokens=first.completion_tokens + more.completion_tokens)
         return results
