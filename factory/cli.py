@@ -162,6 +162,11 @@ def build_parser() -> argparse.ArgumentParser:
                                         "version with the current model (base + the previous round's adapter), trains "
                                         "a LoRA adapter on it, evaluates it, and measures the generation-verification "
                                         "gap. Writes OUT/evolve.json, datasets/, adapters/ and report.{json,md,png}. "
+                                        "It stops early when the verifier that picks the data has no gap "
+                                        "(evolve.min_gap), when pass@k or diversity collapse (evolve.collapse) or "
+                                        "when accuracy stalls (evolve.patience). With `evolve.compare: [programmatic, "
+                                        "majority, judge]` it runs the loop once per verifier into OUT/<verifier>/ "
+                                        "and draws accuracy and gain against gap side by side in OUT/report.png. "
                                         "Run the same command again to resume an interrupted loop.")
     evolve.add_argument("recipe", help="a recipe with an `evolve:` section")
     evolve.add_argument("--rounds", type=int, default=None, help="rounds to run (default: evolve.rounds)")
@@ -172,7 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     evolve.set_defaults(func=cmd_evolve)
 
     report = sub.add_parser("report", help="redraw an evolve run's report.json, report.md and report.png",
-                            description="Redraw the report of a `factory evolve` run from its evolve.json.")
+                            description="Redraw the report of a `factory evolve` run from its evolve.json (or of a "
+                                        "comparison, `evolve.compare`, from its runs).")
     report.add_argument("run_dir", help="the --out folder of a `factory evolve` run")
     report.set_defaults(func=cmd_report)
 
@@ -369,10 +375,21 @@ def cmd_push(args) -> int:
 
 def cmd_evolve(args) -> int:
     from .evolve.loop import Evolution
+    from .recipe import load_recipe
     from .report import markdown, rows
 
     from pathlib import Path
 
+    recipe = load_recipe(args.recipe, args.overrides)
+    if recipe.evolve is not None and recipe.evolve.compare:
+        from .evolve.compare import Comparison, comparison_markdown, comparison_rows
+
+        states = Comparison(args.recipe, args.out, args.overrides, rounds=args.rounds, progress=not args.quiet,
+                            make_driver=lambda cache: make_driver(args, cache, progress=not args.quiet)).run()
+        print(comparison_markdown(states, comparison_rows(states)).rstrip())
+        print(f"\nreport: {args.out}/report.md, {args.out}/report.png")
+        print(args.out)
+        return 0
     driver = make_driver(args, Path(args.out) / ".cache", progress=not args.quiet)
     state = Evolution(args.recipe, args.out, args.overrides, rounds=args.rounds, progress=not args.quiet,
                       driver=driver).run()
@@ -383,9 +400,12 @@ def cmd_evolve(args) -> int:
 
 
 def cmd_report(args) -> int:
+    from pathlib import Path
+
+    from .evolve.compare import MANIFEST, write_comparison
     from .report import redraw
 
-    print(redraw(args.run_dir))
+    print(write_comparison(args.run_dir) if (Path(args.run_dir) / MANIFEST).is_file() else redraw(args.run_dir))
     return 0
 
 

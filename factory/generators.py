@@ -1,7 +1,8 @@
 """Programmatic task sources (``source: {generator: NAME, ...}``).
 
 ``arithmetic``: multi-step arithmetic word problems with exact integer answers, for
-verifiable self-improvement. Problems are assigned to the ``train`` or ``eval`` split by a
+verifiable self-improvement. ``numbers``: short numeric questions ("Which number is larger,
+47 or 52?", "What is 27 + 8?") that a small model gets right some of the time. Problems are assigned to the ``train`` or ``eval`` split by a
 hash of their text, so the two splits never share a problem whatever seeds are used.
 
 Generators are prefix-stable: the first k rows are the same whatever ``num_rows`` is (rows
@@ -133,6 +134,65 @@ def arithmetic(config: ArithmeticConfig) -> pl.DataFrame:
                                       "num_steps": pl.Int64, "split": pl.String})
 
 
+@dataclass
+class NumbersConfig:
+    num_rows: int = option(200, help="Questions to generate.", min=1)
+    split: Literal["train", "eval"] = option("train", help="Which split: questions are assigned to a split "
+                                                           "by a hash of their text, so splits never overlap.")
+    eval_share: float = option(0.25, help="Share of all possible questions that belong to the eval split.",
+                               min=0.01, max=0.99)
+    kinds: list[Literal["larger", "smaller", "add", "sub", "mul"]] = option(
+        default_factory=lambda: ["larger", "smaller", "add", "mul"],
+        help="Kinds of question, drawn with equal odds: `larger` / `smaller` (which of two numbers from 10 to "
+             "`max_number`), `add` (a + b, a from 10 to `add_max`, b from 2 to 9), `sub` (a - b, a from 10 to "
+             "`add_max`, b from 2 to 9), `mul` (a x b, both from 2 to `mul_max`).")
+    max_number: int = option(99, help="Largest number compared.", min=11)
+    add_max: int = option(60, help="Largest first term of `add` and `sub`.", min=10)
+    mul_max: int = option(12, help="Largest factor of `mul`.", min=2)
+    seed: int = option(0, help="Generator seed (the recipe seed is not used, so eval sets stay fixed).")
+
+    def validate(self):
+        return [] if self.kinds else [("needs at least one kind", "kinds", "use e.g. [larger, smaller, add, mul]")]
+
+
+def _number_question(rng: random.Random, kind: str, c: NumbersConfig) -> tuple[str, int]:
+    r = rng.randint
+    if kind in ("larger", "smaller"):
+        a, b = rng.sample(range(10, c.max_number + 1), 2)
+        return f"Which number is {kind}, {a} or {b}?", max(a, b) if kind == "larger" else min(a, b)
+    if kind == "add":
+        a, b = r(10, c.add_max), r(2, 9)
+        return f"What is {a} + {b}?", a + b
+    if kind == "sub":
+        a, b = r(10, c.add_max), r(2, 9)
+        return f"What is {a} - {b}?", a - b
+    a, b = r(2, c.mul_max), r(2, c.mul_max)
+    return f"What is {a} x {b}?", a * b
+
+
+def numbers(config: NumbersConfig) -> pl.DataFrame:
+    """Short numeric questions ("Which number is larger, 47 or 52?", "What is 27 + 8?") with
+    exact answers: tasks a small model gets right some of the time, which self-training can sharpen."""
+    rng = random.Random(f"numbers:{config.seed}:{config.split}")
+    n = config.max_number - 9
+    space = sum({"larger": n * (n - 1), "smaller": n * (n - 1), "add": (config.add_max - 9) * 8,
+                 "sub": (config.add_max - 9) * 8, "mul": (config.mul_max - 1) ** 2}[k] for k in set(config.kinds))
+    rows, seen, attempts = [], set(), 0
+    while len(rows) < config.num_rows and attempts < config.num_rows * 200 and len(seen) < space:
+        attempts += 1
+        kind = rng.choice(config.kinds)
+        text, answer = _number_question(rng, kind, config)
+        if text in seen:
+            continue
+        seen.add(text)
+        if problem_split(text, config.eval_share) != config.split:
+            continue
+        rows.append({"id": f"num-{config.split}-{len(rows):05d}", "instruction": text, "answer": str(answer),
+                     "kind": kind, "split": config.split})
+    return pl.DataFrame(rows, schema={"id": pl.String, "instruction": pl.String, "answer": pl.String,
+                                      "kind": pl.String, "split": pl.String})
+
+
 @dataclass(frozen=True)
 class Generator:
     name: str
@@ -144,4 +204,5 @@ class Generator:
 GENERATORS: dict[str, Generator] = {
     "arithmetic": Generator("arithmetic", ArithmeticConfig, arithmetic,
                             ("id", "instruction", "answer", "num_steps", "split")),
+    "numbers": Generator("numbers", NumbersConfig, numbers, ("id", "instruction", "answer", "kind", "split")),
 }

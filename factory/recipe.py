@@ -432,6 +432,11 @@ def _validate(data: dict, problems: list[Problem], base_dir: Path) -> Recipe | N
     evolve = None
     if data.get("evolve") is not None:
         evolve = build_evolve(data["evolve"], ("evolve",), problems, llm)
+        if evolve is not None and evolve.compare and steps_ok and not any(s.name == "select" for s in steps):
+            problems.append(Problem("evolve.compare runs the loop once per verifier through a `select` step, and "
+                                    "the recipe has none", path=("evolve", "compare"),
+                                    fix="add e.g. `- select: {verifier: majority, per_task: 2}` after the solve, "
+                                        "verify and judge steps"))
     if steps_ok and isinstance(data.get("prices"), dict):
         _check_prices(data["prices"], models_of(steps), problems)
     if header is None or llm is None or output is None or not steps_ok or not source_ok or prices is None:

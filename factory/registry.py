@@ -44,6 +44,7 @@ STEPS: dict[str, str] = {
     "exact": "filters.exact:ExactDedup",
     "consistency": "filters.consistency:Consistency",
     "score": "filters.score:ScoreFilter",
+    "select": "filters.select:Select",
     "heuristics": "filters.heuristics:Heuristics",
     "decontaminate": "filters.decontaminate:Decontaminate",
 }

@@ -12,8 +12,12 @@ from .errors import FactoryError
 
 
 def rows(state: dict) -> list[dict]:
-    """One flat row per round: eval accuracy, win rate, J(f), gaps per verifier, pass@k, diversity."""
+    """One flat row per round: eval accuracy (and its gain over round 0 with a paired 95 %
+    interval), win rate, J(f), gaps per verifier, pass@k, diversity, seconds per phase."""
+    from trainers.evaluate import paired_gain
+
     table = []
+    base_items = ((state["rounds"][0] if state["rounds"] else {}).get("eval") or {}).get("correct_items")
     for rs in state["rounds"]:
         gap = rs.get("gap") or {}
         evaluated = rs.get("eval") or {}
@@ -21,6 +25,9 @@ def rows(state: dict) -> list[dict]:
                "eval_cut": (f"{evaluated['truncated']}/{evaluated['items']}" if "truncated" in evaluated else None),
                "win_rate": (rs.get("win_rate") or {}).get("win_rate"), "J_f": gap.get("J_f"),
                "samples": gap.get("samples"), "train_loss": (rs.get("train") or {}).get("train_loss")}
+        if rs["round"] and base_items and evaluated.get("correct_items"):
+            row["gain"] = paired_gain(base_items, evaluated["correct_items"])
+        row["seconds"] = rs.get("seconds") or {}
         wins = rs.get("win_rate") or {}
         # Wins, losses and ties behind the rate: 0.5 from all ties is no evidence either way.
         row["win_loss_tie"] = (f"{wins['wins']}/{wins['losses']}/{wins['ties']}"
@@ -41,11 +48,15 @@ def markdown(state: dict, table: list[dict]) -> str:
              f"recipe: `{state['recipe_file']}` (hash `{state['recipe_hash'][:12]}`); {state.get('stopped') or ''}.",
              "", "## Evaluation", "",
              "An answer cut at the token limit counts as wrong (column *cut*).", "",
-             "| round | eval accuracy | cut | win rate vs previous | wins / losses / ties | train loss |",
-             "|---|---|---|---|---|---|"]
+             "Gain: accuracy minus round 0's on the same items, with a paired bootstrap 95 % interval and the "
+             "items that turned right / wrong.", "",
+             "| round | eval accuracy | gain over round 0 [95 % CI] | cut | win rate vs previous | "
+             "wins / losses / ties | train loss |",
+             "|---|---|---|---|---|---|---|"]
     for row in table:
-        lines.append(f"| {row['round']} | {_fmt(row['accuracy'])} | {row.get('eval_cut') or '-'} | "
-                     f"{_fmt(row['win_rate'])} | {row['win_loss_tie'] or '-'} | {_fmt(row['train_loss'])} |")
+        lines.append(f"| {row['round']} | {_fmt(row['accuracy'])} | {gain_text(row.get('gain'))} | "
+                     f"{row.get('eval_cut') or '-'} | {_fmt(row['win_rate'])} | {row['win_loss_tie'] or '-'} | "
+                     f"{_fmt(row['train_loss'])} |")
     verifiers = sorted({k[len('gap_'):] for row in table for k in row if k.startswith("gap_")})
     if verifiers:
         lines += ["", "## Generation-verification gap", "",
@@ -65,11 +76,32 @@ def markdown(state: dict, table: list[dict]) -> str:
             lines.append(f"| {row['round']} | " + " | ".join(_fmt(row.get(k)) for k in ks) +
                          f" | {_fmt(row.get('distinct_1'))} | {_fmt(row.get('distinct_2'))} | "
                          f"{_fmt(row.get('distinct_answers_per_sample'))} |")
+    phases = [p for p in ("generate", "train", "eval", "win_rate") if any(p in row["seconds"] for row in table)]
+    if phases:
+        lines += ["", "## Seconds per phase", "", "| round | " + " | ".join(phases) + " | total |",
+                  "|---|" + "---|" * (len(phases) + 1)]
+        for row in table:
+            if row["seconds"]:
+                lines.append(f"| {row['round']} | " + " | ".join(seconds_text(row["seconds"].get(p)) for p in phases)
+                             + f" | {seconds_text(sum(row['seconds'].values()))} |")
     lines += ["", "## Rounds", ""]
     for rs in state["rounds"][1:]:
         lines.append(f"- round {rs['round']}: data `{rs.get('version')}` (parent `{rs.get('parent')}`), trained "
                      f"`{rs.get('adapter')}` from `{rs.get('adapter_in')}`; seconds {rs.get('seconds')}")
     return "\n".join(lines) + "\n"
+
+
+def gain_text(gain: dict | None) -> str:
+    """``+0.073 [+0.040, +0.107] (31 up / 9 down)``, or ``-``."""
+    if not gain:
+        return "-"
+    low, high = gain["ci95"]
+    return (f"{gain['gain']:+.3f} [{low:+.3f}, {high:+.3f}] ({gain['improved']} up / {gain['worsened']} down)" +
+            (" *" if gain["significant"] else ""))
+
+
+def seconds_text(value) -> str:
+    return "-" if value is None else f"{value:.0f}"
 
 
 def _fmt(value) -> str:

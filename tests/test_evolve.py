@@ -46,6 +46,7 @@ steps:
 output: {{format: messages}}
 evolve:
   rounds: {rounds}
+  min_gap: null  # the scripted answers give no gap; train anyway, this is about the artefacts
   model: {tiny_model_dir}
   train: {{max_steps: 2, batch_size: 2, max_length: 96, save_steps: 1, learning_rate: 0.01}}
   eval: {{path: {ROOT / 'data' / 'eval' / 'arithmetic.jsonl'}, limit: 5}}
@@ -67,7 +68,7 @@ def test_one_round_then_two_every_artefact_links_to_its_parent(tiny_model_dir, t
     state = Evolution(str(recipe), out, [], progress=False).run()
 
     baseline, first = state["rounds"]
-    assert set(baseline) == {"round", "eval"} and baseline["eval"]["items"] == 5
+    assert set(baseline) == {"round", "eval", "seconds"} and baseline["eval"]["items"] == 5
     version = Path(first["version"])
     manifest = json.loads((version / "manifest.json").read_text())
     assert version == out / "datasets" / "tiny-evolve" / "v1"
@@ -103,6 +104,10 @@ def test_one_round_then_two_every_artefact_links_to_its_parent(tiny_model_dir, t
     assert state["stopped"] == "completed 2 round(s)"
     report = (out / "report.md").read_text()
     assert "| 2 |" in report and "J(f[w])" in report
+    # Gains over round 0 come with a paired interval; every phase of every round is timed.
+    assert "gain over round 0 [95 % CI]" in report and "| 1 | 0.000 | +0.000 [+0.000, +0.000]" in report
+    assert "## Seconds per phase" in report and set(state["rounds"][2]["seconds"]) == {"generate", "train", "eval",
+                                                                                         "win_rate"}
 
 
 def test_report_redraws_from_the_state(tiny_model_dir, tmp_path, capsys):

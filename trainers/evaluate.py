@@ -128,18 +128,45 @@ def accuracy(solve_step, client, table: pl.DataFrame, column: str, answer_column
                           results, sum(r["truncated"] for r in results))
 
 
-def solve_step_for(cot: bool, answer_format: str, max_tokens: int, template_from=None):
-    """A greedy ``solve`` step for evaluation, with a training recipe's prompt when given."""
+def solve_step_for(cot: bool, answer_format: str, max_tokens: int, template_from=None, max_tokens_override=None):
+    """A greedy ``solve`` step for evaluation, with a training recipe's prompt when given
+    (and its token limit, unless ``max_tokens_override``)."""
     from factory.steps.solve import Solve, SolveConfig
 
     if template_from is not None:
         c = template_from.config
         config = SolveConfig(template=c.template, system=c.system, column=c.column, input_column=c.input_column,
-                             cot=c.cot, answer_format=c.answer_format, max_tokens=c.max_tokens, temperature=0.0,
+                             cot=c.cot, answer_format=c.answer_format, max_tokens=max_tokens_override or c.max_tokens,
+                             temperature=0.0,
                              top_p=1.0, samples=1)
         return Solve(config, base_dir=template_from.base_dir)
     return Solve(SolveConfig(cot=cot, answer_format=answer_format, max_tokens=max_tokens, temperature=0.0,
                              top_p=1.0, samples=1))
+
+
+def correct_bits(result: AccuracyResult) -> str:
+    """Per-item correctness as a string of 0/1, in eval order (what :func:`paired_gain` compares)."""
+    return "".join("1" if r["correct"] else "0" for r in result.results)
+
+
+def paired_gain(before: str, after: str, resamples: int = 20000, seed: int = 0) -> dict | None:
+    """The accuracy gain from ``before`` to ``after`` (per-item 0/1 strings over the same eval
+    items) with a paired bootstrap 95 % interval: items are resampled together, so an item
+    both models get right (or wrong) adds no noise. None when the two cover different items.
+    """
+    import numpy as np
+
+    if not before or len(before) != len(after):
+        return None
+    a = np.frombuffer(before.encode(), dtype=np.uint8).astype(np.int64) - 48
+    b = np.frombuffer(after.encode(), dtype=np.uint8).astype(np.int64) - 48
+    n, up, down = len(a), int(((b - a) > 0).sum()), int(((b - a) < 0).sum())
+    # Each item's difference is -1, 0 or +1, so a bootstrap resample is a multinomial draw of the three counts.
+    draws = np.random.default_rng(seed).multinomial(n, [up / n, down / n, 1 - (up + down) / n], size=resamples)
+    means = (draws[:, 0] - draws[:, 1]) / n
+    low, high = np.percentile(means, [2.5, 97.5])
+    return {"gain": round((up - down) / n, 4), "ci95": [round(float(low), 4), round(float(high), 4)],
+            "improved": up, "worsened": down, "items": n, "significant": bool(low > 0 or high < 0)}
 
 
 # -- generation-verification gap ("Mind the Gap", Song et al.) ----------------------------
@@ -246,7 +273,7 @@ def _indices_by(rows: list[dict], column: str) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     from factory.llm import TransformersBackend, TransformersConfig
-    from factory.llm.client import LLMClient
+    from factory.llm.requests import LLMClient
 
     config = parse_config(AccuracyConfig, argv, "Accuracy of a model (+ adapter) on a verifiable eval set.",
                           prog="python -m trainers.evaluate")

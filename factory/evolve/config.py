@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from filters.select import VERIFIERS
 from trainers.dpo import DPOTrainConfig
 from trainers.sft import SFTConfig
 
@@ -25,6 +26,9 @@ class EvalSection:
     limit: int | None = option(None, help="Evaluate on the first N items.", min=1)
     method: Literal["auto", "exact", "numeric", "normalized", "choice"] = option("auto",
                                                                                  help="How answers are compared.")
+    max_tokens: int | None = option(None, help="Most tokens per answer (default: the recipe's solve step's); "
+                                               "an answer cut there counts as wrong, so leave room for a base "
+                                               "model that talks before it answers.", min=1)
 
 
 @dataclass
@@ -54,6 +58,18 @@ class EvolveConfig:
     patience: int | None = option(None, help="Stop when eval accuracy has not improved by `min_delta` for this "
                                              "many rounds (default: run every round).", min=1)
     min_delta: float = option(0.0, help="Smallest accuracy gain that counts as improvement.", min=0.0)
+    min_gap: float | None = option(0.02, help="Stop before training a round when the gap (J(f[w]) - J(f)) of the "
+                                              "verifier that picks its data is at or below this: that data is no "
+                                              "better than the model's own samples (\"Mind the Gap\"; the default "
+                                              "allows for the noise of ~1000 samples). The verifier is the `select` "
+                                              "step's; without one, the best self-verifier measured. null: never.")
+    collapse: float | None = option(0.5, help="Stop before training a round when its pass@k or its distinct answers "
+                                              "per sample fell by more than this share from round 1's (diversity "
+                                              "collapse). null: never.", min=0.0, max=1.0)
+    compare: list[str] | None = option(None, help="Run the loop once per verifier, each picking the training data "
+                                                  "through the recipe's `select` step, from the same start and "
+                                                  "budget, into OUT/<verifier>/, and draw them side by side in "
+                                                  "OUT/report.png, e.g. [programmatic, majority, judge].")
     fresh_source: bool = option(True, help="A generator source gets seed + round, so each round sees new tasks.")
     judge_threshold: float | None = option(None, help="Judge score from which the `judge_score` verifier accepts "
                                                       "a sample (default: the upper half of the scale).")
@@ -79,4 +95,10 @@ def build_evolve(data, path: tuple, problems: list[Problem], llm) -> EvolveConfi
     if llm is not None and config.model is None and llm.backend == "scripted":
         problems.append(Problem("a scripted llm has no weights to train", path=path + ("model",),
                                 fix="set evolve.model to a local model folder"))
+    for i, verifier in enumerate(config.compare or []):
+        if verifier not in VERIFIERS:
+            problems.append(Problem(f"unknown verifier '{verifier}'", path=path + ("compare", i),
+                                    fix=f"use {', '.join(VERIFIERS)}"))
+    if config.compare is not None and len(set(config.compare)) != len(config.compare):
+        problems.append(Problem("a verifier is named twice", path=path + ("compare",), fix="name each once"))
     return config if len(problems) == before else None

@@ -34,8 +34,10 @@ import polars as pl
 import yaml
 
 from filters.consistency import Consistency
+from filters.select import Select
 from trainers.common import is_trained
-from trainers.evaluate import accuracy, eval_references, gap_metrics, read_eval, round_samples, solve_step_for
+from trainers.evaluate import (accuracy, correct_bits, eval_references, gap_metrics, read_eval, round_samples,
+                               solve_step_for)
 
 from ..build import format_summary, run_recipe
 from ..cache import Cache
@@ -73,11 +75,13 @@ class Evolution:
     """One evolve run in ``out``: its recipe, its state, and the phases of each round.
 
     Args:
-        driver: runs each round's recipe (default: the local executor, cache in OUT/.cache).
+        driver: runs each round's recipe (default: the local executor, cache in ``cache_dir``).
+        cache_dir: the LLM cache (default OUT/.cache); runs that share one share every reply
+            they have in common (the runs of a comparison share round 0 and round 1's samples).
     """
 
     def __init__(self, recipe_file: str, out: str | Path, overrides: list[str], rounds: int | None = None,
-                 progress: bool = True, driver: Driver | None = None):
+                 progress: bool = True, driver: Driver | None = None, cache_dir: str | Path | None = None):
         self.recipe_file = recipe_file
         self.overrides = list(overrides)
         self.recipe = load_recipe(recipe_file, self.overrides)
@@ -88,10 +92,11 @@ class Evolution:
         self.rounds = rounds or self.config.rounds
         self.out = Path(out)
         self.progress = progress
-        self.cache = Cache(self.out / ".cache")
+        self.cache = Cache(Path(cache_dir) if cache_dir else self.out / ".cache")
         self.driver = driver or Driver(self.cache, progress=progress)
         self.base_model = self.config.model or self.recipe.llm.model
         self.solve = first_step(self.recipe, Solve)
+        self.select = first_step(self.recipe, Select)
         if self.config.eval and (self.solve is None or self.solve.config.answer_format == "none"):
             raise FactoryError(f"{recipe_file}: evolve.eval checks final answers, so the recipe needs a `solve` step "
                                "with `answer_format` (e.g. number); its prompt is the one evaluated")
@@ -170,14 +175,17 @@ class Evolution:
                             else e.method, e.path)
         client = self.client(adapter)
         try:
-            result = accuracy(solve_step_for(True, "number", 256, template_from=self.solve), client, table, e.column,
-                              e.answer_column, e.method, progress=self.progress, source=e.path)
+            step = solve_step_for(True, "number", 256, template_from=self.solve,
+                                  max_tokens_override=e.max_tokens)
+            # Large chunks: the backend sorts each chunk by prompt length, so fewer chunks pad less.
+            result = accuracy(step, client, table, e.column, e.answer_column, e.method, batch_size=256,
+                              progress=self.progress, source=e.path)
         finally:
             client.backend.close()
-        cut = (f"; {result.truncated} answers cut at the token limit, counted wrong (raise max_tokens on the "
-               "recipe's solve step)" if result.truncated else "")
+        cut = (f"; {result.truncated} answers cut at {step.config.max_tokens} tokens, counted wrong (raise "
+               "evolve.eval.max_tokens)" if result.truncated else "")
         _log(f"eval accuracy {result.accuracy:.3f} ({result.correct}/{result.items}){cut}")
-        return {**result.summary(), "examples": result.results[:3]}
+        return {**result.summary(), "examples": result.results[:3], "correct_items": correct_bits(result)}
 
     def answers(self, tasks: pl.DataFrame, adapter: str | None) -> pl.Series:
         """Greedy answers of the model with ``adapter`` to the win-rate tasks."""
@@ -214,11 +222,48 @@ class Evolution:
     def gap(self, version: str) -> dict:
         if self.solve is None:
             return {}
-        consistency = first_step(self.recipe, Consistency)
+        vote = self.select or first_step(self.recipe, Consistency)
+        threshold = self.config.judge_threshold
+        if threshold is None and self.select is not None:
+            threshold = self.select.config.min_score  # the judge verifier measured is the one `select` uses
         return gap_metrics(round_samples(version, self.solve.index), task_column=self.solve.config.column,
                            prediction_column=self.solve.config.prediction_column,
-                           min_agreement=consistency.config.min_agreement if consistency else 0.5,
-                           judge_threshold=self.config.judge_threshold)
+                           min_agreement=vote.config.min_agreement if vote else 0.5, judge_threshold=threshold)
+
+    def selecting_verifier(self, verifiers: dict) -> str | None:
+        """The measured verifier that picks the training data: the `select` step's; a recipe
+        without one that votes picks by majority; otherwise the best self-verifier measured."""
+        if self.select is not None:
+            return SELECT_TO_GAP[self.select.config.verifier]
+        if first_step(self.recipe, Consistency) is not None and "majority_vote" in verifiers:
+            return "majority_vote"
+        own = {name: v["gap"] for name, v in verifiers.items() if name != "programmatic"}
+        return max(own, key=own.get) if own else None
+
+    def stop_rule(self, r: int, gap: dict, rows: int | None = None) -> str | None:
+        """Why the loop should stop before training round ``r`` on its samples, or None."""
+        c = self.config
+        if rows == 0:
+            return (f"round {r}: the curation kept no row, so there is nothing to train on; stopped before training "
+                    f"round {r} (see the version's rejected/ for why)")
+        verifiers = gap.get("verifiers") or {}
+        name = self.selecting_verifier(verifiers)
+        if c.min_gap is not None and name is not None:
+            value = verifiers[name]["gap"]
+            if value <= c.min_gap:
+                return (f"round {r}: the gap of {name}, the verifier that picks the data, is {value:+.3f} "
+                        f"(J(f) {gap['J_f']:.3f}), at or below min_gap {c.min_gap}: its data is no better than "
+                        f"the model's own samples; stopped before training round {r}")
+        first = (self.state["rounds"][1].get("gap") or {}) if r > 1 else {}
+        if c.collapse is not None and first:
+            for label, now, then in (("pass@k", _top_pass(gap), _top_pass(first)),
+                                     ("distinct answers per sample", (gap.get("diversity") or {}).get(
+                                         "distinct_answers_per_sample"), (first.get("diversity") or {}).get(
+                                         "distinct_answers_per_sample"))):
+                if now is not None and then and now < (1 - c.collapse) * then:
+                    return (f"round {r}: {label} fell from {then:.3f} in round 1 to {now:.3f}, more than the "
+                            f"collapse share {c.collapse}; stopped before training round {r}")
+        return None
 
     # -- the loop ------------------------------------------------------------------------------
     def phase(self, rs: dict, name: str, run: Callable[[], object], timed: str | None = None) -> None:
@@ -238,7 +283,7 @@ class Evolution:
         baseline = self.round_state(0)
         if self.config.eval and "eval" not in baseline:
             _log("round 0: evaluating the base model")
-            self.phase(baseline, "eval", lambda: self.evaluate(None))
+            self.phase(baseline, "eval", lambda: self.evaluate(None), timed="eval")
         adapter, version = None, None
         best, stale = baseline.get("eval", {}).get("accuracy"), 0
         for r in range(1, self.rounds + 1):
@@ -250,6 +295,12 @@ class Evolution:
                 _log(f"round {r}: generating with {'base + ' + adapter if adapter else 'the base model'}")
             self.phase(rs, "version", lambda: self.generate(r, adapter, version), timed="generate")
             self.phase(rs, "gap", lambda: self.gap(rs["version"]))
+            if "adapter" not in rs:
+                rows = json.loads((Path(rs["version"]) / "manifest.json").read_text(encoding="utf-8"))["rows"]
+                self.state["stopped"] = self.stop_rule(r, rs["gap"], rows)
+                if self.state["stopped"]:
+                    _log(self.state["stopped"])
+                    break
             self.phase(rs, "adapter", lambda: self.train(r, rs["version"], adapter), timed="train")
             self.phase(rs, "train", lambda: _training_summary(rs["adapter"]))
             if self.config.eval:
@@ -278,6 +329,15 @@ class Evolution:
         self.save()
         write_report(self.out, self.state)
         return self.state
+
+
+SELECT_TO_GAP = {"programmatic": "programmatic", "majority": "majority_vote", "judge": "judge_score"}
+
+
+def _top_pass(gap: dict) -> float | None:
+    """pass@k at the largest k measured."""
+    passes = gap.get("pass_at_k") or {}
+    return passes[max(passes, key=lambda k: int(k[5:]))] if passes else None
 
 
 def _training_summary(adapter: str) -> dict:
