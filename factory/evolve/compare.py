@@ -22,7 +22,7 @@ from filters.select import Select
 
 from ..errors import FactoryError
 from ..recipe import load_recipe
-from .loop import SELECT_TO_GAP, Evolution
+from .loop import SELECT_TO_GAP, Evolution, _top_pass
 
 MANIFEST = "compare.json"
 
@@ -78,14 +78,13 @@ def comparison_rows(states: dict) -> list[dict]:
     for verifier, state in states.items():
         measured = SELECT_TO_GAP.get(verifier, verifier)
         previous = None
-        for row in rows(state):
+        for rs, row in zip(state["rounds"], rows(state)):
             entry = {"verifier": verifier, "round": row["round"], "accuracy": row["accuracy"],
                      "gain": row.get("gain"), "J_f": row["J_f"], "gap": row.get(f"gap_{measured}"),
                      "relative_gap": row.get(f"relative_gap_{measured}"), "J_f_w": row.get(f"J_w_{measured}"),
                      "gaps": {k[4:]: v for k, v in row.items() if k.startswith("gap_")},
                      "pass@1": row.get("pass@1"),
-                     "pass@k": next((row[k] for k in sorted((k for k in row if k.startswith("pass@") and k != "pass@1"),
-                                                             key=lambda k: int(k[5:]))[-1:]), None),
+                     "pass@k": _top_pass(rs.get("gap") or {}),
                      "distinct_2": row.get("distinct_2"),
                      "distinct_answers": row.get("distinct_answers_per_sample"), "seconds": row["seconds"],
                      "round_gain": (round(row["accuracy"] - previous, 4)
