@@ -128,17 +128,16 @@ def accuracy(solve_step, client, table: pl.DataFrame, column: str, answer_column
                           results, sum(r["truncated"] for r in results))
 
 
-def solve_step_for(cot: bool, answer_format: str, max_tokens: int, template_from=None, max_tokens_override=None):
+def solve_step_for(cot: bool, answer_format: str, max_tokens: int | None, template_from=None):
     """A greedy ``solve`` step for evaluation, with a training recipe's prompt when given
-    (and its token limit, unless ``max_tokens_override``)."""
+    (and that step's token limit when ``max_tokens`` is None)."""
     from factory.steps.solve import Solve, SolveConfig
 
     if template_from is not None:
         c = template_from.config
         config = SolveConfig(template=c.template, system=c.system, column=c.column, input_column=c.input_column,
-                             cot=c.cot, answer_format=c.answer_format, max_tokens=max_tokens_override or c.max_tokens,
-                             temperature=0.0,
-                             top_p=1.0, samples=1)
+                             cot=c.cot, answer_format=c.answer_format, max_tokens=max_tokens or c.max_tokens,
+                             temperature=0.0, top_p=1.0, samples=1)
         return Solve(config, base_dir=template_from.base_dir)
     return Solve(SolveConfig(cot=cot, answer_format=answer_format, max_tokens=max_tokens, temperature=0.0,
                              top_p=1.0, samples=1))

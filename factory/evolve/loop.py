@@ -175,8 +175,7 @@ class Evolution:
                             else e.method, e.path)
         client = self.client(adapter)
         try:
-            step = solve_step_for(True, "number", 256, template_from=self.solve,
-                                  max_tokens_override=e.max_tokens)
+            step = solve_step_for(True, "number", e.max_tokens, template_from=self.solve)
             # Large chunks: the backend sorts each chunk by prompt length, so fewer chunks pad less.
             result = accuracy(step, client, table, e.column, e.answer_column, e.method, batch_size=256,
                               progress=self.progress, source=e.path)
