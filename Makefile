@@ -60,6 +60,7 @@ test-vllm: $(VLLM_STAMP)
 	$(VLLM_BIN)/python -m pytest -m vllm
 
 bench: $(STAMP)
+	$(BIN)/pip install -e '.[bench]'
 	$(BIN)/python bench/engine_overhead.py
 	$(BIN)/python bench/embedded_backend.py
 	$(BIN)/python bench/minhash_dedup.py --rows 100000

@@ -2,18 +2,25 @@
 
 The whole pipeline is vectorised so that a million rows take seconds, not hours:
 
-1. polars tokenises each row (words, or characters) and hashes every token;
+1. polars simplifies each row's text the way production dedup does (datatrove's
+   ``simplify_text``: lowercase, numbers to ``0``, punctuation and symbols deleted,
+   accents dropped, whitespace collapsed), tokenises it (words, or characters) and
+   hashes every token;
 2. numpy folds consecutive token hashes into n-gram shingle hashes (32 bits);
 3. MinHash: every shingle goes through ``num_perm`` multiply-shift hash functions
    ``((a * x + b) mod 2**64) >> 32``, in blocks of shingles so memory stays bounded, and
    each row keeps the minimum per function (``np.minimum.reduceat``);
-4. LSH: the signature is cut into ``bands`` of ``rows_per_band`` values (datasketch's
-   choice for the threshold) and each band hashed to a key; only the keys are kept.
+4. LSH: the signature is cut into ``bands`` of ``rows_per_band`` values and each band
+   hashed to a key, on the same threads; only the keys are kept. Without ``verify`` the
+   layout is datasketch's choice for the threshold (false positives and negatives
+   weighed alike); with it, one that misses far fewer true pairs (a pair right at the
+   threshold is a candidate 95 % of the time at 0.8, against 40 %), since the check
+   below removes the extra false candidates.
    Rows with an equal key share a bucket, and each bucket member becomes a candidate
    duplicate of the bucket's first row;
-5. with ``verify``, a candidate pair survives only when the signatures (computed again,
-   for the rows in some pair only) agree on at least ``threshold`` of their values, the
-   MinHash estimate of the Jaccard similarity;
+5. with ``verify``, a candidate pair survives only when the exact Jaccard similarity of
+   the two rows' shingle sets (hashed again, for the rows in some pair only) is at least
+   ``threshold``;
 6. the surviving pairs form a graph; each connected component keeps its first row.
 """
 
@@ -21,7 +28,8 @@ from __future__ import annotations
 
 import os
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from functools import lru_cache
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Literal
@@ -47,6 +55,10 @@ CHUNK_ROWS = 16_384
 CHUNK_BYTES = 4 << 20
 SHINGLE_BLOCK = 8_192
 PAIR_BLOCK = 65_536
+PAIR_VALUES = 4 << 20  # shingles of the pairs whose exact Jaccard is computed at once
+# How much more a missed true pair weighs than a false candidate when LSH's layout is chosen
+# for a verified run (the exact check removes false candidates; nothing brings a missed pair back).
+VERIFIED_MISS_WEIGHT = 0.95
 
 _MAX32 = np.uint32(0xFFFFFFFF)
 # Odd, so multiplying by it is a bijection modulo 2**64: folding values into a hash with
@@ -70,10 +82,15 @@ class MinHashConfig:
                                                           "runs counted as one space (for text without spaces "
                                                           "between words, such as Chinese).")
     lowercase: bool = option(True, help="Lowercase the text before shingling.")
+    normalize: bool = option(True, help="Simplify the text before shingling, as datatrove's dedup does: every "
+                                        "number becomes `0`, punctuation and symbols are deleted (`os.path.join` "
+                                        "and `ospathjoin` are one word), accents are dropped and whitespace runs "
+                                        "become one space. Copies that differ only in these still match.")
     seed: int = option(1, help="Seed of the hash functions (datasketch's `seed`); same seed, same result.",
                        min=0, max=2**32 - 1)
-    verify: bool = option(True, help="Keep only candidate pairs whose signatures agree on at least `threshold` "
-                                     "of their values, which removes most of LSH's false positives.")
+    verify: bool = option(True, help="Keep only candidate pairs whose shingle sets have an exact Jaccard "
+                                     "similarity of at least `threshold` (no false positives; LSH then runs a "
+                                     "layout that misses fewer true pairs). Off: every LSH candidate pair counts.")
 
     def validate(self):
         problems = []
@@ -101,7 +118,7 @@ class MinHashFilter(TableFilter):
     Requires: the text column (``instruction``), or every column in ``columns``.
     Dropped rows carry ``duplicate_of`` in ``rejected/``: the text of the kept row they
     duplicate (its first text column). A dropped row's ``drop_detail`` gives
-    its estimated Jaccard similarity with that row.
+    its Jaccard similarity with that row (exact with ``verify``, else the MinHash estimate).
 
     Example:
         - minhash: {column: instruction, threshold: 0.8, num_perm: 128}
@@ -128,12 +145,13 @@ class MinHashFilter(TableFilter):
     def partial(self, rows: pl.DataFrame, progress=None) -> tuple[np.ndarray, np.ndarray]:
         """The LSH band keys of ``rows`` and whether each row has shingles (row-parallel)."""
         self._check_text_columns(rows)
-        bands, rows_per_band = lsh_parameters(self.config.threshold, self.config.num_perm)
-        texts = rows.select(text_of(self.text_columns(), self.config.lowercase)).to_series()
+        bands, rows_per_band = band_layout(self.config)
+        texts = rows.select(text_of(self.text_columns())).to_series()
         band_keys = np.empty((len(texts), bands), dtype=np.uint64)
         has_shingles = np.zeros(len(texts), dtype=bool)
-        for chunk, signatures, counts in signatures_of(texts, self.config):
-            band_keys[chunk] = lsh_band_keys(signatures, bands, rows_per_band)
+        to_keys = lambda signatures: lsh_band_keys(signatures, bands, rows_per_band)  # noqa: E731
+        for chunk, keys, counts in signatures_of(texts, self.config, then=to_keys):
+            band_keys[chunk] = keys
             has_shingles[chunk] = counts > 0
             if progress is not None:
                 progress.update(len(counts))
@@ -145,7 +163,7 @@ class MinHashFilter(TableFilter):
     def verdicts(self, table: pl.DataFrame, partials: list, ctx: StepContext) -> pl.DataFrame:
         """Each row's verdict from the band keys of every row (the partials, in order)."""
         self._check_text_columns(table)
-        texts = table.select(text_of(self.text_columns(), self.config.lowercase)).to_series()
+        texts = table.select(text_of(self.text_columns())).to_series()
         first, similarity, report = near_duplicates(texts, partials, self.config)
         ctx.report.update(report)
         dropped = first != np.arange(len(texts))
@@ -153,8 +171,9 @@ class MinHashFilter(TableFilter):
         return pl.DataFrame({"dropped": dropped, "first": first, "similarity": similarity,
                              "kept_text": kept_text}).select(
             pl.when("dropped").then(pl.lit(REASON)).alias("reason"),
-            pl.when("dropped").then(pl.format("estimated Jaccard {} with the kept row (position {} in the step's "
-                                              "input)", pl.col("similarity").round(2), "first")).alias("detail"),
+            pl.when("dropped").then(pl.format(("Jaccard" if self.config.verify else "estimated Jaccard") +
+                                              " {} with the kept row (position {} in the step's input)",
+                                              pl.col("similarity").round(2), "first")).alias("detail"),
             pl.when("dropped").then(pl.col("kept_text")).alias(DUPLICATE_OF),
         )
 
@@ -170,48 +189,120 @@ def near_duplicates(texts: pl.Series, partials: list, c: MinHashConfig) -> tuple
 
     Returns:
         For each row the first row of its group of near-duplicates (itself if it has none),
-        its estimated Jaccard similarity with that row, and what the manifest reports.
+        its Jaccard similarity with that row (exact with ``verify``, else estimated), and what the
+        manifest reports.
     """
-    bands, rows_per_band = lsh_parameters(c.threshold, c.num_perm)
+    bands, rows_per_band = band_layout(c)
     band_keys = np.concatenate([p[0] for p in partials]) if partials else np.empty((0, bands), np.uint64)
     has_shingles = np.concatenate([p[1] for p in partials]) if partials else np.empty(0, bool)
     left, right = candidate_pairs(band_keys, np.flatnonzero(has_shingles))
     candidates = len(left)
-    estimated_jaccard = pair_similarity(texts, left, right, c)
+    similarity_of = (exact_similarity if c.verify else pair_similarity)(texts, left, right, c)
     if c.verify:
-        keep = estimated_jaccard(left, right) >= c.threshold
+        keep = similarity_of(left, right) >= c.threshold
         left, right = left[keep], right[keep]
     first = first_of_component(len(texts), left, right)
     dropped = first != np.arange(len(texts))
     # Through transitive links a dropped row may be further from its kept row than
     # `threshold`: the detail says how far, for whoever reads the rejected rows.
     similarity = np.zeros(len(texts))
-    similarity[dropped] = estimated_jaccard(np.flatnonzero(dropped), first[dropped])
+    similarity[dropped] = similarity_of(np.flatnonzero(dropped), first[dropped])
     sizes = np.bincount(first, minlength=len(texts))
     return first, similarity, {"clusters": int(np.count_nonzero(sizes > 1)), "dropped": int(dropped.sum()),
                                "bands": bands, "rows_per_band": rows_per_band, "candidate_pairs": candidates,
                                "verified_pairs": len(left)}
 
 
-def text_of(columns: list[str], lowercase: bool) -> pl.Expr:
-    """One text per row: the columns joined by newlines, lowercased if asked."""
+def text_of(columns: list[str]) -> pl.Expr:
+    """One text per row: the columns joined by newlines."""
     parts = [pl.col(name).cast(pl.String) for name in columns]
-    text = parts[0] if len(parts) == 1 else pl.concat_str(parts, separator="\n", ignore_nulls=True)
-    return text.str.to_lowercase() if lowercase else text
+    return parts[0] if len(parts) == 1 else pl.concat_str(parts, separator="\n", ignore_nulls=True)
 
 
-def tokens_of(texts: pl.Series, shingle: str) -> pl.Series:
-    """Each text's tokens: words (runs of letters and digits), or characters."""
-    if shingle == "word":
+def prepared(texts: pl.Series, config: MinHashConfig) -> pl.Series:
+    """The texts as they are shingled: lowercased and simplified as configured."""
+    if config.normalize:
+        return normalized_text(texts, config.lowercase)
+    return texts.str.to_lowercase() if config.lowercase else texts
+
+
+def normalized_text(texts: pl.Series, lowercase: bool = True) -> pl.Series:
+    """datatrove's text simplification for dedup, in polars: lowercase (if asked); accents
+    dropped (NFD, then no combining marks); punctuation and symbols deleted; a run of digits
+    becomes ``0``; whitespace runs become one space. datatrove turns punctuation into spaces,
+    after the numbers; deleting it, before them, makes ``e.g.`` and ``eg``, or ``[1,2]`` and
+    ``12``, one word, as copies that lost their punctuation need."""
+    if lowercase:
+        texts = texts.str.to_lowercase()
+    # Unicode decomposition is the costliest part and a no-op on ASCII: only other rows take it.
+    accented = texts.str.contains(r"[^\x00-\x7F]").fill_null(False).arg_true()
+    if len(accented):
+        texts = texts.scatter(accented, texts.gather(accented).str.normalize("NFD").str.replace_all(r"\p{Mn}+", ""))
+    return (texts.str.replace_all(r"[\p{P}\p{S}]+", "")
+            .str.replace_all(r"\d+", "0")
+            .str.replace_all(r"\s\s+|[^\S ]", " ")  # a single space, the common case, is left alone
+            .str.strip_chars())
+
+
+def tokens_of(texts: pl.Series, config: MinHashConfig) -> pl.Series:
+    """Each text's tokens: words (runs of letters and digits; with ``normalize``, the
+    space-separated words of the simplified text), or characters."""
+    if config.shingle == "word":
+        if config.normalize:  # no punctuation is left: a split is the same as \w+ and several times faster
+            return texts.replace("", None).str.split(" ")
         return texts.str.extract_all(r"\w+")
-    return texts.str.replace_all(r"\s+", " ").str.strip_chars().str.split("")
+    if not config.normalize:
+        texts = texts.str.replace_all(r"\s+", " ").str.strip_chars()
+    return texts.replace("", None).str.split("")
+
+
+def exact_similarity(texts: pl.Series, left: np.ndarray, right: np.ndarray, config: MinHashConfig):
+    """A function giving the exact Jaccard similarity of the shingle sets of pairs of rows among
+    ``left`` and ``right`` (sets of the 32-bit shingle hashes; the rows in some pair only are
+    hashed again)."""
+    involved = distinct(np.concatenate([left, right]))
+    prepared_texts = prepared(texts.gather(involved), config)
+    counts, shingles = shingle_hashes(tokens_of(prepared_texts, config), config.ngram, config.seed)
+    # Each row's set: its shingles sorted and without repeats, rows one after the other.
+    row_of = np.repeat(np.arange(len(counts), dtype=np.uint64), counts)
+    keyed = distinct((row_of << np.uint64(32)) | shingles)
+    rows_in_sets = (keyed >> np.uint64(32)).astype(np.int64)
+    sizes = np.bincount(rows_in_sets, minlength=len(counts))
+    starts = np.r_[0, np.cumsum(sizes)[:-1]]
+    values = keyed & np.uint64(0xFFFFFFFF)
+
+    def members(rows: np.ndarray, tags: np.ndarray) -> np.ndarray:
+        """The sets of ``rows``, each value tagged with its pair: ``tag << 32 | value``."""
+        lengths = sizes[rows]
+        offsets = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        return (np.repeat(tags.astype(np.uint64), lengths) << np.uint64(32)) | values[
+            np.repeat(starts[rows], lengths) + offsets]
+
+    def jaccard(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        x, y = np.searchsorted(involved, x), np.searchsorted(involved, y)
+        shares = np.zeros(len(x))
+        per_pair = np.maximum(sizes[x] + sizes[y], 1)
+        bounds = np.searchsorted(np.cumsum(per_pair), np.arange(0, per_pair.sum(), PAIR_VALUES), side="right")
+        for start, stop in zip(bounds, np.r_[bounds[1:], len(x)]):
+            if start >= stop:
+                continue
+            tags = np.arange(stop - start)
+            both = np.sort(np.concatenate([members(x[start:stop], tags), members(y[start:stop], tags)]))
+            # A value in both sets of a pair comes twice in a row (each set holds it once).
+            common = np.bincount((both[1:][both[1:] == both[:-1]] >> np.uint64(32)).astype(np.int64),
+                                 minlength=stop - start)
+            union = sizes[x[start:stop]] + sizes[y[start:stop]] - common
+            shares[start:stop] = np.where(union > 0, common / np.maximum(union, 1), 0.0)
+        return shares
+
+    return jaccard
 
 
 def pair_similarity(texts: pl.Series, left: np.ndarray, right: np.ndarray, config: MinHashConfig):
     """A function giving the estimated Jaccard similarity of pairs of rows among ``left`` and
     ``right``. The signatures are computed again, of the rows in some pair only: keeping every
     row's from the first pass would cost num_perm x 4 bytes a row (512 MB a million rows at 128)."""
-    involved = np.unique(np.concatenate([left, right]))
+    involved = distinct(np.concatenate([left, right]))
     signatures = np.empty((len(involved), config.num_perm), dtype=np.uint32)
     for rows, chunk, _ in signatures_of(texts.gather(involved), config):
         signatures[rows] = chunk
@@ -222,24 +313,28 @@ def pair_similarity(texts: pl.Series, left: np.ndarray, right: np.ndarray, confi
     return estimated_jaccard
 
 
-def signatures_of(texts: pl.Series, config: MinHashConfig) -> Iterator[tuple[slice, np.ndarray, np.ndarray]]:
+def signatures_of(texts: pl.Series, config: MinHashConfig,
+                  then: Callable[[np.ndarray], np.ndarray] | None = None) -> Iterator[tuple[slice, np.ndarray, np.ndarray]]:
     """The MinHash signatures of ``texts``, chunk by chunk and in order.
 
     Chunks are hashed on a few threads (numpy and polars release the GIL); no more
     than two a thread are in flight, so memory stays bounded.
 
+    Args:
+        then: applied to each chunk's signatures on its thread (e.g. cut them into LSH band keys).
+
     Yields:
         The chunk's rows, their signatures (rows x num_perm, uint32; all 0xFFFFFFFF
-        for a row without shingles), and their numbers of shingles.
+        for a row without shingles) or what ``then`` made of them, and their numbers of shingles.
     """
     a, b = permutations(config.num_perm, config.seed)
 
     def sign(rows: slice):
-        chunk = texts[rows]
-        counts, shingles = shingle_hashes(tokens_of(chunk, config.shingle), config.ngram, config.seed)
+        chunk = prepared(texts[rows], config)
+        counts, shingles = shingle_hashes(tokens_of(chunk, config), config.ngram, config.seed)
         signatures = np.full((len(chunk), config.num_perm), _MAX32, dtype=np.uint32)
         minhash(shingles, counts, a, b, out=signatures)
-        return rows, signatures, counts
+        return rows, signatures if then is None else then(signatures), counts
 
     workers = min(4, os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=workers) as pool:
@@ -261,14 +356,35 @@ def chunks(text_bytes: np.ndarray) -> list[slice]:
     return [slice(start, stop) for start, stop in zip(starts, starts[1:] + [len(text_bytes)])]
 
 
-def lsh_parameters(threshold: float, num_perm: int) -> tuple[int, int]:
+def band_layout(config: MinHashConfig) -> tuple[int, int]:
+    """The step's (bands, rows per band): datasketch's choice, or one that favours recall when
+    candidate pairs are verified exactly."""
+    return lsh_parameters(config.threshold, config.num_perm, VERIFIED_MISS_WEIGHT if config.verify else 0.5)
+
+
+@lru_cache(maxsize=64)
+def lsh_parameters(threshold: float, num_perm: int, false_negative_weight: float = 0.5) -> tuple[int, int]:
     """(bands, rows per band) as datasketch's ``MinHashLSH`` chooses them for ``threshold``.
 
-    Equal weights for false positives and false negatives, as ``MinHashLSH``'s default.
+    Of every ``bands x rows <= num_perm``, the one with the least area under the false-positive
+    curve ``1 - (1 - s**r)**b`` below the threshold plus the false-negative area above it,
+    weighted (equal weights by default, ``MinHashLSH``'s default). datasketch integrates with scipy.integrate,
+    whose import alone takes longer than a 100k-row dedup; 64-point Gauss-Legendre is exact
+    to far below the differences between candidates here (a test checks the choice against it).
     """
-    from datasketch.lsh import _optimal_param  # private, but reusing it keeps our LSH datasketch's
+    nodes, weights = np.polynomial.legendre.leggauss(64)
+    bands = np.concatenate([np.full(num_perm // b, b) for b in range(1, num_perm + 1)])
+    rows = np.concatenate([np.arange(1, num_perm // b + 1) for b in range(1, num_perm + 1)])
 
-    return _optimal_param(threshold, num_perm, 0.5, 0.5)
+    def area(low: float, high: float, false_negative: bool) -> np.ndarray:
+        s = (high - low) / 2 * nodes + (high + low) / 2
+        collide = 1 - (1 - s[None, :] ** rows[:, None]) ** bands[:, None]
+        return (high - low) / 2 * ((1 - collide if false_negative else collide) @ weights)
+
+    error = (1 - false_negative_weight) * area(0.0, threshold, False) + \
+        false_negative_weight * area(threshold, 1.0, True)
+    best = int(np.argmin(error))  # the first of equal errors, as datasketch's strict `<` keeps
+    return int(bands[best]), int(rows[best])
 
 
 def permutations(num_perm: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -336,12 +452,10 @@ def minhash(shingles: np.ndarray, counts: np.ndarray, a: np.ndarray, b: np.ndarr
 
 def lsh_band_keys(signatures: np.ndarray, bands: int, rows_per_band: int) -> np.ndarray:
     """One 64-bit key per row and band: equal bands, equal keys (and unequal, almost surely not)."""
-    keys = np.empty((len(signatures), bands), dtype=np.uint64)
-    for band in range(bands):
-        key = np.zeros(len(signatures), dtype=np.uint64)
-        for column in range(band * rows_per_band, (band + 1) * rows_per_band):
-            key = _mix64(key * _FOLD + signatures[:, column])
-        keys[:, band] = key
+    banded = signatures[:, :bands * rows_per_band].reshape(len(signatures), bands, rows_per_band)
+    keys = np.zeros((len(signatures), bands), dtype=np.uint64)
+    for column in range(rows_per_band):  # all bands at once: a few large numpy calls, not bands x rows small ones
+        keys = _mix64(keys * _FOLD + banded[:, :, column])
     return keys
 
 
@@ -363,7 +477,7 @@ def candidate_pairs(band_keys: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray
         first = np.minimum.reduceat(members, np.flatnonzero(opens))[np.cumsum(opens) - 1]
         later = members != first
         pairs.append(members[later] * len(band_keys) + first[later])
-    unique = np.unique(np.concatenate(pairs))
+    unique = distinct(np.concatenate(pairs))
     return unique // len(band_keys), unique % len(band_keys)
 
 
@@ -381,8 +495,16 @@ def first_of_component(n: int, left: np.ndarray, right: np.ndarray) -> np.ndarra
     """For each of ``n`` rows, the lowest row connected to it by the pairs (itself if none)."""
     graph = coo_matrix((np.ones(len(left), dtype=np.int8), (left, right)), shape=(n, n))
     _, labels = connected_components(graph, directed=False)
-    _, first_rows = np.unique(labels, return_index=True)  # rows are in order: first seen is lowest
+    first_rows = np.full(labels.max() + 1 if len(labels) else 0, n, dtype=np.int64)
+    np.minimum.at(first_rows, labels, np.arange(n))
     return first_rows[labels]
+
+
+def distinct(values: np.ndarray) -> np.ndarray:
+    """``np.unique`` by sorting: numpy 2.4's hash-based unique took 3 s where sorting takes 0.02 s
+    (1.6M 64-bit values)."""
+    ordered = np.sort(values)
+    return ordered[np.r_[True, ordered[1:] != ordered[:-1]]] if len(ordered) else ordered
 
 
 def _mix64(x: np.ndarray) -> np.ndarray:

@@ -62,7 +62,7 @@ def test_one_word_changed_is_dropped_and_points_to_the_first_occurrence():
     assert out[DROP].to_list() == [None, None, "near_duplicate", "near_duplicate"]
     assert pointers(out) == [None, None, 0, 0]
     assert out["_duplicate_of"].dtype == pl.String
-    assert re.fullmatch(r"estimated Jaccard 0\.\d+ with the kept row \(position 0 in the step's input\)",
+    assert re.fullmatch(r"Jaccard 0\.\d+ with the kept row \(position 0 in the step's input\)",
                         out[DROP_DETAIL][2])
     assert out["instruction"].to_list() == texts  # same rows, same order
 
@@ -103,7 +103,10 @@ def test_same_input_and_seed_same_output():
     assert dropped_rows(first) == list(range(50, 70))
     other_seed = dedup(texts, seed=7)
     assert dropped_rows(other_seed) == list(range(50, 70))
-    assert other_seed[DROP_DETAIL].to_list() != first[DROP_DETAIL].to_list()  # other hash functions
+    # Verified pairs carry their exact Jaccard, whatever the hash functions; the estimates differ.
+    assert other_seed[DROP_DETAIL].to_list() == first[DROP_DETAIL].to_list()
+    estimates = [dedup(texts, seed=seed, verify=False)[DROP_DETAIL].to_list() for seed in (1, 7)]
+    assert estimates[0] != estimates[1]
 
 
 def test_columns_joins_every_column():
@@ -120,10 +123,12 @@ def test_columns_joins_every_column():
 
 def test_char_shingles_catch_a_changed_character():
     texts = ["Summarise the plot of Hamlet in three sentences for a ten-year-old reader.",
-             "Summarize the plot of Hamlet in three sentences for a ten-year-old reader.",
+             "Summarise the plot of Hamlet in three sentenses for a ten-year-old reader.",
              "Summarise the plot of Macbeth in two paragraphs for a university student."]
-    assert pointers(dedup(texts)) == [None, None, None]  # words: 'summarize' is another word
-    out = dedup(texts, shingle="char", ngram=5)
+    # Words: 'sentenses' is another word, in 3 of the 11 word 3-grams (Jaccard 0.57); characters:
+    # 5 of the 67 character 5-grams (Jaccard 0.86).
+    assert pointers(dedup(texts, threshold=0.7)) == [None, None, None]
+    out = dedup(texts, shingle="char", ngram=5, threshold=0.7)
     assert pointers(out) == [None, 0, None]
 
 
@@ -249,3 +254,54 @@ def test_a_missing_text_column_is_reported_before_running(write_recipe):
         load_recipe(path)
     [problem] = info.value.problems
     assert problem.key_path == "steps[0].minhash" and "needs column 'response'" in problem.message
+
+
+DOCSTRING = ("Join one or more path segments intelligently, e.g. os.path.join('a', 'b'). The return value is the "
+             "concatenation of path and all members of *paths, with exactly one directory separator following "
+             "each non-empty part except the last. If a segment is an absolute path (which on Windows requires "
+             "both a drive and a root), then all previous segments are ignored and joining continues from the "
+             "absolute path segment. Version 3.6 accepts a path-like object for path and paths.")
+
+
+def test_copies_in_capitals_or_without_punctuation_are_near_duplicates():
+    no_punctuation = re.sub(r"[^\w\s]", "", DOCSTRING)  # os.path.join -> ospathjoin, e.g. -> eg, 3.6 -> 36
+    texts = [DOCSTRING, DOCSTRING.upper(), no_punctuation, "Return the base name of pathname path."]
+    assert pointers(dedup(texts, ngram=5)) == [None, 0, 0, None]
+    # Without the simplification the copy that lost its punctuation shares few 5-grams.
+    assert pointers(dedup(texts, ngram=5, normalize=False)) == [None, 0, None, None]
+    simplified = minhash.normalized_text(pl.Series(["Naïve café: 3.14, 1,000 & e.g.  [x]\tdone!"])).item()
+    assert simplified == "naive cafe 0 0 eg x done"
+
+
+def test_verified_pairs_reach_the_threshold_exactly_and_few_true_pairs_are_missed():
+    """Copies with 1-12 of 80 words replaced: Jaccard from about 0.9 down to about 0.5."""
+    rng = np.random.default_rng(5)
+    originals = [sentence(rng, 80) for _ in range(60)]
+    copies = []
+    for i, words in enumerate(originals):
+        edited = list(words)
+        for position in rng.choice(80, size=1 + i % 12, replace=False):
+            edited[position] = "replaced"
+        copies.append(edited)
+    texts = [" ".join(w) for w in originals + copies]
+    out = dedup(texts)
+    similar = {i: jaccard(texts[i], texts[i + 60]) for i in range(60)}
+    dropped = set(dropped_rows(out))
+    assert all(similar[i - 60] >= 0.8 for i in dropped)  # no false positive: the check is exact
+    assert [i for i in range(60) if similar[i] >= 0.8 and i + 60 not in dropped] == []
+    details = out[DROP_DETAIL].drop_nulls().to_list()
+    assert sorted(float(d.split()[1]) for d in details) == sorted(
+        round(similar[i - 60], 2) for i in dropped)
+    # LSH alone (datasketch's layout) misses some of the pairs near the threshold.
+    lsh_only = set(dropped_rows(dedup(texts, verify=False)))
+    assert sum(similar[i] >= 0.8 for i in range(60)) > sum(similar[i - 60] >= 0.8 for i in lsh_only)
+
+
+def test_lsh_layout_is_datasketchs():
+    from datasketch.lsh import _optimal_param
+
+    for threshold in (0.5, 0.7, 0.8, 0.9):
+        for num_perm in (64, 128, 256):
+            assert minhash.lsh_parameters(threshold, num_perm) == _optimal_param(threshold, num_perm, 0.5, 0.5)
+    assert minhash.band_layout(MinHashConfig(threshold=0.8, verify=False)) == (9, 13)
+    assert minhash.band_layout(MinHashConfig(threshold=0.8)) == (16, 8)  # verified: recall first
