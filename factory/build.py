@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 
 from .cache import Cache, NullCache
@@ -34,12 +35,21 @@ def chat_messages(table: pl.DataFrame, output: OutputConfig, task_column: str = 
         extra = pl.col(input_column).cast(pl.String)
         user = pl.when(extra.is_not_null() & (extra.str.strip_chars() != "")).then(
             pl.concat_str([user, pl.lit("\n\n"), extra])).otherwise(user)
-    turns = []
-    if output.system_prompt:
-        turns.append(pl.struct(role=pl.lit("system"), content=pl.lit(output.system_prompt)))
-    turns += [pl.struct(role=pl.lit("user"), content=user),
-              pl.struct(role=pl.lit("assistant"), content=pl.col(response_column).cast(pl.String))]
-    return table.with_columns(pl.concat_list(turns).alias("messages"))
+    turns = [("system", pl.lit(output.system_prompt, dtype=pl.String))] if output.system_prompt else []
+    turns += [("user", user), ("assistant", pl.col(response_column).cast(pl.String))]
+    return table.with_columns(_turns_list(table, turns).alias("messages"))
+
+
+def _turns_list(table: pl.DataFrame, turns: list[tuple[str, pl.Expr]]) -> pl.Series:
+    """Per row, the list of ``{role, content}`` structs of ``turns`` (role, content expression):
+    what ``pl.concat_list`` of one struct per turn gives, built by gathering the structs of all
+    turns into row order (polars concatenates lists of structs row by row, many times slower)."""
+    k = len(turns)
+    structs = table.select(pl.struct(role=pl.lit(role, dtype=pl.String), content=content).alias(f"turn{i}")
+                           for i, (role, content) in enumerate(turns))
+    stacked = pl.concat([structs.to_series(i).alias("messages") for i in range(k)])  # every row's turn 0, then 1...
+    order = (np.arange(table.height)[:, None] + np.arange(k) * table.height).ravel()  # row by row
+    return stacked.gather(order).reshape((table.height, k)).arr.to_list()
 
 
 def finalize(table: pl.DataFrame, output: OutputConfig, written_as: str) -> pl.DataFrame:

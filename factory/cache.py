@@ -1,9 +1,10 @@
 """Content-addressed cache of finished work, so that a re-run redoes nothing it has done.
 
-Keys are sha256 digests of (step config, input rows, model id); values are parquet frames
-(step outputs), JSON (step reports) or journals (LLM replies). Every frame or JSON write
-goes to a temporary file first and is renamed into place, so a crash never leaves a
-half-written entry that a later run would trust. A journal is appended to one reply at a
+Keys are sha256 digests of (step config, input rows, model id); values are frames (step
+outputs and parsed sources: Arrow IPC files, or parquet where Arrow cannot hold a frame's
+types), JSON (step reports) or journals (LLM replies). Every frame or JSON write goes to a
+temporary file first and is renamed into place, so a crash never leaves a half-written
+entry that a later run would trust. A journal is appended to one reply at a
 time, as replies arrive, and a line cut short by a crash is skipped when it is read back.
 """
 
@@ -14,8 +15,11 @@ import json
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import polars as pl
+
+from .encoding import json_encoder
 
 
 def frame_digest(frame: pl.DataFrame) -> str:
@@ -30,7 +34,34 @@ def frame_digest(frame: pl.DataFrame) -> str:
 
     sink = io.BytesIO()
     frame.rechunk().write_ipc(sink, compression="uncompressed", compat_level=pl.CompatLevel.oldest())
-    return hashlib.sha256(sink.getvalue()).hexdigest()
+    return hashlib.sha256(sink.getbuffer()).hexdigest()  # the bytes where they are, not a copy
+
+
+def _arrow_table(frame: pl.DataFrame):
+    """``frame`` as an Arrow table, or None when polars would not read it back with its schema."""
+    try:
+        table = frame.to_arrow(compat_level=pl.CompatLevel.newest())  # string views: read back without a copy
+        return table if pl.from_arrow(table).schema == frame.schema else None
+    except Exception:  # a type Arrow has no counterpart for (Int128...)
+        return None
+
+
+def _write_arrow(path: str, table) -> None:
+    import pyarrow as pa
+    import pyarrow.ipc
+
+    options = pa.ipc.IpcWriteOptions(compression="lz4" if pa.Codec.is_available("lz4_frame") else None)
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, table.schema, options=options) as writer:
+        writer.write_table(table)
+
+
+def _read_arrow(path: Path) -> pl.DataFrame:
+    import pyarrow as pa
+    import pyarrow.ipc
+
+    # Read whole, in this thread: a batch's file is small, and pyarrow's threads cost more than they save.
+    data = pa.py_buffer(path.read_bytes())
+    return pl.from_arrow(pa.ipc.open_file(data, options=pa.ipc.IpcReadOptions(use_threads=False)).read_all())
 
 
 class Cache:
@@ -51,6 +82,12 @@ class Cache:
         """A reply kept under its own key, or None (cheap when none was ever kept)."""
         return self.get_json("replies", key) if (self.root / "replies").is_dir() else None
 
+    def get_replies(self, keys: list[str]) -> list:
+        """:meth:`get_reply` of each key (the folder looked for once)."""
+        if not keys or not (self.root / "replies").is_dir():
+            return [None] * len(keys)
+        return [self.get_json("replies", key) for key in keys]
+
     def put_reply(self, key: str, value) -> None:
         if self.keep_each_reply:
             self.put_json("replies", key, value)
@@ -70,15 +107,26 @@ class Cache:
             raise
 
     def get_frame(self, namespace: str, key: str) -> pl.DataFrame | None:
-        path = self._path(namespace, key, "parquet")
-        if not path.is_file():
-            return None
-        try:
-            return pl.read_parquet(path)
-        except Exception:  # a corrupt entry (disk full, foreign file) is a miss, not a crash
-            return None
+        for ext, read in (("arrow", _read_arrow), ("parquet", pl.read_parquet)):
+            path = self._path(namespace, key, ext)
+            if path.is_file():
+                try:
+                    return read(path)
+                except Exception:  # a corrupt entry (disk full, foreign file) is a miss, not a crash
+                    continue
+        return None
 
     def put_frame(self, namespace: str, key: str, frame: pl.DataFrame) -> None:
+        """Stores ``frame`` as an Arrow IPC file (LZ4), a few times faster to read back than
+        parquet; as parquet (what every entry was before) when Arrow would not give it back
+        with the same schema."""
+        table = _arrow_table(frame)
+        if table is not None:
+            try:
+                self._write(self._path(namespace, key, "arrow"), lambda tmp: _write_arrow(tmp, table))
+                return
+            except Exception:
+                pass
         self._write(self._path(namespace, key, "parquet"), lambda tmp: frame.write_parquet(tmp))
 
     def get_json(self, namespace: str, key: str):
@@ -96,6 +144,14 @@ class Cache:
 
     def journal(self, namespace: str, key: str) -> "Journal":
         return Journal(self._path(namespace, key, "jsonl"))
+
+
+_journal_text = json_encoder(ensure_ascii=False)
+
+
+def _entry(key: str, value) -> bytes:
+    """One journal line: ``json.dumps({"key": key, "value": value}, ensure_ascii=False)`` and a newline."""
+    return _journal_text({"key": key, "value": value}).encode("utf-8") + b"\n"
 
 
 class Journal:
@@ -119,7 +175,11 @@ class Journal:
         return entries
 
     def append(self, key: str, value) -> None:
-        if self.path is None:
+        self.extend([(key, value)])
+
+    def extend(self, entries: list[tuple[str, Any]]) -> None:
+        """Appends ``(key, value)`` entries, a line each, in one write."""
+        if self.path is None or not entries:
             return
         if self._file is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -129,7 +189,7 @@ class Journal:
                 self._file.seek(end - 1)
                 if self._file.read(1) != b"\n":
                     self._file.write(b"\n")
-        self._file.write(json.dumps({"key": key, "value": value}, ensure_ascii=False).encode("utf-8") + b"\n")
+        self._file.write(b"".join(_entry(key, value) for key, value in entries))
 
     def flush(self) -> None:
         """Hands what was appended to the operating system (it survives the process being killed)."""

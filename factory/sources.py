@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,9 +67,10 @@ class Source:
     def file_format(self) -> str:
         return detect_format(self.resolved_path, self.config.format)
 
-    def read(self) -> pl.DataFrame:
+    def read(self, cache=None) -> pl.DataFrame:
         """The source's rows. Rows that do not fit their columns' type are set aside in
         :attr:`rejected` (reason ``invalid_input``) rather than failing the whole run.
+        ``cache``: where JSON files parsed once are kept (see :func:`read_table_with_rejects`).
 
         Raises:
             FactoryError: the source has no rows.
@@ -78,7 +80,7 @@ class Source:
             self.rejected = None
         else:
             frame, self.rejected = read_table_with_rejects(self.resolved_path, self.file_format(),
-                                                           self.config.split)
+                                                           self.config.split, cache)
         if self.config.limit is not None:
             frame = frame.head(self.config.limit)
         if self.config.rename:
@@ -196,6 +198,10 @@ def _files(path: Path, pattern: str) -> list[Path]:
     return files
 
 
+# Bump when what a JSON file reads as changes: the frames earlier versions cached are not read then.
+JSON_READER = "1"
+
+
 def read_table(path: Path, fmt: str, split: str = "train") -> pl.DataFrame:
     """Reads a whole source into a frame, with errors that name the file and line.
 
@@ -205,9 +211,14 @@ def read_table(path: Path, fmt: str, split: str = "train") -> pl.DataFrame:
     return read_table_with_rejects(path, fmt, split)[0]
 
 
-def read_table_with_rejects(path: Path, fmt: str, split: str = "train") -> tuple[pl.DataFrame, pl.DataFrame | None]:
+def read_table_with_rejects(path: Path, fmt: str, split: str = "train",
+                            cache=None) -> tuple[pl.DataFrame, pl.DataFrame | None]:
     """Like :func:`read_table`, and also the JSON rows set aside, with ``drop_reason``,
-    ``drop_detail`` (file, line, column) and ``raw_row`` (the row as JSON)."""
+    ``drop_detail`` (file, line, column) and ``raw_row`` (the row as JSON).
+
+    With a ``cache`` (:class:`~factory.cache.Cache`), JSON files are parsed once: the frames are
+    kept under a digest of the files' names and bytes, and read back while they are unchanged.
+    """
     if fmt == "parquet":
         return pl.concat([pl.read_parquet(f) for f in _files(path, "*.parquet")], how="diagonal_relaxed"), None
     if fmt == "csv":
@@ -221,16 +232,31 @@ def read_table_with_rejects(path: Path, fmt: str, split: str = "train") -> tuple
         return _read_hf(path, split), None
     if fmt == "documents":
         return read_documents(path), None
+    files = _files(path, "*.jsonl")
+    contents = [f.read_bytes() for f in files]
+    key = None
+    if cache is not None:  # the frames read before from the same files, byte for byte
+        key = hashlib.sha256(json.dumps([JSON_READER, fmt, [[str(f), hashlib.sha256(raw).hexdigest()]
+                                                            for f, raw in zip(files, contents)]]).encode()).hexdigest()
+        frame = cache.get_frame("sources", key)
+        if frame is not None:
+            return frame, cache.get_frame("sources-rejected", key)
     rows: list[dict] = []
-    where: list[str] = []
-    for f in _files(path, "*.jsonl"):
-        file_rows = _read_json_rows(f, fmt)
+    row_files: list[Path] = []  # each row's file and line (named only for a row set aside)
+    lines: list[int] = []
+    for f, raw in zip(files, contents):
+        file_rows = _read_json_rows(f, fmt, raw)
         rows.extend(row for _, row in file_rows)
-        where.extend(f"{f}:{number}" for number, _ in file_rows)
+        row_files.extend([f] * len(file_rows))
+        lines.extend(number for number, _ in file_rows)
     if not rows:
         return pl.DataFrame(), None
-    rows, rejected = _set_aside_mixed_kinds(rows, where)
+    rows, rejected = _set_aside_mixed_kinds(rows, row_files, lines)
     frame = pl.from_dicts(rows, infer_schema_length=None, strict=False) if rows else pl.DataFrame()
+    if key is not None:  # the rows set aside first: a frame in the cache has them there too
+        if rejected is not None:
+            cache.put_frame("sources-rejected", key, rejected)
+        cache.put_frame("sources", key, frame)
     return frame, rejected
 
 
@@ -260,9 +286,30 @@ def _kind(value) -> str | None:
     return "scalar"  # text, numbers and booleans share a column (numbers are read as text)
 
 
-def _set_aside_mixed_kinds(rows: list[dict], where: list[str]) -> tuple[list[dict], pl.DataFrame | None]:
+def _kind_of_type(kind: type) -> str | None:
+    """:func:`_kind` of any value of type ``kind``."""
+    if kind is type(None):
+        return None
+    if issubclass(kind, (list, tuple)):
+        return "list"
+    if issubclass(kind, dict):
+        return "mapping"
+    return "scalar"
+
+
+def _set_aside_mixed_kinds(rows: list[dict], files: list[Path],
+                           lines: list[int]) -> tuple[list[dict], pl.DataFrame | None]:
     """Rows whose value in some column is of another kind (list, mapping, scalar) than the
     column's usual one cannot share a typed column: they are set aside, not lost."""
+    # The kinds each column holds, from the distinct (column, type) pairs: rows are counted
+    # one by one only when some column holds two.
+    kinds_of: dict[str, set[str]] = {}
+    for key, kind in {(key, value.__class__) for row in rows for key, value in row.items()}:
+        kind = _kind_of_type(kind)
+        if kind:
+            kinds_of.setdefault(key, set()).add(kind)
+    if all(len(kinds) < 2 for kinds in kinds_of.values()):
+        return rows, None
     counts: dict[str, dict[str, int]] = {}
     for row in rows:
         for key, value in row.items():
@@ -274,19 +321,22 @@ def _set_aside_mixed_kinds(rows: list[dict], where: list[str]) -> tuple[list[dic
     if not mixed:
         return rows, None
     kept, rejected = [], []
-    for row, location in zip(rows, where):
+    for row, file, line in zip(rows, files, lines):
         bad = [key for key, usual in mixed.items() if _kind(row.get(key)) not in (None, usual)]
         if bad:
             details = ", ".join(f"column '{k}' is a {_kind(row[k])}, not a {mixed[k]} as in other rows" for k in bad)
-            rejected.append({"drop_reason": "invalid_input", "drop_detail": f"{location}: {details}",
+            rejected.append({"drop_reason": "invalid_input", "drop_detail": f"{file}:{line}: {details}",
                              "raw_row": json.dumps(row, ensure_ascii=False), "drop_step": "source"})
         else:
             kept.append(row)
     return kept, pl.DataFrame(rejected)
 
 
-def _read_json_rows(path: Path, fmt: str) -> list[tuple[int, dict]]:
-    raw = path.read_bytes()
+_scan_once = json.JSONDecoder().scan_once  # json.loads' scanner: (value, end) of the JSON value at an index
+
+
+def _read_json_rows(path: Path, fmt: str, raw: bytes | None = None) -> list[tuple[int, dict]]:
+    raw = path.read_bytes() if raw is None else raw
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as err:
@@ -305,10 +355,18 @@ def _read_json_rows(path: Path, fmt: str) -> list[tuple[int, dict]]:
     for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
+        # json.loads(line), without its per-call checks where the line is one JSON value between
+        # JSON whitespace; any other line goes through json.loads, for its error.
+        value = line.strip(" \t\n\r")
         try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise FactoryError(f"{path}:{number}: not valid JSON ({err.msg}); fix or remove that line") from None
+            row, end = _scan_once(value, 0)
+            if end != len(value):
+                raise ValueError
+        except (StopIteration, ValueError, RecursionError):
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise FactoryError(f"{path}:{number}: not valid JSON ({err.msg}); fix or remove that line") from None
         if not isinstance(row, dict):
             raise FactoryError(f"{path}:{number}: expected a JSON object per line, got {type(row).__name__}")
         rows.append((number, row))

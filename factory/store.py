@@ -16,6 +16,7 @@ Layout of a version::
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -76,14 +77,22 @@ def code_version() -> dict:
             info["git_commit"] = commit.stdout.strip() + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         pass
+    return {**info, **_library_versions()}
+
+
+@functools.lru_cache(maxsize=1)
+def _library_versions() -> dict:
+    """The installed versions of the libraries that matter (read once: the ones a process has
+    imported do not change under it)."""
     from importlib.metadata import PackageNotFoundError, version
 
+    found = {}
     for package in ("torch", "transformers", "datasets", "polars", "peft"):
         try:
-            info[package] = version(package)
+            found[package] = version(package)
         except PackageNotFoundError:
             pass
-    return info
+    return found
 
 
 def write_version(out_root: str | Path, name: str, table: pl.DataFrame, rejected: pl.DataFrame, manifest: dict,

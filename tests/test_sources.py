@@ -121,3 +121,21 @@ def test_the_shipped_documents_read():
 
     docs = read_documents(ROOT / "data" / "documents")
     assert docs.height >= 6 and docs["text"].str.len_chars().min() > 1000
+
+
+def test_a_parsed_json_source_is_read_back_from_the_cache_until_its_bytes_change(tmp_path):
+    from factory.cache import Cache
+    from factory.sources import read_table_with_rejects
+
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"instruction": "a", "tags": ["x"]}\n{"instruction": "b", "tags": "y"}\n'
+                    '{"instruction": "c", "tags": ["z"]}\n')
+    cache = Cache(tmp_path / "cache")
+    first, rejected = read_table_with_rejects(path, "jsonl", cache=cache)
+    assert first["instruction"].to_list() == ["a", "c"] and rejected["raw_row"].str.contains('"b"').to_list() == [True]
+    assert list((tmp_path / "cache").rglob("*.*"))  # kept: the rows and the rows set aside
+    again, rejected_again = read_table_with_rejects(path, "jsonl", cache=cache)
+    assert again.equals(first) and rejected_again.equals(rejected)
+    path.write_text('{"instruction": "a", "tags": ["x"]}\n{"instruction": "d", "tags": ["w"]}\n')
+    edited, none_aside = read_table_with_rejects(path, "jsonl", cache=cache)
+    assert edited["instruction"].to_list() == ["a", "d"] and none_aside is None

@@ -17,9 +17,10 @@ value (``abort``, ``content_filter``...). Steps drop cut replies unless told oth
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
+
+from ..encoding import json_encoder
 
 LENGTH = "length"  # the finish reason of a reply cut at max_tokens
 
@@ -51,9 +52,13 @@ class GenerationParams:
         return self.temperature <= 0.0
 
     def with_seed(self, seed: int) -> "GenerationParams":
-        # Positional rather than dataclasses.replace: this runs for every request.
-        return GenerationParams(self.n, self.temperature, self.top_p, self.max_tokens, self.stop, seed, self.regex,
-                                self.json_schema, self.continuations)
+        # A copy of the fields rather than dataclasses.replace or the frozen __init__ (one
+        # object.__setattr__ per field): this runs for every request.
+        params = object.__new__(GenerationParams)
+        fields = params.__dict__
+        fields.update(self.__dict__)
+        fields["seed"] = seed
+        return params
 
     def sampling_key(self) -> tuple:
         """Everything but the seed: requests with equal keys can share a batch."""
@@ -210,18 +215,22 @@ def seed_of(text: str) -> int:
     return int(digest(text)[:8], 16)
 
 
-def _canonical(data: Any) -> str:
-    return json.dumps(data, sort_keys=True, ensure_ascii=False, default=str, separators=(",", ":"))
+_CANONICAL = json_encoder(sort_keys=True, ensure_ascii=False, default=str, separators=(",", ":"))
+
+
+def canonical(data: Any) -> str:
+    """The JSON text that :func:`fingerprint` digests (sorted keys, no spaces)."""
+    return _CANONICAL(data)
 
 
 def fingerprint(data: Any) -> str:
     """A stable sha256 hex digest of JSON-serialisable data."""
-    return digest(_canonical(data))
+    return digest(canonical(data))
 
 
 def fingerprint_int(data: Any) -> int:
     """A stable 32-bit integer from JSON-serialisable data (for seeds)."""
-    return seed_of(_canonical(data))
+    return seed_of(canonical(data))
 
 
 def split_prefill(conversation: Conversation) -> tuple[Conversation, str | None]:

@@ -44,7 +44,9 @@ from .base import (
     Completion,
     Conversation,
     GenerationParams,
+    LENGTH,
     Request,
+    canonical,
     continued,
     digest,
     fingerprint,
@@ -154,14 +156,17 @@ class LLMClient:
         # Asked only when a request has a schema: an openai backend learns it from its server.
         if any(r.params.json_schema for r in requests) and not self.backend.enforces_schema:
             results = self.reask_invalid(requests, results, asked)
+        truncation = self.truncation
         for request, completion in zip(requests, results):
             if completion.error is None:
-                self.truncation["replies"] += len(completion.texts)
-                cut = sum(completion.cut(k) for k in range(len(completion.texts)))
+                texts = len(completion.texts)
+                truncation["replies"] += texts
+                # Completion.cut(k) for each reply (a missing finish reason reads as `stop`).
+                cut = completion.finish_reasons[:texts].count(LENGTH) if completion.finish_reasons else 0
                 if cut:
-                    self.truncation["cut"] += cut
+                    truncation["cut"] += cut
                     limit = str(request.params.max_tokens)
-                    self.truncation["limits"][limit] = self.truncation["limits"].get(limit, 0) + cut
+                    truncation["limits"][limit] = truncation["limits"].get(limit, 0) + cut
         return results
 
     def continue_cut(self, requests: list[Request], results: list[Completion], asked: Counter) -> list[Completion]:
@@ -248,21 +253,28 @@ class LLMClient:
             return []
         model_id = self.backend.model_id
         keys, seeded = [], []
+        heads: dict[int, str] = {}  # per distinct parameters: the start of the JSON the request's key digests
         for request in requests:
-            what = fingerprint([request.params.sampling_key(), request.messages])
-            seed = seed_of(f"{self.seed}:{what}:{asked[what]}")
-            asked[what] += 1
+            params = request.params
+            head = heads.get(id(params))
+            if head is None:
+                head = heads[id(params)] = "[" + canonical(params.sampling_key()) + ","
+            what = digest(head + canonical(request.messages) + "]")  # fingerprint([sampling key, messages])
+            before = asked.get(what, 0)
+            asked[what] = before + 1
+            seed = seed_of(f"{self.seed}:{what}:{before}")
             keys.append(digest(f"{model_id}:{seed}:{what}"))
-            seeded.append(Request(request.messages, request.params.with_seed(seed)))
+            seeded.append(Request(request.messages, params.with_seed(seed)))
         journal = self.cache.journal("llm", fingerprint(keys))
         cached = journal.read()
         # A reply cached without its finish reasons (by an older version) cannot tell whether it
         # was cut: ask again.
-        results = [Completion.from_json(cached[k]) if "finish_reasons" in cached.get(k, ()) else None for k in keys]
-        for i, key in enumerate(keys):
-            if results[i] is None:  # asked in a round of other requests (a preview's rows)?
-                kept = self.cache.get_reply(key)
-                results[i] = Completion.from_json(kept) if kept and "finish_reasons" in kept else None
+        results = [Completion.from_json(cached[k]) if "finish_reasons" in cached.get(k, ()) else None
+                   for k in keys] if cached else [None] * len(keys)
+        missing = [i for i, c in enumerate(results) if c is None]
+        # Asked in a round of other requests (a preview's rows)?
+        for i, kept in zip(missing, self.cache.get_replies([keys[i] for i in missing])):
+            results[i] = Completion.from_json(kept) if kept and "finish_reasons" in kept else None
         todo = [i for i, c in enumerate(results) if c is None]
         self.usage.conversations += len(requests)
         self.usage.cached_conversations += len(requests) - len(todo)
@@ -272,16 +284,20 @@ class LLMClient:
 
         def arrived(ready: list[tuple[int, Completion]]) -> None:
             fresh = [(todo[j], completion) for j, completion in ready if results[todo[j]] is None]
+            entries = []
             for i, completion in fresh:
                 results[i] = completion
                 self.usage.prompt_tokens += completion.prompt_tokens
                 self.usage.completion_tokens += completion.completion_tokens
                 if completion.error is None:  # a failure is never cached: a re-run asks again
-                    journal.append(keys[i], completion.to_json())
-                    self.cache.put_reply(keys[i], completion.to_json())
+                    entries.append((keys[i], completion.to_json()))
                 elif completion.error_reason == "backend_error":
                     self.usage.failures += 1
                     self.usage.last_error = completion.error
+            journal.extend(entries)
+            if self.cache.keep_each_reply:
+                for key, value in entries:
+                    self.cache.put_reply(key, value)
             journal.flush()
             self._progress(len(fresh))
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import string
 from dataclasses import dataclass
 from typing import Callable, Literal
 
@@ -75,7 +76,9 @@ class ScriptedBackend(Backend):
     def __init__(self, config: ScriptedConfig, reply_fn: ReplyFn | None = None):
         super().__init__(config)
         self.reply_fn = reply_fn
-        self.rules = [(re.compile(r.get("match", "")), r["reply"], r.get("finish")) for r in config.rules]
+        self.rules = [(pattern, r["reply"], r.get("finish"), _hashed(r["reply"], pattern))
+                      for r in config.rules for pattern in [re.compile(r.get("match", ""))]]
+        self._default_hashed = _hashed(config.default)
         self.calls = 0
 
     @property
@@ -92,27 +95,33 @@ class ScriptedBackend(Backend):
         if self.reply_fn is not None:
             got = self.reply_fn(conversation, sample)
             return got if isinstance(got, tuple) else (got, None)
-        text = "\n".join(m.get("content", "") for m in conversation)
-        digest = hashlib.sha256(repr((conversation, sample)).encode()).hexdigest()
-        fields = {"sample": sample, "hash": digest[:8], "digit": int(digest[:8], 16) % 10,
-                  "score": int(digest[8:16], 16) % 10 + 1, "seed": seed}
-        for pattern, template, finish in self.rules:
+        return self._answer(conversation, "\n".join(m.get("content", "") for m in conversation), sample, seed)
+
+    def _answer(self, conversation: Conversation, text: str, sample: int, seed: int) -> tuple[str, str | None]:
+        """:meth:`answer` by the rules, ``text`` the conversation's messages joined."""
+        for pattern, template, finish, hashed in self.rules:
             found = pattern.search(text)
             if found:
+                fields = _fields(conversation, sample, seed, hashed)
                 return template.format(**fields, **found.groupdict()), finish
-        return self.config.default.format(**fields), None
+        return self.config.default.format(**_fields(conversation, sample, seed, self._default_hashed)), None
 
-    def sample(self, conversation: Conversation, k: int, params) -> tuple[str, str]:
+    def sample(self, conversation: Conversation, k: int, params, text: str | None = None) -> tuple[str, str]:
         """One reply as a model gives it: continued from a prefill it repeats, cut at a stop
-        string, or at ``max_tokens`` words."""
-        text, finish = self.answer(conversation, k, params.seed)
+        string, or at ``max_tokens`` words (``text``: the conversation's messages joined, when known)."""
+        if text is not None and self.reply_fn is None and type(self).answer is ScriptedBackend.answer:
+            text, finish = self._answer(conversation, text, k, params.seed)
+        else:
+            text, finish = self.answer(conversation, k, params.seed)
         prefill = split_prefill(conversation)[1]
         if prefill and text.startswith(prefill):
             text = text[len(prefill):]
         stopped = trim_at_stop(text, params.stop)
         if finish is None:
-            words = list(_WORD.finditer(stopped))
-            if len(words) > params.max_tokens:
+            # str.split and the regex's \S split at the same (Unicode) whitespace: the words are
+            # found one by one only for a reply that is cut.
+            if len(stopped.split()) > params.max_tokens:
+                words = list(_WORD.finditer(stopped))
                 return stopped[:words[params.max_tokens - 1].end()], LENGTH
             finish = "stop"
         return stopped, finish
@@ -122,12 +131,46 @@ class ScriptedBackend(Backend):
         out = []
         for request in requests:
             self.stats.requests += 1
-            params = request.params
-            replies = [self.sample(request.messages, k, params) for k in range(params.n)]
-            texts = [text for text, _ in replies]
-            prompt_tokens = sum(len(m.get("content", "").split()) for m in request.messages)
-            out.append(Completion(texts, prompt_tokens, sum(len(t.split()) for t in texts),
+            params, messages = request.params, request.messages
+            # The messages joined: what the rules search, and (split) the prompt's tokens.
+            text = "\n".join(m.get("content", "") for m in messages)
+            if params.n == 1:
+                reply, finish = self.sample(messages, 0, params, text)
+                out.append(Completion([reply], len(text.split()), len(reply.split()), finish_reasons=[finish]))
+                continue
+            replies = [self.sample(messages, k, params, text) for k in range(params.n)]
+            texts = [reply for reply, _ in replies]
+            out.append(Completion(texts, len(text.split()), sum(len(t.split()) for t in texts),
                                   finish_reasons=[finish for _, finish in replies]))
         if on_reply is not None:
             on_reply(list(enumerate(out)))
         return out
+
+
+_HASHED = {"hash", "digit", "score"}  # the reply fields drawn from the conversation's digest
+
+
+def _hashed(template: str, pattern: re.Pattern | None = None) -> bool:
+    """Whether a reply template (with its rule's pattern) needs the fields drawn from the digest:
+    it names one, or might (a field it cannot be read for, a nested field in a format spec), or a
+    group of the pattern has one's name (format then fails, as it always did)."""
+    if pattern is not None and _HASHED & set(pattern.groupindex):
+        return True
+    try:
+        for _, name, spec, _ in string.Formatter().parse(template):
+            if name is None:
+                continue
+            if (spec and "{" in spec) or re.split(r"[.\[]", name, maxsplit=1)[0] in _HASHED | {""} or name.isdigit():
+                return True
+    except ValueError:  # not a valid template: format raises on it, digest or not
+        return True
+    return False
+
+
+def _fields(conversation: Conversation, sample: int, seed: int, hashed: bool) -> dict:
+    """The fields a reply template may use; those drawn from the digest only when ``hashed``."""
+    if not hashed:
+        return {"sample": sample, "seed": seed}
+    digest = hashlib.sha256(repr((conversation, sample)).encode()).hexdigest()
+    return {"sample": sample, "hash": digest[:8], "digit": int(digest[:8], 16) % 10,
+            "score": int(digest[8:16], 16) % 10 + 1, "seed": seed}

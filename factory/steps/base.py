@@ -381,12 +381,16 @@ class LLMStep(Step):
     def plan(self, rows: list[dict]) -> tuple[list[tuple[dict, Request]], list[dict]]:
         """One request per item of each row, and the rows that cannot be asked about, dropped."""
         asked, out = [], []
+        params = None  # the config's, the same for every request: made once
         for row in rows:
             try:
-                asked += [(item, Request(self.build_messages(item), self.generation_params()))
-                          for item in self.expand(row)]
+                built = [(item, self.build_messages(item)) for item in self.expand(row)]
             except InvalidRow as err:
                 out.append(dropped(row, "invalid_input", str(err)))
+                continue
+            if built and params is None:
+                params = self.generation_params()
+            asked += [(item, Request(messages, params)) for item, messages in built]
         return asked, out
 
     def read(self, asked: list[tuple[dict, Request]], completions: list[Completion]) -> list[dict]:
@@ -535,12 +539,13 @@ class LLMStep(Step):
         return {}
 
     def render(self, row: dict, option: str = "template", **extra) -> str:
-        if option not in self._compiled:
-            self._compiled[option] = compile_template(self.template_source(option))
+        template = self._compiled.get(option)
+        if template is None:
+            template = self._compiled[option] = Prompt(compile_template(self.template_source(option)))
         # `structured`: the reply is asked for as JSON (the default templates leave out their
         # "end with Score: N" wording then; the fields are described after the prompt).
-        return self._compiled[option].render({**row, "structured": self.structured, **extra,
-                                              "config": self.config}).strip()
+        return template.render({**template.globals, **row, "structured": self.structured, **extra,
+                                "config": self.config}).strip()
 
     def check(self):
         problems = []
@@ -617,6 +622,26 @@ def compile_template(source: str):
     env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=False,
                              autoescape=False)
     return env.from_string(source)
+
+
+class Prompt:
+    """A compiled template that renders as ``Template.render`` does, less the copy of the
+    template's globals (a ChainMap, slow to walk) that makes on every call: :attr:`globals` is
+    that copy, taken once, and callers pass ``{**globals, **variables}``."""
+
+    def __init__(self, template):
+        self.template = template
+        self.globals = dict(template.globals)
+
+    def render(self, variables: dict) -> str:
+        """The text for ``variables``, which start with :attr:`globals` (``{**globals, **vars}``)."""
+        t = self.template
+        env = t.environment
+        context = env.context_class(env, variables, t.name, t.blocks, globals=self.globals)
+        try:
+            return env.concat(t.root_render_func(context))
+        except Exception:
+            env.handle_exception()
 
 
 def rows_to_frame(rows: list[dict], like: pl.DataFrame | None = None, schema: dict | None = None) -> pl.DataFrame:

@@ -158,7 +158,7 @@ class Judge(LLMStep):
         reference = str(row.get(c.reference_column)) if c.reference_column else ""
         prompt = self.render(row, **self.task_variables(row), response=self.text(row, c.response_column),
                              rubric=c.rubric, reference=reference)
-        return self.conversation(prompt, judgement_schema(c), self.prefill)
+        return self.conversation(prompt, judgement_schema(c) if self.structured else None, self.prefill)
 
     def answer_regex(self) -> str:
         """What a valid reply looks like, for structured decoding."""
