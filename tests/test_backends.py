@@ -72,17 +72,20 @@ def test_transformers_samples_share_one_prefill_and_match_the_plain_path(tiny_ba
     assert [c.completion_tokens for c in three] == [c.completion_tokens * 3 for c in one]
 
 
-def test_transformers_reports_progress_per_generate_call_through_the_client(tiny_model_dir):
+@pytest.mark.parametrize("continuous", [True, False])
+def test_transformers_reports_progress_per_generate_call_through_the_client(tiny_model_dir, continuous):
     from factory.llm.requests import LLMClient
 
-    backend = TransformersBackend(TransformersConfig(model=str(tiny_model_dir), batch_size=2))
+    backend = TransformersBackend(TransformersConfig(model=str(tiny_model_dir), batch_size=2, continuous=continuous))
     client, answered = LLMClient(backend), []
     client.on_progress = answered.append
     client.chat([[{"role": "user", "content": f"q{i}"}] for i in range(5)], GenerationParams(max_tokens=2))
-    assert answered == [2, 2, 1]
+    # Static batches report a batch at a time; continuous batching each reply as it ends.
+    expected = [1, 1, 1, 1, 1] if continuous else [2, 2, 1]
+    assert answered == expected
     client.on_progress = None
     client.chat([[{"role": "user", "content": "again"}]], GenerationParams(max_tokens=2))
-    assert answered == [2, 2, 1]  # the callback lives only as long as the client has it
+    assert answered == expected  # the callback lives only as long as the client has it
     backend.close()
 
 

