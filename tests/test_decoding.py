@@ -12,7 +12,8 @@ PROMPTS = [[{"role": "user", "content": f"question {i}: " + "more words " * (i %
 
 
 def backend(model_dir, **options) -> TransformersBackend:
-    b = TransformersBackend(TransformersConfig(model=str(model_dir), **options))
+    # float32 everywhere: `auto` is bfloat16 on CPUs with AMX, where near-ties could break apart.
+    b = TransformersBackend(TransformersConfig(model=str(model_dir), **{"dtype": "float32", **options}))
     b.load()
     return b
 
@@ -101,3 +102,18 @@ def test_a_cache_that_cannot_be_cut_falls_back_to_static_batches(varied_model_di
     b = backend(varied_model_dir)
     assert [c.texts for c in b.chat(PROMPTS[:4], params)] == expected
     assert not b._slots  # and the next calls go straight to static batches
+
+
+def test_auto_dtype_is_bfloat16_only_on_cpus_with_matrix_units(tiny_model_dir, monkeypatch):
+    import torch
+
+    from factory.llm import transformers_backend
+
+    for has_units, expected in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr(transformers_backend, "cpu_has_bf16_matrix_units", lambda: has_units)
+        b = TransformersBackend(TransformersConfig(model=str(tiny_model_dir), device="cpu"))
+        b.load()
+        assert b.model.dtype == expected
+        assert b.chat(PROMPTS[:2], GenerationParams(max_tokens=4))[0].completion_tokens == 4
+    explicit = TransformersBackend(TransformersConfig(model=str(tiny_model_dir), device="cpu", dtype="float32"))
+    assert explicit.dtype_on("cpu") == "float32"

@@ -262,7 +262,7 @@ def growing_layer() -> type:
                 room = self.buffers
                 if (room is None or needed > room[0].shape[-2] or room[0].shape[0] != key_states.shape[0]
                         or (held and self.keys.data_ptr() != room[0].data_ptr())):
-                    shape = (*key_states.shape[:2], needed + max(64, needed // 2), key_states.shape[-1])
+                    shape = (*key_states.shape[:2], needed + max(32, needed // 4), key_states.shape[-1])
                     room = key_states.new_empty(shape), value_states.new_empty(shape)
                     if held:
                         room[0][:, :, :held], room[1][:, :, :held] = self.keys, self.values

@@ -13,6 +13,7 @@ from ..errors import FactoryError
 from ..models import (
     adapter_fingerprint,
     check_adapter,
+    cpu_has_bf16_matrix_units,
     load_causal_lm,
     load_tokenizer,
     model_fingerprint,
@@ -49,7 +50,9 @@ class TransformersConfig:
                                          "under a JSON Schema always take static batches.")
     device: str = option("auto", help="`auto` (CUDA when available, else CPU), `cpu`, `cuda`, `cuda:1`...")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = option(
-        "auto", help="Weights dtype; `auto` is float32 on CPU and bfloat16 on GPU.")
+        "auto", help="Weights dtype; `auto` is bfloat16 on a GPU and on a CPU with bfloat16 matrix units "
+                     "(Intel AMX: about 1.4x the tokens/s of float32 with the embedded model), float32 on "
+                     "other CPUs.")
     max_input_tokens: int = option(4096, help="Longer prompts fail with reason `prompt_too_long`.", min=1)
     chat_template: str | None = option(None, help="A Jinja chat template for models that ship none.")
 
@@ -104,7 +107,7 @@ class TransformersBackend(Backend):
 
         device = pick_device(self.config.device)
         adapter = f" + LoRA {self.config.adapter}" if self.config.adapter else ""
-        tqdm.write(f"loading {self.config.model}{adapter} on {device} ...", file=sys.stderr)
+        tqdm.write(f"loading {self.config.model}{adapter} on {device} ({self.dtype_on(device)}) ...", file=sys.stderr)
         tokenizer = load_tokenizer(self.config.model)
         tokenizer.padding_side = "left"
         if self.config.chat_template:
@@ -112,7 +115,7 @@ class TransformersBackend(Backend):
         if not tokenizer.chat_template:
             raise FactoryError(f"model '{self.config.model}' has no chat template; use an instruct model or "
                                "set llm.chat_template to a Jinja template")
-        model = load_causal_lm(self.config.model, device=device, dtype=self.config.dtype)
+        model = load_causal_lm(self.config.model, device=device, dtype=self.dtype_on(device))
         if self.config.adapter:
             from peft import PeftModel
 
@@ -124,6 +127,14 @@ class TransformersBackend(Backend):
         if model.generation_config.pad_token_id is None:
             model.generation_config.pad_token_id = tokenizer.pad_token_id
         self.model, self.tokenizer, self.device = model, tokenizer, device
+
+    def dtype_on(self, device: str) -> str:
+        """The weights' dtype: the configured one, or for `auto` on a CPU, bfloat16 where the CPU
+        has matrix units for it (the models are trained in bfloat16; the embedded one is 4-bit
+        weights to begin with)."""
+        if self.config.dtype == "auto" and device == "cpu" and cpu_has_bf16_matrix_units():
+            return "bfloat16"
+        return self.config.dtype
 
     def render(self, conversation: Conversation) -> str:
         messages, prefill = split_prefill(conversation)
