@@ -54,7 +54,7 @@ class SlotDecoder:
 
     def __init__(self, model, tokenizer, eos_ids: set[int], slots: int):
         self.model, self.tokenizer = model, tokenizer
-        self.eos = torch.tensor(sorted(eos_ids), dtype=torch.long)
+        self.eos_ids = frozenset(eos_ids)
         self.slots = slots
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos_ids, default=0)
         self.device = next(model.parameters()).device
@@ -111,10 +111,9 @@ class SlotDecoder:
                  on_finished: Finished) -> list[int]:
         """Appends each row's new token; returns the rows that go on."""
         keep = []
-        eos = set(self.eos.tolist())
         for row, (sequence, token) in enumerate(zip(live, tokens)):
             sequence.tokens.append(token)
-            if token in eos or (params.stop and self._stopped(sequence, params.stop)):
+            if token in self.eos_ids or (params.stop and self._stopped(sequence, params.stop)):
                 sequence.ended = True
             if sequence.ended or len(sequence.tokens) >= params.max_tokens:
                 on_finished(sequence)
