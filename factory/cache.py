@@ -80,7 +80,7 @@ class Cache:
 
     def get_reply(self, key: str):
         """A reply kept under its own key, or None (cheap when none was ever kept)."""
-        return self.get_json("replies", key) if (self.root / "replies").is_dir() else None
+        return self.get_replies([key])[0]
 
     def get_replies(self, keys: list[str]) -> list:
         """:meth:`get_reply` of each key (the folder looked for once)."""

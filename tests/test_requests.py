@@ -113,3 +113,14 @@ def test_usage_counts_tokens_and_the_backends_retries():
     usage = client.usage
     assert (usage.calls, usage.conversations, usage.completion_tokens) == (1, 2, 4)
     assert (usage.retries, usage.retry_reasons) == (1, {"http_429": 1})
+
+
+def test_request_keys_digest_the_same_json_as_fingerprint():
+    """The client builds `fingerprint([sampling key, messages])` from the parts' JSON (one head per
+    parameter set): the text must be the list's own, or every cached reply would miss."""
+    from factory.llm.base import canonical, digest, fingerprint
+
+    params = GenerationParams(n=2, temperature=0.7, stop=("\n\n",), json_schema='{"type": "object"}')
+    messages = [{"role": "system", "content": "Réponds « court »."}, {"role": "user", "content": 'a "b"\n\t{x}'}]
+    head = "[" + canonical(params.sampling_key()) + ","
+    assert digest(head + canonical(messages) + "]") == fingerprint([params.sampling_key(), messages])

@@ -43,7 +43,6 @@ class Sequence:
     sample: int
     prompt: list[int]
     tokens: list[int] = field(default_factory=list)
-    ended: bool = False  # an end-of-sequence token or a stop string ended it
 
 
 Finished = Callable[[Sequence], None]
@@ -59,8 +58,7 @@ class SlotDecoder:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos_ids, default=0)
         self.device = next(model.parameters()).device
         self.top_k = getattr(model.generation_config, "top_k", None)
-        # transformers 5 renamed the forward's `past_key_values` to `cache` (and its output's).
-        self.cache_key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        self.cache_key = cache_argument(model)
 
     def run(self, sequences: list[Sequence], params: GenerationParams, on_finished: Finished,
             generator: torch.Generator | None = None) -> None:
@@ -113,9 +111,8 @@ class SlotDecoder:
         keep = []
         for row, (sequence, token) in enumerate(zip(live, tokens)):
             sequence.tokens.append(token)
-            if token in self.eos_ids or (params.stop and self._stopped(sequence, params.stop)):
-                sequence.ended = True
-            if sequence.ended or len(sequence.tokens) >= params.max_tokens:
+            ended = token in self.eos_ids or (params.stop and self._stopped(sequence, params.stop))
+            if ended or len(sequence.tokens) >= params.max_tokens:
                 on_finished(sequence)
             else:
                 keep.append(row)
@@ -213,6 +210,12 @@ def native_gqa(device: torch.device):
 
 
 FORCE_GQA = "TRANSFORMERS_SDPA_FORCE_GQA"
+
+
+def cache_argument(model) -> str:
+    """The name of the forward's cache argument, and of its output's: transformers 5 renamed
+    `past_key_values` to `cache`."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def growing_cache(model):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import logging
 import sys
 from dataclasses import dataclass
@@ -107,7 +106,8 @@ class TransformersBackend(Backend):
 
         device = pick_device(self.config.device)
         adapter = f" + LoRA {self.config.adapter}" if self.config.adapter else ""
-        tqdm.write(f"loading {self.config.model}{adapter} on {device} ({self.dtype_on(device)}) ...", file=sys.stderr)
+        dtype = self.dtype_on(device)
+        tqdm.write(f"loading {self.config.model}{adapter} on {device} ({dtype}) ...", file=sys.stderr)
         tokenizer = load_tokenizer(self.config.model)
         tokenizer.padding_side = "left"
         if self.config.chat_template:
@@ -115,7 +115,7 @@ class TransformersBackend(Backend):
         if not tokenizer.chat_template:
             raise FactoryError(f"model '{self.config.model}' has no chat template; use an instruct model or "
                                "set llm.chat_template to a Jinja template")
-        model = load_causal_lm(self.config.model, device=device, dtype=self.dtype_on(device))
+        model = load_causal_lm(self.config.model, device=device, dtype=dtype)
         if self.config.adapter:
             from peft import PeftModel
 
@@ -241,12 +241,14 @@ class TransformersBackend(Backend):
         to few-shot prompts); models where that does not work take the plain path from then on."""
         ids, mask = batch["input_ids"], batch["attention_mask"]
         if n > 1 and self._shares_prefill and ids.shape[1] > 1:
+            from .decoding import cache_argument
+
             try:
-                key = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+                key = cache_argument(self.model)
                 positions = (mask.cumsum(-1) - 1).clamp(min=0)
                 prefix = self.model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1],
                                     use_cache=True, logits_to_keep=1)
-                cache = prefix.get("cache") if prefix.get("cache") is not None else prefix.get("past_key_values")
+                cache = prefix.get(key)
                 cache.batch_repeat_interleave(n)
                 return self.model.generate(input_ids=ids.repeat_interleave(n, 0),
                                            attention_mask=mask.repeat_interleave(n, 0), **{key: cache}, **kwargs)
