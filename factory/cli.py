@@ -157,6 +157,17 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--force", action="store_true", help="push even when the repo has a newer version tag")
     push.set_defaults(func=cmd_push)
 
+    fetch = sub.add_parser("fetch", help="download Hugging Face Hub datasets into the local cache, for offline runs",
+                           description="Download and prepare Hub datasets in the `datasets` cache, so that a recipe "
+                                       "naming them runs with HF_HUB_OFFLINE=1 (on this machine, or one that shares "
+                                       "HF_HOME). TARGET is a dataset id (ORG/NAME) or a recipe, whose every `hub:` "
+                                       "(source, decontaminate and evolve eval sets) is fetched with its config and "
+                                       "revision.")
+    fetch.add_argument("target", help="ORG/NAME, or a recipe file")
+    fetch.add_argument("--config", default=None, help="the dataset's config (default: its default config)")
+    fetch.add_argument("--revision", default=None, help="a tag, branch or commit sha (default: main)")
+    fetch.set_defaults(func=cmd_fetch)
+
     evolve = sub.add_parser("evolve", help="self-evolution: generate -> curate -> train -> evaluate, round after round",
                             description="Run the recipe's `evolve:` loop: each round generates and curates a dataset "
                                         "version with the current model (base + the previous round's adapter), trains "
@@ -370,6 +381,14 @@ def cmd_push(args) -> int:
     print(plan.describe())
     print("dry run: nothing was pushed" if args.dry_run else
           f"pushed: https://huggingface.co/datasets/{args.repo}/tree/{plan.tag}")
+    return 0
+
+
+def cmd_fetch(args) -> int:
+    from .hubdata import fetch_target
+
+    for line in fetch_target(args.target, args.config, args.revision):
+        print(line)
     return 0
 
 

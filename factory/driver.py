@@ -282,7 +282,7 @@ class Driver:
         start = time.perf_counter()
         rejected_parts: list[pl.DataFrame] = []
         if table is None:
-            table = recipe.source.read(self.cache) if recipe.source else pl.DataFrame()
+            table = recipe.source.read(self.cache, self.progress) if recipe.source else pl.DataFrame()
             if recipe.source and recipe.source.rejected is not None:
                 rejected_parts.append(recipe.source.rejected)
         source_rows = table.height

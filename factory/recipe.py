@@ -30,8 +30,9 @@ from typing import Any, Literal
 import yaml
 
 from .config import build, closest, option, suggest, to_dict
-from .errors import Problem, RecipeError, format_path
+from .errors import FactoryError, Problem, RecipeError, format_path
 from .evolve.config import EvolveConfig, build_evolve
+from .hubdata import HubError
 from .llm import DEFAULT_LLM, build_llm_config, fingerprint, merge_llm
 from .registry import STEPS, step_class
 from .sources import Source, build_source
@@ -432,6 +433,8 @@ def _validate(data: dict, problems: list[Problem], base_dir: Path) -> Recipe | N
     evolve = None
     if data.get("evolve") is not None:
         evolve = build_evolve(data["evolve"], ("evolve",), problems, llm)
+        if evolve is not None:
+            _check_eval_sets(evolve, problems, base_dir)
         if evolve is not None and evolve.compare and steps_ok and not any(s.name == "select" for s in steps):
             problems.append(Problem("evolve.compare runs the loop once per verifier through a `select` step, and "
                                     "the recipe has none", path=("evolve", "compare"),
@@ -532,17 +535,46 @@ def _check_model_files(llm, path: tuple, problems: list[Problem]) -> None:
             problems.append(Problem(str(err), path=path + ("adapter",)))
 
 
+def _check_eval_sets(evolve: EvolveConfig, problems: list[Problem], base_dir: Path) -> None:
+    """evolve.eval and evolve.win_rate exist and have their columns (a Hub dataset is resolved here,
+    before any model loads)."""
+    for key in ("eval", "win_rate"):
+        section = getattr(evolve, key)
+        if section is None:
+            continue
+        path = ("evolve", key)
+        data = {k: v for k, v in section.data().items() if v is not None}
+        source = build_source(data, path, problems, base_dir, what="eval set")
+        if source is None:
+            continue
+        try:
+            columns = source.columns()
+        except FactoryError as err:
+            problems.append(Problem(str(err), path=path))
+            continue
+        for key_name in ("column", "answer_column"):
+            column = getattr(section, key_name, None)
+            if column is not None and columns and column not in columns:
+                problems.append(Problem(f"the eval set {section.name()} has no column '{column}' (it has "
+                                        f"{', '.join(columns)})", path=path + (key_name,),
+                                        fix=suggest(column, columns, "column")))
+
+
 def _check_columns(recipe: Recipe, problems: list[Problem]) -> None:
     if recipe.source is not None:
         try:
             columns = list(recipe.source.columns())
+        except HubError as err:  # a Hub dataset's download or its columns: the message says what to do
+            problems.append(Problem(str(err), path=("source",)))
+            return
         except Exception as err:  # an unreadable file: reported once, here
             problems.append(Problem(f"cannot read the source's columns: {err}", path=("source",),
                                     fix="check that the file is in the format its name says"))
             return
         if not columns:
-            problems.append(Problem(f"source {recipe.source.resolved_path or recipe.source.config.generator} has "
-                                    "no rows", path=("source", "path"), fix="point `source:` at a file with data"))
+            key = "hub" if recipe.source.hub_ref else "path"
+            problems.append(Problem(f"source {recipe.source.name()} has no rows", path=("source", key),
+                                    fix=f"point `source:` at a {'split' if key == 'hub' else 'file'} with data"))
             return
         origin = f"the source ({', '.join(columns)})"
     else:

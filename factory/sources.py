@@ -1,4 +1,5 @@
-"""Where a recipe's rows come from: a file, a local Hugging Face dataset, or a generator."""
+"""Where a recipe's rows come from: a file, a local Hugging Face dataset, a dataset on the Hub, or a
+generator. Eval sets are named the same way (see :func:`build_data`)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from . import bundled
 from .config import build, option, suggest
 from .errors import FactoryError, Problem
 from .generators import GENERATORS
+from .hubdata import REPO_ID, HubRef, open_hub
 
 # The last place a relative path is looked for: the project (the bundled recipes/ and data/ in a wheel).
 PROJECT_ROOT = bundled.root()
@@ -28,12 +30,23 @@ DOCUMENT_COLUMNS = ("doc_id", "title", "text")
 class SourceConfig:
     path: str | None = option(None, help="A .jsonl/.json/.parquet/.csv file, a folder of parquet files, a "
                                           "dataset saved with save_to_disk, or a factory version folder.")
+    hub: str | None = option(None, help="A dataset on the Hugging Face Hub (ORG/NAME), read with `datasets` "
+                                        "(its cache, HF_HUB_OFFLINE and HF_TOKEN apply); or a local folder "
+                                        "holding a copy of a dataset repository (data files + README `configs:`).")
     generator: str | None = option(None, help="A programmatic source instead of a file: "
                                               + ", ".join(GENERATORS) + ".")
+    config: str | None = option(None, help="The Hub dataset's config (subset), e.g. `main` (default: its default "
+                                           "config).")
+    revision: str | None = option(None, help="The Hub dataset's revision: a tag (a version this factory pushed is "
+                                             "tagged v<N>), a branch or a commit sha (default: main). The manifest "
+                                             "records the commit it resolved to.")
+    streaming: bool = option(False, help="Stream the Hub dataset instead of downloading it whole: with `limit`, "
+                                         "only the first rows are fetched.")
+    columns: list[str] | None = option(None, help="Read only these columns (before `rename`).")
     format: Literal["auto", "jsonl", "json", "parquet", "csv", "hf", "documents"] = option(
         "auto", help="File format; `auto` guesses from the name. `documents`: a folder of .md/.txt files, one "
                      "row per file (doc_id, title, text).")
-    split: str = option("train", help="The split to read from a saved DatasetDict.")
+    split: str = option("train", help="The split to read: of a Hub dataset, or of a saved DatasetDict.")
     limit: int | None = option(None, help="Read only the first N rows.", min=1)
     rename: dict[str, str] = option(default_factory=dict, help="Rename columns on load, e.g. {question: instruction}.")
 
@@ -46,48 +59,74 @@ class Source:
     resolved_path: Path | None = None
     generator_config: Any = None
     rejected: pl.DataFrame | None = None  # rows set aside while reading (see read_table)
+    hub_ref: HubRef | None = None
 
     @property
     def generator(self):
         return GENERATORS[self.config.generator] if self.config.generator else None
 
+    @property
+    def hub(self):
+        """The Hub dataset (:class:`~factory.hubdata.HubDataset`), resolved once per process."""
+        return open_hub(self.hub_ref) if self.hub_ref else None
+
+    def name(self) -> str:
+        """The source in a message: its file, Hub dataset or generator."""
+        if self.hub_ref:
+            return f"hub dataset '{self.hub_ref.location}' (split {self.hub_ref.split})"
+        return str(self.resolved_path or f"generator {self.config.generator}")
+
     def describe(self) -> dict:
+        if self.hub_ref:
+            return self.hub.describe()
         if self.resolved_path:
             return {"path": str(self.resolved_path)}
         return {"generator": self.config.generator}
 
     def columns(self) -> list[str]:
-        """Column names, read cheaply (a file's header or first lines)."""
+        """Column names, read cheaply (a file's header or first lines, a Hub dataset's features)."""
         if self.generator:
             cols = list(self.generator.columns)
+        elif self.hub_ref:
+            cols = self.hub.columns()
         else:
             cols = _peek_columns(self.resolved_path, self.file_format(), self.config.split)
+            if self.config.columns is not None:
+                cols = [c for c in self.config.columns if c in cols]
         return [self.config.rename.get(c, c) for c in cols]
 
     def file_format(self) -> str:
         return detect_format(self.resolved_path, self.config.format)
 
-    def read(self, cache=None) -> pl.DataFrame:
+    def read(self, cache=None, progress: bool = False) -> pl.DataFrame:
         """The source's rows. Rows that do not fit their columns' type are set aside in
         :attr:`rejected` (reason ``invalid_input``) rather than failing the whole run.
         ``cache``: where JSON files parsed once are kept (see :func:`read_table_with_rejects`).
 
         Raises:
-            FactoryError: the source has no rows.
+            FactoryError: the source has no rows, or lacks a column of ``columns``.
         """
+        self.rejected = None
         if self.generator:
             frame = self.generator.make(self.generator_config)
-            self.rejected = None
+        elif self.hub_ref:
+            frame = self.hub.read(self.config.limit, progress)
         else:
             frame, self.rejected = read_table_with_rejects(self.resolved_path, self.file_format(),
                                                            self.config.split, cache)
+            if self.config.columns is not None:
+                missing = [c for c in self.config.columns if c not in frame.columns]
+                if missing and frame.height:
+                    raise FactoryError(f"source {self.name()} has no column {', '.join(map(repr, missing))} (it has "
+                                       f"{', '.join(frame.columns)}); fix `columns:`")
+                frame = frame.select([c for c in self.config.columns if c in frame.columns])
         if self.config.limit is not None:
             frame = frame.head(self.config.limit)
         if self.config.rename:
             frame = frame.rename({k: v for k, v in self.config.rename.items() if k in frame.columns})
         if frame.height == 0:
-            where = self.resolved_path or f"generator {self.config.generator}"
-            raise FactoryError(f"source {where} has no rows; point `source:` at a file with data")
+            raise FactoryError(f"source {self.name()} has no rows; point `source:` at "
+                               f"{'a split' if self.hub_ref else 'a file'} with data")
         return frame
 
     def first(self, rows: int, *, grow: bool = False) -> "Source":
@@ -105,7 +144,8 @@ class Source:
                                    generator_config=generator_config, rejected=None)
 
     def parent_version(self) -> str | None:
-        """The factory version folder this source was read from, if it is one."""
+        """The factory version folder this source was read from, if it is one (a Hub dataset is
+        recorded, with its commit, as the manifest's ``source``)."""
         p = self.resolved_path
         if p is None:
             return None
@@ -126,13 +166,24 @@ def resolve_path(path: str, base_dir: Path) -> Path | None:
     return None
 
 
-def build_source(data, path: tuple, problems: list[Problem], base_dir: Path) -> Source | None:
-    """Validates a recipe's ``source:`` mapping."""
+HUB_ONLY = ("config", "revision", "streaming")
+
+
+def build_source(data, path: tuple, problems: list[Problem], base_dir: Path,
+                 what: str = "source file") -> Source | None:
+    """Validates a recipe's ``source:`` mapping (or an eval set given in the same form, ``what``
+    naming it in messages). A Hub dataset is resolved here, so a missing one stops the recipe
+    before any model loads."""
     if isinstance(data, str):
         data = {"path": data}
     if not isinstance(data, dict):
-        problems.append(Problem("expected a mapping such as {path: data/seeds/tasks.jsonl}", path=path,
-                                fix="write `source:` with a `path:` or `generator:` key"))
+        problems.append(Problem("expected a mapping such as {path: data/seeds/tasks.jsonl} or {hub: ORG/NAME}",
+                                path=path, fix="write it with a `path:`, `hub:` or `generator:` key"))
+        return None
+    kinds = [k for k in ("path", "hub", "generator") if data.get(k) is not None]
+    if len(kinds) > 1:
+        problems.append(Problem(f"both `{kinds[0]}:` and `{kinds[1]}:` are given", path=path,
+                                fix="keep one: a file (`path:`), a Hub dataset (`hub:`) or a `generator:`"))
         return None
     before = len(problems)
     generator_config = None
@@ -148,16 +199,26 @@ def build_source(data, path: tuple, problems: list[Problem], base_dir: Path) -> 
         config = build(SourceConfig, common, path, problems)
     else:
         config = build(SourceConfig, data, path, problems)
-        if config is not None and config.path is None:
-            problems.append(Problem("needs `path:` or `generator:`", path=path,
-                                    fix="add e.g. `path: data/seeds/tasks.jsonl`"))
+        if config is not None and config.path is None and config.hub is None:
+            problems.append(Problem("needs `path:`, `hub:` or `generator:`", path=path,
+                                    fix="add e.g. `path: data/seeds/tasks.jsonl` or `hub: openai/gsm8k`"))
     if len(problems) > before or config is None:
         return None
+    if config.hub is None:
+        for key in HUB_ONLY:
+            if key in data:
+                problems.append(Problem(f"`{key}:` applies to Hub datasets", path=path + (key,),
+                                        fix="remove it, or read the data with `hub: ORG/NAME`"))
+    if len(problems) > before:
+        return None
+    if config.hub is not None:
+        ref = _hub_ref(config, path, problems, base_dir)
+        return Source(config, hub_ref=ref) if ref is not None else None
     resolved = None
     if config.path is not None:
         resolved = resolve_path(config.path, base_dir)
         if resolved is None:
-            problems.append(Problem(f"source file '{config.path}' does not exist (looked in {Path.cwd()}, "
+            problems.append(Problem(f"{what} '{config.path}' does not exist (looked in {Path.cwd()}, "
                                     f"{base_dir} and {PROJECT_ROOT})", path=path + ("path",),
                                     fix="fix the path; relative paths are read from the working folder, "
                                         "the recipe's folder or the project"))
@@ -168,6 +229,35 @@ def build_source(data, path: tuple, problems: list[Problem], base_dir: Path) -> 
             problems.append(Problem(str(err), path=path + ("path",), fix="set `format:`"))
             return None
     return Source(config, resolved, generator_config)
+
+
+def _hub_ref(config: SourceConfig, path: tuple, problems: list[Problem], base_dir: Path) -> HubRef | None:
+    """The Hub dataset a ``hub:`` names (a local folder when one exists at that path), resolved."""
+    from .hubdata import HubError
+
+    if config.format != "auto":
+        problems.append(Problem("`format:` applies to files; a Hub dataset's card says how to read it",
+                                path=path + ("format",), fix="remove it"))
+        return None
+    name = config.hub.strip()
+    local = next((root / name for root in (Path.cwd(), base_dir) if (root / name).expanduser().is_dir()), None)
+    if local is None and not REPO_ID.fullmatch(name):
+        problems.append(Problem(f"'{name}' is neither a Hub dataset id nor a local folder", path=path + ("hub",),
+                                fix="write ORG/NAME as on huggingface.co/datasets, e.g. openai/gsm8k"))
+        return None
+    if local is not None and config.revision:
+        problems.append(Problem(f"'{name}' is a local folder, which has no revisions", path=path + ("revision",),
+                                fix="remove `revision:`, or check out that revision in the folder"))
+        return None
+    ref = HubRef(repo=name, config=config.config, split=config.split, revision=config.revision,
+                 columns=tuple(config.columns) if config.columns is not None else None,
+                 streaming=config.streaming, local=local.expanduser().resolve() if local else None)
+    try:
+        open_hub(ref).builder()
+    except HubError as err:
+        problems.append(Problem(str(err), path=path + ("hub",)))
+        return None
+    return ref
 
 
 def detect_format(path: Path, fmt: str = "auto") -> str:

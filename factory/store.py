@@ -173,9 +173,12 @@ def dataset_card(manifest: dict, table: pl.DataFrame, configs: list[dict] | None
 
     recipe = manifest.get("recipe", {})
     output = recipe.get("output", {})
+    source = manifest.get("source") or {}
+    hub_source = source.get("hub") if not source.get("local") else None
     data = DatasetCardData(
         license=output.get("license", "other"), language=["en"], task_categories=["text-generation"],
         size_categories=[size_category(manifest["rows"])], pretty_name=manifest["name"],
+        **({"source_datasets": [hub_source]} if hub_source else {}),
         tags=["synthetic", "dataset-factory", *output.get("tags", [])],
         configs=configs or [{"config_name": "default", "data_files": [{"split": "train", "path": "data/train-*"}]}],
     )
@@ -187,7 +190,7 @@ def dataset_card(manifest: dict, table: pl.DataFrame, configs: list[dict] | None
         "## How it was made", "",
         f"- Recipe: `{manifest.get('recipe_file', '')}` (hash `{manifest.get('recipe_hash', '')[:12]}`)",
         f"- Parent: {manifest.get('parent') or 'none'}",
-        f"- Source: {json.dumps(manifest.get('source'))}",
+        f"- Source: {source_line(source) if source.get('hub') else json.dumps(manifest.get('source'))}",
         f"- Models: {', '.join(sorted({m['model_id'] for m in manifest.get('models', [])})) or 'none'}",
         f"- Rows: {manifest['rows']} kept, {manifest['rejected_rows']} dropped (in `rejected/`)",
         *([f"- {target_line(manifest['target_rows'], manifest['rows'])}"] if manifest.get("target_rows") else []),
@@ -210,6 +213,23 @@ def dataset_card(manifest: dict, table: pl.DataFrame, configs: list[dict] | None
                          'split="train")'),
               "```", "", "## Recipe", "", "```yaml", yaml.safe_dump(recipe, sort_keys=False).rstrip(), "```", ""]
     return "\n".join(lines)
+
+
+def source_line(source: dict) -> str:
+    """A Hub source in a card: the dataset (linked at the commit read), config, split, revision."""
+    repo, sha = source["hub"], source.get("sha")
+    if source.get("local"):
+        name = f"`{source['local']}` (a local copy of a dataset repository{f', commit `{sha}`' if sha else ''})"
+    else:
+        name = f"[{repo}](https://huggingface.co/datasets/{repo}" + (f"/tree/{sha}" if sha else "") + ")"
+    parts = [name, f"config `{source.get('config')}`", f"split `{source.get('split')}`"]
+    if not source.get("local"):
+        parts.append(f"revision `{source.get('revision') or 'main'}`" + (f" (commit `{sha}`)" if sha else ""))
+    if source.get("columns"):
+        parts.append("columns " + ", ".join(f"`{c}`" for c in source["columns"]))
+    if "rows_read" in source:
+        parts.append(f"{source['rows_read']} rows read" + (" (streamed)" if source.get("streaming") else ""))
+    return ", ".join(parts)
 
 
 STOPPED = {"max_candidates": "max_candidates reached", "source_exhausted": "the source ran out"}

@@ -13,16 +13,15 @@ a million rows take seconds, not a Python loop per n-gram.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import polars as pl
 
 from factory.config import option
-from factory.errors import FactoryError
+from factory.errors import FactoryError, Problem
 from factory.llm.base import fingerprint
-from factory.sources import detect_format, read_table, resolve_path
+from factory.sources import Source, build_source
 from factory.steps.base import StepContext, TableFilter
 
 _WEIGHTS = np.random.RandomState(20240521).randint(1, 2**62, size=512, dtype=np.int64).astype(np.uint64) | 1
@@ -66,15 +65,19 @@ def _hash_grams(words: pl.Series, sizes: np.ndarray) -> tuple[np.ndarray, np.nda
 
 @dataclass
 class DecontaminateConfig:
-    eval: str = option(help="The evaluation set: a .jsonl/.json/.parquet/.csv file or a saved dataset folder "
-                            "(relative to the working folder, the recipe's folder or the project).")
+    eval: str | dict[str, Any] = option(help="The evaluation set: a .jsonl/.json/.parquet/.csv file or a saved "
+                                             "dataset folder (relative to the working folder, the recipe's folder "
+                                             "or the project), or a mapping as `source:` takes, e.g. {hub: "
+                                             "openai/gsm8k, config: main, split: test}.")
     eval_columns: list[str] = option(default_factory=lambda: ["instruction"],
                                      help="Eval columns whose text must not leak (joined with a space; "
                                           "`eval_column: x` for one).")
     eval_id_column: str | None = option(None, help="Eval column naming each item in the report (default: "
                                                    "its position, eval[17]).")
-    eval_split: str = option("train", help="Split to read when the eval set is a saved DatasetDict.")
-    eval_format: Literal["auto", "jsonl", "json", "parquet", "csv", "hf"] = option("auto", help="Eval file format.")
+    eval_split: str = option("train", help="Split to read when `eval` is a saved DatasetDict's folder (in the "
+                                           "mapping form, its `split:`).")
+    eval_format: Literal["auto", "jsonl", "json", "parquet", "csv", "hf"] = option(
+        "auto", help="Eval file format when `eval` is a path (in the mapping form, its `format:`).")
     columns: list[str] = option(default_factory=lambda: ["instruction"],
                                 help="Our columns to check (joined with a space), e.g. [instruction, response] "
                                      "(`column: x` for one).")
@@ -99,35 +102,39 @@ class Decontaminate(TableFilter):
     def requires(self):
         return list(self.config.columns)
 
-    def eval_path(self) -> Path | None:
-        return resolve_path(self.config.eval, self.base_dir)
+    def eval_source(self, problems: list[Problem] | None = None) -> Source | None:
+        return eval_set(self.config, self.base_dir, [] if problems is None else problems)
 
     def check(self):
-        path = self.eval_path()
-        if path is None:
-            return [(f"eval set '{self.config.eval}' does not exist", "eval",
-                     "give a path relative to the working folder, the recipe's folder or the project")]
+        problems: list[Problem] = []
+        source = self.eval_source(problems)
+        if source is None:
+            return [(p.message, "eval", p.fix) for p in problems]
         try:
-            columns = read_table(path, detect_format(path, self.config.eval_format), self.config.eval_split).columns
+            columns = source.columns()
         except FactoryError as err:
-            return [(str(err), "eval", "check the eval file")]
+            return [(str(err), "eval", "check the eval set")]
         wanted = list(self.config.eval_columns) + ([self.config.eval_id_column] if self.config.eval_id_column else [])
         return [(f"the eval set has no column '{col}' (it has {', '.join(columns)})", "eval_columns",
                  "name one of its columns") for col in wanted if col not in columns]
 
     def fingerprint(self) -> str:
-        # The eval set's identity, and polars' version (its word hashes may change with it).
-        path = self.eval_path()
+        # The eval set's identity (a file's size and time, a Hub dataset's commit), and polars'
+        # version (its word hashes may change with it).
+        source = self.eval_source()
+        path = source.resolved_path if source else None
         stat = path.stat() if path and path.is_file() else None
         return fingerprint([super().fingerprint(), str(path), stat.st_size if stat else None,
-                            stat.st_mtime if stat else None, pl.__version__])
+                            stat.st_mtime if stat else None, source.describe() if source and source.hub_ref else None,
+                            pl.__version__])
 
     def keep(self, table: pl.DataFrame, ctx: StepContext) -> pl.DataFrame:
         c = self.config
-        path = self.eval_path()
-        if path is None:
-            raise FactoryError(f"decontaminate: eval set '{c.eval}' does not exist")
-        evals = read_table(path, detect_format(path, c.eval_format), c.eval_split)
+        problems: list[Problem] = []
+        source = self.eval_source(problems)
+        if source is None:
+            raise FactoryError(f"decontaminate: {problems[0].message}")
+        evals = source.read()
         eval_ids = (evals[c.eval_id_column].cast(pl.String).to_list() if c.eval_id_column
                     else [f"eval[{i}]" for i in range(evals.height)])
         found = matches(_words(evals, c.eval_columns), _words(table, c.columns), c.ngram, c.min_words)
@@ -137,11 +144,19 @@ class Decontaminate(TableFilter):
         matched_eval = (pl.DataFrame({"r": np.arange(table.height, dtype=np.int64)})
                         .join(per_row, on="r", how="left", maintain_order="left")["matched_eval"])
         matched_items = sorted(set(found["e"].to_list()))
-        ctx.report.update({"eval_set": str(path), "eval_items": evals.height,
+        ctx.report.update({"eval_set": source.describe(), "eval_items": evals.height,
                            "eval_items_matched": len(matched_items), "rows_dropped": per_row.height,
                            "matched_eval_ids": [eval_ids[i] for i in matched_items[:100]]})
         return pl.DataFrame({"_matched_eval": matched_eval.cast(pl.List(pl.String))}).with_columns(
             pl.when(pl.col("_matched_eval").is_not_null()).then(pl.lit("contaminated")).alias("reason"))
+
+
+def eval_set(config: DecontaminateConfig, base_dir, problems: list[Problem]) -> Source | None:
+    """The eval set as a :class:`~factory.sources.Source` (a path with ``eval_split`` and
+    ``eval_format``, or a mapping in the form ``source:`` takes)."""
+    data = config.eval if isinstance(config.eval, dict) else {
+        "path": config.eval, "split": config.eval_split, "format": config.eval_format}
+    return build_source(data, ("eval",), problems, base_dir, what="eval set")
 
 
 def matches(eval_words: pl.Series, row_words: pl.Series, ngram: int, min_words: int) -> pl.DataFrame:

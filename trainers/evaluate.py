@@ -59,15 +59,25 @@ class AccuracyResult:
                 "truncated": self.truncated}
 
 
-def read_eval(path: str, base_dir: Path | None = None, limit: int | None = None) -> pl.DataFrame:
-    from factory.sources import detect_format, read_table, resolve_path
+def read_eval(spec: str | dict, base_dir: Path | None = None, limit: int | None = None) -> pl.DataFrame:
+    """An eval set's rows: ``spec`` is a file path, or a mapping in the form a recipe's
+    ``source:`` takes (``{hub: openai/gsm8k, config: main, split: test}``).
 
-    resolved = resolve_path(path, base_dir or Path.cwd())
-    if resolved is None:
-        raise FactoryError(f"eval set '{path}' does not exist; give a path relative to the working folder, the "
-                           "recipe's folder or the project")
-    table = read_table(resolved, detect_format(resolved))
-    return table.head(limit) if limit else table
+    Raises:
+        FactoryError: the file or dataset does not exist or has no rows.
+    """
+    from factory.errors import Problem
+    from factory.sources import build_source
+
+    data = dict(spec) if isinstance(spec, dict) else {"path": spec}
+    if limit:
+        data["limit"] = limit
+    problems: list[Problem] = []
+    source = build_source({k: v for k, v in data.items() if v is not None}, ("eval",), problems,
+                          base_dir or Path.cwd(), what="eval set")
+    if source is None:
+        raise FactoryError(f"{problems[0].message}" + (f"; {problems[0].fix}" if problems[0].fix else ""))
+    return source.read()
 
 
 def eval_references(table: pl.DataFrame, answer_column: str, kind: str, source: str | None = None) -> list[str]:

@@ -18,8 +18,35 @@ from ..errors import Problem
 
 
 @dataclass
-class EvalSection:
-    path: str = option(help="The held-out eval set (.jsonl/.parquet...) with questions and reference answers.")
+class EvalData:
+    """Where an eval set's rows come from: a file, or a Hub dataset as in ``source:``."""
+
+    path: str | None = option(None, help="The eval set's file (.jsonl/.parquet/.csv or a saved dataset folder).")
+    hub: str | None = option(None, help="Or a Hugging Face Hub dataset (ORG/NAME), e.g. openai/gsm8k.")
+    config: str | None = option(None, help="The Hub dataset's config, e.g. main.")
+    split: str = option("train", help="The split to read (a Hub dataset's, or a saved DatasetDict's), e.g. test.")
+    revision: str | None = option(None, help="The Hub dataset's tag, branch or commit (default: main).")
+    streaming: bool = option(False, help="Stream the Hub dataset: with `limit`, only those rows are fetched.")
+
+    def validate(self):
+        if (self.path is None) == (self.hub is None):
+            return [("give the eval set as `path:` (a file) or `hub:` (ORG/NAME), one of them", None,
+                     "e.g. `path: data/eval/arithmetic.jsonl` or `hub: openai/gsm8k` with `config:` and `split:`")]
+        return []
+
+    def data(self) -> dict:
+        """The eval set in the form ``source:`` takes (see :func:`factory.sources.build_source`)."""
+        if self.hub is None:
+            return {"path": self.path, "split": self.split, "limit": getattr(self, "limit", None)}
+        return {"hub": self.hub, "config": self.config, "split": self.split, "revision": self.revision,
+                "streaming": self.streaming, "limit": getattr(self, "limit", None)}
+
+    def name(self) -> str:
+        return self.path or f"{self.hub} ({self.split})"
+
+
+@dataclass
+class EvalSection(EvalData):
     column: str = option("instruction", help="The question column.")
     answer_column: str = option("answer", help="The reference answer column: a bare value or a worked solution "
                                                "ending in `#### n`, `\\boxed{n}` or 'The answer is n'.")
@@ -32,8 +59,9 @@ class EvalSection:
 
 
 @dataclass
-class WinRateSection:
-    path: str = option(help="Open-ended tasks (a file with an instruction column) to compare rounds on.")
+class WinRateSection(EvalData):
+    """Open-ended tasks (a file or Hub dataset with an instruction column) to compare rounds on."""
+
     column: str = option("instruction", help="The task column.")
     limit: int = option(16, help="Tasks compared per round.", min=1)
     max_tokens: int = option(192, help="Most tokens per answer.", min=1)

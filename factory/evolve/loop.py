@@ -169,16 +169,16 @@ class Evolution:
 
     def evaluate(self, adapter: str | None) -> dict:
         e = self.config.eval
-        table = read_eval(e.path, self.recipe.base_dir, e.limit)
+        table = read_eval(e.data(), self.recipe.base_dir)
         if e.answer_column in table.columns:  # a reference without a value stops here, before any model loads
             eval_references(table, e.answer_column, self.solve.config.answer_format if e.method == "auto"
-                            else e.method, e.path)
+                            else e.method, e.name())
         client = self.client(adapter)
         try:
             step = solve_step_for(True, "number", e.max_tokens, template_from=self.solve)
             # Large chunks: the backend sorts each chunk by prompt length, so fewer chunks pad less.
             result = accuracy(step, client, table, e.column, e.answer_column, e.method, batch_size=256,
-                              progress=self.progress, source=e.path)
+                              progress=self.progress, source=e.name())
         finally:
             client.backend.close()
         cut = (f"; {result.truncated} answers cut at {step.config.max_tokens} tokens, counted wrong (raise "
@@ -197,7 +197,7 @@ class Evolution:
 
     def win_rate(self, adapter: str | None, previous: str | None) -> dict:
         w = self.config.win_rate
-        tasks = read_eval(w.path, self.recipe.base_dir, w.limit).select(pl.col(w.column).alias("instruction"))
+        tasks = read_eval(w.data(), self.recipe.base_dir).select(pl.col(w.column).alias("instruction"))
         table = tasks.with_columns(response=self.answers(tasks, adapter), previous=self.answers(tasks, previous))
         # The judge is the base model (or the one given), the same in every round.
         base = {**to_dict(self.recipe.llm), **({"adapter": None} if hasattr(self.recipe.llm, "adapter") else {})}
