@@ -543,8 +543,7 @@ def _check_eval_sets(evolve: EvolveConfig, problems: list[Problem], base_dir: Pa
         if section is None:
             continue
         path = ("evolve", key)
-        data = {k: v for k, v in section.data().items() if v is not None}
-        source = build_source(data, path, problems, base_dir, what="eval set")
+        source = build_source(section.data(), path, problems, base_dir, what="eval set")
         if source is None:
             continue
         try:

@@ -1,5 +1,5 @@
 """Where a recipe's rows come from: a file, a local Hugging Face dataset, a dataset on the Hub, or a
-generator. Eval sets are named the same way (see :func:`build_data`)."""
+generator. Eval sets are named the same way (see :func:`build_source`)."""
 
 from __future__ import annotations
 

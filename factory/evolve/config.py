@@ -35,11 +35,14 @@ class EvalData:
         return []
 
     def data(self) -> dict:
-        """The eval set in the form ``source:`` takes (see :func:`factory.sources.build_source`)."""
+        """The eval set in the form ``source:`` takes (see :func:`factory.sources.build_source`);
+        options left unset are left out."""
         if self.hub is None:
-            return {"path": self.path, "split": self.split, "limit": getattr(self, "limit", None)}
-        return {"hub": self.hub, "config": self.config, "split": self.split, "revision": self.revision,
-                "streaming": self.streaming, "limit": getattr(self, "limit", None)}
+            data = {"path": self.path, "split": self.split, "limit": getattr(self, "limit", None)}
+        else:
+            data = {"hub": self.hub, "config": self.config, "split": self.split, "revision": self.revision,
+                    "streaming": self.streaming, "limit": getattr(self, "limit", None)}
+        return {k: v for k, v in data.items() if v is not None}
 
     def name(self) -> str:
         return self.path or f"{self.hub} ({self.split})"
