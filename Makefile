@@ -62,6 +62,7 @@ test-vllm: $(VLLM_STAMP)
 bench: $(STAMP)
 	$(BIN)/pip install -e '.[bench]'
 	$(BIN)/python bench/engine_overhead.py
+	$(BIN)/python bench/distilabel_tasks.py
 	$(BIN)/python bench/embedded_backend.py
 	$(BIN)/python bench/minhash_dedup.py --rows 100000
 	$(BIN)/python bench/faults.py

@@ -215,8 +215,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     steps = sub.add_parser("steps", help="list the steps a recipe can use; with NAME, the step's file and options",
                            description="List recipe steps, or the file that holds one step, its documentation "
-                                       "and every option with its default and help.")
+                                       "and every option with its default and help. `factory steps distilabel` "
+                                       "also lists the tasks of distilabel's library that the step runs, and "
+                                       "`factory steps distilabel TASK` a task's options.")
     steps.add_argument("name", nargs="?", help="a step name, e.g. solve")
+    steps.add_argument("task", nargs="?", help="with `distilabel`: a task of distilabel's library, e.g. "
+                                               "UltraFeedback (its inputs, outputs and options)")
     steps.set_defaults(func=cmd_steps)
 
     recipes = sub.add_parser("recipes", help="list the bundled recipes (start one with `factory init NAME`)",
@@ -461,6 +465,12 @@ def cmd_steps(args) -> int:
         match = closest(args.name, STEPS)
         raise FactoryError(f"unknown step '{args.name}'; " + (f"did you mean '{match}'?" if match else
                                                               f"steps: {', '.join(STEPS)}"))
+    if args.task and args.name != "distilabel":
+        raise FactoryError(f"only `factory steps distilabel` takes a task name ('{args.task}')")
+    if args.name == "distilabel":  # the task library (errors before the step's page is printed)
+        from .steps.distilabel import tasks
+
+        library = tasks.task_lines(args.task) if args.task else tasks.catalog_lines()
     cls = step_class(args.name)
     path = source_file(args.name)
     print(f"{args.name}: {path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path}\n")
@@ -472,6 +482,8 @@ def cmd_steps(args) -> int:
         print(f"  {f.name} = {default!r}")
         print(textwrap.fill(f.metadata.get("help", ""), width=96, initial_indent="      ",
                             subsequent_indent="      "))
+    if args.name == "distilabel":
+        print("\n" + "\n".join(library))
     return 0
 
 

@@ -505,7 +505,8 @@ def _build_step(i: int, item: Any, llm_data: dict | None, problems: list[Problem
     step = cls(config, index=i, seed=seed, base_dir=base_dir)
     before = len(problems)
     for message, key, fix in step.check():
-        problems.append(Problem(message, path=path + ((key,) if key else ()), fix=fix))
+        key = key if isinstance(key, tuple) else (key,) if key else ()
+        problems.append(Problem(message, path=path + key, fix=fix))
     if step.uses_llm:
         if llm_data is None:
             return None  # the recipe-level llm is already reported

@@ -27,6 +27,8 @@ STEPS: dict[str, str] = {
     "grounded_answer": "factory.steps.grounded.grounded_answer:GroundedAnswer",
     # your own prompt (text or typed columns)
     "generate": "factory.steps.generate:Generate",
+    # distilabel's task library (optional extra: dataset-factory[distilabel])
+    "distilabel": "factory.steps.distilabel.distilabel:Distilabel",
     # solving and verifying
     "solve": "factory.steps.solve:Solve",
     "verify": "factory.steps.verify:Verify",
