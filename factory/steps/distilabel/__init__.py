@@ -1,0 +1,1 @@
+"""The ``distilabel`` step (``distilabel.py``) and its view of distilabel's task library (``tasks.py``)."""
