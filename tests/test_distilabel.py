@@ -17,11 +17,12 @@ from factory.build import run_recipe
 from factory.cli import main
 from factory.driver import Driver
 from factory.errors import RecipeError
-from factory.llm import ScriptedBackend, ScriptedConfig
 from factory.llm.requests import LLMClient
 from factory.recipe import load_recipe
 from factory.steps.base import DROP, DROP_DETAIL, RAW_REPLY, StepContext
 from factory.steps.distilabel import tasks
+
+from .test_structured_steps import Recorder
 
 pytest.importorskip("distilabel", reason="the distilabel extra is not installed")
 
@@ -49,18 +50,6 @@ def run(write_recipe, tmp_path, step: str, rules: list[tuple[str, str]], rows=RO
     rejected = list((version / "rejected").glob("*.parquet"))
     return (pl.read_parquet(version / "data"), pl.read_parquet(rejected) if rejected else pl.DataFrame(),
             manifest)
-
-
-class Recorder(ScriptedBackend):
-    """A scripted backend that keeps every request it is sent."""
-
-    def __init__(self, reply_fn, enforces: bool = False):
-        super().__init__(ScriptedConfig(enforces_schema=enforces), reply_fn=reply_fn)
-        self.requests = []
-
-    def generate(self, requests, on_reply=None):
-        self.requests += requests
-        return super().generate(requests, on_reply)
 
 
 def step_of(options: dict):
