@@ -54,14 +54,13 @@ class Distilabel(LLMStep):
     Config = DistilabelConfig
 
     @functools.cached_property
-    def task(self):
-        """The distilabel task, built with the step's options (JSON replies on a structured copy)."""
+    def task(self):  # the distilabel task, built with the step's options (JSON replies on a structured copy)
         return lib.build_task(lib.find_task(self.config.task), self.config.options, True if self.structured else None)
 
     @property
     def structured_output(self) -> bool:  # JSON where the backend enforces it, unless the options say no
         return self.config.options.get(lib.JSON_OPTION) is not False and self._task_or_none() is not None \
-            and lib.task_schema(self.task) is not None
+            and self.schema is not None
 
     def _task_or_none(self):
         try:
@@ -90,7 +89,7 @@ class Distilabel(LLMStep):
 
     def plan(self, rows):
         asked, out, params = [], [], self.generation_params()
-        schema = lib.task_schema(self.task) if self.json_replies else None
+        schema = self.schema if self.json_replies else None
         for row in rows:
             try:
                 asked.append((row, lib.request(self, row, params, schema)))
@@ -98,9 +97,13 @@ class Distilabel(LLMStep):
                 out.append(dropped(row, "invalid_input", str(err)))
         return asked, out
 
-    @property
+    @functools.cached_property
+    def schema(self) -> dict | None:  # the task's declared JSON Schema (distilabel rebuilds it on every call)
+        return lib.task_schema(self.task)
+
+    @functools.cached_property
     def json_replies(self) -> bool:  # the task has a schema, and a structured copy or its options ask for JSON
-        return bool(getattr(self.task, lib.JSON_OPTION, False)) and lib.task_schema(self.task) is not None
+        return bool(getattr(self.task, lib.JSON_OPTION, False)) and self.schema is not None
 
     def parse(self, reply, row):
         columns = lib.read_output(self.task, reply, lib.inputs_of(self, row), self.json_replies)

@@ -78,6 +78,7 @@ def tasks_module():
     return module
 
 
+@functools.cache
 def version() -> str:
     """The installed distilabel's version."""
     tasks_module()
