@@ -13,7 +13,7 @@ export HF_DATASETS_OFFLINE := 1
 export TRANSFORMERS_VERBOSITY := error
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup quickstart test test-slow test-vllm bench clean
+.PHONY: setup quickstart test test-slow test-vllm bench gpu-check clean
 
 setup: $(STAMP)
 
@@ -69,6 +69,14 @@ bench: $(STAMP)
 	$(BIN)/python bench/ray_minhash.py --rows 1000000
 	$(BIN)/python bench/ray_replicas.py
 	$(BIN)/python bench/vllm_backend.py
+
+# make gpu-check: packs what bench/gpu_check.py needs on a GPU machine without network into
+# .gpu-check/travel (ignored by git: the factory's dependencies the GPU image lacks, for its
+# Python 3.12, and SmolLM2-135M's config and tokenizer; a few minutes the first time) and prints
+# the command to run there (docs/gpu.md). Here, without CUDA, the check itself only says so.
+gpu-check: $(STAMP)
+	$(BIN)/python bench/gpu_pack.py
+	$(BIN)/python bench/gpu_check.py
 
 clean:
 	rm -rf $(VENV) $(OUT) .pytest_cache

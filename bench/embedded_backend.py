@@ -125,6 +125,7 @@ def bare_generate(model, tokenizer, encoded: list[list[int]], batch_size: int, m
     eos = {tokenizer.eos_token_id}
     for start in range(0, len(encoded), batch_size):
         batch = tokenizer.pad({"input_ids": encoded[start:start + batch_size]}, return_tensors="pt", padding=True)
+        batch = {k: v.to(model.device) for k, v in batch.items()}  # bench/gpu_check.py runs it on a GPU
         with torch.inference_mode():
             out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
                                  pad_token_id=tokenizer.pad_token_id)

@@ -51,6 +51,7 @@ def test_sft_writes_adapter_and_record_and_leaves_the_base_alone(tiny_model_dir,
     assert record["dataset"]["path"] == str(version.resolve()) and record["dataset"]["rows"] == 6
     assert record["metrics"]["steps"] == 3 and len(record["metrics"]["loss_history"]) == 3
     assert record["data"]["examples"] == 6 and record["data"]["train_tokens"] > 0
+    assert (record["device"], record["dtype"]) == ("cpu", "float32")  # auto, without a GPU
     assert (out / "adapter_model.safetensors").is_file() and is_trained(out)
     assert hashlib.sha256((tiny_model_dir / "model.safetensors").read_bytes()).hexdigest() == before
     # Running again does nothing: the adapter is complete.
@@ -83,6 +84,7 @@ def test_dpo_one_step_with_trl(tiny_model_dir, tmp_path):
               "--batch-size", "2"])
     record = json.loads((out / "training.json").read_text())
     assert record["method"] == "dpo" and record["data"]["pairs"] == 4 and record["metrics"]["steps"] == 1
+    assert (record["device"], record["dtype"]) == ("cpu", "float32")
     assert record["metrics"]["loss_history"][0]["loss"] == pytest.approx(0.6931, abs=1e-3)  # log 2 at the start
 
 

@@ -216,7 +216,7 @@ def train_and_record(trainer, out: Path, record: dict, data_stats: dict, device:
     record.update({"data": data_stats, "resumed_from": str(resume) if resume else None,
                    "metrics": {**log_history_metrics(trainer.state.log_history), "steps": trainer.state.global_step,
                                "wall_seconds": round(time.time() - began, 2)},
-                   "device": device})
+                   "device": device, "dtype": str(trainer.model.dtype).removeprefix("torch.")})
     (out / "metrics.json").write_text(json.dumps(record["metrics"], indent=2) + "\n", encoding="utf-8")
     write_record(out, record)
     return out
