@@ -154,7 +154,7 @@ def write_data(model_dir: Path, work: Path, sizes: Sizes) -> dict:
     room = sizes.max_length - 64  # the chat template's system turn and the prompt
     answers = answer_texts(tokenizer, sizes.examples, room // 4, room, seed=1)
     messages = [[{"role": "user", "content": p}, {"role": "assistant", "content": a}] for p, a in zip(prompts, answers)]
-    empty = pl.DataFrame({"drop_reason": ["-"], "drop_step": ["-"]})
+    empty = pl.DataFrame()  # no rejected rows
     sft = write_version(work / "data", "gpu-sft", pl.DataFrame({"messages": messages}), empty, {})
     half = answer_texts(tokenizer, 2 * sizes.examples, room // 8, room // 2, seed=2)
     pairs = pl.DataFrame({"prompt": prompts, "chosen": half[::2], "rejected": half[1::2]})
