@@ -263,13 +263,25 @@ def measured_factory_trainer(module, argv: list[str], meter: Meter) -> dict:
     return {**meter.result(seen["trainer"]), "record": {"device": record["device"], "dtype": record.get("dtype")}}
 
 
-def trl_model(spec: dict):
+def trl_model(spec: dict, name: str, steps: int):
+    """The model (bfloat16 on the GPU) and tokenizer a TRL trainer gets, and the arguments both
+    TRL contenders share: where they write, the step count, logging every step, no checkpoints."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     cuda = torch.cuda.is_available()
     model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.bfloat16 if cuda else torch.float32)
-    return model.to("cuda" if cuda else "cpu"), AutoTokenizer.from_pretrained(spec["model"]), cuda
+    args = dict(output_dir=str(Path(spec["work"]) / name), max_length=Sizes(**spec["sizes"]).max_length,
+                max_steps=steps, logging_steps=1, save_strategy="no", bf16=cuda, use_cpu=not cuda, report_to="none",
+                seed=0, dataloader_num_workers=0)
+    return model.to("cuda" if cuda else "cpu"), AutoTokenizer.from_pretrained(spec["model"]), args
+
+
+def measured_train(trainer, warmup: int, steps: int) -> dict:
+    meter = Meter(warmup, steps)
+    meter.attach(trainer)
+    trainer.train()
+    return meter.result(trainer)
 
 
 def sft_factory(spec: dict) -> dict:
@@ -292,19 +304,13 @@ def sft_trl(spec: dict) -> dict:
     from trainers.sft import SFTConfig as FactorySFTConfig
 
     sizes = Sizes(**spec["sizes"])
-    model, tokenizer, cuda = trl_model(spec)
+    model, tokenizer, common = trl_model(spec, "sft-trl", sizes.steps)
     rows = [{"prompt": m[:-1], "completion": m[-1:]} for m in read_version(spec["data"]["sft"])["messages"].to_list()]
-    args = SFTConfig(output_dir=str(Path(spec["work"]) / "sft-trl"), per_device_train_batch_size=sizes.batch_size,
-                     max_length=sizes.max_length, max_steps=sizes.steps, learning_rate=2e-4,
-                     lr_scheduler_type="cosine", warmup_steps=0.05, logging_steps=1, save_strategy="no",
-                     activation_checkpointing=False, bf16=cuda, use_cpu=not cuda, report_to="none", seed=0,
-                     data_seed=0, dataloader_num_workers=0)
+    args = SFTConfig(**common, per_device_train_batch_size=sizes.batch_size, learning_rate=2e-4,
+                     lr_scheduler_type="cosine", warmup_steps=0.05, activation_checkpointing=False, data_seed=0)
     trainer = SFTTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(rows),
                          processing_class=tokenizer, peft_config=lora_config(FactorySFTConfig(dataset="-", out="-")))
-    meter = Meter(sizes.warmup, sizes.steps)
-    meter.attach(trainer)
-    trainer.train()
-    return meter.result(trainer)
+    return measured_train(trainer, sizes.warmup, sizes.steps)
 
 
 def dpo_factory(spec: dict) -> dict:
@@ -324,18 +330,13 @@ def dpo_trl(spec: dict) -> dict:
     from trainers.dpo import DPOTrainConfig, preference_dataset
 
     sizes = Sizes(**spec["sizes"])
-    model, tokenizer, cuda = trl_model(spec)
+    model, tokenizer, common = trl_model(spec, "dpo-trl", sizes.dpo_steps)
     ours = DPOTrainConfig(dataset="-", out="-")
-    args = DPOConfig(output_dir=str(Path(spec["work"]) / "dpo-trl"), per_device_train_batch_size=sizes.dpo_batch,
-                     max_length=sizes.max_length, max_steps=sizes.dpo_steps, learning_rate=ours.learning_rate,
-                     beta=ours.beta, loss_type=ours.loss_type, logging_steps=1, save_strategy="no", bf16=cuda,
-                     use_cpu=not cuda, report_to="none", seed=0, dataloader_num_workers=0)
+    args = DPOConfig(**common, per_device_train_batch_size=sizes.dpo_batch, learning_rate=ours.learning_rate,
+                     beta=ours.beta, loss_type=ours.loss_type)
     trainer = DPOTrainer(model=model, args=args, train_dataset=preference_dataset(spec["data"]["dpo"]),
                          processing_class=tokenizer, peft_config=lora_config(ours))
-    meter = Meter(sizes.warmup, sizes.dpo_steps)
-    meter.attach(trainer)
-    trainer.train()
-    return meter.result(trainer)
+    return measured_train(trainer, sizes.warmup, sizes.dpo_steps)
 
 
 # ---------------------------------------------------------------- generation and the evolve round
