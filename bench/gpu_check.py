@@ -195,6 +195,7 @@ class Meter:
         self.tokens = None  # a running count on the device (no sync per step)
         self.marks: dict[str, tuple[float, Any]] = {}
         self.picked: dict[str, str] = {}
+        self.trainer = None  # the Trainer attached to
 
     def sync(self) -> None:
         import torch
@@ -206,6 +207,7 @@ class Meter:
         import torch
         from transformers import TrainerCallback
 
+        self.trainer = trainer
         meter, model = self, trainer.model
         embeddings = model.get_input_embeddings().weight
         self.picked = {"device": str(embeddings.device), "dtype": str(embeddings.dtype).removeprefix("torch."),
@@ -232,12 +234,12 @@ class Meter:
         model.register_forward_pre_hook(count, with_kwargs=True)
         trainer.add_callback(Marks())
 
-    def result(self, trainer) -> dict:
+    def result(self) -> dict:
         import torch
 
         (t0, n0), (t1, n1) = self.marks["start"], self.marks["end"]
         tokens = int(n1 - n0)
-        losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+        losses = [e["loss"] for e in self.trainer.state.log_history if "loss" in e]
         peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
         return {"tokens_per_s": tokens / (t1 - t0), "timed_steps": self.steps - self.warmup, "tokens": tokens,
                 "seconds": t1 - t0, "peak_gib": peak, "picked": self.picked,
@@ -247,11 +249,9 @@ class Meter:
 def measured_factory_trainer(module, argv: list[str], meter: Meter) -> dict:
     """Runs a factory trainer's ``main(argv)`` with the meter attached to its Trainer."""
     original = module.train_and_record
-    seen = {}
 
     def train_and_record(trainer, *args, **kwargs):
         meter.attach(trainer)
-        seen["trainer"] = trainer
         return original(trainer, *args, **kwargs)
 
     module.train_and_record = train_and_record
@@ -260,7 +260,7 @@ def measured_factory_trainer(module, argv: list[str], meter: Meter) -> dict:
     finally:
         module.train_and_record = original
     record = json.loads((Path(out) / "training.json").read_text())
-    return {**meter.result(seen["trainer"]), "record": {"device": record["device"], "dtype": record.get("dtype")}}
+    return {**meter.result(), "record": {"device": record["device"], "dtype": record.get("dtype")}}
 
 
 def trl_model(spec: dict, name: str, steps: int):
@@ -281,7 +281,7 @@ def measured_train(trainer, warmup: int, steps: int) -> dict:
     meter = Meter(warmup, steps)
     meter.attach(trainer)
     trainer.train()
-    return meter.result(trainer)
+    return meter.result()
 
 
 def sft_factory(spec: dict) -> dict:
@@ -489,6 +489,9 @@ def table(results: dict[str, dict | None], problems: dict[str, str], cpu: bool) 
         ok = picked.get("device", "").startswith(want[0]) and want[1] in (None, picked.get("dtype"))
         return picked_text(picked) + (" (ok)" if ok else f" (expected {', '.join(w for w in want if w)})")
 
+    def missing(check: str, contender: str, name: str) -> str:
+        return f"| {check} | {contender} | - | - | - | - | {problems.get(name, 'not run')} |"
+
     for check, ours, theirs, label in (("LoRA SFT", "sft-factory", "sft-trl", "TRL SFTTrainer"),
                                        ("LoRA DPO", "dpo-factory", "dpo-trl", "TRL DPOTrainer")):
         if ours not in results and theirs not in results:
@@ -497,18 +500,16 @@ def table(results: dict[str, dict | None], problems: dict[str, str], cpu: bool) 
         ratio = fmt(a["tokens_per_s"] / b["tokens_per_s"], ".2f") if a and b else "-"
         for name, r, text in ((ours, a, f"trainers.{ours.split('-')[0]}"), (theirs, b, label)):
             if r is None:
-                lines.append(f"| {check} | {text} | - | - | - | - | {problems.get(name, 'not run')} |")
+                lines.append(missing(check, text, name))
                 continue
             loss = f"loss {r['loss'][0]:.2f} -> {r['loss'][1]:.2f}; " if r.get("loss") else ""
             lines.append(f"| {check} | {text} | {mark(r['picked']) if name == ours else picked_text(r['picked'])} | "
                          f"{fmt(r['tokens_per_s'])} | {fmt(r['peak_gib'], '.2f')} | "
                          f"{ratio if name == ours else '1.00'} | {loss}{r['timed_steps']} steps timed |")
     gen = results.get("generate")
-    if "generate" not in results:
-        pass
-    elif gen is None:
-        lines.append(f"| generate | factory backend | - | - | - | - | {problems.get('generate', 'not run')} |")
-    else:
+    if "generate" in results and gen is None:
+        lines.append(missing("generate", "factory backend", "generate"))
+    elif gen is not None:
         for run in gen["runs"].values():
             ratio = run["factory"]["tokens_per_s"] / run["bare"]["tokens_per_s"]
             check = f"generate, batch {run['batch']}"
@@ -520,11 +521,9 @@ def table(results: dict[str, dict | None], problems: dict[str, str], cpu: bool) 
                          f"{fmt(run['bare']['tokens_per_s'])} | {fmt(run['bare']['peak_gib'], '.2f')} | 1.00 | "
                          f"{run['bare']['tokens']} useful tokens |")
     ev = results.get("evolve")
-    if "evolve" not in results:
-        pass
-    elif ev is None:
-        lines.append(f"| evolve, 1 round | factory evolve | - | - | - | - | {problems.get('evolve', 'not run')} |")
-    else:
+    if "evolve" in results and ev is None:
+        lines.append(missing("evolve, 1 round", "factory evolve", "evolve"))
+    elif ev is not None:
         phases = ", ".join(f"{k} {v:.0f} s" for k, v in ev["phases"].items())
         loss = f"; loss {ev['loss'][0]:.2f} -> {ev['loss'][1]:.2f}" if ev.get("loss") else ""
         lines.append(f"| evolve, 1 round | factory evolve (scripted generation) | {mark(ev['picked'])} | - | - | - | "
@@ -559,12 +558,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     files = args.model_files or (MODEL_FILES if MODEL_FILES.is_dir() else None)
     packed = files.parent / "versions.json" if files else None
-    if packed and packed.is_file():
-        python = json.loads(packed.read_text())["python"]
-        if python != f"{sys.version_info.major}.{sys.version_info.minor}":
-            print(f"gpu_check: the packed site is for Python {python}, this is {sys.version.split()[0]}: its compiled "
-                  f"packages will not load; pack again with `python bench/gpu_pack.py --python "
-                  f"{sys.version_info.major}.{sys.version_info.minor}`", file=sys.stderr)
+    here = f"{sys.version_info.major}.{sys.version_info.minor}"
+    if packed and packed.is_file() and (python := json.loads(packed.read_text())["python"]) != here:
+        print(f"gpu_check: the packed site is for Python {python}, this is {here}: its compiled packages will not "
+              f"load; pack again with `python bench/gpu_pack.py --python {here}`", file=sys.stderr)
     sizes = cpu_smoke_sizes() if args.cpu_smoke else Sizes()
     rows = [w for w in WORKERS if w != "prepare" and (not args.only or w in args.only)]
     results: dict[str, dict | None] = {}
