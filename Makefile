@@ -69,6 +69,8 @@ bench: $(STAMP)
 	$(BIN)/python bench/ray_minhash.py --rows 1000000
 	$(BIN)/python bench/ray_replicas.py
 	$(BIN)/python bench/vllm_backend.py
+	$(BIN)/python bench/openai_backend.py
+	$(BIN)/python bench/rate_limits.py
 
 # make gpu-check: packs what bench/gpu_check.py needs on a GPU machine without network into
 # .gpu-check/travel (ignored by git: the factory's dependencies the GPU image lacks, for its

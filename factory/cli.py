@@ -27,6 +27,8 @@ examples:
   factory run recipes/quickstart.yaml --out out
   factory run recipes/quickstart.yaml --set source.num_rows=8
   factory preview recipes/quickstart.yaml --limit 5
+  factory estimate recipes/judged_instructions.yaml --limit 20
+  factory run recipes/judged_instructions.yaml --max-usd 5
   factory run recipes/quickstart.yaml --set output.rows=20
   factory inspect out/quickstart/v1 --plot quickstart.png
   factory export out/quickstart/v1 --format trl-sft --out exports/qs
@@ -64,8 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
                                      "more of its source until N rows survive every step (one line per pass), "
                                      "and warns when the source or output.max_candidates runs out first. The "
                                      "summary ends with the LLM tokens per step and per model, and their cost "
-                                     "when the recipe has `prices:`. With --limit N: a preview (see `factory "
-                                     "preview`), nothing written.")
+                                     "when the recipe has `prices:`. With `budget: {max_usd: X}` (or --max-usd X) "
+                                     "the run stops before its requests could cost more, writes nothing, and the "
+                                     "same command with a larger budget pays only for what is new. With --limit N: "
+                                     "a preview (see `factory preview`), nothing written.")
     run.add_argument("recipe", help="the recipe YAML file")
     run.add_argument("--out", default="out", help="output folder (default: out)")
     _add_set(run)
@@ -74,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--quiet", action="store_true", help="no progress bars")
     run.add_argument("--examples", type=int, default=3, metavar="N",
                      help="rows of the new version shown after the summary (default: 3; 0 shows none)")
+    _add_max_usd(run)
     run.add_argument("--limit", type=_positive, default=None, metavar="N",
                      help="preview: run on the first N source rows only, print the rows and the drops per step, "
                           "write no version (the same as `factory preview RECIPE --limit N`)")
@@ -86,16 +91,21 @@ def build_parser() -> argparse.ArgumentParser:
                                          "out and the drops by reason. No version is written. The cache is the "
                                          "run's (OUT/.cache unless --cache-dir), so `factory run` afterwards "
                                          "reuses the preview's LLM replies. `output.rows` is not applied.")
-    preview.add_argument("recipe", help="the recipe YAML file")
-    preview.add_argument("--limit", type=_positive, default=5, metavar="N",
-                         help="source rows to run on (default: 5)")
-    preview.add_argument("--out", default="out", help="the output folder whose cache a later run uses "
-                                                      "(default: out; nothing else is written there)")
-    _add_set(preview)
-    _add_cache(preview)
-    preview.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_first_rows(preview, 5, "source rows to run on (default: 5)")
+    _add_max_usd(preview)
     _add_executor(preview)
     preview.set_defaults(func=cmd_preview)
+
+    estimate = sub.add_parser("estimate", help="what a recipe will cost: requests, tokens, USD and time, from its "
+                                               "first rows",
+                              description="Run RECIPE on the first N rows of its source (a preview: its replies are "
+                                          "cached, so `factory run` afterwards pays nothing for them) and extrapolate "
+                                          "each step to the whole source: rows in (from the share each step before it "
+                                          "kept), requests, tokens in and out, cost (with `prices:`) and time, each "
+                                          "with a 90% range from the spread between the rows. Nothing is written.")
+    _add_first_rows(estimate, 20, "source rows to run on (default: 20; more rows, narrower ranges)")
+    _add_executor(estimate)
+    estimate.set_defaults(func=cmd_estimate)
 
     validate = sub.add_parser("validate", help="check a recipe without running it",
                               description="Check RECIPE (YAML, keys, types, files, columns) without loading any "
@@ -240,14 +250,46 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number of rows, got '{text}'") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected at least 1 row, got {value}")
-    return value
+def _at_least(cast, least, what: str, unit: str = ""):
+    """An argparse type: ``cast(text)``, at least ``least``; errors say what was expected."""
+    def read(text: str):
+        try:
+            value = cast(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got '{text}'") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"expected at least {least}{unit}, got {value}")
+        return value
+
+    return read
+
+
+_positive = _at_least(int, 1, "a whole number of rows", " row")
+_usd = _at_least(float, 0.0, "an amount in US dollars")
+
+
+def _add_first_rows(parser: argparse.ArgumentParser, limit: int, limit_help: str) -> None:
+    """The options of a command that runs a recipe on its first rows and writes no version."""
+    parser.add_argument("recipe", help="the recipe YAML file")
+    parser.add_argument("--limit", type=_positive, default=limit, metavar="N", help=limit_help)
+    parser.add_argument("--out", default="out", help="the output folder whose cache a later run uses "
+                                                     "(default: out; nothing else is written there)")
+    _add_set(parser)
+    _add_cache(parser)
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _add_max_usd(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-usd", type=_usd, default=None, metavar="X",
+                        help="stop before the requests this run sends could cost more than X US dollars (the "
+                             "recipe's budget.max_usd; needs `prices:` for its models); nothing is written then, and "
+                             "the same command with a larger budget goes on, paying only for what is new")
+
+
+def _overrides(args) -> list[str]:
+    """The --set overrides, with --max-usd as the budget's."""
+    extra = [f"budget.max_usd={args.max_usd}"] if getattr(args, "max_usd", None) is not None else []
+    return list(args.overrides) + extra
 
 
 def _add_cache(parser: argparse.ArgumentParser) -> None:
@@ -307,7 +349,7 @@ def cmd_run(args) -> int:
 
     if args.limit is not None:
         return cmd_preview(args)
-    recipe = load_recipe(args.recipe, args.overrides)
+    recipe = load_recipe(args.recipe, _overrides(args))
     driver = make_driver(args, _cache_dir(args), use_cache=not args.no_cache, progress=not args.quiet)
     version_dir, manifest, _ = run_recipe(recipe, args.out, driver=driver, parent=args.parent)
     print(format_summary(manifest))
@@ -326,10 +368,20 @@ def cmd_preview(args) -> int:
     from .build import format_preview, preview_recipe
     from .recipe import load_recipe
 
-    recipe = load_recipe(args.recipe, args.overrides)
+    recipe = load_recipe(args.recipe, _overrides(args))
     driver = make_driver(args, _cache_dir(args), use_cache=not args.no_cache, progress=not args.quiet)
     table, result = preview_recipe(recipe, driver, args.limit)
     print(format_preview(recipe, table, result, args.limit, None if args.no_cache else str(_cache_dir(args))))
+    return 0
+
+
+def cmd_estimate(args) -> int:
+    from .estimate import estimate_recipe, format_estimate
+    from .recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    driver = make_driver(args, _cache_dir(args), use_cache=not args.no_cache, progress=not args.quiet)
+    print(format_estimate(estimate_recipe(recipe, driver, args.limit)))
     return 0
 
 

@@ -28,12 +28,14 @@ import gc
 import math
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import polars as pl
 
+from .budget import Budget, BudgetReached
 from .cache import Cache, NullCache, frame_digest
 from .errors import BackendError, FactoryError
 from .executors.base import Executor, check_output
@@ -162,6 +164,9 @@ class Driver:
         self.executor = executor or LocalExecutor()
         self.progress = progress
         self.backends = BackendPool(backend_factory)
+        self.budget: Budget | None = None  # the spending limit of the run under way (every pass of it)
+        self._rows_done = 0  # rows of the row step under way whose batches are done (for the budget's line)
+        self.ledger: dict[int, list] | None = None  # step index -> tokens of each reply (factory estimate)
 
     def preflight(self, recipe) -> None:
         """Checks every backend the recipe uses (server reachable, GPU present) before any work."""
@@ -178,7 +183,7 @@ class Driver:
         """
         if limit is not None and recipe.source is not None and table is None:
             recipe = dataclasses.replace(recipe, source=recipe.source.first(limit))
-        with self._open(), self._keeping_replies(limit is not None):
+        with self._open(recipe), self._keeping_replies(limit is not None):
             return self._walk(recipe, table)
 
     def run_to_target(self, recipe, rows: int, max_candidates: int,
@@ -208,7 +213,7 @@ class Driver:
         history: list[dict] = []
         usage: dict[int, Usage] = {}
         seconds: dict[int, float] = {}
-        with self._open(), self._cache_for_passes(), self._keeping_replies(True):
+        with self._open(recipe), self._cache_for_passes(), self._keeping_replies(True):
             while True:
                 # A generator source makes rows past its num_rows: output.rows decides how many.
                 result = self._walk(dataclasses.replace(recipe, source=recipe.source.first(k, grow=True)))
@@ -269,13 +274,15 @@ class Driver:
             self.cache.keep_each_reply = before
 
     @contextlib.contextmanager
-    def _open(self):
-        """The executor joined and the backends open for a run, or for every pass of one."""
+    def _open(self, recipe):
+        """The executor joined, the backends open and the budget counting for a run, or for every pass of one."""
+        self.budget = Budget.for_recipe(recipe)
         try:
             with self.executor, fewer_collections():
                 yield
         finally:
             self.backends.close()
+            self.budget = None
 
     def _walk(self, recipe, table: pl.DataFrame | None = None) -> RunResult:
         """One walk over the steps (inside :meth:`_open`)."""
@@ -290,14 +297,22 @@ class Driver:
         all_stats: list[StepStats] = []
         for step in recipe.steps:
             stats = StepStats(step.index, step.name, step.kind, rows_in=table.height)
-            session = LLMSession(step.llm_config, self.cache, recipe.seed, self.backends) if step.uses_llm else None
+            session = LLMSession(step.llm_config, self.cache, recipe.seed, self.backends, budget=self.budget,
+                                 ledger=None if self.ledger is None else self.ledger.setdefault(step.index, [])
+                                 ) if step.uses_llm else None
             usage = Usage() if session else None
             began = time.perf_counter()
-            if step.kind == "global":
-                out = self._run_global(step, table, stats, session, usage)
-                kept, dropped = split_dropped(out, stats.label)
-            else:
-                kept, dropped = self._run_rows(step, table, stats, session, usage, recipe.header)
+            try:
+                if step.kind == "global":
+                    out = self._run_global(step, table, stats, session, usage)
+                    kept, dropped = split_dropped(out, stats.label)
+                else:
+                    kept, dropped = self._run_rows(step, table, stats, session, usage, recipe.header)
+            except BudgetReached as stop:
+                done = self._rows_done if step.kind == "row" else 0
+                raise stop.at(f"{stats.label}: {done} of {table.height} rows done, so {table.height - done} or more "
+                              "requests left" + (", and the steps after it" if step is not recipe.steps[-1] else "")
+                              ) from None
             kept = with_columns_of(step, table, kept)
             stats.rows_out = kept.height
             stats.acceptance = round(kept.height / table.height, 4) if table.height else None
@@ -330,7 +345,9 @@ class Driver:
 
     def _run_rows(self, step, table: pl.DataFrame, stats: StepStats, session, usage: Usage | None, header):
         step_key = self._step_key(step, session)
-        batches = [table.slice(offset, header.batch_size) for offset in range(0, table.height, header.batch_size)]
+        # A Batch API answers a step at once, hours later: its rows go as one batch, not one job per 64 rows.
+        size = max(1, table.height) if session is not None and session.batched else header.batch_size
+        batches = [table.slice(offset, size) for offset in range(0, table.height, size)]
         keys = [fingerprint([step_key, frame_digest(batch)]) for batch in batches]
         outputs = [self.cache.get_frame("steps", key) for key in keys]
         reports = [self.cache.get_json("reports", key) or {} if out is not None else None
@@ -338,21 +355,26 @@ class Driver:
         todo = [i for i, out in enumerate(outputs) if out is None]
         stats.batches, stats.cached_batches = len(batches), len(batches) - len(todo)
         failures = processed = failed_batches_in_a_row = kept_cut = 0
+        self._rows_done = 0
         with self._bar(step, table.height) as bar:
-            # Replies move the bar within a batch; a step may send several requests per row, so
-            # the bar never runs past the batches taken so far.
-            shown, allowed = [0], [0]
+            # Replies move the bar while batches run (several at once, from other threads, on a
+            # server); a step may send several requests per row, so a batch never moves it past its rows.
+            shown = [0] * len(batches)
+            lock = threading.Lock()
+            live = _LiveText(bar, usage, session)
 
-            def advance(count: int) -> None:
-                count = min(count, allowed[0] - shown[0])
-                if count > 0:
-                    bar.update(count)
-                    shown[0] += count
+            def advance(count: int, j: int | None = None, i: int | None = None) -> None:
+                i = todo[j] if i is None else i
+                with lock:
+                    count = min(count, batches[i].height - shown[i])
+                    if count > 0:
+                        bar.update(count)
+                        shown[i] += count
+                    live.maybe_show()
 
             computed = self.executor.map_batches(step, [(batches[i], keys[i]) for i in todo], self.cache, session,
                                                  advance)
             for i, batch in enumerate(batches):
-                allowed[0] += batch.height
                 if outputs[i] is None:
                     outputs[i], facts = next(computed)
                     reports[i] = facts["report"]
@@ -360,6 +382,7 @@ class Driver:
                         usage.add(facts["usage"])
                 kept_cut += count_kept_cut(outputs[i])
                 processed += batch.height
+                self._rows_done = processed
                 if session is not None:
                     failed = count_backend_failures(outputs[i])
                     failures += failed
@@ -370,9 +393,8 @@ class Driver:
                             or failed_batches_in_a_row >= DEAD_BACKEND_BATCHES):
                         _stop_on_failures(stats, failures, processed, header.max_failure_rate,
                                           split_dropped(outputs[i], stats.label)[1])
-                advance(batch.height)
-                if usage is not None:
-                    bar.set_postfix_str(_usage_text(usage, bar), refresh=False)
+                advance(batch.height, i=i)
+                live.maybe_show(force=True)
         stats.report = merge_reports(r for r in reports if r)
         note_kept_cut(stats, kept_cut)
         if not outputs:
@@ -486,7 +508,34 @@ def _stop_on_failures(stats: StepStats, failures: int, processed: int, rate: flo
                            "backend and run the same command again: finished batches are cached")
 
 
-def _usage_text(usage: Usage, bar) -> str:
-    elapsed = bar.format_dict.get("elapsed") or 0
-    rate = usage.completion_tokens / elapsed if elapsed else 0
-    return f"{usage.completion_tokens} tok, {rate:.0f} tok/s"
+class _LiveText:
+    """The bar's text while an LLM step runs: requests/s, tokens/s, throttled requests and the
+    limits learned from the server (refreshed at most twice a second)."""
+
+    def __init__(self, bar, usage: Usage | None, session):
+        self.bar, self.usage, self.session = bar, usage, session
+        self.shown_at = 0.0
+        self.started = time.perf_counter()
+        self.stats = session.backends.get(session.config).stats if session is not None else None
+        self.requests_before = self.stats.requests if self.stats is not None else 0
+
+    def maybe_show(self, force: bool = False) -> None:
+        if self.usage is None or self.bar.disable:
+            return
+        now = time.perf_counter()
+        if not force and now - self.shown_at < 0.5:
+            return
+        self.shown_at = now
+        elapsed = max(now - self.started, 1e-9)
+        live = self.session.live()
+        parts = [f"{(self.stats.requests - self.requests_before) / elapsed:.1f} req/s",
+                 f"{self.usage.completion_tokens / elapsed:.0f} tok/s"]
+        if live.get("throttled"):
+            parts.append(f"{live['throttled']} throttled")
+        if live.get("limits"):
+            parts.append(f"limit {live['limits']}")
+        if live.get("concurrency"):
+            parts.append(f"{live['concurrency']} in flight")
+        if live.get("batch"):
+            parts.append(live["batch"])
+        self.bar.set_postfix_str(", ".join(parts), refresh=False)

@@ -111,6 +111,18 @@ class Price:
 
     input: float = option(help="USD per 1M tokens sent to the model (the prompt).", min=0.0)
     output: float = option(help="USD per 1M tokens the model generates (the reply).", min=0.0)
+    batch: float = option(0.5, help="What a request sent through a Batch API (`llm.batch: true`) pays, as a share "
+                                    "of these prices (OpenAI, Anthropic: 0.5).", min=0.0, max=1.0)
+
+
+@dataclass
+class BudgetConfig:
+    """The most a run may spend (``budget: {max_usd: X}``; ``factory run --max-usd X``)."""
+
+    max_usd: float | None = option(None, help="Stop before the requests this run sends could cost more than this "
+                                              "many US dollars, priced with `prices:` (replies from the cache cost "
+                                              "nothing). The run writes no version then, and the same command with "
+                                              "a larger budget goes on, paying only for what is new.", min=0.0)
 
 
 def can_write_messages(columns) -> bool:
@@ -127,7 +139,7 @@ def output_format(output: OutputConfig, columns) -> str:
 
 
 TOP_LEVEL = ("name", "description", "seed", "batch_size", "max_failure_rate", "llm", "source", "steps", "output",
-             "prices", "evolve")
+             "prices", "budget", "evolve")
 
 
 @dataclass
@@ -144,6 +156,7 @@ class Recipe:
     overrides: list[str] = field(default_factory=list)
     evolve: EvolveConfig | None = None  # the `evolve:` section, when the recipe has one
     prices: dict[str, Price] = field(default_factory=dict)  # model name -> price (the `prices:` section)
+    budget: BudgetConfig | None = None  # the `budget:` section
 
     @property
     def name(self) -> str:
@@ -169,6 +182,7 @@ class Recipe:
             "steps": steps,
             "output": self.output.resolved(),
             **({"prices": to_dict(self.prices)} if self.prices else {}),
+            **({"budget": to_dict(self.budget)} if self.budget is not None else {}),
             **({"evolve": to_dict(self.evolve)} if self.evolve is not None else {}),
         }
 
@@ -388,7 +402,7 @@ def _validate(data: dict, problems: list[Problem], base_dir: Path) -> Recipe | N
         if key not in TOP_LEVEL:
             problems.append(Problem(f"unknown top-level key '{key}'", path=(key,), fix=suggest(key, TOP_LEVEL)))
     header = build(RecipeHeader, {k: v for k, v in data.items() if k in TOP_LEVEL}, (), problems,
-                   exclude=("llm", "source", "steps", "output", "prices", "evolve"))
+                   exclude=("llm", "source", "steps", "output", "prices", "budget", "evolve"))
 
     llm_data = data.get("llm") if data.get("llm") is not None else dict(DEFAULT_LLM)
     llm = build_llm_config(llm_data, ("llm",), problems)
@@ -409,6 +423,7 @@ def _validate(data: dict, problems: list[Problem], base_dir: Path) -> Recipe | N
                                 fix="add a `source:` (a file, or e.g. `{generator: arithmetic}`), or remove `rows` "
                                     "and size the run with the steps' own options (e.g. num_tasks)"))
     prices = _build_prices(data.get("prices"), problems)
+    budget = build(BudgetConfig, data.get("budget"), ("budget",), problems) if data.get("budget") is not None else None
 
     steps_data = data.get("steps")
     steps: list[Step] = []
@@ -442,11 +457,15 @@ def _validate(data: dict, problems: list[Problem], base_dir: Path) -> Recipe | N
                                         "verify and judge steps"))
     if steps_ok and isinstance(data.get("prices"), dict):
         _check_prices(data["prices"], models_of(steps), problems)
+    if steps_ok and budget is not None and budget.max_usd is not None and prices is not None:
+        _check_budget(prices, models_of(steps), problems)
     if header is None or llm is None or output is None or not steps_ok or not source_ok or prices is None:
         return None
     if data.get("evolve") is not None and evolve is None:
         return None
-    recipe = Recipe(header, llm, source, steps, output, base_dir=base_dir, evolve=evolve, prices=prices)
+    if data.get("budget") is not None and budget is None:
+        return None
+    recipe = Recipe(header, llm, source, steps, output, base_dir=base_dir, evolve=evolve, prices=prices, budget=budget)
     _check_columns(recipe, problems)
     return recipe if not problems else None
 
@@ -481,6 +500,16 @@ def _check_prices(prices: dict, used: list[str], problems: list[Problem]) -> Non
                                     f"{', '.join(used)})", path=("prices", model),
                                     fix=(f"did you mean '{match}'?" if (match := closest(model, used))
                                          else "price a model in use (the `model` of a step's llm), or remove it")))
+
+
+def _check_budget(prices: dict, used: list[str], problems: list[Problem]) -> None:
+    """A budget prices every request before it goes: every model a step uses needs a price."""
+    unpriced = [model for model in used if model not in prices]
+    if unpriced:
+        problems.append(Problem(f"budget.max_usd needs the price of every model the steps use, and "
+                                f"{', '.join(unpriced)} has none", path=("budget", "max_usd"),
+                                fix="add e.g. `prices: {" + unpriced[0] + ": {input: 0.15, output: 0.6}}` (USD per "
+                                    "million tokens), or remove the budget"))
 
 
 def _build_step(i: int, item: Any, llm_data: dict | None, problems: list[Problem], seed: int,

@@ -52,7 +52,23 @@ class _Server(ThreadingHTTPServer):
         pass  # a client that timed out and hung up is part of the test, not news
 
 
-class FakeOpenAI:
+class ServedInThread:
+    """A test server (``self.httpd``, served by ``self.thread``) used as a context manager."""
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+class FakeOpenAI(ServedInThread):
     def __init__(self, reply_fn=echo, fault_fn=None, latency: float = 0.0, slow_seconds: float = 1.5,
                  accepts: set | None = None, honours_n: bool = True, models: list[str] | None = None,
                  schema_fields: set | None = None):
@@ -182,15 +198,3 @@ class FakeOpenAI:
 
         self.httpd = _Server(("127.0.0.1", 0), Handler)
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.httpd.shutdown()
-        self.httpd.server_close()

@@ -169,15 +169,24 @@ def test_openai_round_trip_with_samples_and_prefill():
         assert second["continue_final_message"] is True and second["add_generation_prompt"] is False
 
 
-@pytest.mark.parametrize("fault", [429, "retry_after", 500, 503, "reset", "not_json", "truncated", "empty_choices",
-                                   "slow"])
+@pytest.mark.parametrize("fault", [500, 503, "reset", "not_json", "truncated", "empty_choices", "slow"])
 def test_openai_retries_transient_faults(fault):
     with FakeOpenAI() as server:
         server.faults = [fault, fault]
         backend = openai(server, timeout=1.0)
         [c] = backend.chat([USER], GenerationParams())
         assert c.error is None and c.texts == ["echo: Say something. #0"]
-        assert backend.stats.retries == 2
+        assert backend.stats.retries == 2 and backend.stats.throttled == 0
+
+
+@pytest.mark.parametrize("fault", [429, "retry_after"])
+def test_a_429_is_throttling_waited_out_never_a_retry_or_a_failure(fault):
+    with FakeOpenAI() as server:
+        server.faults = [fault] * 8  # more 429s than max_retries allows retries
+        backend = openai(server, max_retries=2)
+        [c] = backend.chat([USER], GenerationParams())
+        assert c.error is None and c.texts == ["echo: Say something. #0"]
+        assert backend.stats.throttled == 8 and backend.stats.retries == 0 and backend.stats.failures == 0
 
 
 def test_openai_gives_up_after_max_retries_with_the_reason():

@@ -117,9 +117,10 @@ def test_sigkill_mid_step_resends_at_most_the_requests_in_flight(tmp_path, execu
                                  timeout=300)
         assert resumed.returncode == 0, resumed.stderr
         after = sum(map(is_solve, server.requests))
-    # Ideal: before + after == 120. Resent: at most the requests in flight at the kill.
+    # Ideal: before + after == 120. Resent: at most the requests in flight at the kill -- max_concurrency
+    # of them, since the batches of a step ask side by side on a server (one batch of 10 on Ray's one replica).
     print(f"{executor}: {before} solve requests before the kill, {after} after, ideal {KILL_ROWS - before}")
-    assert before + after <= KILL_ROWS + min(BATCH, CONCURRENCY)
+    assert before + after <= KILL_ROWS + (CONCURRENCY if executor == "local" else min(BATCH, CONCURRENCY))
     kept, rejected = rows_of(out / "faulty" / "v1")
     ref_kept, ref_rejected = rows_of(Path(reference.stdout.strip().splitlines()[-1]))
     assert kept.equals(ref_kept) and rejected.equals(ref_rejected)  # no loss, no duplicates, same samples
@@ -151,13 +152,16 @@ def test_transient_faults_are_retried_and_counted(fault, tmp_path, clean_rows):
         injected = len(server.injected)
     assert injected > 0
     assert manifest["rows"] == clean_rows
-    assert manifest["retries"] == injected
     assert manifest["backend_failures"] == 0
     reasons = {}
     for step in manifest["steps"]:
         for reason, count in ((step["llm"] or {}).get("retry_reasons") or {}).items():
             reasons[reason] = reasons.get(reason, 0) + count
-    assert sum(reasons.values()) == injected
+    if fault in (429, "retry_after"):  # throttling: waited out, neither a retry nor a failure
+        assert manifest["throttled"] == injected and manifest["retries"] == 0 and not reasons
+    else:
+        assert manifest["retries"] == injected and manifest["throttled"] == 0
+        assert sum(reasons.values()) == injected
 
 
 def test_a_request_that_keeps_failing_drops_only_its_row(tmp_path, clean_rows):
@@ -250,7 +254,8 @@ def test_sigint_stops_cleanly_and_the_cache_resumes(tmp_path):
         server.requests.clear()
         resumed = subprocess.run(factory_cmd(recipe, out), capture_output=True, text=True, cwd=ROOT, timeout=300)
         assert resumed.returncode == 0, resumed.stderr
-        assert sum(map(is_solve, server.requests)) <= ROWS - (first // BATCH) * BATCH + BATCH
+        # Every reply that arrived is kept: the same command asks again only what was in flight.
+        assert sum(map(is_solve, server.requests)) <= ROWS - first + CONCURRENCY
 
 
 def test_sigterm_stops_like_sigint(tmp_path):

@@ -142,16 +142,22 @@ def test_unreachable_servers_are_named_with_the_cause(url, message):
         backend.check()
 
 
-def test_one_connection_pool_serves_the_whole_run():
+def test_one_connection_pool_serves_the_whole_run_and_every_backend_on_the_server():
     with FakeOpenAI() as server:
         backend = backend_for(server, max_concurrency=4)
         for _ in range(3):
             backend.chat([USER] * 8, GenerationParams())
-        client = backend._client
+        session = backend._endpoint.session()
         backend.chat([USER], GenerationParams())
-        assert backend._client is client
+        assert backend._endpoint.session() is session
+        # A step with other options (another backend) on the same server shares the pool and the limits.
+        other = backend_for(server, max_concurrency=4, timeout=30)
+        other.chat([USER], GenerationParams())
+        assert other._endpoint is backend._endpoint and other._limiter is backend._limiter
         backend.close()
-        assert backend._client is None
+        assert backend._endpoint is None and not session.closed  # still held by the other
+        other.close()
+        assert session.closed
 
 
 def test_rejected_fields_reads_the_common_error_shapes():

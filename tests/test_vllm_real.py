@@ -322,3 +322,34 @@ def test_recipe_on_vllms_openai_server(tmp_path, vllm_server):
         assert not problems(json.loads(c.texts[0]), schema), c.texts[0]
     backend.close()
     print(f"recipe on vllm serve: {manifest['rows']} rows in {seconds:.0f}s")
+
+
+def test_the_batch_request_file_is_what_vllms_run_batch_reads_and_its_output_is_read_back(model_dir, tmp_path):
+    """`llm.batch: true` writes OpenAI's Batch API request lines; vLLM's own offline batch runner
+    answers them, and its result lines read back into the completions an online request gives."""
+    from factory.llm.batch_api import BatchRunner, request_line
+
+    backend = OpenAIBackend(OpenAIConfig(model="smol", base_url="http://127.0.0.1:9/v1", batch=True,
+                                         check_server=False))
+    backend.server.n = True
+    requests = [Request(USER, GenerationParams(max_tokens=16, temperature=0.0, seed=1)),
+                Request(QUESTION, GenerationParams(n=2, max_tokens=8, temperature=0.8, seed=2))]
+    runner = BatchRunner(backend)
+    asks = runner.asks(requests)
+    (tmp_path / "requests.jsonl").write_bytes(b"".join(request_line(a) for a in asks))
+    env = {**os.environ, "VLLM_NO_USAGE_STATS": "1", "VLLM_DO_NOT_TRACK": "1"}
+    done = subprocess.run([sys.executable, "-m", "vllm.entrypoints.openai.run_batch", "-i",
+                           str(tmp_path / "requests.jsonl"), "-o", str(tmp_path / "results.jsonl"), "--model",
+                           str(model_dir), "--served-model-name", "smol", "--dtype", "float32", "--enforce-eager",
+                           "--kv-cache-memory-bytes", str(2**30)], capture_output=True, text=True, env=env,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    outcome = runner.read_results((tmp_path / "results.jsonl").read_bytes())
+    assert set(outcome) == {a.custom_id for a in asks}
+    completions = [backend.completion(r.messages, r.params, [(outcome[a.custom_id], a.want) for a in asks
+                                                             if a.owners[0][0] == i])
+                   for i, r in enumerate(requests)]
+    assert len(completions[0].texts) == 1 and completions[0].texts[0].strip()
+    assert len(completions[1].texts) == 2 and all(t.strip() for t in completions[1].texts)
+    assert completions[0].completion_tokens > 0 and completions[0].finish_reasons[0] in ("stop", "length")
+    backend.close()

@@ -52,7 +52,8 @@ class Executor:
                     on_progress: Callable[[int], None] | None = None) -> Iterator[Result]:
         """Each job's result, in the order of ``jobs``, each computed with :func:`run_batch`.
 
-        ``on_progress`` may be called with counts of requests answered while a batch runs.
+        ``on_progress(count, j)`` may be called with counts of requests answered while job ``j`` runs
+        (from other threads than the caller's, where batches run side by side).
         """
         raise NotImplementedError
 

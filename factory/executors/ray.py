@@ -20,6 +20,7 @@ must be storage every node sees.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import logging
@@ -142,6 +143,13 @@ class RayExecutor(Executor):
 
         if not jobs:
             return
+        budget = session.budget if session is not None else None
+        if session is not None:
+            # Each replica learns the server's limits and spends on its own: it gets its share of
+            # both, and what the replicas spent is charged to the run's budget as their batches return.
+            share = 1.0 / max(1, self.replicas)
+            session = dataclasses.replace(session, share=session.share * share,
+                                          budget=budget.share(share) if budget is not None else None)
         blocks = [batch.with_columns(pl.lit(i, dtype=pl.Int64).alias(BATCH)).to_arrow()
                   for i, (batch, _) in enumerate(jobs)]
         done = ray.data.from_arrow(blocks).map_batches(
@@ -158,6 +166,8 @@ class RayExecutor(Executor):
                 error.exit_code = facts["exit_code"]
                 raise error
             waiting[index] = (_from_ipc(payload), facts)
+            if budget is not None and facts.get("usage"):
+                budget.charge(session.cost_of(facts["usage"]))
             while expected in waiting:
                 yield waiting.pop(expected)
                 expected += 1

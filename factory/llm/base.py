@@ -16,6 +16,8 @@ value (``abort``, ``content_filter``...). Steps drop cut replies unless told oth
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import hashlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
@@ -125,16 +127,44 @@ class Completion:
 
 @dataclass
 class BackendStats:
-    """Counters a backend keeps while it runs (reported in the manifest)."""
+    """Counters a backend keeps while it runs (reported in the manifest).
+
+    Retries and throttled requests are also counted for the call under way (:func:`counting_call`),
+    so that calls running side by side each report their own.
+    """
 
     requests: int = 0
     retries: int = 0
     failures: int = 0
     retry_reasons: dict[str, int] = field(default_factory=dict)
+    throttled: int = 0  # requests the server refused for its rate limits (429) and that went again
 
-    def count_retry(self, reason: str) -> None:
-        self.retries += 1
-        self.retry_reasons[reason] = self.retry_reasons.get(reason, 0) + 1
+    def count_retry(self, reason: str, count: int = 1) -> None:
+        for stats in (self, _CALL.get()):
+            if stats is not None:
+                stats.retries += count
+                stats.retry_reasons[reason] = stats.retry_reasons.get(reason, 0) + count
+
+    def count_throttled(self) -> None:
+        for stats in (self, _CALL.get()):
+            if stats is not None:
+                stats.throttled += 1
+
+
+# The counters of the call under way, in this thread and in the tasks it starts (an event loop's
+# tasks take the context of whoever scheduled them).
+_CALL: contextvars.ContextVar[BackendStats | None] = contextvars.ContextVar("factory_call_stats", default=None)
+
+
+@contextlib.contextmanager
+def counting_call():
+    """Counts the retries and throttled requests of the backend calls made inside (see BackendStats)."""
+    stats = BackendStats()
+    token = _CALL.set(stats)
+    try:
+        yield stats
+    finally:
+        _CALL.reset(token)
 
 
 # Called with ``(position, completion)`` pairs of the replies that are ready, as they become
@@ -173,6 +203,27 @@ class Backend:
         """Whether a prefilled assistant turn is truly continued (so a cut reply can be asked
         to go on); known after the first request for servers that are probed."""
         return True
+
+    @property
+    def batched(self) -> bool:
+        """Whether a call answers a whole step's requests at once, late (a Batch API): the driver then
+        gives it the step's rows as one batch."""
+        return False
+
+    def parallel_calls(self, requests_per_call: int) -> int:
+        """How many :meth:`generate` calls of about ``requests_per_call`` requests are worth running
+        at once, from as many threads (1: the backend answers one call at a time)."""
+        return 1
+
+    def attach(self, cache) -> None:
+        """The run's cache, for a backend that keeps state of its own there (batch ids)."""
+
+    def set_share(self, share: float) -> None:
+        """This process's share of a server's rate limits (1 / the replicas that send to it)."""
+
+    def live(self) -> dict:
+        """What the progress bar shows while the backend works (throttling, limits learned)."""
+        return {}
 
     def describe(self) -> dict:
         """What the manifest records about this backend."""

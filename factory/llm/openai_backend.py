@@ -1,19 +1,25 @@
 """Any OpenAI-compatible chat server: vLLM, SGLang, llama.cpp server, TGI, ``transformers serve``,
-OpenAI itself.
+OpenAI itself and the hosted APIs that speak its protocol.
 
-Requests run concurrently (asyncio + httpx) up to ``max_concurrency``, over one connection
-pool kept for the whole run (the backend owns an event loop in a thread of its own).
-Rate limits (429, honouring ``Retry-After``), server errors (5xx), timeouts, dropped
-connections and malformed bodies are retried with exponential backoff; a request that
-still fails comes back as a :class:`Completion` with ``error`` set, so that only its row is
-dropped. A prompt longer than the model's context drops its row as ``too_long``. A wrong
-API key or model name stops the run at once with the fix.
+Requests run concurrently over one connection pool per server for the whole run
+(:mod:`factory.llm.http`: aiohttp, on an event loop in a thread of its own), paced by the
+server's rate limits (:mod:`factory.llm.ratelimit`): learned from its headers or set with
+``requests_per_minute`` / ``tokens_per_minute``, shared by every step that asks the same model
+there. A 429 is throttling, never a failure: the run waits (up to ``max_wait``) and the request
+goes again. Server errors (5xx), timeouts, dropped connections and malformed bodies are retried
+with exponential backoff; a request that still fails comes back as a :class:`Completion` with
+``error`` set, so that only its row is dropped. A prompt longer than the model's context drops
+its row as ``too_long``. A wrong API key, an exhausted quota or an unknown model stops the run at
+once with the fix.
 
 Only standard chat-completions fields are sent unless the server is known to take an
 extension (:mod:`factory.llm.server`): before the run the backend asks the server what it
 accepts, and a field a server still rejects by name is dropped, remembered and the
 request resent. A prefilled assistant turn is emulated where the server cannot continue
 one, and samples a server will not return through ``n`` are asked for one by one.
+
+With ``batch: true`` a step's requests go through the server's Batch API instead
+(:mod:`factory.llm.batch_api`): half the price on hosted APIs, hours of latency.
 """
 
 from __future__ import annotations
@@ -23,20 +29,24 @@ import json
 import os
 import random
 import sys
-import threading
 from dataclasses import dataclass
 from typing import Literal
-
-import httpx
 
 from ..config import option
 from ..errors import BackendError
 from .base import Backend, Completion, Conversation, GenerationParams, OnReply, Request, split_prefill
-from .server import (JSON_SCHEMA_FIELDS, PROBE_PROMPT, PROBE_SCHEMA, ServerInfo, schema_payload, auth_error, connection_error, continuation, emulate_prefill,
-                     is_too_long, model_error, rejected_fields, server_message)
+from .http import Endpoint
+from .ratelimit import RateLimiter, Ticket
+from .server import (JSON_SCHEMA_FIELDS, PROBE_PROMPT, PROBE_SCHEMA, ServerInfo, schema_payload, auth_error,
+                     connection_error, continuation, emulate_prefill, is_quota, is_too_long, model_error,
+                     quota_error, rejected_fields, server_message, RequestError)
 
-RETRY_STATUSES = {408, 409, 425, 429, 500, 502, 503, 504}
+RETRY_STATUSES = {408, 409, 425, 500, 502, 503, 504, 520, 522, 524, 529}  # 429 is throttling, not a retry
 _UNSET = object()
+PROBE_TRIES = 3  # a probe that meets a 5xx or a timeout asks again, so a busy moment does not decide the run
+MAX_PARALLEL_CALLS = 32  # batches of a step asking at once (threads waiting on the event loop)
+_JSON_HEADERS = {"Content-Type": "application/json"}
+_encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 
 @dataclass
@@ -45,9 +55,21 @@ class OpenAIConfig:
     backend: Literal["openai"] = option("openai", help="Any OpenAI-compatible /v1/chat/completions server.")
     base_url: str = option("http://127.0.0.1:8000/v1", help="The server's base URL, ending in /v1.")
     api_key_env: str = option("OPENAI_API_KEY", help="Environment variable holding the API key (unset: no key sent).")
-    max_concurrency: int = option(16, help="Requests in flight at once.", min=1)
+    max_concurrency: int = option(16, help="The most requests in flight at once; fewer while the server refuses "
+                                           "requests with 429 that no stated limit explains.", min=1)
+    requests_per_minute: float | None = option(
+        None, help="The account's request limit, when known. Default: learned from the server's rate-limit headers "
+                   "(OpenAI's x-ratelimit-*, Anthropic's anthropic-ratelimit-*) and its 429s; headers can only lower it.",
+        min=0.001)
+    tokens_per_minute: float | None = option(
+        None, help="The account's token limit (prompt + max_tokens per request, as OpenAI counts), when known. "
+                   "Default: learned from the server's headers.", min=1)
+    max_wait: float = option(600.0, help="Seconds a request may be held back by the server's limits (429s, or a limit "
+                                         "that resets later) before the run stops with the replies so far cached.",
+                             min=0.001)
     timeout: float = option(120.0, help="Seconds before a request times out (and is retried).", min=0.001)
-    max_retries: int = option(5, help="Retries per request on 429, 5xx, timeouts and bad bodies.", min=0)
+    max_retries: int = option(5, help="Retries per request on 5xx, timeouts, dropped connections and bad bodies "
+                                      "(429s are waited out, not counted).", min=0)
     backoff: float = option(1.0, help="First retry delay in seconds; doubles on each retry.", min=0)
     max_backoff: float = option(60.0, help="Longest delay between retries, in seconds.", min=0)
     extensions: Literal["auto", "on", "off"] = option(
@@ -61,20 +83,22 @@ class OpenAIConfig:
                    "applied here (exactly what continuing the turn gives). Default: `model`, when it is a local "
                    "folder.")
     check_server: bool = option(True, help="Check the server (reachable, key, model, what it accepts) before the run.")
-
-
-class _RequestError(Exception):
-    def __init__(self, reason: str, message: str, retry_after: float | None = None, retryable: bool = True,
-                 status: int | None = None):
-        super().__init__(message)
-        self.reason = reason
-        self.retry_after = retry_after
-        self.retryable = retryable
-        self.status = status
+    batch: bool = option(False, help="Send each step's requests through the server's Batch API (/v1/files, "
+                                     "/v1/batches; OpenAI's, and servers with the same shape): half the price on "
+                                     "hosted APIs, results within `batch_window`. Batch ids are kept in the cache the "
+                                     "moment they exist, so the same command after a crash or Ctrl-C goes on polling "
+                                     "them and pays nothing twice.")
+    batch_window: str = option("24h", help="The batch's completion_window (what the server accepts; OpenAI: 24h).")
+    batch_poll: float = option(30.0, help="Seconds between two looks at a batch's status.", min=0.01)
+    batch_max_requests: int = option(50_000, help="Most requests per batch file (OpenAI: 50,000).", min=1)
+    batch_max_bytes: int = option(200_000_000, help="Largest batch file in bytes (OpenAI: 200 MB).", min=1024)
+    batch_retry: Literal["batch", "online"] = option(
+        "batch", help="Requests that failed or expired inside a batch go again: in a new batch (`batch`, batch "
+                      "price) or as plain requests (`online`, at once).")
 
 
 class OpenAIBackend(Backend):
-    """Concurrent chat completions against an OpenAI-compatible server."""
+    """Concurrent chat completions against an OpenAI-compatible server, paced by its rate limits."""
 
     name = "openai"
     Config = OpenAIConfig
@@ -85,12 +109,12 @@ class OpenAIBackend(Backend):
         if config.extensions == "on":
             self.server.prefill, self.server.regex = "native", "structured_outputs"
             self.server.json_schema = "structured_outputs"
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._client: httpx.AsyncClient | None = None
-        self._semaphore: asyncio.Semaphore | None = None
+        self.share = 1.0  # this process's share of the server's limits (1 / replicas on Ray)
+        self.cache = None  # where batch ids are kept (see attach)
+        self._endpoint: Endpoint | None = None
+        self._limiter: RateLimiter | None = None
         self._probe_lock: asyncio.Lock | None = None
-        self._start_lock = threading.Lock()
+        self._timeout = None
         self._tokenizer = _UNSET
 
     @property
@@ -108,47 +132,71 @@ class OpenAIBackend(Backend):
             self._run(self._probe())
         return self.server.json_schema is not None
 
+    @property
+    def batched(self) -> bool:
+        return self.config.batch
+
     def describe(self) -> dict:
-        return {**super().describe(), "base_url": self.config.base_url, "server": self.server.to_json()}
+        facts = {**super().describe(), "base_url": self.config.base_url, "server": self.server.to_json()}
+        if self._limiter is not None:
+            facts["rate_limits"] = self._limiter.describe()
+        if self.config.batch:
+            facts["batch"] = True
+        return facts
 
-    # -- the event loop and the connection pool, one per backend -----------------------------
+    def live(self) -> dict:
+        """What the progress bar shows while requests go: throttling and the limits learned."""
+        limiter = self._limiter
+        if limiter is None:
+            return {}
+        return {"throttled": limiter.throttled, "limits": limiter.limits_text(),
+                "concurrency": int(limiter.concurrency) if limiter.concurrency < limiter.max_concurrency else None}
+
+    def parallel_calls(self, requests_per_call: int) -> int:
+        # Enough calls under way that max_concurrency requests are always in flight, and one more
+        # so that a call's slowest replies never leave the server idle. A batch job is one call.
+        if self.config.batch:
+            return 1
+        return min(MAX_PARALLEL_CALLS, -(-self.config.max_concurrency // max(1, requests_per_call)) + 1)
+
+    def attach(self, cache) -> None:
+        self.cache = cache
+
+    def set_share(self, share: float) -> None:
+        self.share = share
+        if self._limiter is not None:
+            self._limiter.share = share
+
+    # -- the connection pool, shared per server ---------------------------------------------------
+    def _open(self) -> Endpoint:
+        if self._endpoint is None:
+            import aiohttp
+
+            self._endpoint = Endpoint.hold(self.config.base_url, self._headers())
+            self._timeout = aiohttp.ClientTimeout(total=self.config.timeout)
+        return self._endpoint
+
     def _run(self, coro):
-        """Runs ``coro`` on the backend's own event loop (so the connection pool outlives a
-        batch, and a caller inside a running loop, such as a notebook, is not in the way)."""
-        with self._start_lock:
-            if self._loop is None:
-                self._loop = asyncio.new_event_loop()
-                self._thread = threading.Thread(target=self._loop.run_forever, name="factory-openai", daemon=True)
-                self._thread.start()
-        future = asyncio.run_coroutine_threadsafe(coro, self._loop)
-        try:
-            return future.result()
-        except BaseException:
-            future.cancel()  # Ctrl-C or a fatal error: stop what is still in flight
-            raise
+        """Runs ``coro`` on the server's event loop (so the connection pool outlives a batch, and a
+        caller inside a running loop, such as a notebook, is not in the way)."""
+        return self._open().run(coro)
 
-    def _http(self) -> httpx.AsyncClient:
-        if self._client is None:
-            limits = httpx.Limits(max_connections=self.config.max_concurrency,
-                                  max_keepalive_connections=self.config.max_concurrency)
-            self._client = httpx.AsyncClient(base_url=self.config.base_url.rstrip("/") + "/",
-                                             headers=self._headers(), timeout=self.config.timeout, limits=limits)
-            self._semaphore = asyncio.Semaphore(self.config.max_concurrency)
-            self._probe_lock = asyncio.Lock()
-        return self._client
+    def _limits(self) -> RateLimiter:
+        if self._limiter is None:
+            c = self.config
+            self._limiter = self._endpoint.limiter(c.model, lambda: RateLimiter(
+                c.max_concurrency, c.requests_per_minute, c.tokens_per_minute, c.max_wait, self.share,
+                server=f"the server at {c.base_url}", backoff=c.backoff, max_backoff=c.max_backoff))
+        return self._limiter
+
+    @property
+    def _base(self) -> str:
+        return self.config.base_url.rstrip("/") + "/"
 
     def close(self) -> None:
-        if self._loop is None:
-            return
-        if self._client is not None:
-            try:
-                self._run(self._client.aclose())
-            except Exception:
-                pass
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(timeout=10)
-        self._loop.close()
-        self._loop = self._thread = self._client = None
+        if self._endpoint is not None:
+            endpoint, self._endpoint, self._limiter = self._endpoint, None, None
+            endpoint.let_go()
 
     def _headers(self) -> dict:
         key = os.environ.get(self.config.api_key_env)
@@ -161,77 +209,97 @@ class OpenAIBackend(Backend):
 
     async def _probe(self) -> None:
         """Asks the server once what it serves and accepts (a few one-token requests)."""
-        client = self._http()
+        self._open()
+        if self._probe_lock is None:
+            self._probe_lock = asyncio.Lock()
         async with self._probe_lock:
             if self.server.probed:
                 return
-            await self._list_models(client, required=True)
+            await self._list_models(required=True)
             prefill = [{"role": "user", "content": PROBE_PROMPT}, {"role": "assistant", "content": "O"}]
             if self.config.extensions == "auto":
                 self.server.prefill = "native" if await self._accepts(
-                    client, {"messages": prefill, "continue_final_message": True, "add_generation_prompt": False}) \
+                    {"messages": prefill, "continue_final_message": True, "add_generation_prompt": False}) \
                     else "emulated"
                 for name, value in (("structured_outputs", {"regex": "(yes|no)"}), ("guided_regex", "(yes|no)")):
-                    if await self._accepts(client, {name: value}):
+                    if await self._accepts({name: value}):
                         self.server.regex = name
                         break
             if self.config.extensions != "on":
                 # response_format is standard (OpenAI's own): asked even with extensions off.
                 for name in JSON_SCHEMA_FIELDS[:1] if self.config.extensions == "off" else JSON_SCHEMA_FIELDS:
-                    if await self._holds_schema(client, name):
+                    if await self._holds_schema(name):
                         self.server.json_schema = name
                         break
             if self.server.prefill != "native" and self._chat_template() is not None:
                 prompt = self._render(prefill)
-                if await self._probe_post(client, {"prompt": prompt}, endpoint="completions", fatal=False) is not None:
+                if await self._probe_post({"prompt": prompt}, endpoint="completions", fatal=False) is not None:
                     self.server.prefill = "completions"
-            body = await self._probe_post(client, {"n": 2, "temperature": 1.0})
+            body = await self._probe_post({"n": 2, "temperature": 1.0})
             if body is not None:
                 self.server.n = len(body.get("choices") or []) >= 2
+            if self.config.batch:
+                await self._check_batch_api()
             self.server.probed = True
 
-    async def _list_models(self, client: httpx.AsyncClient, required: bool = False) -> None:
+    async def _check_batch_api(self) -> None:
+        """With ``batch: true``: the server has a Batch API (a 404 here, not hours later)."""
         try:
-            response = await client.get("models")
-        except httpx.HTTPError as err:
+            status, _, raw = await self._send("GET", "batches?limit=1")
+        except RequestError:
+            return  # the calls themselves will say what is wrong
+        if status in (404, 405, 501):
+            raise BackendError(f"the server at {self.config.base_url} has no Batch API (GET /batches: HTTP {status}); "
+                               "set llm.batch: false to send the requests one by one")
+
+    async def _list_models(self, required: bool = False) -> None:
+        try:
+            status, _, raw = await self._send("GET", "models")
+        except RequestError as err:
             if required:
-                raise connection_error(self.config.base_url, err) from None
+                raise (err.cause or BackendError(str(err))) from None
             return
-        if response.status_code in (401, 403):
-            raise auth_error(self.config.base_url, response.status_code, server_message(response.text),
-                             self.config.api_key_env, bool(os.environ.get(self.config.api_key_env)))
+        text = raw.decode("utf-8", errors="replace")
+        if status in (401, 403):
+            raise auth_error(self.config.base_url, status, server_message(text), self.config.api_key_env,
+                             bool(os.environ.get(self.config.api_key_env)))
         try:
-            entries = response.json().get("data") or []
+            entries = json.loads(text).get("data") or []
             self.server.models = [str(m.get("id")) for m in entries if isinstance(m, dict)]
             self.server.owned_by = next((m.get("owned_by") for m in entries
                                          if isinstance(m, dict) and m.get("id") == self.config.model), None)
         except (ValueError, AttributeError):
             pass
 
-    async def _probe_post(self, client: httpx.AsyncClient, extra: dict, endpoint: str = "chat/completions",
-                          fatal: bool = True) -> dict | None:
+    async def _probe_post(self, extra: dict, endpoint: str = "chat/completions", fatal: bool = True) -> dict | None:
         payload = {"model": self.config.model, "messages": [{"role": "user", "content": PROBE_PROMPT}],
                    "max_tokens": 1, "temperature": 0.0, **extra}
         if endpoint == "completions":
             payload.pop("messages")
-        try:
-            self.stats.requests += 1
-            return await self._post(client, payload, endpoint)
-        except _RequestError as err:
-            if fatal:
-                await self._fatal(client, err)
-            if err.status in (400, 422):
-                for name in rejected_fields(str(err), list(extra)):
-                    self.server.reject(name)
-            return None
+        delay = self.config.backoff
+        for attempt in range(PROBE_TRIES):
+            try:
+                return await self._post(payload, endpoint)
+            except RequestError as err:
+                if fatal:
+                    await self._fatal(err)
+                if err.status in (400, 422):
+                    for name in rejected_fields(str(err), list(extra)):
+                        self.server.reject(name)
+                if not err.retryable or attempt == PROBE_TRIES - 1:
+                    return None
+                # A busy server's 5xx or timeout says nothing of what it accepts: ask again.
+                await asyncio.sleep(min(delay, self.config.max_backoff))
+                delay *= 2
+        return None
 
-    async def _accepts(self, client: httpx.AsyncClient, extra: dict) -> bool:
-        return await self._probe_post(client, extra) is not None
+    async def _accepts(self, extra: dict) -> bool:
+        return await self._probe_post(extra) is not None
 
-    async def _holds_schema(self, client: httpx.AsyncClient, name: str) -> bool:
+    async def _holds_schema(self, name: str) -> bool:
         """Whether the server takes a JSON Schema in field ``name`` and holds the reply to it (a
         server that accepts the field but ignores it answers "Say OK." with "OK", not JSON)."""
-        body = await self._probe_post(client, {**schema_payload(name, PROBE_SCHEMA), "max_tokens": 4})
+        body = await self._probe_post({**schema_payload(name, PROBE_SCHEMA), "max_tokens": 4})
         if body is None:
             return False
         try:
@@ -254,6 +322,9 @@ class OpenAIBackend(Backend):
                         raise BackendError(f"cannot load the tokenizer llm.tokenizer={self.config.tokenizer} "
                                            f"({type(err).__name__}: {err}); point it at the served model's folder "
                                            "or remove it") from None
+                    print(f"warning: cannot load a tokenizer from the model folder {source} ({type(err).__name__}: "
+                          f"{err}); a prefilled reply is asked for in the prompt instead (set llm.tokenizer to "
+                          "the served model's folder)", file=sys.stderr)
         return self._tokenizer
 
     def _render(self, conv: Conversation) -> str:
@@ -261,27 +332,37 @@ class OpenAIBackend(Backend):
 
     # -- generation ---------------------------------------------------------------------------
     def generate(self, requests: list[Request], on_reply: OnReply | None = None) -> list[Completion]:
+        if self.config.batch:
+            from .batch_api import BatchRunner
+
+            return self._run(BatchRunner(self).generate(requests, on_reply))
         return self._run(self._generate_all(requests, on_reply))
 
-    async def _generate_all(self, requests: list[Request], on_reply: OnReply | None):
-        client = self._http()
+    async def _ready(self) -> None:
+        self._open()
         if self.config.check_server and not self.server.probed:
             await self._probe()  # a backend built in another process (a Ray worker) learns on its own
 
+    async def _generate_all(self, requests: list[Request], on_reply: OnReply | None):
+        await self._ready()
+        deliver = _Delivery(on_reply)
+
         async def one(i: int, request: Request) -> Completion:
-            completion = await self._complete(client, request.messages, request.params)
-            if on_reply is not None:
-                on_reply([(i, completion)])
+            completion = await self._complete(request.messages, request.params)
+            deliver.add(i, completion)
             return completion
 
         tasks = [asyncio.ensure_future(one(i, r)) for i, r in enumerate(requests)]
         try:
-            return await asyncio.gather(*tasks)
+            results = await asyncio.gather(*tasks)
         except BaseException:
             for task in tasks:  # a fatal error (bad key, unknown model) or a cancel: stop the rest
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            deliver.flush()  # what did arrive is kept
             raise
+        deliver.flush()
+        return results
 
     def _payload(self, conv: Conversation, params: GenerationParams, n: int, seed: int) -> dict:
         server = self.server
@@ -308,36 +389,26 @@ class OpenAIBackend(Backend):
             payload.pop(name, None)
         return payload
 
-    async def _complete(self, client: httpx.AsyncClient, conv: Conversation, params: GenerationParams) -> Completion:
-        prefix = split_prefill(conv)[1]
+    def sample_asks(self, params: GenerationParams) -> list[tuple[int, int]]:
+        """``(n, seed)`` of the requests that get a conversation's ``params.n`` samples."""
         if params.n > 1 and self.server.n is False:
-            asks = [(1, params.seed + k) for k in range(params.n)]  # the server ignores `n`: one sample each
-        else:
-            asks = [(params.n, params.seed)]
+            return [(1, params.seed + k) for k in range(params.n)]  # the server ignores `n`: one sample each
+        return [(params.n, params.seed)]
+
+    def completion(self, conv: Conversation, params: GenerationParams, bodies: list[tuple[dict, int]]) -> Completion:
+        """The completion of one conversation from its replies' bodies (each with the samples it asked for)."""
         texts: list[str] = []
         finishes: list[str] = []
         prompt_tokens = completion_tokens = 0
-        while True:
-            results = await asyncio.gather(*(self._ask(client, conv, params, n, seed) for n, seed in asks))
-            for result in results:
-                if isinstance(result, Completion):
-                    self.stats.failures += 1
-                    return result
-                body, want = result
-                usage = body.get("usage") or {}
-                prompt_tokens = int(usage.get("prompt_tokens") or prompt_tokens)
-                completion_tokens += int(usage.get("completion_tokens") or 0)
-                choices = body["choices"][:want]
-                if want > 1 and len(choices) < want:
-                    self.server.n = False  # remember: ask one sample per request from now on
-                texts += [_text(choice) for choice in choices]
-                finishes += [choice.get("finish_reason") or "unknown" for choice in choices]
-            need = params.n - len(texts)
-            if need <= 0:
-                break
-            # Fewer samples than asked for: ask for the rest, each with a seed of its own.
-            asks = [(1, params.seed + len(texts) + k) for k in range(need)]
+        for body, want in bodies:
+            usage = body.get("usage") or {}
+            prompt_tokens = int(usage.get("prompt_tokens") or prompt_tokens)
+            completion_tokens += int(usage.get("completion_tokens") or 0)
+            choices = body["choices"][:want]
+            texts += [_text(choice) for choice in choices]
+            finishes += [choice.get("finish_reason") or "unknown" for choice in choices]
         texts, finishes = texts[:params.n], finishes[:params.n]
+        prefix = split_prefill(conv)[1]
         # Read after the replies: a server that refused `continue_final_message` on this very
         # request turned prefill to `emulated`, and the resent request was emulated.
         if prefix is not None and self.server.prefill == "emulated":
@@ -349,29 +420,59 @@ class OpenAIBackend(Backend):
                   "nothing (check the server's sampling settings)", file=sys.stderr)
         return Completion(texts, prompt_tokens, completion_tokens, finish_reasons=finishes)
 
-    async def _ask(self, client: httpx.AsyncClient, conv: Conversation, params: GenerationParams, n: int,
+    async def _complete(self, conv: Conversation, params: GenerationParams,
+                        bodies: list[tuple[dict, int]] | None = None) -> Completion:
+        """One conversation's ``params.n`` samples (``bodies``: replies already in hand, with the
+        samples each asked for)."""
+        bodies = list(bodies or [])
+        have = sum(min(len(body["choices"]), want) for body, want in bodies)
+        asks = self.sample_asks(params) if not bodies else []
+        while True:
+            if len(asks) == 1:  # the usual case: no gather, no frame more (they cost what the request does)
+                n, seed = asks[0]
+                try:
+                    results = [(await self._post_with_retries(lambda: self._payload(conv, params, n, seed)), n)]
+                except RequestError as err:
+                    results = [self.failed(err)]
+            else:
+                results = await asyncio.gather(*(self._ask(conv, params, n, seed) for n, seed in asks))
+            for result in results:
+                if isinstance(result, Completion):
+                    self.stats.failures += 1
+                    return result
+                body, want = result
+                if want > 1 and len(body["choices"]) < want:
+                    self.server.n = False  # remember: ask one sample per request from now on
+                bodies.append(result)
+                have += min(len(body["choices"]), want)
+            if have >= params.n:
+                return self.completion(conv, params, bodies)
+            # Fewer samples than asked for: ask for the rest, each with a seed of its own.
+            asks = [(1, params.seed + have + k) for k in range(params.n - have)]
+
+    async def _ask(self, conv: Conversation, params: GenerationParams, n: int,
                    seed: int) -> tuple[dict, int] | Completion:
         """One request's body and how many samples it asked for, or the failed Completion."""
         try:
-            return await self._post_with_retries(client, lambda: self._payload(conv, params, n, seed)), n
-        except _RequestError as err:
-            if err.status in (400, 413) and is_too_long(str(err)):
-                return Completion([], error=f"the prompt does not fit the model's context: {err}",
-                                  error_reason="too_long")
-            tries = f" (after {self.config.max_retries} retries)" if err.retryable else ""
-            return Completion([], error=f"{err.reason}: {err}{tries}")
+            return await self._post_with_retries(lambda: self._payload(conv, params, n, seed)), n
+        except RequestError as err:
+            return self.failed(err)
 
-    async def _post_with_retries(self, client: httpx.AsyncClient, build) -> dict:
+    def failed(self, err: "RequestError") -> Completion:
+        """The completion of a request that failed for good."""
+        if err.status in (400, 413) and is_too_long(str(err)):
+            return Completion([], error=f"the prompt does not fit the model's context: {err}", error_reason="too_long")
+        tries = f" (after {self.config.max_retries} retries)" if err.retryable else ""
+        return Completion([], error=f"{err.reason}: {err}{tries}")
+
+    async def _post_with_retries(self, build) -> dict:
         delay = self.config.backoff
         attempt = 0
         while True:
             payload = build()
-            self.stats.requests += 1
             try:
-                async with self._semaphore:
-                    return await self._post(client, payload, "completions" if "prompt" in payload
-                                            else "chat/completions")
-            except _RequestError as err:
+                return await self._post(payload, "completions" if "prompt" in payload else "chat/completions")
+            except RequestError as err:
                 refused = rejected_fields(str(err), [k for k in payload if k not in ("model", "messages")]) \
                     if err.status in (400, 422) else []
                 if refused:
@@ -380,7 +481,7 @@ class OpenAIBackend(Backend):
                         self.server.reject(name)
                     self.stats.count_retry("unsupported_field")
                     continue
-                await self._fatal(client, err)
+                await self._fatal(err)
                 if attempt >= self.config.max_retries or not err.retryable:
                     raise
                 attempt += 1
@@ -389,45 +490,107 @@ class OpenAIBackend(Backend):
                 await asyncio.sleep(min(wait, self.config.max_backoff))
                 delay = min(delay * 2, self.config.max_backoff)
 
-    async def _fatal(self, client: httpx.AsyncClient, err: _RequestError) -> None:
+    async def _fatal(self, err: "RequestError") -> None:
         """Errors no request can get past (bad key, unknown model) stop the run with the fix."""
         if err.status in (401, 403):
             raise auth_error(self.config.base_url, err.status, str(err), self.config.api_key_env,
                              bool(os.environ.get(self.config.api_key_env)))
         if err.status == 404:
-            await self._list_models(client)
+            await self._list_models()
             if self.server.models and self.config.model in self.server.models:
                 raise BackendError(f"POST {self.config.base_url.rstrip('/')}/chat/completions is not found ({err}) "
                                    "although the server lists the model; llm.base_url should end in /v1")
             raise model_error(self.config.base_url, self.config.model, str(err), self.server.models)
 
-    async def _post(self, client: httpx.AsyncClient, payload: dict, endpoint: str = "chat/completions") -> dict:
+    # -- the wire ---------------------------------------------------------------------------------
+    async def _post(self, payload: dict, endpoint: str = "chat/completions") -> dict:
+        """One chat (or completions) request: its body, or :class:`RequestError`. It goes when the
+        rate limiter lets it, and again after each 429 (throttling: counted and waited out, never a
+        retry)."""
+        limiter = self._limits()
+        data = _encode(payload).encode()
+        tokens = limiter.estimate(len(data), payload.get("max_tokens") or 0, payload.get("n") or 1)
+        retry: Ticket | None = None
+        while True:
+            ticket = await limiter.acquire(tokens, retry=retry)
+            try:
+                status, headers, raw = await self._send("POST", endpoint, data)
+                seen = limiter.observe(ticket, headers, status)
+                if status == 429:
+                    message = server_message(_decode(raw))
+                    if is_quota(message):
+                        raise quota_error(self.config.base_url, message, self.config.api_key_env)
+                    self.stats.count_throttled()
+                    retry = limiter.refused(ticket, seen)
+                    continue
+                if status in RETRY_STATUSES:
+                    raise RequestError(f"http_{status}", f"HTTP {status}", _retry_after(headers.get("retry-after")),
+                                       status=status)
+                if status >= 400:
+                    # Other 4xx will not get better by retrying: fail the request.
+                    raise RequestError(f"http_{status}", f"HTTP {status}: {server_message(_decode(raw))}",
+                                       retryable=False, status=status)
+                try:
+                    body = json.loads(raw)
+                except ValueError:
+                    raise RequestError("bad_body", f"the reply is not JSON: {raw[:80]!r}") from None
+                if not isinstance(body, dict) or not body.get("choices"):
+                    raise RequestError("empty_choices", "the reply has no choices")
+                try:
+                    for choice in body["choices"]:
+                        _text(choice)
+                except (KeyError, TypeError, AttributeError):
+                    raise RequestError("bad_body", "a choice has no message content") from None
+                usage = body.get("usage")
+                usage = usage if isinstance(usage, dict) else {}
+                limiter.succeeded(ticket, int(usage.get("prompt_tokens") or 0),
+                                  int(usage.get("completion_tokens") or 0), len(data))
+                return body
+            finally:
+                limiter.release(ticket)
+
+    async def _send(self, method: str, path: str, data=None):
+        """One HTTP exchange (``data``: JSON bytes, or a form): ``(status, headers, body bytes)``, or
+        :class:`RequestError` when no answer came (timeout, refused or dropped connection), its
+        ``cause`` the error that says why."""
+        import aiohttp
+
+        self.stats.requests += 1
         try:
-            response = await client.post(endpoint, json=payload)
-        except httpx.TimeoutException as err:
-            raise _RequestError("timeout", f"no answer within {self.config.timeout}s ({type(err).__name__})")
-        except httpx.TransportError as err:
-            raise _RequestError("connection", str(connection_error(self.config.base_url, err)))
-        status = response.status_code
-        if status in RETRY_STATUSES:
-            raise _RequestError(f"http_{status}", f"HTTP {status}", _retry_after(response.headers.get("retry-after")),
-                                status=status)
-        if status >= 400:
-            # Other 4xx will not get better by retrying: fail the request.
-            raise _RequestError(f"http_{status}", f"HTTP {status}: {server_message(response.text)}",
-                                retryable=False, status=status)
-        try:
-            body = response.json()
-        except ValueError:
-            raise _RequestError("bad_body", f"the reply is not JSON: {response.text[:80]!r}")
-        if not isinstance(body, dict) or not body.get("choices"):
-            raise _RequestError("empty_choices", "the reply has no choices")
-        try:
-            for choice in body["choices"]:
-                _text(choice)
-        except (KeyError, TypeError, AttributeError):
-            raise _RequestError("bad_body", "a choice has no message content")
-        return body
+            async with self._endpoint.session().request(method, self._base + path, data=data,
+                                                        headers=_JSON_HEADERS if isinstance(data, bytes) else None,
+                                                        timeout=self._timeout) as response:
+                return response.status, response.headers, await response.read()
+        except asyncio.TimeoutError as err:
+            raise RequestError("timeout", f"no answer within {self.config.timeout}s ({type(err).__name__})",
+                                cause=connection_error(self.config.base_url, err)) from None
+        except aiohttp.ClientError as err:
+            cause = connection_error(self.config.base_url, err)
+            raise RequestError("connection", str(cause), cause=cause) from None
+
+
+class _Delivery:
+    """Hands replies to ``on_reply`` once per turn of the event loop, all that became ready in it
+    together: one journal write for many replies, with no reply kept waiting for another."""
+
+    def __init__(self, on_reply: OnReply | None):
+        self.on_reply = on_reply
+        self.ready: list = []
+        self.scheduled = False
+
+    def add(self, i: int, completion: Completion) -> None:
+        if self.on_reply is None:
+            return
+        self.ready.append((i, completion))
+        if not self.scheduled:
+            self.scheduled = True
+            asyncio.get_running_loop().call_soon(self.flush)
+
+    def flush(self) -> None:
+        self.scheduled = False
+        if self.ready:
+            ready, self.ready = self.ready, []
+            self.on_reply(ready)
 
 
 def _text(choice: dict) -> str:
@@ -435,6 +598,10 @@ def _text(choice: dict) -> str:
     if "message" in choice:
         return choice["message"].get("content") or ""
     return choice["text"] or ""
+
+
+def _decode(raw: bytes) -> str:
+    return raw.decode("utf-8", errors="replace")
 
 
 def _retry_after(value: str | None) -> float | None:

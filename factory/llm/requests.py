@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
+import threading
 from collections import Counter
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
@@ -48,6 +49,7 @@ from .base import (
     Request,
     canonical,
     continued,
+    counting_call,
     digest,
     fingerprint,
     seed_of,
@@ -72,6 +74,8 @@ class Usage:
         cached_conversations: of those, the ones answered from the cache.
         prompt_tokens, completion_tokens: tokens of the requests sent to the backend.
         retries, retry_reasons: the backend's retries while answering them, by reason.
+        throttled: requests the server refused for its rate limits (429) and that went again
+            (throttling: neither a retry nor a failure).
         failures: requests that failed in the backend (after its retries); never cached.
         last_error: the last of those failures' errors (server, status, message).
         reasks: replies sent back because they did not match their JSON Schema (backends
@@ -85,6 +89,7 @@ class Usage:
     completion_tokens: int = 0
     retries: int = 0
     retry_reasons: dict[str, int] = field(default_factory=dict)
+    throttled: int = 0
     failures: int = 0
     last_error: str | None = None
     reasks: int = 0
@@ -114,14 +119,18 @@ class LLMClient:
         seed: the recipe seed, from which every request's sampling seed is derived.
         on_progress: called with a count of requests answered, as they are (progress bars
             move within a batch).
+        budget: the run's spending limit (:class:`factory.budget.Budget`): a request goes only when
+            its worst-case cost fits.
     """
 
     def __init__(self, backend: Backend, cache: Cache | None = None, seed: int = 0,
-                 on_progress: Callable[[int], None] | None = None):
+                 on_progress: Callable[[int], None] | None = None, budget=None):
         self.backend = backend
         self.cache = cache or NullCache()
         self.seed = seed
         self.on_progress = on_progress
+        self.budget = budget
+        self.ledger: list | None = None  # where the tokens of every reply go, cached or not (factory estimate)
         self.usage = Usage()
         # Replies received (cached or not), those that ended cut at max_tokens (by the limit),
         # and continuations asked for: the step's report carries them to the manifest.
@@ -280,10 +289,18 @@ class LLMClient:
         self.usage.cached_conversations += len(requests) - len(todo)
         self._progress(len(requests) - len(todo))
         if not todo:
-            return results  # type: ignore[return-value]
+            return self._noted(results)  # type: ignore[arg-type]
 
-        def arrived(ready: list[tuple[int, Completion]]) -> None:
-            fresh = [(todo[j], completion) for j, completion in ready if results[todo[j]] is None]
+        budget = self.budget
+        if budget is not None:
+            model = str(getattr(self.backend.config, "model", self.backend.name))
+            pricing = budget.pricing(model)
+            batched = self.backend.batched
+            worst = {i: budget.worst_case(seeded[i], pricing, batched) for i in todo}
+            reserved: dict[int, float] = {}
+
+        def arrived(sent: list[int], ready: list[tuple[int, Completion]]) -> None:
+            fresh = [(sent[j], completion) for j, completion in ready if results[sent[j]] is None]
             entries = []
             for i, completion in fresh:
                 results[i] = completion
@@ -294,6 +311,11 @@ class LLMClient:
                 elif completion.error_reason == "backend_error":
                     self.usage.failures += 1
                     self.usage.last_error = completion.error
+                if budget is not None:
+                    _, size, n = worst[i]
+                    budget.settle(model, reserved.pop(i, 0.0), pricing.cost(
+                        completion.prompt_tokens, completion.completion_tokens, batched), n, completion.prompt_tokens,
+                        size)
             journal.extend(entries)
             if self.cache.keep_each_reply:
                 for key, value in entries:
@@ -301,18 +323,39 @@ class LLMClient:
             journal.flush()
             self._progress(len(fresh))
 
-        stats = self.backend.stats
-        retries_before, reasons_before = stats.retries, dict(stats.retry_reasons)
-        self.usage.calls += 1
+        def send(sent: list[int]) -> None:
+            self.usage.calls += 1
+            replies = self.backend.generate([seeded[i] for i in sent], lambda ready: arrived(sent, ready))
+            arrived(sent, list(enumerate(replies)))
+
         try:
-            arrived(list(enumerate(self.backend.generate([seeded[i] for i in todo], arrived))))
+            with counting_call() as call:
+                if budget is None:
+                    send(todo)
+                else:
+                    # Only as many requests as the budget has room for go at once (all of them, until it
+                    # runs low); the rest wait for replies that cost less than reserved.
+                    left = todo
+                    while left:
+                        amounts = budget.reserve(model, [(worst[i][0], worst[i][2]) for i in left])
+                        reserved.update(zip(left, amounts))
+                        send(left[:len(amounts)])
+                        left = left[len(amounts):]
         finally:
             journal.close()
-            self.usage.add({"retries": stats.retries - retries_before,
-                            "retry_reasons": {reason: count - reasons_before.get(reason, 0)
-                                              for reason, count in stats.retry_reasons.items()
-                                              if count != reasons_before.get(reason, 0)}})
-        return results  # type: ignore[return-value]
+            if budget is not None and reserved:
+                # Stopped with requests in flight (an error, Ctrl-C): count them as paid in full, so
+                # that other batches waiting on the budget go on, never past it.
+                for amount in reserved.values():
+                    budget.settle(model, amount, amount)
+            self.usage.add({"retries": call.retries, "throttled": call.throttled,
+                            "retry_reasons": dict(call.retry_reasons)})
+        return self._noted(results)  # type: ignore[arg-type]
+
+    def _noted(self, results: list[Completion]) -> list[Completion]:
+        if self.ledger is not None:
+            self.ledger.extend((c.prompt_tokens, c.completion_tokens) for c in results if c.error is None)
+        return results
 
     def _progress(self, count: int) -> None:
         if self.on_progress is not None and count:
@@ -342,12 +385,17 @@ class BackendPool:
     def __init__(self, factory: Callable[[Any], Backend]):
         self.factory = factory
         self._open: dict[str, Backend] = {}
+        self._lock = threading.Lock()  # batches running side by side ask for the same backend
 
     def get(self, config) -> Backend:
         key = fingerprint(to_dict(config))
-        if key not in self._open:
-            self._open[key] = self.factory(config)
-        return self._open[key]
+        backend = self._open.get(key)
+        if backend is None:
+            with self._lock:
+                backend = self._open.get(key)
+                if backend is None:
+                    backend = self._open[key] = self.factory(config)
+        return backend
 
     def close(self) -> None:
         for backend in self._open.values():
@@ -356,6 +404,10 @@ class BackendPool:
 
     def __getstate__(self):
         return {"factory": self.factory, "_open": {}}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
 
 
 @dataclass
@@ -370,10 +422,32 @@ class LLMSession:
     cache: Cache
     seed: int
     backends: BackendPool
+    share: float = 1.0  # this process's share of the server's rate limits (1 / replicas on Ray)
+    budget: Any = None  # the run's spending limit (factory.budget.Budget), shared by every step
+    ledger: list | None = None  # (prompt, completion tokens) of every reply, cached or not (an estimate's)
 
     @property
     def model_id(self) -> str:
         return self.backends.get(self.config).model_id
+
+    @property
+    def batched(self) -> bool:
+        """The backend answers a whole step at once, late (a Batch API): give it one batch of every row."""
+        return self.backends.get(self.config).batched
+
+    def batches_in_flight(self, rows_per_batch: int) -> int:
+        """How many batches of the step are worth running side by side (1: one after the other)."""
+        return self.backends.get(self.config).parallel_calls(rows_per_batch)
+
+    def live(self) -> dict:
+        """What the backend shows while it works (throttling, the limits learned)."""
+        return self.backends.get(self.config).live()
+
+    def cost_of(self, usage: dict) -> float:
+        """What the tokens of a step's :class:`Usage` (as a dict) cost, at the budget's prices."""
+        backend = self.backends.get(self.config)
+        pricing = self.budget.pricing(getattr(self.config, "model", backend.name))
+        return pricing.cost(usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0), backend.batched)
 
     @property
     def enforces_schema(self) -> bool:
@@ -383,4 +457,10 @@ class LLMSession:
         return self.backends.get(self.config).describe()
 
     def client(self, on_progress: Callable[[int], None] | None = None) -> LLMClient:
-        return LLMClient(self.backends.get(self.config), self.cache, self.seed, on_progress)
+        backend = self.backends.get(self.config)
+        backend.attach(self.cache)
+        if self.share != 1.0:
+            backend.set_share(self.share)
+        client = LLMClient(backend, self.cache, self.seed, on_progress, self.budget)
+        client.ledger = self.ledger
+        return client

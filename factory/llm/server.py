@@ -35,6 +35,20 @@ TOO_LONG = re.compile(r"context length|context_length|maximum context|context wi
                       r"exceeds? the (?:model|max)|prompt is too|input length", re.IGNORECASE)
 
 
+class RequestError(Exception):
+    """A request to the server that did not succeed: why (``reason``, ``status``), whether to try
+    again, and when the server said to; ``cause`` when no answer came at all (what to tell the user)."""
+
+    def __init__(self, reason: str, message: str, retry_after: float | None = None, retryable: bool = True,
+                 status: int | None = None, cause: BackendError | None = None):
+        super().__init__(message)
+        self.reason = reason
+        self.retry_after = retry_after
+        self.retryable = retryable
+        self.status = status
+        self.cause = cause
+
+
 @dataclass
 class ServerInfo:
     """What the backend knows about its server; recorded in the manifest.
@@ -169,20 +183,22 @@ def continuation(reply: str, prefix: str) -> str:
 def connection_error(base_url: str, err: Exception) -> BackendError:
     """A clear error for a server that cannot be reached: refused, unknown host, TLS, timeout."""
     causes, seen = [], err
-    while seen is not None and len(causes) < 8:  # httpx wraps the socket's error: read the chain
+    while seen is not None and len(causes) < 8:  # the client wraps the socket's error: read the chain
         causes.append(f"{type(seen).__name__}: {seen}")
         seen = seen.__cause__ or seen.__context__
     text = causes[0]
-    lowered = " | ".join(causes).lower()
-    if "gaierror" in lowered or any(s in lowered for s in ("name or service not known", "nodename nor servname", "name resolution",
-                                  "getaddrinfo failed", "no address associated")):
+    # aiohttp names the TLS context in every connection error ("ssl:default"): not a TLS failure
+    lowered = " | ".join(causes).lower().replace("ssl:default", "").replace("ssl:none", "")
+    if "refused" in lowered or "errno 111" in lowered or "connect call failed" in lowered:
+        return BackendError(f"nothing answers at {base_url} (connection refused); start the server or fix "
+                            "llm.base_url")
+    if "gaierror" in lowered or "dnserror" in lowered or any(s in lowered for s in (
+            "name or service not known", "nodename nor servname", "name resolution", "getaddrinfo failed",
+            "no address associated", "temporary failure in name")):
         return BackendError(f"cannot resolve the host of llm.base_url {base_url} ({text}); check the host name")
     if any(s in lowered for s in ("ssl", "certificate", "tls")):
         return BackendError(f"the TLS handshake with {base_url} failed ({text}); use http:// for a server without "
                             "TLS, or point SSL_CERT_FILE at the server's CA certificate")
-    if "refused" in lowered or "errno 111" in lowered:
-        return BackendError(f"nothing answers at {base_url} (connection refused); start the server or fix "
-                            "llm.base_url")
     if "timeout" in lowered:
         return BackendError(f"the server at {base_url} did not answer in time ({text}); check that it is up, or "
                             "raise llm.timeout")
@@ -194,6 +210,22 @@ def auth_error(base_url: str, status: int, message: str, env: str, key_set: bool
     key = f"${env} is set but the server refused it" if key_set else f"${env} is not set"
     return BackendError(f"the server at {base_url} answered HTTP {status} ({message}): {key}; put a valid API key "
                         f"in ${env} (or name another variable with llm.api_key_env)")
+
+
+QUOTA = re.compile(r"insufficient_quota|exceeded your current quota|quota exceeded|billing|credit balance|"
+                   r"out of credits|insufficient (?:credits|balance|funds)", re.IGNORECASE)
+
+
+def is_quota(message: str) -> bool:
+    """Whether a 429's message says the account is out of quota or credit (no wait will help),
+    rather than that it asked too fast."""
+    return bool(QUOTA.search(message))
+
+
+def quota_error(base_url: str, message: str, env: str) -> BackendError:
+    return BackendError(f"the server at {base_url} refused the request for the account's quota or credit, not its "
+                        f"rate ({message}); add credit or raise the quota of the key in ${env}, then run the same "
+                        "command again: the replies so far are cached")
 
 
 def model_error(base_url: str, model: str, message: str, models: list[str] | None) -> BackendError:
