@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import threading
-from dataclasses import dataclass
 
 from .errors import BackendError
 
@@ -26,8 +25,8 @@ INITIAL_TOKENS_PER_BYTE = 1 / 3  # a prompt's tokens before any usage came back 
 class BudgetReached(BackendError):
     """The next request could pass the budget; the run stops before it (exit 1)."""
 
-    def __init__(self, budget: "Budget", next_cost: float, unsent: int):
-        self.budget, self.next_cost, self.unsent = budget, next_cost, unsent
+    def __init__(self, budget: "Budget", next_cost: float):
+        self.budget, self.next_cost = budget, next_cost
         self.where = ""
         super().__init__(self.text())
 
@@ -47,17 +46,11 @@ class BudgetReached(BackendError):
         return self
 
 
-@dataclass
-class Pricing:
-    """What one model's tokens cost, in USD per token (``batch``: the share a Batch API request pays)."""
-
-    input: float
-    output: float
-    batch: float = 1.0
-
-    def cost(self, prompt_tokens: float, completion_tokens: float, batched: bool = False) -> float:
-        scale = self.batch if batched else 1.0
-        return (prompt_tokens * self.input + completion_tokens * self.output) * scale
+def usd(prompt_tokens: float, completion_tokens: float, price, batched: bool = False) -> float:
+    """What tokens sent to and made by a model cost at ``price`` (``prices:``, USD per million tokens);
+    a Batch API request pays ``price.batch`` of it. Not rounded: a budget adds up millions of these."""
+    scale = price.batch if batched else 1.0
+    return (prompt_tokens * price.input + completion_tokens * price.output) * scale / 1_000_000
 
 
 class Budget:
@@ -65,10 +58,10 @@ class Budget:
 
     Args:
         max_usd: the most the run may spend.
-        prices: model name -> :class:`Pricing`.
+        prices: model name -> its price (the recipe's ``prices:``: input, output, batch).
     """
 
-    def __init__(self, max_usd: float, prices: dict[str, Pricing]):
+    def __init__(self, max_usd: float, prices: dict):
         self.max_usd = max_usd
         self.prices = prices
         self.spent = 0.0
@@ -83,22 +76,22 @@ class Budget:
         config = getattr(recipe, "budget", None)
         if config is None or config.max_usd is None:
             return None
-        prices = {model: Pricing(p.input / 1e6, p.output / 1e6, p.batch) for model, p in recipe.prices.items()}
-        return cls(config.max_usd, prices)
+        return cls(config.max_usd, recipe.prices)
 
-    def pricing(self, model: str) -> Pricing:
+    def cost(self, model: str, prompt_tokens: float, completion_tokens: float, batched: bool) -> float:
+        """What ``model``'s tokens cost (:func:`usd` at its price)."""
         price = self.prices.get(str(model))
         if price is None:  # recipe validation asks for a price of every model a budgeted recipe uses
             raise BackendError(f"budget.max_usd is set and model '{model}' has no price; add it under `prices:`")
-        return price
+        return usd(prompt_tokens, completion_tokens, price, batched)
 
-    def worst_case(self, request, pricing: Pricing, batched: bool) -> tuple[float, int, int]:
+    def worst_case(self, request, model: str, batched: bool) -> tuple[float, int, int]:
         """The most a request can cost as its parameters say -- its prompt's tokens (estimated from its
         size) and max_tokens per sample --, its size in bytes and its samples."""
         params = request.params
         size = len(json.dumps(request.messages, ensure_ascii=False).encode("utf-8"))
         n = max(1, params.n)
-        return pricing.cost(size * self.tokens_per_byte, params.max_tokens * n, batched), size, n
+        return self.cost(model, size * self.tokens_per_byte, params.max_tokens * n, batched), size, n
 
     def reserve(self, model: str, asks: list[tuple[float, int]]) -> list[float]:
         """What to reserve for each of the next requests that may go now (at least one): each
@@ -124,7 +117,7 @@ class Budget:
                     self.sent += len(reserved)
                     return reserved
                 if self.reserved <= 1e-12:
-                    raise BudgetReached(self, max(asks[0][0], seen * asks[0][1]), len(asks))
+                    raise BudgetReached(self, max(asks[0][0], seen * asks[0][1]))
                 self._changed.wait()
 
     def settle(self, model: str, reserved: float, cost: float, n: int = 1, prompt_tokens: int = 0,

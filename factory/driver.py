@@ -516,8 +516,7 @@ class _LiveText:
         self.bar, self.usage, self.session = bar, usage, session
         self.shown_at = 0.0
         self.started = time.perf_counter()
-        self.stats = session.backends.get(session.config).stats if session is not None else None
-        self.requests_before = self.stats.requests if self.stats is not None else 0
+        self.requests_before = session.live()["requests"] if session is not None else 0
 
     def maybe_show(self, force: bool = False) -> None:
         if self.usage is None or self.bar.disable:
@@ -528,7 +527,7 @@ class _LiveText:
         self.shown_at = now
         elapsed = max(now - self.started, 1e-9)
         live = self.session.live()
-        parts = [f"{(self.stats.requests - self.requests_before) / elapsed:.1f} req/s",
+        parts = [f"{(live['requests'] - self.requests_before) / elapsed:.1f} req/s",
                  f"{self.usage.completion_tokens / elapsed:.0f} tok/s"]
         if live.get("throttled"):
             parts.append(f"{live['throttled']} throttled")
@@ -536,6 +535,4 @@ class _LiveText:
             parts.append(f"limit {live['limits']}")
         if live.get("concurrency"):
             parts.append(f"{live['concurrency']} in flight")
-        if live.get("batch"):
-            parts.append(live["batch"])
         self.bar.set_postfix_str(", ".join(parts), refresh=False)

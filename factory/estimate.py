@@ -49,6 +49,9 @@ class Range:
     def scaled(self, by: "Range") -> "Range":
         return Range(self.value * by.value, self.low * by.low, self.high * by.high)
 
+    def times(self, factor: float) -> "Range":
+        return Range(self.value * factor, self.low * factor, self.high * factor)
+
     def plus(self, other: "Range") -> "Range":
         return Range(self.value + other.value, self.low + other.low, self.high + other.high)
 
@@ -98,7 +101,6 @@ def estimate_recipe(recipe, driver, limit: int) -> dict:
     timings = driver.cache.get_json("estimates", timings_key) or {}
     steps, measured = [], {}
     keep = Range(1.0, 1.0, 1.0)  # the share of source rows that reach the step
-    overall = Range(1.0, 1.0, 1.0)
     for stats in result.steps:
         step = next(s for s in recipe.steps if s.index == stats.index)
         acceptance = wilson(stats.rows_out, stats.rows_in, result.source_rows)
@@ -108,10 +110,8 @@ def estimate_recipe(recipe, driver, limit: int) -> dict:
         if stats.llm is not None:
             replies = ledger.get(stats.index, [])
             per_row = len(replies) / max(stats.rows_in, 1)
-            rows_in = Range(stats.rows_in, stats.rows_in, stats.rows_in) if fixed else Range(
-                source_rows * keep.value, source_rows * keep.low, source_rows * keep.high)
-            requests = Range(len(replies), len(replies), len(replies)) if fixed else Range(
-                rows_in.value * per_row, rows_in.low * per_row, rows_in.high * per_row)
+            rows_in = Range(stats.rows_in, stats.rows_in, stats.rows_in) if fixed else keep.times(source_rows)
+            requests = rows_in.times(per_row)
             tokens_in = requests.scaled(mean_range([r[0] for r in replies]))
             tokens_out = requests.scaled(mean_range([r[1] for r in replies]))
             entry.update(rows_in=rows_in, requests=requests, tokens_in=tokens_in, tokens_out=tokens_out,
@@ -127,20 +127,17 @@ def estimate_recipe(recipe, driver, limit: int) -> dict:
             timing = measured.get(str(stats.index)) or timings.get(str(stats.index))
             entry["seconds"] = _seconds(timing, requests.value, stats.llm, step) if timing else None
         else:
-            rows_in = Range(source_rows * keep.value, source_rows * keep.low, source_rows * keep.high)
-            entry.update(rows_in=rows_in)
+            entry.update(rows_in=keep.times(source_rows))
         steps.append(entry)
         if not fixed:
             keep = keep.scaled(acceptance)
-        overall = overall.scaled(acceptance)
     if measured:
         driver.cache.put_json("estimates", timings_key, {**timings, **measured})
     if recipe.output.rows is not None and keep.value > 0:
         wanted = recipe.output.rows / keep.value
         how += f"; output.rows {recipe.output.rows} needs about {wanted:.0f} of them at this acceptance"
     return {"name": recipe.name, "limit": limit, "preview_rows": result.source_rows, "source_rows": source_rows,
-            "source": how, "steps": steps, "rows_out": Range(source_rows * keep.value, source_rows * keep.low,
-                                                             source_rows * keep.high),
+            "source": how, "steps": steps, "rows_out": keep.times(source_rows),
             "priced": bool(recipe.prices)}
 
 

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from factory.budget import Budget, BudgetReached, Pricing
+from factory.budget import Budget, BudgetReached
 from factory.cli import main
 from factory.errors import RecipeError
 from factory.llm.base import GenerationParams, Request
-from factory.recipe import load_recipe
+from factory.recipe import Price, load_recipe
 
 from .conftest import ROOT
 from .fake_openai import FakeOpenAI
@@ -82,9 +82,9 @@ def test_the_budget_holds_while_max_tokens_says_a_request_could_cost_more(tmp_pa
 
 
 def test_a_request_that_alone_could_pass_the_budget_says_so():
-    budget = Budget(1.0, {"m": Pricing(0.0, 0.01)})
+    budget = Budget(1.0, {"m": Price(input=0.0, output=10_000)})  # $0.01 a token
     request = Request([{"role": "user", "content": "hi"}], GenerationParams(max_tokens=200))
-    estimate, _, n = budget.worst_case(request, budget.pricing("m"), False)
+    estimate, _, n = budget.worst_case(request, "m", False)
     with pytest.raises(BudgetReached, match=r"next could cost up to \$2.0000 \(more than the whole budget: lower "
                                             r"the step's max_tokens"):
         budget.reserve("m", [(estimate, n)])
@@ -92,7 +92,7 @@ def test_a_request_that_alone_could_pass_the_budget_says_so():
 
 def test_what_a_sample_has_cost_so_far_bounds_the_next_reservations():
     """A server whose usage passes max_tokens: after one reply, requests are reserved at what it cost."""
-    budget = Budget(1.0, {"m": Pricing(0.0, 0.001)})
+    budget = Budget(1.0, {"m": Price(input=0.0, output=1_000)})
     assert budget.reserve("m", [(0.01, 1)] * 3) == [0.01] * 3
     budget.settle("m", 0.01, 0.2)  # it cost 20 times the estimate
     assert budget.reserve("m", [(0.01, 1)] * 10) == [0.2] * 3  # 0.02 reserved + 0.2 spent: room for three

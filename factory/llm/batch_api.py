@@ -159,10 +159,9 @@ class BatchRunner:
         async def one(ask: _Ask):
             try:
                 bodies[ask.custom_id] = await self.backend._post_with_retries(lambda: ask.body)
-            except Exception as err:  # noqa: BLE001 - the backend's failure, as its online path records it
-                failed = self.backend.failed(err) if hasattr(err, "reason") else Completion([], error=str(err))
+            except RequestError as err:  # failed for good, as the online path records it
                 for i, _ in ask.owners:
-                    results[i] = results[i] or failed
+                    results[i] = results[i] or self.backend.failed(err)
         await asyncio.gather(*(one(ask) for ask in retry))
 
     # -- files and batches ----------------------------------------------------------------------

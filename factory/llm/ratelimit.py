@@ -216,8 +216,8 @@ class RateLimiter:
         self.server = server
         self.in_flight = 0
         self.stated = False  # the server has stated a limit in its headers
-        self.requests = self._option_bucket(requests_per_minute, 1.0, now)
-        self.tokens = self._option_bucket(tokens_per_minute, None, now)
+        self.requests = self._option_bucket(requests_per_minute, now)
+        self.tokens = self._option_bucket(tokens_per_minute, now)
         self.resume_at = 0.0  # after a 429: nothing goes before this
         self.cut_at = -math.inf  # when concurrency was last cut (one cut per round in flight)
         self.rate_cut_at = -math.inf  # when an observed rate was last cut
@@ -234,20 +234,16 @@ class RateLimiter:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_due = math.inf
 
-    def _option_bucket(self, per_minute: float | None, burst_seconds: float | None, now: float) -> Bucket | None:
+    def _option_bucket(self, per_minute: float | None, now: float) -> Bucket | None:
         if not per_minute:
             return None
         rate = per_minute * self.share / 60
         # A limit known only per minute: a second of it at once (smooth pacing), at least one request.
-        bucket = Bucket(max(1.0, rate * (burst_seconds or 1.0)), rate, "option", now)
+        bucket = Bucket(max(1.0, rate), rate, "option", now)
         bucket.ceiling = (bucket.capacity, rate)
         return bucket
 
     # -- estimating a request's tokens ---------------------------------------------------------
-    @property
-    def counts_tokens(self) -> bool:
-        return self.tokens is not None
-
     def estimate(self, body_bytes: int, max_tokens: int, n: int = 1) -> float:
         """Tokens a request will count for: its prompt (from its size) and ``max_tokens`` per sample."""
         return body_bytes * self.tokens_per_byte + max_tokens * max(1, n)

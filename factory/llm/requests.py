@@ -121,16 +121,17 @@ class LLMClient:
             move within a batch).
         budget: the run's spending limit (:class:`factory.budget.Budget`): a request goes only when
             its worst-case cost fits.
+        ledger: where the tokens of every reply go, cached or not (``factory estimate``).
     """
 
     def __init__(self, backend: Backend, cache: Cache | None = None, seed: int = 0,
-                 on_progress: Callable[[int], None] | None = None, budget=None):
+                 on_progress: Callable[[int], None] | None = None, budget=None, ledger: list | None = None):
         self.backend = backend
         self.cache = cache or NullCache()
         self.seed = seed
         self.on_progress = on_progress
         self.budget = budget
-        self.ledger: list | None = None  # where the tokens of every reply go, cached or not (factory estimate)
+        self.ledger = ledger  # where the tokens of every reply go, cached or not (factory estimate)
         self.usage = Usage()
         # Replies received (cached or not), those that ended cut at max_tokens (by the limit),
         # and continuations asked for: the step's report carries them to the manifest.
@@ -294,9 +295,8 @@ class LLMClient:
         budget = self.budget
         if budget is not None:
             model = str(getattr(self.backend.config, "model", self.backend.name))
-            pricing = budget.pricing(model)
             batched = self.backend.batched
-            worst = {i: budget.worst_case(seeded[i], pricing, batched) for i in todo}
+            worst = {i: budget.worst_case(seeded[i], model, batched) for i in todo}
             reserved: dict[int, float] = {}
 
         def arrived(sent: list[int], ready: list[tuple[int, Completion]]) -> None:
@@ -313,9 +313,9 @@ class LLMClient:
                     self.usage.last_error = completion.error
                 if budget is not None:
                     _, size, n = worst[i]
-                    budget.settle(model, reserved.pop(i, 0.0), pricing.cost(
-                        completion.prompt_tokens, completion.completion_tokens, batched), n, completion.prompt_tokens,
-                        size)
+                    budget.settle(model, reserved.pop(i, 0.0), budget.cost(
+                        model, completion.prompt_tokens, completion.completion_tokens, batched), n,
+                        completion.prompt_tokens, size)
             journal.extend(entries)
             if self.cache.keep_each_reply:
                 for key, value in entries:
@@ -440,14 +440,16 @@ class LLMSession:
         return self.backends.get(self.config).parallel_calls(rows_per_batch)
 
     def live(self) -> dict:
-        """What the backend shows while it works (throttling, the limits learned)."""
-        return self.backends.get(self.config).live()
+        """What the backend shows while it works: requests sent so far, and its own (throttling, the
+        limits learned)."""
+        backend = self.backends.get(self.config)
+        return {"requests": backend.stats.requests, **backend.live()}
 
     def cost_of(self, usage: dict) -> float:
         """What the tokens of a step's :class:`Usage` (as a dict) cost, at the budget's prices."""
         backend = self.backends.get(self.config)
-        pricing = self.budget.pricing(getattr(self.config, "model", backend.name))
-        return pricing.cost(usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0), backend.batched)
+        return self.budget.cost(getattr(self.config, "model", backend.name), usage.get("prompt_tokens", 0),
+                                usage.get("completion_tokens", 0), backend.batched)
 
     @property
     def enforces_schema(self) -> bool:
@@ -461,6 +463,4 @@ class LLMSession:
         backend.attach(self.cache)
         if self.share != 1.0:
             backend.set_share(self.share)
-        client = LLMClient(backend, self.cache, self.seed, on_progress, self.budget)
-        client.ledger = self.ledger
-        return client
+        return LLMClient(backend, self.cache, self.seed, on_progress, self.budget, self.ledger)
