@@ -301,7 +301,7 @@ def sft_trl(spec: dict) -> dict:
 
     from factory.store import read_version
     from trainers.common import lora_config
-    from trainers.sft import SFTConfig as FactorySFTConfig
+    from factory.training import SFTConfig as FactorySFTConfig
 
     sizes = Sizes(**spec["sizes"])
     model, tokenizer, common = trl_model(spec, "sft-trl", sizes.steps)
@@ -327,7 +327,8 @@ def dpo_trl(spec: dict) -> dict:
     from trl import DPOConfig, DPOTrainer
 
     from trainers.common import lora_config
-    from trainers.dpo import DPOTrainConfig, preference_dataset
+    from factory.training import DPOTrainConfig
+    from trainers.dpo import preference_dataset
 
     sizes = Sizes(**spec["sizes"])
     model, tokenizer, common = trl_model(spec, "dpo-trl", sizes.dpo_steps)

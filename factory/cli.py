@@ -197,6 +197,46 @@ def build_parser() -> argparse.ArgumentParser:
     _add_executor(evolve)
     evolve.set_defaults(func=cmd_evolve)
 
+    evaluate = sub.add_parser("eval", help="accuracy of a model (+ LoRA adapter) on a verifiable eval set",
+                              description="Ask a model every question of EVAL_SET with a `solve` prompt (step by "
+                                          "step, then a final answer) and check each answer against the reference "
+                                          "column by program. The model is the embedded one (--model, --adapter, "
+                                          "--llm for any backend), or a recipe's llm and the prompt of its `solve` "
+                                          "step (--recipe: what `factory evolve` evaluates). The questions take the "
+                                          "path a recipe's steps take: replies are cached, so a second eval of the "
+                                          "same model on the same set asks it nothing. Prints one JSON line: "
+                                          "accuracy, items, correct, no_answer, truncated.")
+    evaluate.add_argument("eval_set", help="an eval file (.jsonl/.parquet/.csv or a saved dataset folder), or a Hub "
+                                           "dataset ORG/NAME (with --config and --split)")
+    evaluate.add_argument("--config", default=None, help="the Hub dataset's config, e.g. main")
+    evaluate.add_argument("--split", default=None, help="the split to read, e.g. test (default: train)")
+    evaluate.add_argument("--recipe", default=None, help="take the llm and the `solve` prompt from this recipe")
+    _add_set(evaluate)
+    evaluate.add_argument("--model", default=None, help="the base model: `embedded` (default) or a local HF folder")
+    evaluate.add_argument("--adapter", default=None, help="a LoRA adapter folder on top of the model")
+    evaluate.add_argument("--llm", default=None, metavar="YAML", help="an `llm:` mapping, e.g. '{backend: openai, "
+                                                                      "base_url: http://127.0.0.1:8000/v1, model: m}'")
+    evaluate.add_argument("--column", default="instruction", help="the question column (default: instruction)")
+    evaluate.add_argument("--answer-column", default="answer",
+                          help="the reference column: a bare value or a worked solution ending in `#### n`, "
+                               "`\\boxed{n}` or 'The answer is n' (default: answer)")
+    evaluate.add_argument("--limit", type=_positive, default=None, metavar="N", help="the first N items only")
+    evaluate.add_argument("--no-cot", dest="cot", action="store_false", help="ask for the answer alone, no steps")
+    evaluate.add_argument("--answer-format", choices=["number", "choice", "text"], default="number",
+                          help="how final answers are read (default: number)")
+    evaluate.add_argument("--method", choices=["auto", "exact", "numeric", "normalized", "choice"], default="auto",
+                          help="how answers are compared (default: auto, from the answer format)")
+    evaluate.add_argument("--max-tokens", type=_positive, default=None,
+                          help="most tokens per answer (default: the recipe's solve step's, else 256)")
+    evaluate.add_argument("--batch-size", type=_positive, default=64, help="questions per batch (default: 64)")
+    evaluate.add_argument("--results", default=None, metavar="JSON", help="also write every item's result here")
+    evaluate.add_argument("--out", default="out", help="the output folder whose cache the eval shares "
+                                                       "(default: out; nothing else is written there)")
+    _add_cache(evaluate)
+    evaluate.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_executor(evaluate)
+    evaluate.set_defaults(func=cmd_eval)
+
     report = sub.add_parser("report", help="redraw an evolve run's report.json, report.md and report.png",
                             description="Redraw the report of a `factory evolve` run from its evolve.json (or of a "
                                         "comparison, `evolve.compare`, from its runs).")
@@ -471,6 +511,29 @@ def cmd_evolve(args) -> int:
     print(markdown(state, rows(state)).split("## Rounds")[0].rstrip())
     print(f"\n{state['stopped']}; report: {args.out}/report.md, {args.out}/report.png")
     print(args.out)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    import json
+    from pathlib import Path
+
+    from .evolve.evaluate import EvalRequest, evaluate_model
+    from .recipe import load_recipe
+
+    if args.overrides and not args.recipe:
+        raise FactoryError("--set changes a recipe; give the recipe with --recipe")
+    recipe = load_recipe(args.recipe, args.overrides) if args.recipe else None
+    request = EvalRequest(spec=args.eval_set, config=args.config, split=args.split, llm=args.llm, model=args.model,
+                          adapter=args.adapter, column=args.column, answer_column=args.answer_column,
+                          limit=args.limit, cot=args.cot, answer_format=args.answer_format, method=args.method,
+                          max_tokens=args.max_tokens, batch_size=args.batch_size)
+    driver = make_driver(args, _cache_dir(args), use_cache=not args.no_cache, progress=not args.quiet)
+    result = evaluate_model(driver, request, recipe)
+    print(json.dumps(result.summary()))
+    if args.results:
+        Path(args.results).write_text(json.dumps({**result.summary(), "results": result.results}, indent=1) + "\n",
+                                      encoding="utf-8")
     return 0
 
 

@@ -186,6 +186,16 @@ class Driver:
         with self._open(recipe), self._keeping_replies(limit is not None):
             return self._walk(recipe, table)
 
+    def run_steps(self, steps: list, table: pl.DataFrame, *, seed: int = 0, batch_size: int = 64,
+                  max_failure_rate: float = 0.5) -> RunResult:
+        """Runs ``steps`` over ``table`` as a recipe's steps run: the batch cache, the failure
+        stop, progress, usage and truncation counts, the backends opened once and closed after.
+        For callers that hold steps rather than a recipe (the evaluations of
+        :mod:`factory.evolve.evaluate`); ``seed``, ``batch_size`` and ``max_failure_rate`` are
+        what a recipe's header would give."""
+        with self._open(None), self._keeping_replies(False):
+            return self._walk_steps(steps, table, seed, batch_size, max_failure_rate)
+
     def run_to_target(self, recipe, rows: int, max_candidates: int,
                       on_pass: Callable[[str], None] | None = None) -> RunResult:
         """Runs ``recipe`` on a growing prefix of its source until ``rows`` rows survive every step,
@@ -276,7 +286,7 @@ class Driver:
     @contextlib.contextmanager
     def _open(self, recipe):
         """The executor joined, the backends open and the budget counting for a run, or for every pass of one."""
-        self.budget = Budget.for_recipe(recipe)
+        self.budget = Budget.for_recipe(recipe) if recipe is not None else None
         try:
             with self.executor, fewer_collections():
                 yield
@@ -285,19 +295,26 @@ class Driver:
             self.budget = None
 
     def _walk(self, recipe, table: pl.DataFrame | None = None) -> RunResult:
-        """One walk over the steps (inside :meth:`_open`)."""
-        start = time.perf_counter()
-        rejected_parts: list[pl.DataFrame] = []
+        """One walk over a recipe's steps, from its source unless ``table`` (inside :meth:`_open`)."""
+        source_rejected = None
         if table is None:
             table = recipe.source.read(self.cache, self.progress) if recipe.source else pl.DataFrame()
-            if recipe.source and recipe.source.rejected is not None:
-                rejected_parts.append(recipe.source.rejected)
+            source_rejected = recipe.source.rejected if recipe.source else None
+        return self._walk_steps(recipe.steps, table, recipe.seed, recipe.header.batch_size,
+                                recipe.header.max_failure_rate, source_rejected)
+
+    def _walk_steps(self, steps: list, table: pl.DataFrame, seed: int, batch_size: int, max_failure_rate: float,
+                    source_rejected: pl.DataFrame | None = None) -> RunResult:
+        """One walk over ``steps`` from ``table`` (inside :meth:`_open`); ``source_rejected``: rows
+        the source set aside while reading."""
+        start = time.perf_counter()
+        rejected_parts = [source_rejected] if source_rejected is not None else []
         source_rows = table.height
         source_dropped = (dict(rejected_parts[0]["drop_reason"].value_counts().iter_rows()) if rejected_parts else {})
         all_stats: list[StepStats] = []
-        for step in recipe.steps:
+        for step in steps:
             stats = StepStats(step.index, step.name, step.kind, rows_in=table.height)
-            session = LLMSession(step.llm_config, self.cache, recipe.seed, self.backends, budget=self.budget,
+            session = LLMSession(step.llm_config, self.cache, seed, self.backends, budget=self.budget,
                                  ledger=None if self.ledger is None else self.ledger.setdefault(step.index, [])
                                  ) if step.uses_llm else None
             usage = Usage() if session else None
@@ -307,11 +324,11 @@ class Driver:
                     out = self._run_global(step, table, stats, session, usage)
                     kept, dropped = split_dropped(out, stats.label)
                 else:
-                    kept, dropped = self._run_rows(step, table, stats, session, usage, recipe.header)
+                    kept, dropped = self._run_rows(step, table, stats, session, usage, batch_size, max_failure_rate)
             except BudgetReached as stop:
                 done = self._rows_done if step.kind == "row" else 0
                 raise stop.at(f"{stats.label}: {done} of {table.height} rows done, so {table.height - done} or more "
-                              "requests left" + (", and the steps after it" if step is not recipe.steps[-1] else "")
+                              "requests left" + (", and the steps after it" if step is not steps[-1] else "")
                               ) from None
             kept = with_columns_of(step, table, kept)
             stats.rows_out = kept.height
@@ -343,10 +360,11 @@ class Driver:
         return tqdm(total=total, desc=f"[{step.index}] {step.name}", unit="row", file=sys.stderr,
                     disable=not self.progress, dynamic_ncols=True, mininterval=0.5, leave=True)
 
-    def _run_rows(self, step, table: pl.DataFrame, stats: StepStats, session, usage: Usage | None, header):
+    def _run_rows(self, step, table: pl.DataFrame, stats: StepStats, session, usage: Usage | None,
+                  batch_size: int, max_failure_rate: float):
         step_key = self._step_key(step, session)
         # A Batch API answers a step at once, hours later: its rows go as one batch, not one job per 64 rows.
-        size = max(1, table.height) if session is not None and session.batched else header.batch_size
+        size = max(1, table.height) if session is not None and session.batched else batch_size
         batches = [table.slice(offset, size) for offset in range(0, table.height, size)]
         keys = [fingerprint([step_key, frame_digest(batch)]) for batch in batches]
         outputs = [self.cache.get_frame("steps", key) for key in keys]
@@ -389,9 +407,9 @@ class Driver:
                     failed_batches_in_a_row = failed_batches_in_a_row + 1 if failed == batch.height else 0
                     # Stop as soon as the step's share of failures is bound to exceed the limit,
                     # or when the backend failed every row of several batches running (it is down).
-                    if (failures > header.max_failure_rate * table.height
+                    if (failures > max_failure_rate * table.height
                             or failed_batches_in_a_row >= DEAD_BACKEND_BATCHES):
-                        _stop_on_failures(stats, failures, processed, header.max_failure_rate,
+                        _stop_on_failures(stats, failures, processed, max_failure_rate,
                                           split_dropped(outputs[i], stats.label)[1])
                 advance(batch.height, i=i)
                 live.maybe_show(force=True)

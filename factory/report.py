@@ -9,13 +9,12 @@ import json
 from pathlib import Path
 
 from .errors import FactoryError
+from .evolve.evaluate import paired_gain
 
 
 def rows(state: dict) -> list[dict]:
     """One flat row per round: eval accuracy (and its gain over round 0 with a paired 95 %
     interval), win rate, J(f), gaps per verifier, pass@k, diversity, seconds per phase."""
-    from trainers.evaluate import paired_gain
-
     table = []
     base_items = ((state["rounds"][0] if state["rounds"] else {}).get("eval") or {}).get("correct_items")
     for rs in state["rounds"]:

@@ -99,3 +99,45 @@ def test_factory_steps_name_prints_the_file(capsys):
     assert main(["steps", "grounded_answer"]) == 0
     first = capsys.readouterr().out.splitlines()[0]
     assert first.startswith("grounded_answer: ") and first.endswith("factory/steps/grounded/grounded_answer.py")
+
+
+def import_graph() -> dict[str, set[str]]:
+    modules = project_modules()
+    return {name: imports_of(name, path, modules) for name, path in modules.items()}
+
+
+ABOVE_THE_DRIVER = ("factory.recipe", "factory.build", "factory.evolve", "factory.cli", "factory.report",
+                    "factory.estimate", "factory.bundled")
+BELOW_THE_DRIVER = ("factory.executors", "factory.steps", "factory.llm", "filters")
+WHAT_A_CONSUMER_NEEDS = {"factory", "factory.config", "factory.errors", "factory.store", "factory.models",
+                         "factory.training"}
+
+
+def test_data_flows_one_way_nothing_below_the_driver_imports_what_is_above_it():
+    graph = import_graph()
+    upward = {name: sorted(m for m in targets if m.startswith(ABOVE_THE_DRIVER))
+              for name, targets in graph.items() if name.startswith(BELOW_THE_DRIVER + ("factory.driver",))}
+    assert {name: up for name, up in upward.items() if up} == {}
+
+
+def test_trainers_are_plain_consumers_and_the_factory_never_imports_them_at_module_level():
+    graph = import_graph()
+    for name, targets in graph.items():
+        if name.startswith("trainers"):
+            assert {m for m in targets if not m.startswith("trainers")} <= WHAT_A_CONSUMER_NEEDS, name
+    for name, path in project_modules().items():
+        if name.startswith(("factory", "filters")):
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+            top = [alias.name for node in tree.body if isinstance(node, ast.Import) for alias in node.names]
+            top += [node.module or "" for node in tree.body if isinstance(node, ast.ImportFrom)]
+            assert not [m for m in top if m.split(".")[0] == "trainers"], name
+
+
+def test_loading_a_recipe_with_an_evolve_section_imports_no_trainer():
+    import subprocess
+    import sys
+
+    code = ("import sys; from factory.recipe import load_recipe; load_recipe('recipes/self_evolve_arith.yaml'); "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'trainers', 'trl', 'peft', 'torch'}))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"

@@ -16,7 +16,7 @@ from factory.cli import main
 from factory.errors import RecipeError
 from factory.evolve.loop import Evolution
 from factory.recipe import load_recipe
-from trainers.evaluate import distinct_n, gap_metrics, pass_at_k
+from factory.evolve.evaluate import distinct_n, gap_metrics, pass_at_k
 
 from .conftest import ROOT
 

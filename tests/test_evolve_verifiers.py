@@ -18,7 +18,7 @@ from factory.generators import NumbersConfig, numbers
 from factory.recipe import load_recipe
 from factory.steps.base import StepContext
 from filters.select import Select, SelectConfig
-from trainers.evaluate import paired_gain
+from factory.evolve.evaluate import paired_gain
 
 from .conftest import ROOT
 from .test_evolve import LLM

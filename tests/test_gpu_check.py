@@ -14,9 +14,8 @@ import torch
 
 from factory import models
 from factory.llm import TransformersBackend, TransformersConfig
+from factory.training import DPOTrainConfig, SFTConfig
 from trainers import common
-from trainers.dpo import DPOTrainConfig
-from trainers.sft import SFTConfig
 
 from .conftest import ROOT
 

@@ -21,7 +21,7 @@ from factory import hubdata
 from factory.cli import main
 from factory.errors import FactoryError, RecipeError
 from factory.recipe import load_recipe
-from trainers.evaluate import read_eval
+from factory.evolve.evaluate import read_eval
 
 SHA_V1 = "1" * 40
 SHA_V2 = "2" * 40

@@ -16,6 +16,9 @@ import pytest
 import yaml
 
 from factory.build import run_recipe
+from factory.driver import Driver
+from factory.evolve.evaluate import accuracy, correct_bits, eval_step, read_eval
+from factory.llm import ScriptedBackend, ScriptedConfig
 from factory.recipe import recipe_from_data
 from factory.store import read_version
 
@@ -72,3 +75,18 @@ def test_a_bundled_recipe_makes_the_rows_and_manifest_it_made_before(name, tmp_p
     if os.environ.get("PIN_RUNS") == "write":
         PINNED.write_text(json.dumps({**pinned(), name: facts}, indent=1, sort_keys=True) + "\n", encoding="utf-8")
     assert facts == pinned()[name]
+
+
+def test_an_eval_gives_the_result_it_gave_before():
+    table = read_eval(str(ROOT / "data" / "eval" / "arithmetic.jsonl"), limit=40)
+    places = {question: (i, answer) for i, (question, answer) in enumerate(zip(table["instruction"], table["answer"]))}
+
+    def reply(conversation, sample):  # right, wrong, no answer, cut at the token limit: in turn
+        i, answer = next(v for question, v in places.items() if question in conversation[-1]["content"])
+        return [f"It is {answer}. The answer is {answer}.", f"The answer is {int(answer) + 1}.", "I am not sure.",
+                f"The answer is {answer}. " + "and then " * 60][i % 4]
+
+    backend = ScriptedBackend(ScriptedConfig(), reply_fn=reply)
+    result = accuracy(Driver(progress=False, backend_factory=lambda config: backend),
+                      eval_step(backend.config, True, "number", 64), table, "instruction", "answer")
+    assert {**result.summary(), "correct_items": correct_bits(result)} == pinned()["eval"]

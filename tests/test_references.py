@@ -1,6 +1,6 @@
 """References are read with the same extraction as predictions: a GSM8K-style worked solution
 (``... #### 18``), ``\\boxed{18}``, "The answer is 18." and a bare value all give 18, in
-``verify``, in ``trainers.evaluate`` and in the eval of ``factory evolve``; a reference with
+``verify``, in ``factory eval`` and in the eval of ``factory evolve``; a reference with
 no value is an error that names the row, never a silent miss."""
 
 from __future__ import annotations
@@ -17,12 +17,11 @@ from factory.cache import Cache
 from factory.cli import main
 from factory.driver import Driver
 from factory.errors import FactoryError
+from factory.evolve.evaluate import accuracy, eval_step
 from factory.evolve.loop import Evolution
-from factory.llm import ScriptedBackend, ScriptedConfig
-from factory.llm.requests import LLMClient
+from factory.llm import ScriptedConfig
 from factory.recipe import load_recipe
 from factory.store import read_version
-from trainers.evaluate import accuracy, solve_step_for
 
 WORKED = "Janet sells 16 - 3 - 4 = 9 eggs.\nShe makes 9 * 2 = $18 every day.\n#### 18"
 NUMBER_REFERENCES = [WORKED, "\\boxed{18}", "The answer is 18.", "18", "18.0", "$18", "Answer: 18"]
@@ -134,29 +133,27 @@ def test_an_empty_reference_without_an_id_is_named_by_its_task(tmp_path):
         Verify(VerifyConfig()).process(batch)
 
 
-# -- trainers.evaluate and the eval of factory evolve ------------------------------------------
+# -- factory eval and the eval of factory evolve ------------------------------------------
 
-def scripted_client() -> LLMClient:
-    rules = [{"match": "eggs", "reply": "9 * 2 = 18. The answer is 18."},
-             {"match": "planet", "reply": "The answer is (B)."},
-             {"match": ".", "reply": "The answer is 7."}]
-    return LLMClient(ScriptedBackend(ScriptedConfig(rules=rules)))
+SCRIPTED = ScriptedConfig(rules=[{"match": "eggs", "reply": "9 * 2 = 18. The answer is 18."},
+                                 {"match": "planet", "reply": "The answer is (B)."},
+                                 {"match": ".", "reply": "The answer is 7."}])
 
 
 def test_evaluate_scores_worked_solutions_and_rejects_empty_references(tmp_path):
     table = pl.DataFrame({"instruction": ["How many eggs?"] * len(NUMBER_REFERENCES) + ["Other?"],
                           "answer": NUMBER_REFERENCES + ["The answer is 8."]})
-    result = accuracy(solve_step_for(True, "number", 64), scripted_client(), table, "instruction", "answer")
+    result = accuracy(Driver(progress=False), eval_step(SCRIPTED, True, "number", 64), table, "instruction", "answer")
     assert [r["correct"] for r in result.results] == [True] * len(NUMBER_REFERENCES) + [False]
     assert result.results[0]["reference"] == "18" and result.correct == len(NUMBER_REFERENCES)
 
     choices = pl.DataFrame({"question": ["Which planet is red?"] * 3, "gold": ["(B)", "The answer is (B)", "A"]})
-    result = accuracy(solve_step_for(False, "choice", 64), scripted_client(), choices, "question", "gold")
+    result = accuracy(Driver(progress=False), eval_step(SCRIPTED, False, "choice", 64), choices, "question", "gold")
     assert [r["correct"] for r in result.results] == [True, True, False]
 
     bad = pl.DataFrame({"instruction": ["How many eggs?", "And now?"], "answer": ["#### 18", "unknown"]})
     with pytest.raises(FactoryError) as err:
-        accuracy(solve_step_for(True, "number", 64), scripted_client(), bad, "instruction", "answer",
+        accuracy(Driver(progress=False), eval_step(SCRIPTED, True, "number", 64), bad, "instruction", "answer",
                  source="data/eval/gsm.jsonl")
     assert str(err.value).startswith("data/eval/gsm.jsonl, line 2: the reference 'unknown' in column 'answer' "
                                      "holds no number")

@@ -11,8 +11,9 @@ import pytest
 
 from factory.errors import RecipeError
 from factory.store import write_version
+from factory.training import SFTConfig, is_trained
 from trainers import dpo, sft
-from trainers.common import is_trained, parse_config, run_main
+from trainers.common import parse_config, run_main
 
 
 def conversation_version(folder: Path, n: int = 6) -> Path:
@@ -91,11 +92,11 @@ def test_dpo_one_step_with_trl(tiny_model_dir, tmp_path):
 def test_config_from_yaml_and_flags(tmp_path, capsys):
     config_file = tmp_path / "train.yaml"
     config_file.write_text("dataset: out/x/v1\nout: adapters/x\nlearning_rate: 0.001\nmax_steps: 5\n")
-    config = parse_config(sft.SFTConfig, ["--config", str(config_file), "--max-steps", "7"], "test")
+    config = parse_config(SFTConfig, ["--config", str(config_file), "--max-steps", "7"], "test")
     assert (config.learning_rate, config.max_steps, config.out) == (0.001, 7, "adapters/x")
     config_file.write_text("dataset: d\nout: o\nlearning_rat: 0.1\n")
     with pytest.raises(RecipeError, match="learning_rat: unknown key 'learning_rat'; did you mean 'learning_rate'"):
-        parse_config(sft.SFTConfig, ["--config", str(config_file)], "test")
+        parse_config(SFTConfig, ["--config", str(config_file)], "test")
     assert run_main(sft.main, ["--dataset", "d", "--out", "o", "--lora-r", "0"]) == 2
     assert "lora_r: must be at least 1, got 0" in capsys.readouterr().err
 

@@ -19,7 +19,8 @@ from factory.recipe import load_recipe
 from factory.steps.solve import Solve, SolveConfig
 from factory.steps.base import StepContext
 from factory.store import read_version
-from trainers.evaluate import accuracy
+from factory.driver import Driver
+from factory.evolve.evaluate import accuracy
 
 from .fake_openai import FakeOpenAI
 
@@ -278,8 +279,8 @@ def test_eval_counts_a_cut_answer_as_wrong_even_with_a_number_before_the_cut():
         {"match": "long", "reply": "The answer is 4 because two and two make four as everyone knows"},
         {"match": ".", "reply": "The answer is 4"}]))
     table = pl.DataFrame({"question": ["2+2? long", "2+2? short"], "answer": ["4", "4"]})
-    step = Solve(SolveConfig(answer_format="number", max_tokens=6, temperature=0.0))
-    result = accuracy(step, LLMClient(backend), table, "question", "answer")
+    step = Solve(SolveConfig(answer_format="number", max_tokens=6, temperature=0.0)).with_llm_config(backend.config)
+    result = accuracy(Driver(progress=False, backend_factory=lambda config: backend), step, table, "question", "answer")
     assert (result.correct, result.truncated, result.no_answer) == (1, 1, 1)
     assert result.summary()["truncated"] == 1
 

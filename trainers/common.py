@@ -12,44 +12,11 @@ import sys
 import types
 from pathlib import Path
 
-from dataclasses import dataclass
-from typing import Literal
-
 import yaml
 
-from factory.config import build, option, to_dict
+from factory.config import build, to_dict
 from factory.errors import FactoryError, Problem, RecipeError, error_lines
-
-TRAINING_RECORD = "training.json"  # written last: its presence means the adapter is complete
-
-
-@dataclass
-class TrainConfig:
-    """What every trainer takes: the version, the base model, the LoRA adapter, the schedule."""
-
-    dataset: str = option(help="A dataset version folder (out/<name>/v<N>).")
-    out: str = option(help="Where the adapter, training.json and checkpoints go.")
-    model: str = option("embedded", help="Base model: `embedded` (SmolLM2-135M-Instruct) or a local HF folder.")
-    init_adapter: str | None = option(None, help="Start from this LoRA adapter instead of a fresh one (e.g. the "
-                                                 "previous round's).")
-    lora_r: int = option(16, help="LoRA rank.", min=1)
-    lora_alpha: int = option(32, help="LoRA scaling numerator (the update is scaled by alpha / r).", min=1)
-    lora_dropout: float = option(0.05, help="Dropout on the LoRA path.", min=0.0, max=1.0)
-    target_modules: list[str] = option(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj",
-                                                                "gate_proj", "up_proj", "down_proj"],
-                                       help="Linear layers that get LoRA adapters.")
-    learning_rate: float = option(2e-4, help="Peak learning rate.", min=0.0)
-    epochs: float = option(1.0, help="Passes over the data (ignored when max_steps > 0).", min=0.0)
-    max_steps: int = option(-1, help="Optimizer steps; -1 trains for `epochs`.", min=-1)
-    batch_size: int = option(8, help="Examples per device step.", min=1)
-    grad_accum: int = option(1, help="Device steps per optimizer step.", min=1)
-    max_length: int = option(512, help="Longest example in tokens; longer ones are cut on the right.", min=8)
-    save_steps: int = option(10, help="Checkpoint every N optimizer steps (what a restart resumes from).", min=1)
-    logging_steps: int = option(1, help="Log the loss every N steps.", min=1)
-    seed: int = option(0, help="Seed for initialisation and data order.")
-    device: str = option("auto", help="`auto` (CUDA when available, else CPU), `cpu` or `cuda`.")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = option(
-        "auto", help="Training dtype; `auto` is float32 on CPU and bfloat16 on GPU.")
+from factory.training import TRAINING_RECORD, is_trained
 
 
 def _flags(cls, **kwargs):
@@ -137,10 +104,6 @@ def write_record(out: Path, record: dict) -> None:
     tmp = out / f".{TRAINING_RECORD}.tmp"
     tmp.write_text(json.dumps(record, indent=2, default=str) + "\n", encoding="utf-8")
     os.replace(tmp, out / TRAINING_RECORD)
-
-
-def is_trained(out: str | Path) -> bool:
-    return (Path(out) / TRAINING_RECORD).is_file()
 
 
 def begin_training(config, method: str) -> dict | None:

@@ -12,28 +12,12 @@ loaded. Checkpoints, resume and the ``training.json`` record work as in ``traine
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
-from factory.config import option
 from factory.errors import FactoryError
-from trainers.common import (TrainConfig, begin_training, lora_config, model_to_train, parse_config, run_main,
+from factory.training import DPOTrainConfig
+from trainers.common import (begin_training, lora_config, model_to_train, parse_config, run_main,
                              train_and_record, training_arguments)
-
-
-@dataclass
-class DPOTrainConfig(TrainConfig):
-    dataset: str = option(help="A dataset version folder with `prompt`, `chosen` and `rejected` columns.")
-    init_adapter: str | None = option(None, help="Start from this LoRA adapter (e.g. an SFT adapter) instead of "
-                                                 "a fresh one; the reference stays the base model.")
-    target_modules: list[str] = option(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
-                                       help="Linear layers that get LoRA adapters.")
-    learning_rate: float = option(5e-5, help="Peak learning rate.", min=0.0)
-    batch_size: int = option(4, help="Pairs per device step.", min=1)
-    max_length: int = option(512, help="Longest prompt + answer in tokens.", min=8)
-    beta: float = option(0.1, help="DPO temperature: how far the policy may move from the reference.", min=0.0)
-    loss_type: Literal["sigmoid", "ipo", "hinge"] = option("sigmoid", help="The DPO loss variant (TRL's names).")
 
 
 def preference_dataset(version_dir: str):

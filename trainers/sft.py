@@ -16,24 +16,12 @@ metrics) and ``checkpoints/``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
-from factory.config import option
 from factory.errors import FactoryError
-from trainers.common import (TrainConfig, begin_training, lora_config, model_to_train, parse_config, run_main,
+from factory.training import SFTConfig
+from trainers.common import (begin_training, lora_config, model_to_train, parse_config, run_main,
                              train_and_record, training_arguments)
-
-
-@dataclass
-class SFTConfig(TrainConfig):
-    dataset: str = option(help="A dataset version folder (out/<name>/v<N>) with a `messages` column.")
-    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = option(
-        "cosine", help="Learning-rate schedule.")
-    warmup_ratio: float = option(0.05, help="Share of steps spent warming up (below 1).", min=0.0, max=0.99)
-    weight_decay: float = option(0.0, help="AdamW weight decay.", min=0.0)
-    packing: bool = option(False, help="Concatenate examples into full blocks of max_length tokens.")
 
 
 def assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:

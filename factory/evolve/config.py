@@ -10,11 +10,10 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from filters.select import VERIFIERS
-from trainers.dpo import DPOTrainConfig
-from trainers.sft import SFTConfig
 
 from ..config import build, option
 from ..errors import Problem
+from ..training import TRAINERS
 
 
 @dataclass
@@ -111,7 +110,7 @@ def build_evolve(data, path: tuple, problems: list[Problem], llm) -> EvolveConfi
     config = build(EvolveConfig, data, path, problems)
     if config is None:
         return None
-    trainer = SFTConfig if config.method == "sft" else DPOTrainConfig
+    trainer = TRAINERS[config.method]
     reserved = {"dataset", "out", "model", "init_adapter"}
     for key in config.train:
         if key in reserved:

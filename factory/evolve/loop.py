@@ -35,23 +35,21 @@ import yaml
 
 from filters.consistency import Consistency
 from filters.select import Select
-from trainers.common import is_trained
-from trainers.evaluate import (accuracy, correct_bits, eval_references, gap_metrics, read_eval, round_samples,
-                               solve_step_for)
 
 from ..build import format_summary, run_recipe
 from ..cache import Cache
 from ..config import to_dict
 from ..driver import Driver
 from ..errors import FactoryError, Problem
-from ..llm import build_llm_config, create_backend, merge_llm
-from ..llm.requests import LLMClient
+from ..llm import build_llm_config, merge_llm
 from ..recipe import Recipe, load_recipe
 from ..report import write_report
-from ..steps.base import StepContext
 from ..steps.pairwise import Pairwise, PairwiseConfig
 from ..steps.solve import Solve, SolveConfig
+from ..training import is_trained
 from .config import EvolveConfig
+from .evaluate import (accuracy, correct_bits, eval_references, eval_step, gap_metrics, in_order, numbered, read_eval,
+                       round_samples)
 
 STATE = "evolve.json"
 
@@ -134,11 +132,17 @@ class Evolution:
             recipe = dataclasses.replace(recipe, source=dataclasses.replace(source, generator_config=config))
         return recipe
 
-    def client(self, adapter: str | None, llm=None) -> LLMClient:
-        """A client of the recipe's model (or ``llm``) with ``adapter``, caching in OUT/.cache."""
+    def llm(self, adapter: str | None, llm=None):
+        """The recipe's model (or ``llm``) with ``adapter``."""
         llm = llm or self.recipe.llm
-        backend = create_backend(dataclasses.replace(llm, adapter=adapter) if hasattr(llm, "adapter") else llm)
-        return LLMClient(backend, self.cache, seed=self.recipe.seed)
+        return dataclasses.replace(llm, adapter=adapter) if hasattr(llm, "adapter") else llm
+
+    def run_step(self, step, table: pl.DataFrame) -> pl.DataFrame:
+        """Every row of ``step`` run over ``table`` by the driver (the recipe's seed and failure
+        limit), kept or dropped, in ``table``'s order."""
+        header = self.recipe.header
+        return in_order(self.driver.run_steps([step], numbered(table), seed=self.recipe.seed,
+                                              batch_size=header.batch_size, max_failure_rate=header.max_failure_rate))
 
     def generate(self, r: int, adapter: str | None, parent: str | None) -> str:
         version, manifest, _ = run_recipe(self.round_recipe(r, adapter), self.out / "datasets", parent=parent,
@@ -173,27 +177,20 @@ class Evolution:
         if e.answer_column in table.columns:  # a reference without a value stops here, before any model loads
             eval_references(table, e.answer_column, self.solve.config.answer_format if e.method == "auto"
                             else e.method, e.name())
-        client = self.client(adapter)
-        try:
-            step = solve_step_for(True, "number", e.max_tokens, template_from=self.solve)
-            # Large chunks: the backend sorts each chunk by prompt length, so fewer chunks pad less.
-            result = accuracy(step, client, table, e.column, e.answer_column, e.method, batch_size=256,
-                              progress=self.progress, source=e.name())
-        finally:
-            client.backend.close()
+        step = eval_step(self.llm(adapter), max_tokens=e.max_tokens, template_from=self.solve)
+        # Large batches: the backend sorts each batch by prompt length, so fewer batches pad less.
+        result = accuracy(self.driver, step, table, e.column, e.answer_column, e.method, seed=self.recipe.seed,
+                          batch_size=256, max_failure_rate=self.recipe.header.max_failure_rate, source=e.name())
         cut = (f"; {result.truncated} answers cut at {step.config.max_tokens} tokens, counted wrong (raise "
                "evolve.eval.max_tokens)" if result.truncated else "")
         _log(f"eval accuracy {result.accuracy:.3f} ({result.correct}/{result.items}){cut}")
-        return {**result.summary(), "examples": result.results[:3], "correct_items": correct_bits(result)}
+        return {**result.summary(), "examples": result.results[:3], "correct_items": correct_bits(result),
+                "usage": usage_summary(result.usage)}
 
     def answers(self, tasks: pl.DataFrame, adapter: str | None) -> pl.Series:
-        """Greedy answers of the model with ``adapter`` to the win-rate tasks."""
-        client = self.client(adapter)
-        try:
-            step = Solve(SolveConfig(temperature=0.0, max_tokens=self.config.win_rate.max_tokens))
-            return step.process(tasks, StepContext(llm=client))["response"]
-        finally:
-            client.backend.close()
+        """Greedy answers of the model with ``adapter`` to the win-rate tasks (null where none came)."""
+        step = Solve(SolveConfig(temperature=0.0, max_tokens=self.config.win_rate.max_tokens))
+        return self.run_step(step.with_llm_config(self.llm(adapter)), tasks)["response"]
 
     def win_rate(self, adapter: str | None, previous: str | None) -> dict:
         w = self.config.win_rate
@@ -205,12 +202,8 @@ class Evolution:
         judge_llm = build_llm_config(merge_llm(base, w.judge), ("evolve", "win_rate", "judge"), problems)
         if problems:
             raise FactoryError(problems[0].format())
-        client = self.client(None, judge_llm)
-        try:
-            judge = Pairwise(PairwiseConfig(a_column="response", b_column="previous", reasoning=False))
-            verdicts = judge.process(table, StepContext(llm=client))
-        finally:
-            client.backend.close()
+        judge = Pairwise(PairwiseConfig(a_column="response", b_column="previous", reasoning=False))
+        verdicts = self.run_step(judge.with_llm_config(judge_llm), table)
         counts = {k: int((verdicts["winner"] == k).sum()) if "winner" in verdicts.columns else 0
                   for k in ("a", "b", "tie")}
         judged = sum(counts.values())
@@ -337,6 +330,13 @@ def _top_pass(gap: dict) -> float | None:
     """pass@k at the largest k measured."""
     passes = gap.get("pass_at_k") or {}
     return passes[max(passes, key=lambda k: int(k[5:]))] if passes else None
+
+
+def usage_summary(llm: dict | None) -> dict | None:
+    """What an eval asked of the model: conversations, how many came from the cache, tokens."""
+    if not llm:
+        return None
+    return {k: llm.get(k, 0) for k in ("conversations", "cached_conversations", "prompt_tokens", "completion_tokens")}
 
 
 def _training_summary(adapter: str) -> dict:

@@ -1,48 +1,40 @@
-"""Evaluation of a model (base + optional adapter): accuracy on a verifiable eval set, the
-"Mind the Gap" generation-verification figures of a round's samples, and win rates.
+"""Evaluation of a model: accuracy on a verifiable eval set, the "Mind the Gap" figures of a
+round's samples (J(f), J(f[w]) and the gap per verifier, pass@k, diversity), and the paired
+gain between two models.
 
-    python -m trainers.evaluate --eval data/eval/arithmetic.jsonl --adapter adapters/round-1 --limit 100
-
-Accuracy asks the model with the same prompt as a recipe's ``solve`` step (chain of thought,
+Every question goes to the model the way a recipe's steps do, through
+:meth:`factory.driver.Driver.run_steps`: the batch cache (a second eval of the same model on
+the same set asks it nothing), the failure stop, progress, usage and truncation counts, and
+one backend lifecycle. ``factory eval`` and the evolve loop (:mod:`factory.evolve.loop`) both
+come here. Accuracy asks with the prompt of a recipe's ``solve`` step (chain of thought,
 final-answer extraction) and checks each answer programmatically.
 """
 
 from __future__ import annotations
 
-import json
 import math
+import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import polars as pl
+import yaml
 
-from factory.answers import answer_key, answers_match, read_references
-from factory.config import option
-from factory.errors import FactoryError
-from factory.steps.base import DROP, RAW_REPLY, TRUNCATED, StepContext
-from factory.text import ngrams
 from filters.consistency import Consistency, ConsistencyConfig
-from trainers.common import parse_config, run_main
 
+from ..answers import answer_key, answers_match, read_references
+from ..config import to_dict
+from ..driver import Driver, RunResult
+from ..errors import FactoryError, Problem, RecipeError
+from ..llm import DEFAULT_LLM, build_llm_config, merge_llm
+from ..sources import build_source
+from ..steps.base import TRUNCATED, StepContext
+from ..steps.solve import Solve, SolveConfig
+from ..store import read_version
+from ..text import ngrams
 
-@dataclass
-class AccuracyConfig:
-    eval: str = option(help="An eval set (.jsonl/.parquet/...) with a question column and a reference answer.")
-    model: str = option("embedded", help="Base model: `embedded` or a local HF folder.")
-    adapter: str | None = option(None, help="A LoRA adapter on top of the base model.")
-    column: str = option("instruction", help="The question column.")
-    answer_column: str = option("answer", help="The reference answer column: a bare value or a worked solution "
-                                               "ending in `#### n`, `\\boxed{n}` or 'The answer is n'.")
-    limit: int | None = option(None, help="Evaluate the first N items only.", min=1)
-    cot: bool = option(True, help="Ask for step-by-step reasoning before the final answer.")
-    answer_format: Literal["number", "choice", "text"] = option("number", help="How final answers are extracted.")
-    method: Literal["auto", "exact", "numeric", "normalized", "choice"] = option("auto", help="How answers are "
-                                                                                           "compared.")
-    max_tokens: int = option(256, help="Most tokens per answer.", min=1)
-    batch_size: int = option(32, help="Sequences per forward pass.", min=1)
-    out: str | None = option(None, help="Write the per-item results here (JSON).")
+ITEM = "eval_item"  # the eval order of each question, carried through the run (kept and dropped rows come apart)
 
 
 @dataclass
@@ -53,6 +45,7 @@ class AccuracyResult:
     no_answer: int
     results: list[dict] = field(default_factory=list)
     truncated: int = 0  # answers cut at the token limit (counted wrong, and among no_answer)
+    usage: dict | None = None  # the eval's LLM usage, as a manifest's step has it (cached conversations too)
 
     def summary(self) -> dict:
         return {"accuracy": self.accuracy, "items": self.items, "correct": self.correct, "no_answer": self.no_answer,
@@ -66,9 +59,6 @@ def read_eval(spec: str | dict, base_dir: Path | None = None, limit: int | None 
     Raises:
         FactoryError: the file or dataset does not exist or has no rows.
     """
-    from factory.errors import Problem
-    from factory.sources import build_source
-
     data = dict(spec) if isinstance(spec, dict) else {"path": spec}
     if limit:
         data["limit"] = limit
@@ -95,62 +85,140 @@ def eval_references(table: pl.DataFrame, answer_column: str, kind: str, source: 
                            "fix it or remove the item")
 
 
-def accuracy(solve_step, client, table: pl.DataFrame, column: str, answer_column: str, method: str = "auto",
-             batch_size: int = 64, progress: bool = False, source: str | None = None) -> AccuracyResult:
-    """Answers every question with ``solve_step``'s prompt through ``client`` and checks them.
+def accuracy(driver: Driver, step: Solve, table: pl.DataFrame, column: str, answer_column: str,
+             method: str = "auto", *, seed: int = 0, batch_size: int = 64, max_failure_rate: float = 0.5,
+             source: str | None = None) -> AccuracyResult:
+    """Answers every question with ``step`` (a ``solve`` step with its ``llm_config`` set)
+    through ``driver`` and checks the answers against the references.
 
     References are read with the predictions' extraction (see :func:`eval_references`), all of
-    them before the model is asked anything; ``source`` names the eval file in errors.
-    A reply without a final answer counts as wrong (``no_answer``), never as skipped; so does
-    one cut at the token limit (``truncated``), even when a number came before the cut.
+    them before the model is asked anything; ``source`` names the eval file in errors. A reply
+    without a final answer counts as wrong (``no_answer``), never as skipped; so does one cut at
+    the token limit (``truncated``), even when a number came before the cut. More failed requests
+    than a recipe's ``max_failure_rate`` stop the eval (:class:`~factory.errors.BackendError`),
+    rather than count as wrong answers.
     """
-    import sys
-
-    from tqdm.auto import tqdm
-
     missing = [c for c in (column, answer_column) if c not in table.columns]
     if missing:
         raise FactoryError(f"the eval set has no column {', '.join(missing)} (it has {', '.join(table.columns)})")
-    kind = method if method != "auto" else solve_step.config.answer_format
-    table = table.with_columns(pl.Series(answer_column, eval_references(table, answer_column, kind, source),
-                                         dtype=pl.String))
-    ctx = StepContext(llm=client)
+    c = step.config
+    kind = method if method != "auto" else c.answer_format
+    table = numbered(table.with_columns(pl.Series(answer_column, eval_references(table, answer_column, kind, source),
+                                                  dtype=pl.String)))
+    if column != c.column:
+        table = table.rename({column: c.column})
+    run = driver.run_steps([step], table, seed=seed, batch_size=batch_size, max_failure_rate=max_failure_rate)
     results = []
-    bar = tqdm(total=table.height, desc="eval", unit="item", file=sys.stderr, disable=not progress,
-               dynamic_ncols=True, mininterval=0.5)
-    for offset in range(0, table.height, batch_size):
-        batch = table.slice(offset, batch_size).rename({column: solve_step.config.column}) \
-            if column != solve_step.config.column else table.slice(offset, batch_size)
-        out = solve_step.process(batch, ctx)
-        for row in out.to_dicts():
-            prediction = row.get(solve_step.config.prediction_column) if row.get(DROP) is None else None
-            reference = row[answer_column]
-            results.append({"question": row[solve_step.config.column], "reference": reference,
-                            "prediction": prediction, "response": row.get(solve_step.config.output_column)
-                            or row.get(RAW_REPLY), "correct": answers_match(prediction, reference, method),
-                            "truncated": row.get(DROP) == TRUNCATED})
-        bar.update(batch.height)
-        bar.set_postfix_str(f"accuracy {sum(r['correct'] for r in results) / len(results):.3f}", refresh=False)
-    bar.close()
+    for row in in_order(run).iter_rows(named=True):
+        prediction = row.get(c.prediction_column) if row.get("drop_reason") is None else None
+        reference = row[answer_column]
+        results.append({"question": row[c.column], "reference": reference, "prediction": prediction,
+                        "response": row.get(c.output_column) or row.get("raw_reply"),
+                        "correct": answers_match(prediction, reference, method),
+                        "truncated": row.get("drop_reason") == TRUNCATED})
     correct = sum(r["correct"] for r in results)
     no_answer = sum(r["prediction"] is None for r in results)
     return AccuracyResult(round(correct / len(results), 4) if results else 0.0, len(results), correct, no_answer,
-                          results, sum(r["truncated"] for r in results))
+                          results, sum(r["truncated"] for r in results), usage=run.steps[0].llm)
 
 
-def solve_step_for(cot: bool, answer_format: str, max_tokens: int | None, template_from=None):
-    """A greedy ``solve`` step for evaluation, with a training recipe's prompt when given
-    (and that step's token limit when ``max_tokens`` is None)."""
-    from factory.steps.solve import Solve, SolveConfig
+def numbered(table: pl.DataFrame) -> pl.DataFrame:
+    """``table`` with each row's place in column :data:`ITEM`, so that :func:`in_order` can put
+    the rows a run keeps and those it drops back in order."""
+    return table.with_columns(pl.int_range(table.height, dtype=pl.Int64).alias(ITEM))
 
+
+def in_order(run: RunResult) -> pl.DataFrame:
+    """Every row of a run over a :func:`numbered` table, kept (``drop_reason`` null) or dropped,
+    in the table's order."""
+    return pl.concat([run.table, run.rejected], how="diagonal_relaxed").sort(ITEM)
+
+
+def eval_step(llm_config, cot: bool = True, answer_format: str = "number", max_tokens: int | None = None,
+              template_from: Solve | None = None) -> Solve:
+    """A greedy ``solve`` step that asks the model of ``llm_config``, with a training recipe's
+    prompt when given (and that step's token limit when ``max_tokens`` is None)."""
     if template_from is not None:
         c = template_from.config
         config = SolveConfig(template=c.template, system=c.system, column=c.column, input_column=c.input_column,
                              cot=c.cot, answer_format=c.answer_format, max_tokens=max_tokens or c.max_tokens,
                              temperature=0.0, top_p=1.0, samples=1)
-        return Solve(config, base_dir=template_from.base_dir)
-    return Solve(SolveConfig(cot=cot, answer_format=answer_format, max_tokens=max_tokens, temperature=0.0,
-                             top_p=1.0, samples=1))
+        step = Solve(config, base_dir=template_from.base_dir)
+    else:
+        step = Solve(SolveConfig(cot=cot, answer_format=answer_format, temperature=0.0, top_p=1.0, samples=1,
+                                 **({"max_tokens": max_tokens} if max_tokens else {})))
+    return step.with_llm_config(llm_config)
+
+
+@dataclass
+class EvalRequest:
+    """What ``factory eval`` is asked (its command-line options): the eval set, the model, the prompt."""
+
+    spec: str  # a file, or a Hub dataset ORG/NAME
+    config: str | None = None
+    split: str | None = None
+    llm: str | None = None  # an ``llm:`` mapping as YAML text
+    model: str | None = None
+    adapter: str | None = None
+    column: str = "instruction"
+    answer_column: str = "answer"
+    limit: int | None = None
+    cot: bool = True
+    answer_format: str = "number"
+    method: str = "auto"
+    max_tokens: int | None = None
+    batch_size: int = 64
+
+    def source(self) -> dict:
+        """The eval set in the form ``source:`` takes: an existing path, or a Hub dataset id."""
+        hub = not Path(self.spec).exists() and HUB_ID.fullmatch(self.spec) and not Path(self.spec).suffix
+        data = {"hub": self.spec, "config": self.config} if hub else {"path": self.spec}
+        return {**data, **({"split": self.split} if self.split else {})}
+
+    def llm_config(self, base: dict):
+        """The validated llm config: ``base`` (a recipe's ``llm``) with ``--llm`` merged over it, then
+        ``--model`` and ``--adapter``."""
+        extra = None
+        if self.llm:
+            try:
+                extra = yaml.safe_load(self.llm)
+            except yaml.YAMLError as err:
+                raise FactoryError(f"--llm: not YAML ({err}); write a mapping such as '{{backend: openai, "
+                                   "model: m}'") from None
+        data = merge_llm(base, extra)
+        data.update({k: v for k, v in (("model", self.model), ("adapter", self.adapter)) if v})
+        problems: list[Problem] = []
+        config = build_llm_config(data, ("llm",), problems)
+        for problem in problems:
+            problem.file = "the eval's model (--llm, --model, --adapter)"
+        if problems:
+            raise RecipeError(problems)
+        return config
+
+
+HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
+
+
+def evaluate_model(driver: Driver, request: EvalRequest, recipe=None) -> AccuracyResult:
+    """Accuracy of the model ``request`` names (over ``recipe``'s llm and with the prompt of its
+    first ``solve`` step, when given) on its eval set: what ``factory eval`` prints.
+
+    Raises:
+        FactoryError: the eval set, the model or the recipe cannot be used (says which and why).
+    """
+    template_from = None
+    if recipe is not None:
+        template_from = next((step for step in recipe.steps if isinstance(step, Solve)), None)
+        if template_from is None:
+            raise FactoryError(f"{recipe.file}: --recipe gives the eval its `solve` prompt, and the recipe has no "
+                               "`solve` step; add one, or leave --recipe out")
+    llm = request.llm_config(to_dict(recipe.llm) if recipe is not None else dict(DEFAULT_LLM))
+    table = read_eval(request.source(), recipe.base_dir if recipe is not None else None, request.limit)
+    step = eval_step(llm, request.cot, request.answer_format, request.max_tokens, template_from)
+    header = recipe.header if recipe is not None else None
+    return accuracy(driver, step, table, request.column, request.answer_column, request.method,
+                    seed=recipe.seed if recipe is not None else 0, batch_size=request.batch_size,
+                    max_failure_rate=header.max_failure_rate if header else 0.5, source=request.spec)
 
 
 def correct_bits(result: AccuracyResult) -> str:
@@ -201,8 +269,6 @@ def round_samples(version_dir: str | Path, solve_index: int) -> pl.DataFrame:
     """Every sample the round's ``solve`` step (``steps[solve_index]``) produced, kept or
     dropped later. Samples dropped by ``solve`` itself (no final answer) count as wrong answers.
     """
-    from factory.store import read_version
-
     kept = read_version(version_dir)
     rejected = read_version(version_dir, "rejected")
     steps_after = rejected.filter(pl.col("drop_step") != "source") if rejected.height else rejected
@@ -278,24 +344,3 @@ def _indices_by(rows: list[dict], column: str) -> dict:
     for i, r in enumerate(rows):
         groups[r[column]].append(i)
     return groups
-
-
-def main(argv: list[str] | None = None) -> dict:
-    from factory.llm import TransformersBackend, TransformersConfig
-    from factory.llm.requests import LLMClient
-
-    config = parse_config(AccuracyConfig, argv, "Accuracy of a model (+ adapter) on a verifiable eval set.",
-                          prog="python -m trainers.evaluate")
-    table = read_eval(config.eval, limit=config.limit)
-    backend = TransformersBackend(TransformersConfig(model=config.model, adapter=config.adapter,
-                                                     batch_size=config.batch_size))
-    result = accuracy(solve_step_for(config.cot, config.answer_format, config.max_tokens), LLMClient(backend),
-                      table, config.column, config.answer_column, config.method, progress=True, source=config.eval)
-    print(json.dumps(result.summary()))
-    if config.out:
-        Path(config.out).write_text(json.dumps({**result.summary(), "results": result.results}, indent=1) + "\n")
-    return result.summary()
-
-
-if __name__ == "__main__":
-    raise SystemExit(run_main(main))
