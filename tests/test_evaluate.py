@@ -51,11 +51,11 @@ def test_a_second_eval_of_the_same_model_on_the_same_set_asks_the_model_nothing(
     first = evaluate_model(counting_driver(Cache(tmp_path)), request)
     assert sum(b.asked for b in Counting.made) == 12
     assert (first.items, first.correct) == (12, 1)  # item 0 (Tariq, 330) alone is answered right
-    assert first.usage["conversations"] == 12 and first.usage["cached_conversations"] == 0
+    assert first.usage["conversations"] == 12 and first.usage["cached_batches"] == 0
 
     again = evaluate_model(counting_driver(Cache(tmp_path)), request)
     assert sum(b.asked for b in Counting.made) == 0
-    assert again.results == first.results
+    assert again.results == first.results and again.usage["cached_batches"] == again.usage["batches"] == 1
 
     evaluate_model(counting_driver(Cache(tmp_path)), EvalRequest(spec=str(EVAL), llm=LLM, limit=12,
                                                            max_tokens=32))

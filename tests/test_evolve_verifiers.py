@@ -143,6 +143,10 @@ def test_compare_runs_one_loop_per_verifier_and_draws_them(tiny_model_dir, tmp_p
     # Same base model, same tasks: the second run's round 0 and round 1 samples came from the shared cache.
     assert states["majority"]["rounds"][0]["eval"]["correct_items"] == \
         states["programmatic"]["rounds"][0]["eval"]["correct_items"]
+    # The eval runs through the driver like a recipe: the second run's round 0 asked the model nothing.
+    first, second = (states[v]["rounds"][0]["eval"]["usage"] for v in ("programmatic", "majority"))
+    assert first["conversations"] == 4 and first["cached_batches"] == 0
+    assert second["conversations"] == 0 and second["cached_batches"] == second["batches"] == 1
     second = json.loads((Path(states["majority"]["rounds"][1]["version"]) / "manifest.json").read_text())
     solve = next(s for s in second["steps"] if s["name"] == "solve")
     assert solve["cached_batches"] == solve["batches"] and solve["llm"]["calls"] == 0

@@ -45,7 +45,7 @@ class AccuracyResult:
     no_answer: int
     results: list[dict] = field(default_factory=list)
     truncated: int = 0  # answers cut at the token limit (counted wrong, and among no_answer)
-    usage: dict | None = None  # the eval's LLM usage, as a manifest's step has it (cached conversations too)
+    usage: dict | None = None  # what the eval asked of the model (see :func:`usage_of`)
 
     def summary(self) -> dict:
         return {"accuracy": self.accuracy, "items": self.items, "correct": self.correct, "no_answer": self.no_answer,
@@ -119,7 +119,17 @@ def accuracy(driver: Driver, step: Solve, table: pl.DataFrame, column: str, answ
     correct = sum(r["correct"] for r in results)
     no_answer = sum(r["prediction"] is None for r in results)
     return AccuracyResult(round(correct / len(results), 4) if results else 0.0, len(results), correct, no_answer,
-                          results, sum(r["truncated"] for r in results), usage=run.steps[0].llm)
+                          results, sum(r["truncated"] for r in results), usage=usage_of(run))
+
+
+def usage_of(run: RunResult) -> dict:
+    """What a one-step run asked of its model: batches (and how many came whole from the cache),
+    conversations sent (and how many of those the reply cache answered), tokens."""
+    stats = run.steps[0]
+    llm = stats.llm or {}
+    return {"batches": stats.batches, "cached_batches": stats.cached_batches,
+            **{k: llm.get(k, 0) for k in ("conversations", "cached_conversations", "prompt_tokens",
+                                          "completion_tokens")}}
 
 
 def numbered(table: pl.DataFrame) -> pl.DataFrame:

@@ -185,7 +185,7 @@ class Evolution:
                "evolve.eval.max_tokens)" if result.truncated else "")
         _log(f"eval accuracy {result.accuracy:.3f} ({result.correct}/{result.items}){cut}")
         return {**result.summary(), "examples": result.results[:3], "correct_items": correct_bits(result),
-                "usage": usage_summary(result.usage)}
+                "usage": result.usage}
 
     def answers(self, tasks: pl.DataFrame, adapter: str | None) -> pl.Series:
         """Greedy answers of the model with ``adapter`` to the win-rate tasks (null where none came)."""
@@ -330,13 +330,6 @@ def _top_pass(gap: dict) -> float | None:
     """pass@k at the largest k measured."""
     passes = gap.get("pass_at_k") or {}
     return passes[max(passes, key=lambda k: int(k[5:]))] if passes else None
-
-
-def usage_summary(llm: dict | None) -> dict | None:
-    """What an eval asked of the model: conversations, how many came from the cache, tokens."""
-    if not llm:
-        return None
-    return {k: llm.get(k, 0) for k in ("conversations", "cached_conversations", "prompt_tokens", "completion_tokens")}
 
 
 def _training_summary(adapter: str) -> dict:
