@@ -27,7 +27,8 @@ from factory.recipe import load_recipe, recipe_from_text
 from factory.steps.backtranslation.instructions import clean_instruction
 from factory.steps.backtranslation.segments import split_segments
 from factory.steps.backtranslation.self_curate import split_rating
-from factory.steps.base import DROP, DROP_DETAIL, RAW_REPLY, StepContext
+from factory.steps.context import StepContext
+from factory.steps.drops import DROP, DROP_DETAIL, RAW_REPLY
 from factory.store import read_version
 
 from .conftest import ROOT

@@ -16,7 +16,8 @@ from factory.errors import ParseError, RecipeError
 from factory.llm import ScriptedBackend, ScriptedConfig
 from factory.llm.requests import LLMClient
 from factory.recipe import load_recipe
-from factory.steps.base import DROP, DROP_DETAIL, StepContext
+from factory.steps.context import StepContext
+from factory.steps.drops import DROP, DROP_DETAIL
 from factory.steps.evol_instruct import (BREADTH_PREFILL, DEPTH_OPERATIONS, DEPTH_PREFILL, EQUALITY_PREFILL,
                                          OPERATIONS, EvolInstruct, EvolInstructConfig, clean_instruction)
 from factory.steps.evol_rules import is_apologetic, is_empty_response, parse_equality

@@ -23,7 +23,8 @@ from factory.llm.requests import LLMClient
 from factory.llm.schema import schema_text
 from factory.recipe import load_recipe
 from factory.steps.backtranslation.self_curate import SelfCurate, SelfCurateConfig, rating_reply
-from factory.steps.base import DROP, DROP_DETAIL, RAW_REPLY, TRUNCATED, LLMStep, StepContext
+from factory.steps.context import StepContext
+from factory.steps.drops import DROP, DROP_DETAIL, RAW_REPLY, TRUNCATED
 from factory.steps.evol_instruct import EvolInstruct, EvolInstructConfig
 from factory.steps.evol_rules import EQUALITY_SCHEMA
 from factory.steps.grounded.context import format_context
@@ -31,6 +32,7 @@ from factory.steps.grounded.grounded_questions import (GroundedQuestions, Ground
                                                        question_schema)
 from factory.steps.grounded.groundedness import Groundedness, GroundednessConfig
 from factory.steps.judge import Judge, JudgeConfig, judgement_schema
+from factory.steps.llm_step import LLMStep
 from factory.steps.pairwise import Pairwise, PairwiseConfig, winner_schema
 from factory.steps.preference_pairs import PreferencePairs, PreferencePairsConfig
 

@@ -16,8 +16,8 @@ from factory.llm.base import GenerationParams, Request
 from factory.llm.requests import LLMClient
 from factory.llm.transformers_backend import TransformersBackend, TransformersConfig
 from factory.recipe import load_recipe
+from factory.steps.context import StepContext
 from factory.steps.solve import Solve, SolveConfig
-from factory.steps.base import StepContext
 from factory.store import read_version
 from trainers.evaluate import accuracy
 

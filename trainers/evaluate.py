@@ -21,7 +21,8 @@ import polars as pl
 from factory.answers import answer_key, answers_match, read_references
 from factory.config import option
 from factory.errors import FactoryError
-from factory.steps.base import DROP, RAW_REPLY, TRUNCATED, StepContext
+from factory.steps.context import StepContext
+from factory.steps.drops import DROP, RAW_REPLY, TRUNCATED
 from factory.text import ngrams
 from filters.consistency import Consistency, ConsistencyConfig
 from trainers.common import parse_config, run_main

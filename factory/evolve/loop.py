@@ -48,7 +48,7 @@ from ..llm import build_llm_config, create_backend, merge_llm
 from ..llm.requests import LLMClient
 from ..recipe import Recipe, load_recipe
 from ..report import write_report
-from ..steps.base import StepContext
+from ..steps.context import StepContext
 from ..steps.pairwise import Pairwise, PairwiseConfig
 from ..steps.solve import Solve, SolveConfig
 from .config import EvolveConfig

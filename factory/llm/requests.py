@@ -22,7 +22,7 @@ A step says what to ask and how to read the answer; :class:`LLMClient` does the 
   the whole pool go through the same path as a one-request-per-row step.
 
 Turning a failed request or an unreadable reply into a dropped row is the step base's
-part (:meth:`factory.steps.base.LLMStep.rows_from_completion`), the same for every step.
+part (:func:`factory.steps.truncation.rows_from_completion`), the same for every step.
 """
 
 from __future__ import annotations

@@ -35,10 +35,13 @@ from ..config import option, suggest
 from ..errors import FactoryError, ParseError
 from ..llm.base import Completion, GenerationParams, Request
 from ..text import has_text
-from .base import (DROP, DROP_DETAIL, RAW_REPLY, InvalidRow, LLMStep, LLMStepConfig, StepContext, dropped,
-                   json_params, rows_to_frame)
+from .context import StepContext
+from .drops import DROP, DROP_DETAIL, RAW_REPLY, InvalidRow, dropped, rows_to_frame
 from .evol_rules import (DEFAULT_LEAK_PHRASES, EQUALITY_SCHEMA, RULES, Elimination, Rule, parse_equality, prompt_runs,
                          read_equality)
+from .json_replies import json_params
+from .llm_step import LLMStep, LLMStepConfig
+from .truncation import continuations
 
 # What the depth template asks for, per operation (the template's `instruction` variable).
 DEPTH_OPERATIONS = {
@@ -291,7 +294,7 @@ class EvolPrompts:
         c = self.step.config
         return Request(self.step.messages(task), GenerationParams(temperature=c.response_temperature, top_p=c.top_p,
                                                                   max_tokens=c.response_max_tokens,
-                                                                  continuations=self.step.continuations))
+                                                                  continuations=continuations(c)))
 
     def leak_runs(self, operation: str) -> set[tuple[str, ...]]:
         """The word runs of ``operation``'s evolving prompt, worked out once per operation."""

@@ -10,7 +10,8 @@ from typing import Literal
 from ..config import option
 from ..errors import ParseError
 from ..llm.schema import read_reply
-from .base import AnswerStepConfig, LLMStep, json_params, reasoning_first, verdict_only
+from .json_replies import json_params, reasoning_first, verdict_only
+from .llm_step import AnswerStepConfig, LLMStep
 
 DEFAULT_RUBRIC = (
     "A top score means correct, complete and helpful. A middle score means partly correct or missing "

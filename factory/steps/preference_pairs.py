@@ -9,7 +9,8 @@ import polars as pl
 
 from ..config import option
 from ..text import has_text
-from .base import DROP, LLMStep, TaskStepConfig, dropped, rows_to_frame
+from .drops import DROP, dropped, rows_to_frame
+from .llm_step import LLMStep, TaskStepConfig
 from .pairwise import compare, judged_row
 
 PAIR_COLUMNS = ("prompt", "chosen", "rejected", "chosen_score", "rejected_score")

@@ -13,8 +13,9 @@ from dataclasses import dataclass, field
 
 from ..config import option
 from ..llm.base import Request
-from .base import AnswerStepConfig, InvalidRow, LLMStep, dropped
+from .drops import InvalidRow, dropped
 from .feedback import Feedback, FeedbackConfig, verdict_of
+from .llm_step import AnswerStepConfig, LLMStep
 from .refine import Refine, RefineConfig
 
 

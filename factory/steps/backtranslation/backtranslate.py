@@ -9,7 +9,7 @@ from ...config import option
 from ...errors import FactoryError, ParseError
 from ...llm.base import fingerprint
 from ...text import normalize
-from ..base import LLMStep, LLMStepConfig
+from ..llm_step import LLMStep, LLMStepConfig
 from .examples import choose_examples, load_examples, next_generation
 from .instructions import clean_instruction
 from .segments import split_segments

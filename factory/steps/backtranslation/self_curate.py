@@ -9,8 +9,10 @@ from dataclasses import dataclass
 from ...config import option
 from ...llm.base import Completion, Conversation, Request
 from ...llm.schema import read_reply
-from ..base import LLMStep, LLMStepConfig, dropped, json_params, reasoning_first
+from ..drops import dropped
+from ..json_replies import json_params, reasoning_first
 from ..judge import parse_score
+from ..llm_step import LLMStep, LLMStepConfig
 
 _SCORE_LABEL = re.compile(r"[*_#\s]*\b(?:final\s+)?(?:score|rating)\s*(?:is|of|[:=])", re.I)
 _REASONING_LABEL = re.compile(r"^[*_]*(?:reasoning|explanation|rationale)[*_]*\s*:[*_]*\s*", re.I)

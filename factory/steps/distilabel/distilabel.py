@@ -10,7 +10,8 @@ from typing import Any
 from ...config import option
 from ...errors import FactoryError
 from ...llm.base import fingerprint
-from ..base import InvalidRow, LLMStep, LLMStepConfig, dropped, rows_to_frame
+from ..drops import InvalidRow, dropped, rows_to_frame
+from ..llm_step import LLMStep, LLMStepConfig
 from . import tasks as lib
 
 

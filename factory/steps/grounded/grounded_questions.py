@@ -13,8 +13,10 @@ from ...errors import ParseError
 from ...llm.base import Request
 from ...llm.schema import read_reply
 from ...text import normalize
-from ..base import (DROP, InvalidRow, LLMStep, LLMStepConfig, StepContext, dropped, json_object, json_params,
-                    rows_to_frame, text_field)
+from ..context import StepContext
+from ..drops import DROP, InvalidRow, dropped, rows_to_frame
+from ..json_replies import json_object, json_params, text_field
+from ..llm_step import LLMStep, LLMStepConfig
 from .context import format_context
 
 QUESTION_TYPES = ("factual", "reasoning", "multi_hop")

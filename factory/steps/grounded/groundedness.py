@@ -8,7 +8,9 @@ from dataclasses import dataclass
 from ...config import option
 from ...errors import ParseError
 from ...llm.schema import read_reply
-from ..base import InvalidRow, LLMStep, LLMStepConfig, dropped, json_params, reasoning_first, verdict_only
+from ..drops import InvalidRow, dropped
+from ..json_replies import json_params, reasoning_first, verdict_only
+from ..llm_step import LLMStep, LLMStepConfig
 from .context import passage_list, passages_in
 
 
