@@ -294,7 +294,8 @@ class EvolPrompts:
         c = self.step.config
         return Request(self.step.messages(task), GenerationParams(temperature=c.response_temperature, top_p=c.top_p,
                                                                   max_tokens=c.response_max_tokens,
-                                                                  continuations=continuations(c)))
+                                                                  continuations=continuations(c),
+                                                                  max_tokens_option="response_max_tokens"))
 
     def leak_runs(self, operation: str) -> set[tuple[str, ...]]:
         """The word runs of ``operation``'s evolving prompt, worked out once per operation."""

@@ -199,7 +199,7 @@ class SelfInstruct(LLMStep):
         examples = [{"task": row[c.column], "input": row.get("input") or "", "output": row["output"]} for row in shown]
         params = GenerationParams(n=c.instances, temperature=c.temperature, top_p=c.top_p,
                                   max_tokens=c.instance_max_tokens, stop=INSTANCE_STOP,
-                                  continuations=continuations(c))
+                                  continuations=continuations(c), max_tokens_option="instance_max_tokens")
         return Request(self.messages(self.render({}, "instance_template", task=task, examples=examples),
                                      prefill="Input:"), params)
 

@@ -4,7 +4,7 @@ A step's ``on_truncation`` says what becomes of a reply cut at ``max_tokens`` (o
 option's limit, such as ``feedback_max_tokens``): ``drop`` its row as ``truncated`` (a step
 that reads a verdict keeps one read before the cut), ``keep`` it (marked in a ``truncated``
 column), or ``continue`` it (:func:`continuations`; the LLM path asks the model to go on).
-The LLM client counts the replies cut per limit (:attr:`factory.llm.requests.LLMClient.truncation`);
+The LLM client counts the replies cut per limit option (:attr:`factory.llm.requests.LLMClient.truncation`);
 :func:`truncation_facts` turns those counts and the rows kept or dropped into the manifest's
 ``truncation`` and a hint that names the option to raise.
 
@@ -13,8 +13,6 @@ of the same names call them.
 """
 
 from __future__ import annotations
-
-import dataclasses
 
 import polars as pl
 
@@ -107,32 +105,29 @@ def note_kept_cut(stats, count: int) -> None:
 
 
 def truncation_facts(step, stats) -> dict | None:
-    """What the step's replies cut at ``max_tokens`` came to (None when none was cut), from the
+    """What the step's replies cut at a token limit came to (None when none was cut), from the
     counts in ``stats.report`` (a :class:`~factory.driver.StepStats`):
 
-    ``cut`` replies of ``replies`` ended at a token limit (``limits``: how many at which),
-    ``dropped`` of them went as ``truncated``, ``kept`` stayed (``on_truncation: keep``, or a
-    score or verdict read before the cut; the others went for another reason), ``continued``
-    continuations were asked for; with a ``hint`` that names the option to raise when rows
-    were lost."""
+    ``cut`` replies of ``replies`` ended at a token limit (``limits``: how many per option that set
+    it, such as ``{"max_tokens": 3}``), ``dropped`` of them went as ``truncated``, ``kept`` stayed
+    (``on_truncation: keep``, or a score or verdict read before the cut; the others went for
+    another reason), ``continued`` continuations were asked for; with a ``hint`` that names the
+    option to raise (the one most replies were cut at) when rows were lost."""
     counted = stats.report.pop("truncation", None)
     if not counted or not (counted.get("cut") or counted.get("continued")):
         return None
     c = step.config
     lost = stats.dropped.get(TRUNCATED, 0)
+    limits: dict[str, int] = {}
+    for name, count in counted.get("limits", {}).items():
+        # A batch report cached before limits were counted by option holds the limit's value instead.
+        name = name if hasattr(c, name) else "max_tokens"
+        limits[name] = limits.get(name, 0) + count
     facts = {"replies": counted.get("replies", 0), "cut": counted["cut"], "dropped": lost,
-             "kept": counted.get("kept", 0), "limits": counted.get("limits", {}),
+             "kept": counted.get("kept", 0), "limits": limits,
              "continued": counted.get("continued", 0), "on_truncation": c.on_truncation}
     if lost or (facts["kept"] and c.on_truncation == "keep"):
-        facts["hint"] = (f"raise {_limit_option(c, facts['limits'])} on {stats.label}"
+        name = max(limits, key=limits.get) if limits else "max_tokens"
+        facts["hint"] = (f"raise {name} (now {getattr(c, name)}) on {stats.label}"
                          + ("" if c.on_truncation == "continue" else " or set on_truncation: continue"))
     return facts
-
-
-def _limit_option(config, limits: dict) -> str:
-    """The option (and its value) that set the token limit most replies were cut at: a step
-    may have several (``max_tokens``, ``feedback_max_tokens``, ``response_max_tokens``...)."""
-    top = max(limits, key=limits.get) if limits else None
-    names = [f.name for f in dataclasses.fields(config) if f.name.endswith("max_tokens")]
-    name = next((n for n in names if str(getattr(config, n)) == top), "max_tokens")
-    return f"{name} (now {getattr(config, name)})"
