@@ -335,9 +335,9 @@ class Driver:
     def _step_key(self, step, session: LLMSession | None) -> str:
         # A step that asks for JSON where the backend enforces a schema (and prefills otherwise)
         # computes something else on each: the backend's capability is part of its identity.
-        structured = session.enforces_schema if session and getattr(step, "structured_output", False) else None
+        enforced = session.enforces_schema if session and getattr(step, "reads_fields", False) else None
         return fingerprint([step.fingerprint(), session.model_id if session else None]
-                           + ([structured] if structured is not None else []))
+                           + ([enforced] if enforced is not None else []))
 
     def _bar(self, step, total: int | None):
         from tqdm.auto import tqdm

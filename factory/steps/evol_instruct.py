@@ -208,7 +208,7 @@ class EvolInstruct(LLMStep):
 
     name = "evol_instruct"
     kind = "global"
-    structured_output = True  # the equality check asks for {"equal": bool} where the backend enforces JSON
+    reads_fields = True  # the equality check asks for {"equal": bool} where the backend enforces JSON
     Config = EvolInstructConfig
     templates = {"depth_template": "evol_depth", "breadth_template": "evol_breadth",
                  "equality_template": "evol_equal"}
@@ -288,7 +288,7 @@ class EvolPrompts:
     def equality(self, cand: dict) -> Request:
         prompt = self.step.render({}, "equality_template", first=cand["parent"], second=cand[self.step.config.column])
         return Request(self.step.conversation(prompt, EQUALITY_SCHEMA, EQUALITY_PREFILL),
-                       EQUALITY_JSON_PARAMS if self.step.structured else EQUALITY_PARAMS)
+                       EQUALITY_JSON_PARAMS if self.step.asks_json else EQUALITY_PARAMS)
 
     def answer(self, task: str) -> Request:
         c = self.step.config
@@ -315,7 +315,7 @@ class EvolRun:
         self.rng = random.Random(f"{step.seed}:{step.index}")
         self.rules = Elimination(set(c.eliminate), c.column, c.response_column, c.leak_phrases,
                                  functools.partial(step.cut_dropped, option="response_max_tokens"),
-                                 read_equality if step.structured else parse_equality)
+                                 read_equality if step.asks_json else parse_equality)
 
     def generations(self, parents: list[str]):
         """The kept and the dropped candidates of every generation."""

@@ -74,8 +74,8 @@ class LLMStep(TemplatedStep):
     lists of requests and receives their completions (:meth:`plan` and :meth:`read` are the
     default's two halves). The step never calls the model itself.
 
-    A step that reads a score, a verdict, a list or fields sets :attr:`structured_output`: where the
-    backend holds replies to a JSON Schema while decoding it runs as a copy with :attr:`structured`
+    A step that reads a score, a verdict, a list or fields sets :attr:`reads_fields`: where the
+    backend holds replies to a JSON Schema while decoding it runs as a copy with :attr:`asks_json`
     set (:meth:`for_client`), which asks for JSON (:meth:`conversation`, no prefill;
     :func:`~factory.steps.json_replies.json_params`) and reads it with
     :func:`~factory.llm.schema.read_reply`; elsewhere it prefills and parses text. Its output
@@ -88,7 +88,7 @@ class LLMStep(TemplatedStep):
     # The parse reads a verdict or a score and the rest of the reply is reasoning: a reply cut
     # after the verdict is still read (and counted as kept in the manifest's truncation).
     reads_verdict: ClassVar[bool] = False
-    structured_output: ClassVar[bool] = False  # the step reads a score, a verdict, a list or fields (see above)
+    reads_fields: ClassVar[bool] = False  # the step reads a score, a verdict, a list or fields (see above)
 
     def __init__(self, config, **kwargs):
         super().__init__(config, **kwargs)
@@ -102,12 +102,12 @@ class LLMStep(TemplatedStep):
 
     def for_client(self, llm) -> "LLMStep":
         """The step as it asks ``llm`` (an :class:`~factory.llm.requests.LLMClient`): a copy with
-        :attr:`structured` set when the step reads fields and the backend enforces JSON Schemas,
+        :attr:`asks_json` set when the step reads fields and the backend enforces JSON Schemas,
         else the step itself (never set on the step itself, which holds no state between runs)."""
-        if not self.structured_output or self.structured or not getattr(llm, "enforces_schema", False):
+        if not self.reads_fields or self.asks_json or not getattr(llm, "enforces_schema", False):
             return self
         step = copy.copy(self)  # without cached templates (see Step.__getstate__)
-        step.structured = True
+        step.asks_json = True
         return step
 
     # -- what subclasses override -------------------------------------------------------

@@ -66,10 +66,10 @@ def compare(step: LLMStep, pairs: list[tuple[str, str, str, str]], both_orders: 
     """Judges ``(task, input, a, b)`` pairs with ``step``'s prompt (its config has ``reasoning``):
     an exchange that returns ``(verdict or None, replies, (reason, detail) or None)`` per pair.
 
-    A ``structured`` step (its backend enforces JSON Schemas) asks for ``{"reasoning", "winner"}``
+    A step that asks for JSON (``asks_json``: its backend enforces schemas) asks for ``{"reasoning", "winner"}``
     JSON; else the verdict alone is started with "Winner:" and every reply is read as text."""
     reasoning = step.config.reasoning
-    schema = winner_schema(reasoning, step.config.max_tokens) if step.structured else None
+    schema = winner_schema(reasoning, step.config.max_tokens) if step.asks_json else None
     prefill = None if reasoning or schema is not None else "Winner:"
     params = json_params(step.generation_params(), schema, verdict=not reasoning) if schema is not None \
         else step.generation_params() if reasoning else verdict_only(step.generation_params())
@@ -133,7 +133,7 @@ class Pairwise(LLMStep):
     """
 
     name = "pairwise"
-    structured_output = True
+    reads_fields = True
     Config = PairwiseConfig
     templates = {"template": "pairwise"}
 

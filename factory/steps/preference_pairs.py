@@ -48,7 +48,7 @@ class PreferencePairs(LLMStep):
 
     name = "preference_pairs"
     kind = "global"
-    structured_output = True  # its pairwise judgements ask for JSON where the backend enforces it
+    reads_fields = True  # its pairwise judgements ask for JSON where the backend enforces it
     Config = PreferencePairsConfig
     templates = {"template": "pairwise"}
 

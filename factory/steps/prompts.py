@@ -63,7 +63,7 @@ class TemplatedStep(Step):
     templates: ClassVar[dict[str, str]] = {}  # option -> default template file; default {"template": name}
     # True on the copy of an LLM step that asks for JSON in a run (see LLMStep.for_client); the
     # templates see it as `structured`, and the conversation describes the JSON fields asked for.
-    structured: bool = False
+    asks_json: bool = False
 
     # -- templates -----------------------------------------------------------------------
     def template_options(self) -> dict[str, str]:
@@ -88,7 +88,7 @@ class TemplatedStep(Step):
             template = self._compiled[option] = Prompt(compile_template(self.template_source(option)))
         # `structured`: the reply is asked for as JSON (the default templates leave out their
         # "end with Score: N" wording then; the fields are described after the prompt).
-        return template.render({**template.globals, **row, "structured": self.structured, **extra,
+        return template.render({**template.globals, **row, "structured": self.asks_json, **extra,
                                 "config": self.config}).strip()
 
     def check(self):
@@ -137,9 +137,9 @@ class TemplatedStep(Step):
         return conv
 
     def conversation(self, prompt: str, schema: dict | None, prefill: str | None = None) -> Conversation:
-        """The conversation that asks ``prompt``: in a run that asks for JSON (:attr:`structured`),
+        """The conversation that asks ``prompt``: in a run that asks for JSON (:attr:`asks_json`),
         for a JSON reply that matches ``schema`` (its fields described after the prompt, no
         prefill); else with ``prefill``, the start of a text reply."""
-        if self.structured and schema is not None:
+        if self.asks_json and schema is not None:
             return self.messages(f"{prompt}\n\n{describe(schema)}")
         return self.messages(prompt, prefill=prefill)

@@ -72,9 +72,9 @@ def unparsed(step, err: ParseError, cut: bool, limit: int | None = None,
 
 def truncation_detail(step, option: str = "max_tokens") -> str:
     """Why a cut reply's row went, and the fix (``option``: the limit that cut it). A JSON reply
-    (the step's :attr:`structured`) is neither continued nor readable when cut: only the limit helps."""
+    (the step's :attr:`asks_json`) is neither continued nor readable when cut: only the limit helps."""
     return (f"the reply stopped at the token limit ({option}: {getattr(step.config, option)} on {step.label}), "
-            f"mid-text; raise {option}" + (" (a JSON reply cannot be continued)" if step.structured
+            f"mid-text; raise {option}" + (" (a JSON reply cannot be continued)" if step.asks_json
                                            else ", or set on_truncation: continue (or keep)"))
 
 
