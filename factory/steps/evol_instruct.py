@@ -98,7 +98,7 @@ _END = re.compile(rf"^(?:{_LABEL}|#"
 _QUOTES = [('"', '"'), ("'", "'"), ("\u201c", "\u201d"), ("**", "**"), ("`", "`")]
 
 
-def clean_instruction(reply: str) -> str:
+def clean_evolved_instruction(reply: str) -> str:
     """The evolved task in a reply, without labels, chatter, explanations or quotes.
 
     Raises:
@@ -264,7 +264,7 @@ class EvolInstruct(LLMStep):
 
     def parse(self, reply, row):
         # The raw reply stays with the candidate, kept or dropped later by a rule.
-        return {self.config.column: clean_instruction(reply), RAW_REPLY: reply}
+        return {self.config.column: clean_evolved_instruction(reply), RAW_REPLY: reply}
 
 
 class EvolPrompts:
