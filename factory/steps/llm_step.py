@@ -160,17 +160,6 @@ class LLMStep(TemplatedStep):
         step = self.for_client(ctx.llm)
         return step.frame(ctx.llm.run(step.exchange(data.to_dicts(), ctx)), data)
 
-    # -- cut replies (factory.steps.truncation) ------------------------------------------
-    def rows_from_completion(self, row: dict, completion: Completion, parse=None, option: str = "max_tokens"):
-        return truncation.rows_from_completion(self, row, completion, parse, option)
-
-    def cut_dropped(self, row: dict, completion: Completion, k: int = 0, option: str = "max_tokens"):
-        return truncation.cut_dropped(self, row, completion, k, option)
-
-    def columns_after(self, columns: list[str]) -> list[str]:
-        out = self.output_columns(columns)
-        return out + [TRUNCATED] if self.config.on_truncation == "keep" and TRUNCATED not in out else out
-
     @property
     def samples(self) -> int:
         return getattr(self.config, "samples", 1)
@@ -180,3 +169,15 @@ class LLMStep(TemplatedStep):
         return GenerationParams(n=self.samples, temperature=c.temperature, top_p=c.top_p,
                                 max_tokens=c.max_tokens, stop=tuple(c.stop),
                                 continuations=truncation.continuations(c))
+
+    # -- cut replies (factory.steps.truncation) ------------------------------------------
+    def rows_from_completion(self, row: dict, completion: Completion, parse=None,
+                             option: str = "max_tokens") -> list[dict]:
+        return truncation.rows_from_completion(self, row, completion, parse, option)
+
+    def cut_dropped(self, row: dict, completion: Completion, k: int = 0, option: str = "max_tokens") -> dict | None:
+        return truncation.cut_dropped(self, row, completion, k, option)
+
+    def columns_after(self, columns: list[str]) -> list[str]:
+        out = self.output_columns(columns)
+        return out + [TRUNCATED] if self.config.on_truncation == "keep" and TRUNCATED not in out else out
