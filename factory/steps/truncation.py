@@ -4,12 +4,13 @@ A step's ``on_truncation`` says what becomes of a reply cut at ``max_tokens`` (o
 option's limit, such as ``feedback_max_tokens``): ``drop`` its row as ``truncated`` (a step
 that reads a verdict keeps one read before the cut), ``keep`` it (marked in a ``truncated``
 column), or ``continue`` it (:func:`continuations`; the LLM path asks the model to go on).
-The LLM client counts the replies cut per limit option (:attr:`factory.llm.requests.LLMClient.truncation`);
-:func:`truncation_facts` turns those counts and the rows kept or dropped into the manifest's
-``truncation`` and a hint that names the option to raise.
+The LLM client counts the replies cut per option that set their limit (a request's
+``max_tokens_option``, in :attr:`factory.llm.requests.LLMClient.truncation`); :func:`truncation_facts`
+turns those counts and the rows kept or dropped into the manifest's ``truncation`` and a hint
+that names the option to raise.
 
-The functions here take ``step``, an :class:`~factory.steps.llm_step.LLMStep`, whose methods
-of the same names call them.
+The functions here take ``step``, an :class:`~factory.steps.llm_step.LLMStep` (whose
+``rows_from_completion`` and ``cut_dropped`` methods call the functions of those names).
 """
 
 from __future__ import annotations
