@@ -45,7 +45,7 @@ def run_factory(step, rows) -> float:
 
     from factory.llm import ScriptedBackend, ScriptedConfig
     from factory.llm.requests import LLMClient
-    from factory.steps.base import StepContext
+    from factory.steps.context import StepContext
 
     client = LLMClient(ScriptedBackend(ScriptedConfig(), reply_fn=lambda conversation, k: REPLY))
     began = time.perf_counter()

@@ -43,7 +43,9 @@ from .executors.local import LocalExecutor
 from .llm import create_backend
 from .llm.base import fingerprint
 from .llm.requests import BackendPool, LLMSession, Usage
-from .steps.base import CUT, DROP, INTERNAL_PREFIX, TRUNCATED, StepContext, merge_reports
+from .steps.context import StepContext, merge_reports
+from .steps.drops import DROP, INTERNAL_PREFIX
+from .steps.truncation import count_kept_cut, note_kept_cut, truncation_facts
 
 BACKEND_FAILURES = {"backend_error"}
 DEAD_BACKEND_BATCHES = 3  # batches in a row whose every row failed in the backend: stop
@@ -350,9 +352,9 @@ class Driver:
     def _step_key(self, step, session: LLMSession | None) -> str:
         # A step that asks for JSON where the backend enforces a schema (and prefills otherwise)
         # computes something else on each: the backend's capability is part of its identity.
-        structured = session.enforces_schema if session and getattr(step, "structured_output", False) else None
+        enforced = session.enforces_schema if session and getattr(step, "reads_fields", False) else None
         return fingerprint([step.fingerprint(), session.model_id if session else None]
-                           + ([structured] if structured is not None else []))
+                           + ([enforced] if enforced is not None else []))
 
     def _bar(self, step, total: int | None):
         from tqdm.auto import tqdm
@@ -461,51 +463,6 @@ def next_candidates(k: int, kept: int, rows: int, candidates: int) -> int:
         return 2 * k
     rate = kept / max(candidates, 1)
     return max(k + 1, k + math.ceil((rows - kept) / rate * GROWTH_MARGIN))
-
-
-def count_kept_cut(frame: pl.DataFrame) -> int:
-    """Rows of a step's output that it kept although their reply was cut (marked ``_cut``)."""
-    if CUT not in frame.columns:
-        return 0
-    kept = frame.filter(pl.col(DROP).is_null()) if DROP in frame.columns else frame
-    return int(kept[CUT].fill_null(False).sum())
-
-
-def note_kept_cut(stats: StepStats, count: int) -> None:
-    """Adds ``count`` kept-though-cut rows to the step's truncation report."""
-    if count:
-        stats.report.setdefault("truncation", {})["kept"] = count
-
-
-def truncation_facts(step, stats: StepStats) -> dict | None:
-    """What the step's replies cut at ``max_tokens`` came to (None when none was cut):
-
-    ``cut`` replies of ``replies`` ended at a token limit (``limits``: how many at which),
-    ``dropped`` of them went as ``truncated``, ``kept`` stayed (``on_truncation: keep``, or a
-    score or verdict read before the cut; the others went for another reason), ``continued``
-    continuations were asked for; with a ``hint`` that names the option to raise when rows
-    were lost."""
-    counted = stats.report.pop("truncation", None)
-    if not counted or not (counted.get("cut") or counted.get("continued")):
-        return None
-    c = step.config
-    lost = stats.dropped.get(TRUNCATED, 0)
-    facts = {"replies": counted.get("replies", 0), "cut": counted["cut"], "dropped": lost,
-             "kept": counted.get("kept", 0), "limits": counted.get("limits", {}),
-             "continued": counted.get("continued", 0), "on_truncation": c.on_truncation}
-    if lost or (facts["kept"] and c.on_truncation == "keep"):
-        facts["hint"] = (f"raise {_limit_option(c, facts['limits'])} on {stats.label}"
-                         + ("" if c.on_truncation == "continue" else " or set on_truncation: continue"))
-    return facts
-
-
-def _limit_option(config, limits: dict) -> str:
-    """The option (and its value) that set the token limit most replies were cut at: a step
-    may have several (``max_tokens``, ``feedback_max_tokens``, ``response_max_tokens``...)."""
-    top = max(limits, key=limits.get) if limits else None
-    names = [f.name for f in dataclasses.fields(config) if f.name.endswith("max_tokens")]
-    name = next((n for n in names if str(getattr(config, n)) == top), "max_tokens")
-    return f"{name} (now {getattr(config, name)})"
 
 
 def with_columns_of(step, before: pl.DataFrame, after: pl.DataFrame) -> pl.DataFrame:

@@ -275,7 +275,7 @@ def truncation_lines(steps: list[dict]) -> list[str]:
             parts.append(f"{other} dropped for another reason")
         if t.get("continued"):
             parts.append(f"{t['continued']} continuations asked")
-        limits = ", ".join(f"{count} at {limit}" for limit, count in t["limits"].items())
+        limits = ", ".join(f"{count} at {option}" for option, count in t["limits"].items())
         line = f"cut: {label}: {t['cut']} of {t['replies']} replies hit the token limit" + \
             (f" ({limits})" if limits else "") + (f": {', '.join(parts)}" if parts else "")
         lines.append(line + (f"; {t['hint']}" if t.get("hint") else ""))

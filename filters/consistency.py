@@ -9,7 +9,9 @@ import polars as pl
 
 from factory.answers import answer_key
 from factory.config import option
-from factory.steps.base import StepContext, TableFilter
+from factory.steps.context import StepContext
+
+from .base import TableFilter
 
 
 @dataclass

@@ -22,7 +22,9 @@ from factory.config import option
 from factory.errors import FactoryError, Problem
 from factory.llm.base import fingerprint
 from factory.sources import Source, build_source
-from factory.steps.base import StepContext, TableFilter
+from factory.steps.context import StepContext
+
+from .base import TableFilter
 
 _WEIGHTS = np.random.RandomState(20240521).randint(1, 2**62, size=512, dtype=np.int64).astype(np.uint64) | 1
 

@@ -7,7 +7,9 @@ from dataclasses import dataclass
 import polars as pl
 
 from factory.config import option
-from factory.steps.base import StepContext, TableFilter
+from factory.steps.context import StepContext
+
+from .base import TableFilter
 
 
 def normalized(column: str, lowercase: bool, punctuation: bool) -> pl.Expr:

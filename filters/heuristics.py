@@ -8,7 +8,8 @@ from functools import lru_cache
 from typing import Literal
 
 from factory.config import option
-from factory.steps.base import Filter
+
+from .base import Filter
 
 DEFAULT_REFUSALS = [
     r"\bI'?m sorry\b", r"\bI am sorry\b", r"\bI apologi[sz]e\b", r"\bas an AI\b", r"\bas a language model\b",

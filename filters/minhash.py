@@ -42,7 +42,9 @@ from scipy.sparse.csgraph import connected_components
 from factory.config import option
 from factory.errors import FactoryError
 from factory.llm.base import fingerprint
-from factory.steps.base import StepContext, TableFilter
+from factory.steps.context import StepContext
+
+from .base import TableFilter
 
 REASON = "near_duplicate"
 DUPLICATE_OF = "_duplicate_of"  # internal: shown as `duplicate_of` in rejected/ only

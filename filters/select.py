@@ -8,8 +8,9 @@ from typing import Literal
 import polars as pl
 
 from factory.config import option
-from factory.steps.base import StepContext, TableFilter
+from factory.steps.context import StepContext
 
+from .base import TableFilter
 from .consistency import Consistency, ConsistencyConfig
 
 VERIFIERS = ("programmatic", "majority", "judge")

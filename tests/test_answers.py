@@ -6,7 +6,7 @@ import polars as pl
 import pytest
 
 from factory.answers import answer_key, answers_match, extract_choice, extract_number, extract_text
-from factory.steps.base import DROP
+from factory.steps.drops import DROP
 from factory.steps.verify import Verify, VerifyConfig
 
 

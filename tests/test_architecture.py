@@ -1,5 +1,6 @@
 """The shape the code keeps: no import cycles, executors that know nothing of steps'
-internals or backends, one hop from a recipe key to its file, step classes that fit on a screen."""
+internals or backends, one hop from a recipe key to its file, step classes that fit on a screen
+(and no class of steps or filters, base classes included, past twice that)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from .conftest import ROOT
 
 PACKAGES = ("factory", "filters", "trainers")
 MAX_CLASS_LINES = 80
+MAX_ANY_CLASS_LINES = 120  # any class in factory/steps and filters, base classes included
 
 
 def project_modules() -> dict[str, Path]:
@@ -73,7 +75,7 @@ def test_no_module_imports_one_that_imports_it_back():
 
 def test_executors_know_nothing_of_step_internals_or_backends():
     forbidden = re.compile(r"class .*\(GlobalStep, LLMStep\)|__new__|_model_path|backend ==|\.llm_config|"
-                           r"from \.\.llm import|from \.\.steps\.(?!base)")
+                           r"from \.\.llm import|from \.\.steps\.(?!base |context )")
     for path in (ROOT / "factory" / "executors").glob("*.py"):
         assert not forbidden.search(path.read_text(encoding="utf-8")), path.name
     stacked = re.compile(r"class \w+\((?:GlobalStep, LLMStep|LLMStep, GlobalStep)")
@@ -93,6 +95,18 @@ def test_a_recipe_key_finds_its_class_in_the_file_named_after_it(key):
 def test_step_classes_fit_on_a_screen(key):
     lines, _ = inspect.getsourcelines(step_class(key))
     assert len(lines) <= MAX_CLASS_LINES, f"{key}: {len(lines)} lines; move parsing and prompt helpers beside it"
+
+
+def test_no_class_in_steps_or_filters_passes_120_lines():
+    too_long = []
+    for folder in (ROOT / "factory" / "steps", ROOT / "filters"):
+        for path in sorted(folder.rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                if isinstance(node, ast.ClassDef):
+                    lines = node.end_lineno - min([node.lineno] + [d.lineno for d in node.decorator_list]) + 1
+                    if lines > MAX_ANY_CLASS_LINES:
+                        too_long.append(f"{path.relative_to(ROOT)}: {node.name}, {lines} lines")
+    assert too_long == [], "move helpers beside the class, as module functions"
 
 
 def test_factory_steps_name_prints_the_file(capsys):

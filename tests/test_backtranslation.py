@@ -24,10 +24,11 @@ from factory.errors import ParseError, RecipeError
 from factory.llm import ScriptedBackend, ScriptedConfig, create_backend
 from factory.llm.requests import LLMClient
 from factory.recipe import load_recipe, recipe_from_text
-from factory.steps.backtranslation.instructions import clean_instruction
+from factory.steps.backtranslation.instructions import clean_backtranslated_instruction
 from factory.steps.backtranslation.segments import split_segments
 from factory.steps.backtranslation.self_curate import split_rating
-from factory.steps.base import DROP, DROP_DETAIL, RAW_REPLY, StepContext
+from factory.steps.context import StepContext
+from factory.steps.drops import DROP, DROP_DETAIL, RAW_REPLY
 from factory.store import read_version
 
 from .conftest import ROOT
@@ -151,8 +152,8 @@ def test_jsonl_texts_without_ids_get_ids_from_their_text(write_recipe, tmp_path)
      "I'm looking for a simple explanation of compound interest. Can you help me with that?"),
     (" How to bake sourdough bread", "How to bake sourdough bread"),
 ])
-def test_clean_instruction(reply, instruction):
-    assert clean_instruction(reply) == instruction
+def test_clean_backtranslated_instruction(reply, instruction):
+    assert clean_backtranslated_instruction(reply) == instruction
 
 
 @pytest.mark.parametrize("reply, detail", [
@@ -172,7 +173,7 @@ def test_clean_instruction(reply, instruction):
 ])
 def test_garbage_replies_are_parse_errors(reply, detail):
     with pytest.raises(ParseError, match=detail) as caught:
-        clean_instruction(reply)
+        clean_backtranslated_instruction(reply)
     assert caught.value.reason == "parse_error"
 
 
@@ -195,7 +196,7 @@ def fewshot_step(tmp_path_factory):
 
 def parse_recorded(record: dict, fewshot_step) -> str:
     if record["pass"] == "zero_shot":
-        return clean_instruction(record["reply"])
+        return clean_backtranslated_instruction(record["reply"])
     step, rows = fewshot_step
     return step.parse(record["reply"], rows[record["parent"]])["instruction"]
 
@@ -225,13 +226,14 @@ def test_tricky_recorded_replies():
     loop = recorded("zero_shot", "compound-interest.md#0")
     assert loop.count("What is the answer to the question") >= 3
     with pytest.raises(ParseError):
-        clean_instruction(loop)
+        clean_backtranslated_instruction(loop)
     # The model echoing its own task instead of writing one.
     with pytest.raises(ParseError, match="write a question"):
-        clean_instruction(recorded("zero_shot", "git-branches.md#4"))
+        clean_backtranslated_instruction(recorded("zero_shot", "git-branches.md#4"))
     # A plain, clean question comes through as it is.
-    assert clean_instruction(recorded("zero_shot", "compound-interest.md#4")) == "What is the rule of 72?"
-    assert clean_instruction(recorded("zero_shot", "git-branches.md#3")) == "How does Git merge branches?"
+    clean = clean_backtranslated_instruction
+    assert clean(recorded("zero_shot", "compound-interest.md#4")) == "What is the rule of 72?"
+    assert clean(recorded("zero_shot", "git-branches.md#3")) == "How does Git merge branches?"
 
 
 @pytest.mark.parametrize("record", REPLIES["self_curate"], ids=[r["parent"] for r in REPLIES["self_curate"]])
@@ -494,7 +496,7 @@ def record_replies() -> dict:
     pairs = []
     for row, reply in zip(rows, greedy):
         try:
-            pairs.append({**row, "instruction": clean_instruction(reply)})
+            pairs.append({**row, "instruction": clean_backtranslated_instruction(reply)})
         except ParseError:
             continue
     records["examples"] = pl.DataFrame(pairs).select("instruction", "response", "parent").to_dicts()

@@ -19,8 +19,9 @@ from factory.driver import Driver
 from factory.errors import RecipeError
 from factory.llm.requests import LLMClient
 from factory.recipe import load_recipe
-from factory.steps.base import DROP, DROP_DETAIL, RAW_REPLY, StepContext
+from factory.steps.context import StepContext
 from factory.steps.distilabel import tasks
+from factory.steps.drops import DROP, DROP_DETAIL, RAW_REPLY
 
 from .test_structured_steps import Recorder
 

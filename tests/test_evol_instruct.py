@@ -16,9 +16,10 @@ from factory.errors import ParseError, RecipeError
 from factory.llm import ScriptedBackend, ScriptedConfig
 from factory.llm.requests import LLMClient
 from factory.recipe import load_recipe
-from factory.steps.base import DROP, DROP_DETAIL, StepContext
+from factory.steps.context import StepContext
+from factory.steps.drops import DROP, DROP_DETAIL
 from factory.steps.evol_instruct import (BREADTH_PREFILL, DEPTH_OPERATIONS, DEPTH_PREFILL, EQUALITY_PREFILL,
-                                         OPERATIONS, EvolInstruct, EvolInstructConfig, clean_instruction)
+                                         OPERATIONS, EvolInstruct, EvolInstructConfig, clean_evolved_instruction)
 from factory.steps.evol_rules import is_apologetic, is_empty_response, parse_equality
 
 from .conftest import ROOT, SEEDS
@@ -245,7 +246,7 @@ def test_the_saved_replies_cover_every_kind():
 @pytest.mark.parametrize("record", EVOLUTIONS, ids=lambda r: f"{r['kind']}-{r['parent'][:24]}")
 def test_every_real_evolution_reply_parses_or_fails_cleanly(record):
     try:
-        task = clean_instruction(record["reply"])
+        task = clean_evolved_instruction(record["reply"])
     except ParseError:
         return
     assert task == task.strip() and len(task.split()) >= 3
@@ -275,13 +276,13 @@ def saved(kind: str, parent_start: str) -> str:
     ("breadth", "Find the bug", "Find the bug in this function that returns the largest number in a list of size 10."),
 ])
 def test_real_replies_lose_their_chatter(kind, parent, task):
-    assert clean_instruction(saved(kind, parent)) == task
+    assert clean_evolved_instruction(saved(kind, parent)) == task
 
 
 @pytest.mark.parametrize("kind, parent", [("depth", "Write a shell command"), ("breadth", "Maria has 3 boxes")])
 def test_real_replies_without_a_task_are_parse_errors(kind, parent):
     with pytest.raises(ParseError):
-        clean_instruction(saved(kind, parent))  # "Python\n#Write a shell...", "3 x 12 = 36"
+        clean_evolved_instruction(saved(kind, parent))  # "Python\n#Write a shell...", "3 x 12 = 36"
 
 
 def replay(kind: str):
@@ -335,15 +336,15 @@ def test_real_answers_are_not_empty_or_apologetic():
     (" Find the largest number in this table.\n| a | b |\n| 3 | 9 |", "Find the largest number in this table.\n"
                                                                      "| a | b |\n| 3 | 9 |"),
 ])
-def test_clean_instruction_keeps_the_task_only(reply, task):
-    assert clean_instruction(reply) == task
+def test_clean_evolved_instruction_keeps_the_task_only(reply, task):
+    assert clean_evolved_instruction(reply) == task
 
 
 @pytest.mark.parametrize("reply", ["", "   ", " 3.", " 3.\n#Maria has 3.", "#Harder Prompt#:", " 12, 10, 15, 18",
                                    "Sure! Here's the rewritten prompt:"])
-def test_clean_instruction_refuses_replies_without_a_task(reply):
+def test_clean_evolved_instruction_refuses_replies_without_a_task(reply):
     with pytest.raises(ParseError):
-        clean_instruction(reply)
+        clean_evolved_instruction(reply)
 
 
 @pytest.mark.parametrize("reply, equal", [

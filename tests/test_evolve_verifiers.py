@@ -16,7 +16,7 @@ from factory.evolve.compare import Comparison
 from factory.evolve.loop import Evolution
 from factory.generators import NumbersConfig, numbers
 from factory.recipe import load_recipe
-from factory.steps.base import StepContext
+from factory.steps.context import StepContext
 from filters.select import Select, SelectConfig
 from factory.evolve.evaluate import paired_gain
 

@@ -12,7 +12,8 @@ from factory.cache import Cache
 from factory.errors import RecipeError
 from factory.recipe import load_recipe
 from factory.driver import Driver
-from factory.steps.base import DROP, DROP_DETAIL, StepContext
+from factory.steps.context import StepContext
+from factory.steps.drops import DROP, DROP_DETAIL
 from factory.store import read_version
 from filters.consistency import Consistency, ConsistencyConfig
 from filters.exact import ExactConfig, ExactDedup

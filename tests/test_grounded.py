@@ -23,7 +23,8 @@ from factory.llm import ScriptedBackend, ScriptedConfig
 from factory.llm.requests import LLMClient
 from factory.recipe import load_recipe
 from factory.sources import read_documents
-from factory.steps.base import DROP, RAW_REPLY, StepContext
+from factory.steps.context import StepContext
+from factory.steps.drops import DROP, RAW_REPLY
 from factory.steps.grounded.chunk import Chunk, ChunkConfig, markdown_sections, pack_section
 from factory.steps.grounded.context import format_context, passages_in
 from factory.steps.grounded.grounded_answer import GroundedAnswer, GroundedAnswerConfig, clean_answer, parse_citations

@@ -9,7 +9,8 @@ from factory.errors import ParseError, RecipeError
 from factory.llm import ScriptedBackend, ScriptedConfig
 from factory.llm.requests import LLMClient
 from factory.recipe import load_recipe
-from factory.steps.base import DROP, RAW_REPLY, StepContext
+from factory.steps.context import StepContext
+from factory.steps.drops import DROP, RAW_REPLY
 from factory.steps.judge import parse_verdict
 from factory.steps.pairwise import combine_orders, parse_winner
 

@@ -12,7 +12,8 @@ import pytest
 from factory.cli import main
 from factory.errors import FactoryError, RecipeError
 from factory.recipe import load_recipe
-from factory.steps.base import DROP, DROP_DETAIL, StepContext
+from factory.steps.context import StepContext
+from factory.steps.drops import DROP, DROP_DETAIL
 from factory.store import read_manifest, read_version
 from filters import minhash
 from filters.minhash import MinHashConfig, MinHashFilter

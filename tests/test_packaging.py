@@ -136,8 +136,8 @@ def test_editable_install_finds_templates_recipes_and_data_in_the_checkout(sourc
     pytest.importorskip("setuptools", reason="the dev extra installs setuptools: pip install -e '.[dev]'")
     python = _fresh_venv(tmp_path / "venv")
     _pip_install(python, "-e", source_tree)
-    where = _run([python, "-c", "from factory import bundled; from factory.steps import base; "
-                  "print(bundled.root(), base.TEMPLATE_DIR)"], cwd=tmp_path).stdout.split()
+    where = _run([python, "-c", "from factory import bundled; from factory.steps import prompts; "
+                  "print(bundled.root(), prompts.TEMPLATE_DIR)"], cwd=tmp_path).stdout.split()
     assert where == [str(source_tree.resolve()), str(source_tree.resolve() / "factory" / "steps" / "templates")]
     listing = _run([tmp_path / "venv" / "bin" / "factory", "recipes"], cwd=tmp_path).stdout
     assert "quickstart " in listing

@@ -15,7 +15,7 @@ from factory.cli import main  # noqa: E402
 from factory.driver import Driver  # noqa: E402
 from factory.executors.ray import RayExecutor  # noqa: E402
 from factory.recipe import load_recipe  # noqa: E402
-from factory.steps.base import merge_reports  # noqa: E402
+from factory.steps.context import merge_reports  # noqa: E402
 from factory.store import read_version  # noqa: E402
 
 # Replies carry the sampling seed each request was sent with: equal rows mean equal seeds.

@@ -9,7 +9,8 @@ from factory.errors import ParseError
 from factory.llm import ScriptedBackend, ScriptedConfig
 from factory.llm.requests import LLMClient
 from factory.recipe import load_recipe
-from factory.steps.base import DROP, DROP_DETAIL, RAW_REPLY, StepContext
+from factory.steps.context import StepContext
+from factory.steps.drops import DROP, DROP_DETAIL, RAW_REPLY
 from factory.steps.judge import parse_score
 from factory.steps.self_instruct import clean_task
 

@@ -23,7 +23,8 @@ from factory.llm.requests import LLMClient
 from factory.llm.schema import schema_text
 from factory.recipe import load_recipe
 from factory.steps.backtranslation.self_curate import SelfCurate, SelfCurateConfig, rating_reply
-from factory.steps.base import DROP, DROP_DETAIL, RAW_REPLY, TRUNCATED, LLMStep, StepContext
+from factory.steps.context import StepContext
+from factory.steps.drops import DROP, DROP_DETAIL, RAW_REPLY, TRUNCATED
 from factory.steps.evol_instruct import EvolInstruct, EvolInstructConfig
 from factory.steps.evol_rules import EQUALITY_SCHEMA
 from factory.steps.grounded.context import format_context
@@ -31,6 +32,7 @@ from factory.steps.grounded.grounded_questions import (GroundedQuestions, Ground
                                                        question_schema)
 from factory.steps.grounded.groundedness import Groundedness, GroundednessConfig
 from factory.steps.judge import Judge, JudgeConfig, judgement_schema
+from factory.steps.llm_step import LLMStep
 from factory.steps.pairwise import Pairwise, PairwiseConfig, winner_schema
 from factory.steps.preference_pairs import PreferencePairs, PreferencePairsConfig
 
@@ -115,16 +117,16 @@ def prompt_of(conversation) -> str:
 def test_only_steps_that_read_fields_switch_and_only_on_a_copy():
     judge = make(Judge, JudgeConfig)
     plain, enforcing = LLMClient(Recorder(None, enforces=False)), LLMClient(Recorder(None))
-    assert judge.structured_output and judge.for_client(plain) is judge
+    assert judge.reads_fields and judge.for_client(plain) is judge
     copy = judge.for_client(enforcing)
-    assert copy is not judge and copy.structured and not judge.structured
+    assert copy is not judge and copy.asks_json and not judge.asks_json
     assert copy.fingerprint() == judge.fingerprint()  # the driver adds the backend's capability to the key
-    assert pickle.loads(pickle.dumps(copy)).structured
+    assert pickle.loads(pickle.dumps(copy)).asks_json
     from factory.steps.solve import Solve, SolveConfig
     solve = Solve(SolveConfig())
-    assert not solve.structured_output and solve.for_client(enforcing) is solve
+    assert not solve.reads_fields and solve.for_client(enforcing) is solve
     for cls in (Judge, Pairwise, Groundedness, GroundedQuestions, SelfCurate, EvolInstruct, PreferencePairs):
-        assert cls.structured_output, cls.__name__
+        assert cls.reads_fields, cls.__name__
 
 
 def test_the_schemas_compile_to_grammars_that_bound_scores_and_texts():

@@ -3,6 +3,7 @@ continue cut replies, and the manifest, the summary, `inspect` and the evolve ev
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import polars as pl
@@ -10,14 +11,16 @@ import pytest
 
 from factory.build import format_summary, run_recipe
 from factory.cache import Cache
+from factory.driver import StepStats
 from factory.inspect import render, summarize
 from factory.llm import OpenAIBackend, OpenAIConfig, ScriptedBackend, ScriptedConfig
 from factory.llm.base import GenerationParams, Request
 from factory.llm.requests import LLMClient
 from factory.llm.transformers_backend import TransformersBackend, TransformersConfig
 from factory.recipe import load_recipe
+from factory.steps.context import StepContext
 from factory.steps.solve import Solve, SolveConfig
-from factory.steps.base import StepContext
+from factory.steps.truncation import truncation_facts
 from factory.store import read_version
 from factory.driver import Driver
 from factory.evolve.evaluate import accuracy
@@ -143,11 +146,11 @@ def test_drop_mode_drops_cut_replies_with_the_raw_reply_and_a_hint(write_recipe,
     assert rejected["raw_reply"].to_list() == ["Once upon a time there"] * 3
     assert "max_tokens: 5 on steps[0].solve" in rejected["drop_detail"][0]
     t = manifest["steps"][0]["truncation"]
-    assert t == {"replies": 5, "cut": 3, "dropped": 3, "kept": 0, "limits": {"5": 3}, "continued": 0,
+    assert t == {"replies": 5, "cut": 3, "dropped": 3, "kept": 0, "limits": {"max_tokens": 3}, "continued": 0,
                  "on_truncation": "drop", "hint": t["hint"]}
     assert t["hint"] == "raise max_tokens (now 5) on steps[0].solve or set on_truncation: continue"
-    line = ("steps[0].solve: 3 of 5 replies hit the token limit (3 at 5): 3 dropped as truncated; raise max_tokens "
-            "(now 5) on steps[0].solve")
+    line = ("steps[0].solve: 3 of 5 replies hit the token limit (3 at max_tokens): 3 dropped as truncated; raise "
+            "max_tokens (now 5) on steps[0].solve")
     assert line in format_summary(manifest)
     assert line in render(summarize(folder))
     assert line in (folder / "README.md").read_text()  # the dataset card
@@ -226,7 +229,7 @@ def test_a_verdict_read_before_the_cut_is_kept_and_counted(write_recipe, tmp_pat
     assert manifest["steps"][0].get("truncation") is None
     t = manifest["steps"][1]["truncation"]
     assert (t["cut"], t["dropped"], t["kept"], t.get("hint")) == (5, 0, 5, None)
-    assert "steps[1].judge: 5 of 5 replies hit the token limit (5 at 4): 5 kept (read before the cut)" \
+    assert "steps[1].judge: 5 of 5 replies hit the token limit (5 at max_tokens): 5 kept (read before the cut)" \
         in format_summary(manifest)
 
 
@@ -239,7 +242,8 @@ def test_a_verdict_missing_from_a_reply_past_the_verdict_cap_is_a_parse_error(wr
     assert "past the 8 tokens a verdict gets" in rejected["drop_detail"][0]
     t = manifest["steps"][1]["truncation"]
     assert (t["cut"], t["dropped"], t["kept"], t.get("hint")) == (5, 0, 0, None)
-    assert "5 of 5 replies hit the token limit (5 at 8): 5 dropped for another reason" in format_summary(manifest)
+    assert "5 of 5 replies hit the token limit (5 at max_tokens): 5 dropped for another reason" \
+        in format_summary(manifest)
 
 
 def test_a_parse_that_fails_on_a_cut_reply_drops_it_as_truncated(write_recipe, tmp_path, tasks_file):
@@ -254,6 +258,40 @@ def test_truncation_counts_survive_a_cached_rerun(write_recipe, tmp_path, tasks_
     _, _, again, _ = build(write_recipe, tmp_path, tasks_file, "{max_tokens: 5}")
     assert again["steps"][0]["cached_batches"] == again["steps"][0]["batches"]
     assert again["steps"][0]["truncation"] == first["steps"][0]["truncation"]
+
+
+def test_cut_replies_are_counted_by_the_option_that_set_their_limit(write_recipe, tmp_path, tasks_file):
+    _, rejected, manifest, _ = build(write_recipe, tmp_path, tasks_file, "{max_tokens: 50}",
+                                     "  - self_refine: {feedback_max_tokens: 3, max_rounds: 1}\n")
+    assert "(feedback_max_tokens: 3 on steps[1].self_refine)" in rejected["drop_detail"][0]
+    t = manifest["steps"][1]["truncation"]
+    assert t["limits"] == {"feedback_max_tokens": t["cut"]} and t["dropped"] == t["cut"] > 0
+    assert t["hint"] == "raise feedback_max_tokens (now 3) on steps[1].self_refine or set on_truncation: continue"
+
+
+def test_the_limit_option_is_no_part_of_a_request_identity(tmp_path):
+    """Two requests that differ only in the option that set their limit share their cache entry."""
+    plain = GenerationParams(max_tokens=4)
+    feedback = dataclasses.replace(plain, max_tokens_option="feedback_max_tokens")
+    assert plain == feedback and hash(plain) == hash(feedback) and plain.sampling_key() == feedback.sampling_key()
+    backend = ScriptedBackend(ScriptedConfig(rules=[{"match": ".", "reply": LONG}]))
+    cache = Cache(tmp_path)
+    first = LLMClient(backend, cache)
+    first.ask([Request([{"role": "user", "content": "go"}], plain)])
+    calls = backend.stats.requests
+    again = LLMClient(backend, cache)
+    again.ask([Request([{"role": "user", "content": "go"}], feedback)])
+    assert backend.stats.requests == calls and again.usage.cached_conversations == 1
+    assert first.truncation["limits"] == {"max_tokens": 1} and again.truncation["limits"] == {"feedback_max_tokens": 1}
+
+
+def test_a_batch_report_cached_with_the_limits_value_reads_as_max_tokens():
+    """Batch reports cached before cut replies were counted by option hold the limit's value."""
+    stats = StepStats(0, "solve", "row", dropped={"truncated": 3},
+                      report={"truncation": {"replies": 5, "cut": 3, "limits": {"5": 3}, "continued": 0}})
+    facts = truncation_facts(Solve(SolveConfig(max_tokens=5)), stats)
+    assert facts["limits"] == {"max_tokens": 3}
+    assert facts["hint"].startswith("raise max_tokens (now 5) on steps[0].solve")
 
 
 def test_a_reply_cached_without_finish_reasons_is_asked_again(tmp_path):

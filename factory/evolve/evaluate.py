@@ -29,7 +29,8 @@ from ..driver import Driver, RunResult
 from ..errors import FactoryError, Problem, RecipeError
 from ..llm import DEFAULT_LLM, build_llm_config, merge_llm
 from ..sources import build_source
-from ..steps.base import TRUNCATED, StepContext
+from ..steps.context import StepContext
+from ..steps.drops import TRUNCATED
 from ..steps.solve import Solve, SolveConfig
 from ..store import read_version
 from ..text import ngrams

@@ -8,7 +8,8 @@ import polars as pl
 
 from ..cache import Cache
 from ..llm.requests import LLMSession
-from ..steps.base import Step, StepContext
+from ..steps.base import Step
+from ..steps.context import StepContext
 
 Job = tuple[pl.DataFrame, str]  # a batch of rows and its cache key
 Result = tuple[pl.DataFrame, dict]  # a batch's output and its facts (report, LLM usage)

@@ -29,7 +29,7 @@ import pickle
 import polars as pl
 
 from ..errors import FactoryError
-from ..steps.base import StepContext, merge_reports
+from ..steps.context import StepContext, merge_reports
 from .base import Executor, run_batch
 
 BATCH = "__batch"

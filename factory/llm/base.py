@@ -48,6 +48,10 @@ class GenerationParams:
     # How many times the LLM path asks the model to go on with a reply cut at max_tokens (it
     # is not sent to backends, and not part of the sampling key: the first reply is the same).
     continuations: int = 0
+    # The step's config option that set max_tokens (``feedback_max_tokens``...): the LLM path counts
+    # cut replies by it, for the hint that names the option to raise. Never sent, hashed or compared
+    # (not in the sampling key either): cache keys do not depend on it.
+    max_tokens_option: str = field(default="max_tokens", compare=False)
 
     @property
     def greedy(self) -> bool:

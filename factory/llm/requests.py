@@ -13,7 +13,8 @@ A step says what to ask and how to read the answer; :class:`LLMClient` does the 
 * **usage** -- requests, cache hits, tokens and the backend's retries, per step;
 * **cut replies** -- a reply that ended at ``max_tokens`` is asked to go on (up to
   ``params.continuations`` times, where the backend truly continues a prefill) and the
-  parts joined; the replies still cut are counted per token limit (:attr:`LLMClient.truncation`);
+  parts joined; the replies still cut are counted per option that set the token limit
+  (``params.max_tokens_option``: :attr:`LLMClient.truncation`);
 * **structured output** -- a request with a JSON Schema (``params.json_schema``) that the backend
   cannot enforce while decoding has each reply checked; a reply that does not match is shown
   back to the model with what is wrong, up to :data:`SCHEMA_REASKS` times;
@@ -22,7 +23,7 @@ A step says what to ask and how to read the answer; :class:`LLMClient` does the 
   the whole pool go through the same path as a one-request-per-row step.
 
 Turning a failed request or an unreadable reply into a dropped row is the step base's
-part (:meth:`factory.steps.base.LLMStep.rows_from_completion`), the same for every step.
+part (:func:`factory.steps.truncation.rows_from_completion`), the same for every step.
 """
 
 from __future__ import annotations
@@ -133,8 +134,8 @@ class LLMClient:
         self.budget = budget
         self.ledger = ledger  # where the tokens of every reply go, cached or not (factory estimate)
         self.usage = Usage()
-        # Replies received (cached or not), those that ended cut at max_tokens (by the limit),
-        # and continuations asked for: the step's report carries them to the manifest.
+        # Replies received (cached or not), those that ended cut at max_tokens (by the config option
+        # that set the limit), and continuations asked for: the step's report carries them to the manifest.
         self.truncation: dict = {"replies": 0, "cut": 0, "limits": {}, "continued": 0}
 
     def run(self, exchange: Exchange):
@@ -175,8 +176,8 @@ class LLMClient:
                 cut = completion.finish_reasons[:texts].count(LENGTH) if completion.finish_reasons else 0
                 if cut:
                     truncation["cut"] += cut
-                    limit = str(request.params.max_tokens)
-                    truncation["limits"][limit] = truncation["limits"].get(limit, 0) + cut
+                    option = request.params.max_tokens_option
+                    truncation["limits"][option] = truncation["limits"].get(option, 0) + cut
         return results
 
     def continue_cut(self, requests: list[Request], results: list[Completion], asked: Counter) -> list[Completion]:

@@ -35,10 +35,13 @@ from ..config import option, suggest
 from ..errors import FactoryError, ParseError
 from ..llm.base import Completion, GenerationParams, Request
 from ..text import has_text
-from .base import (DROP, DROP_DETAIL, RAW_REPLY, InvalidRow, LLMStep, LLMStepConfig, StepContext, dropped,
-                   json_params, rows_to_frame)
+from .context import StepContext
+from .drops import DROP, DROP_DETAIL, RAW_REPLY, InvalidRow, dropped, rows_to_frame
 from .evol_rules import (DEFAULT_LEAK_PHRASES, EQUALITY_SCHEMA, RULES, Elimination, Rule, parse_equality, prompt_runs,
                          read_equality)
+from .json_replies import json_params
+from .llm_step import LLMStep, LLMStepConfig
+from .truncation import continuations
 
 # What the depth template asks for, per operation (the template's `instruction` variable).
 DEPTH_OPERATIONS = {
@@ -95,7 +98,7 @@ _END = re.compile(rf"^(?:{_LABEL}|#"
 _QUOTES = [('"', '"'), ("'", "'"), ("\u201c", "\u201d"), ("**", "**"), ("`", "`")]
 
 
-def clean_instruction(reply: str) -> str:
+def clean_evolved_instruction(reply: str) -> str:
     """The evolved task in a reply, without labels, chatter, explanations or quotes.
 
     Raises:
@@ -205,7 +208,7 @@ class EvolInstruct(LLMStep):
 
     name = "evol_instruct"
     kind = "global"
-    structured_output = True  # the equality check asks for {"equal": bool} where the backend enforces JSON
+    reads_fields = True  # the equality check asks for {"equal": bool} where the backend enforces JSON
     Config = EvolInstructConfig
     templates = {"depth_template": "evol_depth", "breadth_template": "evol_breadth",
                  "equality_template": "evol_equal"}
@@ -261,7 +264,7 @@ class EvolInstruct(LLMStep):
 
     def parse(self, reply, row):
         # The raw reply stays with the candidate, kept or dropped later by a rule.
-        return {self.config.column: clean_instruction(reply), RAW_REPLY: reply}
+        return {self.config.column: clean_evolved_instruction(reply), RAW_REPLY: reply}
 
 
 class EvolPrompts:
@@ -285,13 +288,14 @@ class EvolPrompts:
     def equality(self, cand: dict) -> Request:
         prompt = self.step.render({}, "equality_template", first=cand["parent"], second=cand[self.step.config.column])
         return Request(self.step.conversation(prompt, EQUALITY_SCHEMA, EQUALITY_PREFILL),
-                       EQUALITY_JSON_PARAMS if self.step.structured else EQUALITY_PARAMS)
+                       EQUALITY_JSON_PARAMS if self.step.asks_json else EQUALITY_PARAMS)
 
     def answer(self, task: str) -> Request:
         c = self.step.config
         return Request(self.step.messages(task), GenerationParams(temperature=c.response_temperature, top_p=c.top_p,
                                                                   max_tokens=c.response_max_tokens,
-                                                                  continuations=self.step.continuations))
+                                                                  continuations=continuations(c),
+                                                                  max_tokens_option="response_max_tokens"))
 
     def leak_runs(self, operation: str) -> set[tuple[str, ...]]:
         """The word runs of ``operation``'s evolving prompt, worked out once per operation."""
@@ -311,7 +315,7 @@ class EvolRun:
         self.rng = random.Random(f"{step.seed}:{step.index}")
         self.rules = Elimination(set(c.eliminate), c.column, c.response_column, c.leak_phrases,
                                  functools.partial(step.cut_dropped, option="response_max_tokens"),
-                                 read_equality if step.structured else parse_equality)
+                                 read_equality if step.asks_json else parse_equality)
 
     def generations(self, parents: list[str]):
         """The kept and the dropped candidates of every generation."""

@@ -17,7 +17,8 @@ from ..errors import ParseError
 from ..llm.base import Completion
 from ..llm.schema import read_reply
 from ..text import count_words, ngrams, normalize
-from .base import DROP, dropped, json_object
+from .drops import DROP, dropped
+from .json_replies import json_object
 
 Rule = Literal["no_information_gain", "apologetic_response", "empty_response", "template_leak"]
 RULES = typing.get_args(Rule)

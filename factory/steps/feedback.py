@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 from ..config import option
 from ..errors import ParseError
-from .base import AnswerStepConfig, LLMStep
 from .judge import parse_verdict
+from .llm_step import AnswerStepConfig, LLMStep
 
 
 def verdict_of(feedback: str) -> str:

@@ -14,7 +14,9 @@ from ..config import option
 from ..errors import ParseError
 from ..llm.base import fingerprint
 from ..llm.schema import SchemaSpecError, describe, polars_dtype, read_reply, schema_text, to_json_schema
-from .base import LLMStep, LLMStepConfig, compile_template, is_template_path, rows_to_frame
+from .drops import rows_to_frame
+from .llm_step import LLMStep, LLMStepConfig
+from .prompts import compile_template, is_template_path
 
 
 @dataclass

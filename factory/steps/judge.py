@@ -10,7 +10,8 @@ from typing import Literal
 from ..config import option
 from ..errors import ParseError
 from ..llm.schema import read_reply
-from .base import AnswerStepConfig, LLMStep, json_params, reasoning_first, verdict_only
+from .json_replies import json_params, reasoning_first, verdict_only
+from .llm_step import AnswerStepConfig, LLMStep
 
 DEFAULT_RUBRIC = (
     "A top score means correct, complete and helpful. A middle score means partly correct or missing "
@@ -133,12 +134,12 @@ class Judge(LLMStep):
 
     name = "judge"
     reads_verdict = True  # a score or verdict read before a cut is kept
-    structured_output = True
+    reads_fields = True
     Config = JudgeConfig
 
     @property
     def prefill(self) -> str | None:
-        if self.config.reasoning or self.structured:
+        if self.config.reasoning or self.asks_json:
             return None
         return "Score:" if self.config.mode == "score" else "Verdict:"
 
@@ -158,7 +159,7 @@ class Judge(LLMStep):
         reference = str(row.get(c.reference_column)) if c.reference_column else ""
         prompt = self.render(row, **self.task_variables(row), response=self.text(row, c.response_column),
                              rubric=c.rubric, reference=reference)
-        return self.conversation(prompt, judgement_schema(c) if self.structured else None, self.prefill)
+        return self.conversation(prompt, judgement_schema(c) if self.asks_json else None, self.prefill)
 
     def answer_regex(self) -> str:
         """What a valid reply looks like, for structured decoding."""
@@ -170,7 +171,7 @@ class Judge(LLMStep):
 
     def generation_params(self):
         params = super().generation_params()
-        if self.structured:
+        if self.asks_json:
             return json_params(params, judgement_schema(self.config), verdict=not self.config.reasoning)
         if self.config.guided:
             params = dataclasses.replace(params, regex=self.answer_regex())
@@ -178,7 +179,7 @@ class Judge(LLMStep):
 
     def parse(self, reply, row):
         c = self.config
-        if self.structured:  # the JSON reply is the judgement
+        if self.asks_json:  # the JSON reply is the judgement
             fields = read_reply(reply, judgement_schema(c))
             verdict = {c.correct_column: fields["verdict"] == "correct"} if c.mode == "binary" else \
                 {c.output_column: float(fields["score"])}

@@ -12,7 +12,10 @@ from ..config import option
 from ..errors import ParseError
 from ..llm.base import Request
 from ..llm.schema import read_reply
-from .base import InvalidRow, LLMStep, TaskStepConfig, dropped, json_params, reasoning_first, verdict_only
+from .drops import InvalidRow, dropped
+from .json_replies import json_params, reasoning_first, verdict_only
+from .llm_step import LLMStep, TaskStepConfig
+from .truncation import unparsed
 
 _WINNER = re.compile(r"winner\s*(?:is)?\s*[:=]?\s*[*_\"']*\s*(?:response\s+)?(a|b|tie|neither|both|equal)\b", re.I)
 _BETTER = re.compile(r"\bresponse\s+(a|b)\s+is\s+(?:better|stronger|more)", re.I)
@@ -63,10 +66,10 @@ def compare(step: LLMStep, pairs: list[tuple[str, str, str, str]], both_orders: 
     """Judges ``(task, input, a, b)`` pairs with ``step``'s prompt (its config has ``reasoning``):
     an exchange that returns ``(verdict or None, replies, (reason, detail) or None)`` per pair.
 
-    A ``structured`` step (its backend enforces JSON Schemas) asks for ``{"reasoning", "winner"}``
+    A step that asks for JSON (``asks_json``: its backend enforces schemas) asks for ``{"reasoning", "winner"}``
     JSON; else the verdict alone is started with "Winner:" and every reply is read as text."""
     reasoning = step.config.reasoning
-    schema = winner_schema(reasoning, step.config.max_tokens) if step.structured else None
+    schema = winner_schema(reasoning, step.config.max_tokens) if step.asks_json else None
     prefill = None if reasoning or schema is not None else "Winner:"
     params = json_params(step.generation_params(), schema, verdict=not reasoning) if schema is not None \
         else step.generation_params() if reasoning else verdict_only(step.generation_params())
@@ -89,7 +92,7 @@ def compare(step: LLMStep, pairs: list[tuple[str, str, str, str]], both_orders: 
         try:
             verdicts = [read_winner(r, schema) for r in replies]
         except ParseError as err:
-            results.append((None, replies, step.unparsed(err, any(c.cut() for c in group), params.max_tokens)))
+            results.append((None, replies, unparsed(step, err, any(c.cut() for c in group), params.max_tokens)))
             continue
         results.append((combine_orders(verdicts[0], verdicts[1] if both_orders else None), replies, None))
     return results
@@ -130,7 +133,7 @@ class Pairwise(LLMStep):
     """
 
     name = "pairwise"
-    structured_output = True
+    reads_fields = True
     Config = PairwiseConfig
     templates = {"template": "pairwise"}
 

@@ -9,7 +9,8 @@ import polars as pl
 
 from ..config import option
 from ..text import has_text
-from .base import DROP, LLMStep, TaskStepConfig, dropped, rows_to_frame
+from .drops import DROP, dropped, rows_to_frame
+from .llm_step import LLMStep, TaskStepConfig
 from .pairwise import compare, judged_row
 
 PAIR_COLUMNS = ("prompt", "chosen", "rejected", "chosen_score", "rejected_score")
@@ -47,7 +48,7 @@ class PreferencePairs(LLMStep):
 
     name = "preference_pairs"
     kind = "global"
-    structured_output = True  # its pairwise judgements ask for JSON where the backend enforces it
+    reads_fields = True  # its pairwise judgements ask for JSON where the backend enforces it
     Config = PreferencePairsConfig
     templates = {"template": "pairwise"}
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from ..config import option
 from ..errors import ParseError
-from .base import AnswerStepConfig, LLMStep
+from .llm_step import AnswerStepConfig, LLMStep
 
 
 @dataclass

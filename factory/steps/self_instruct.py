@@ -25,7 +25,10 @@ from ..config import option
 from ..errors import FactoryError, ParseError
 from ..llm.base import Completion, GenerationParams, Request
 from ..text import count_words, has_text, normalize
-from .base import DROP, LLMStep, LLMStepConfig, StepContext, dropped, rows_to_frame
+from .context import StepContext
+from .drops import DROP, dropped, rows_to_frame
+from .llm_step import LLMStep, LLMStepConfig
+from .truncation import continuations
 
 # Self-Instruct's filter for tasks that a language model cannot perform in text.
 DEFAULT_BLACKLIST = ["image", "images", "graph", "graphs", "picture", "pictures", "file", "files", "map", "maps",
@@ -196,7 +199,7 @@ class SelfInstruct(LLMStep):
         examples = [{"task": row[c.column], "input": row.get("input") or "", "output": row["output"]} for row in shown]
         params = GenerationParams(n=c.instances, temperature=c.temperature, top_p=c.top_p,
                                   max_tokens=c.instance_max_tokens, stop=INSTANCE_STOP,
-                                  continuations=self.continuations)
+                                  continuations=continuations(c), max_tokens_option="instance_max_tokens")
         return Request(self.messages(self.render({}, "instance_template", task=task, examples=examples),
                                      prefill="Input:"), params)
 

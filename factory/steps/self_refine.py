@@ -9,12 +9,14 @@ on as well as the final answer.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 from ..config import option
 from ..llm.base import Request
-from .base import AnswerStepConfig, InvalidRow, LLMStep, dropped
+from .drops import InvalidRow, dropped
 from .feedback import Feedback, FeedbackConfig, verdict_of
+from .llm_step import AnswerStepConfig, LLMStep
 from .refine import Refine, RefineConfig
 
 
@@ -122,12 +124,14 @@ class SelfRefine(LLMStep):
                 states.append(Refinement(row, row[c.response_column]))
             except InvalidRow as err:
                 out.append(dropped(row, "invalid_input", str(err)))
+        # The critiques' limit is this step's feedback_max_tokens: their cut replies are counted under that name.
+        critique = dataclasses.replace(self.feedback.generation_params(), max_tokens_option="feedback_max_tokens")
         for _ in range(c.max_rounds):
             active = [s for s in states if s.active]
             if not active:
                 break
-            critiques = yield [Request(self.feedback.build_messages({**s.row, c.response_column: s.answer}),
-                                       self.feedback.generation_params()) for s in active]
+            critiques = yield [Request(self.feedback.build_messages({**s.row, c.response_column: s.answer}), critique)
+                               for s in active]
             to_refine = [s for s, done in zip(active, critiques)
                          if s.critiqued(done, self.cut_dropped(s.row, done, option="feedback_max_tokens"),
                                         c.stop_when_correct)]

@@ -8,7 +8,7 @@ from typing import Literal
 from ..answers import extract_answer
 from ..config import option
 from ..errors import ParseError
-from .base import LLMStep, TaskStepConfig
+from .llm_step import LLMStep, TaskStepConfig
 
 
 @dataclass

@@ -9,7 +9,9 @@ import polars as pl
 
 from ..answers import answers_match, false_calculations, read_references
 from ..config import option
-from .base import DROP, DROP_DETAIL, RowStep, StepContext
+from .base import RowStep
+from .context import StepContext
+from .drops import DROP, DROP_DETAIL
 
 
 @dataclass

@@ -9,9 +9,9 @@ from ...config import option
 from ...errors import FactoryError, ParseError
 from ...llm.base import fingerprint
 from ...text import normalize
-from ..base import LLMStep, LLMStepConfig
+from ..llm_step import LLMStep, LLMStepConfig
 from .examples import choose_examples, load_examples, next_generation
-from .instructions import clean_instruction
+from .instructions import clean_backtranslated_instruction
 from .segments import split_segments
 
 ORIGIN = "backtranslation"
@@ -126,7 +126,7 @@ class Backtranslate(LLMStep):
         return self.messages(prompt, prefill=self.config.prefill)
 
     def parse(self, reply, row):
-        instruction = clean_instruction(reply)
+        instruction = clean_backtranslated_instruction(reply)
         # Few-shot prompts tempt a small model to repeat a demonstration instead of reading the text.
         if normalize(instruction) in {normalize(d["instruction"]) for d in self.demonstrations(row)}:
             raise ParseError(f"the instruction copies a demonstration: {instruction!r}", reason="copied_example")

@@ -38,7 +38,7 @@ _REQUEST = re.compile(r"^(?:i(?:'m|\s+am)\s+(?:looking|trying|curious|interested
                       r"|i\s+(?:want|need)|how\s+to)\b", re.I)
 
 
-def clean_instruction(reply: str) -> str:
+def clean_backtranslated_instruction(reply: str) -> str:
     """The instruction in a backward-model reply, without labels, quotes or chatter.
 
     Takes the first line with content once chatter ("Sure! Here is the instruction:") is

@@ -9,8 +9,10 @@ from dataclasses import dataclass
 from ...config import option
 from ...llm.base import Completion, Conversation, Request
 from ...llm.schema import read_reply
-from ..base import LLMStep, LLMStepConfig, dropped, json_params, reasoning_first
+from ..drops import dropped
+from ..json_replies import json_params, reasoning_first
 from ..judge import parse_score
+from ..llm_step import LLMStep, LLMStepConfig
 
 _SCORE_LABEL = re.compile(r"[*_#\s]*\b(?:final\s+)?(?:score|rating)\s*(?:is|of|[:=])", re.I)
 _REASONING_LABEL = re.compile(r"^[*_]*(?:reasoning|explanation|rationale)[*_]*\s*:[*_]*\s*", re.I)
@@ -77,7 +79,7 @@ class SelfCurate(LLMStep):
 
     name = "self_curate"
     reads_verdict = True  # a score or verdict read before a cut is kept
-    structured_output = True
+    reads_fields = True
     Config = SelfCurateConfig
 
     def requires(self):
@@ -95,11 +97,11 @@ class SelfCurate(LLMStep):
 
     def generation_params(self):
         params = super().generation_params()
-        return json_params(params, rating_reply(self.config)) if self.structured else params
+        return json_params(params, rating_reply(self.config)) if self.asks_json else params
 
     def parse(self, reply, row):
         c = self.config
-        if self.structured:
+        if self.asks_json:
             fields = read_reply(reply, rating_reply(c))
             score, reasoning = float(fields["score"]), fields["reasoning"].strip()
         else:
@@ -112,7 +114,7 @@ class SelfCurate(LLMStep):
     def exchange(self, rows, ctx):
         asked, out = self.plan(rows)
         completions = yield [request for _, request in asked]
-        if self.config.force_score and not self.structured:  # a JSON reply holds its score
+        if self.config.force_score and not self.asks_json:  # a JSON reply holds its score
             completions = yield from self.complete_scores([r.messages for _, r in asked], completions)
         return out + self.read(asked, completions)
 

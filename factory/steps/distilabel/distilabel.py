@@ -10,7 +10,8 @@ from typing import Any
 from ...config import option
 from ...errors import FactoryError
 from ...llm.base import fingerprint
-from ..base import InvalidRow, LLMStep, LLMStepConfig, dropped, rows_to_frame
+from ..drops import InvalidRow, dropped, rows_to_frame
+from ..llm_step import LLMStep, LLMStepConfig
 from . import tasks as lib
 
 
@@ -54,11 +55,11 @@ class Distilabel(LLMStep):
     Config = DistilabelConfig
 
     @functools.cached_property
-    def task(self):  # the distilabel task, built with the step's options (JSON replies on a structured copy)
-        return lib.build_task(lib.find_task(self.config.task), self.config.options, True if self.structured else None)
+    def task(self):  # the distilabel task, built with the step's options (JSON replies on a copy that asks_json)
+        return lib.build_task(lib.find_task(self.config.task), self.config.options, True if self.asks_json else None)
 
     @property
-    def structured_output(self) -> bool:  # JSON where the backend enforces it, unless the options say no
+    def reads_fields(self) -> bool:  # JSON where the backend enforces it, unless the options say no
         return self.config.options.get(lib.JSON_OPTION) is not False and self._task_or_none() is not None \
             and self.schema is not None
 
@@ -81,7 +82,7 @@ class Distilabel(LLMStep):
         return lib.columns(self, "outputs") if self._task_or_none() is not None else []
 
     def fingerprint(self) -> str:
-        return fingerprint([super().fingerprint(), lib.version(), self.structured])
+        return fingerprint([super().fingerprint(), lib.version(), self.asks_json])
 
     def exchange(self, rows, ctx):
         ctx.report["distilabel"] = {"task": self.config.task, "version": lib.version(), "json": self.json_replies}
@@ -102,7 +103,7 @@ class Distilabel(LLMStep):
         return lib.task_schema(self.task)
 
     @functools.cached_property
-    def json_replies(self) -> bool:  # the task has a schema, and a structured copy or its options ask for JSON
+    def json_replies(self) -> bool:  # the task has a schema, and a copy that asks_json or its options ask for JSON
         return bool(getattr(self.task, lib.JSON_OPTION, False)) and self.schema is not None
 
     def parse(self, reply, row):

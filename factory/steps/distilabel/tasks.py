@@ -30,7 +30,8 @@ from ...config import closest
 from ...errors import FactoryError, ParseError
 from ...llm.base import Request
 from ...llm.schema import describe, extract_json
-from ..base import InvalidRow, json_params
+from ..drops import InvalidRow
+from ..json_replies import json_params
 
 INSTALL = "pip install 'dataset-factory[distilabel]'"
 # distilabel's own Step/Task fields: pipeline wiring the factory does its own way.

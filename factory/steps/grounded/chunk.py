@@ -9,7 +9,9 @@ import polars as pl
 
 from ...config import option
 from ...text import FENCE, count_words, pieces
-from ..base import RowStep, StepContext, dropped, rows_to_frame
+from ..base import RowStep
+from ..context import StepContext
+from ..drops import dropped, rows_to_frame
 
 _HEADING = re.compile(r"^(#{1,6})[ \t]+(.+?)[ \t]*#*[ \t]*$")
 _OWN_LINE = re.compile(r"^\s*(?:[-*+>|]|\d+[.)])\s")  # list items, quotes and table rows keep their line

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 
-from ..base import InvalidRow
+from ..drops import InvalidRow
 
 
 def format_context(passages: list[dict]) -> str:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from ...config import option
 from ...errors import ParseError
-from ..base import LLMStep, LLMStepConfig
+from ..llm_step import LLMStep, LLMStepConfig
 from .context import passage_list, passages_in
 
 # A citation is text in square brackets, not followed by "(" (that is a Markdown link).

@@ -13,8 +13,10 @@ from ...errors import ParseError
 from ...llm.base import Request
 from ...llm.schema import read_reply
 from ...text import normalize
-from ..base import (DROP, InvalidRow, LLMStep, LLMStepConfig, StepContext, dropped, json_object, json_params,
-                    rows_to_frame, text_field)
+from ..context import StepContext
+from ..drops import DROP, InvalidRow, dropped, rows_to_frame
+from ..json_replies import json_object, json_params, text_field
+from ..llm_step import LLMStep, LLMStepConfig
 from .context import format_context
 
 QUESTION_TYPES = ("factual", "reasoning", "multi_hop")
@@ -86,14 +88,14 @@ def question_reply(config: "GroundedQuestionsConfig") -> dict:
     return json_object({"question": text_field("the question, ending with a question mark", config.max_tokens, 12)})
 
 
-def read_question(reply: str, config: "GroundedQuestionsConfig", structured: bool) -> str:
-    """The question in a reply: the ``question`` of its JSON (``structured``), or its text; either
-    way held to :func:`clean_question`'s rules.
+def read_question(reply: str, config: "GroundedQuestionsConfig", asks_json: bool) -> str:
+    """The question in a reply: the ``question`` of its JSON (``asks_json``: it was asked for as
+    JSON), or its text; either way held to :func:`clean_question`'s rules.
 
     Raises:
         ParseError: no question (``schema_error``: JSON that does not match), or one that breaks a rule.
     """
-    text = read_reply(reply, question_reply(config))["question"] if structured else reply
+    text = read_reply(reply, question_reply(config))["question"] if asks_json else reply
     return clean_question(text, config.min_words, config.max_words)
 
 
@@ -227,7 +229,7 @@ class GroundedQuestions(LLMStep):
 
     name = "grounded_questions"
     kind = "global"
-    structured_output = True
+    reads_fields = True
     Config = GroundedQuestionsConfig
     prefill = "Question:"
 
@@ -249,10 +251,10 @@ class GroundedQuestions(LLMStep):
 
     def generation_params(self):
         params = super().generation_params()
-        return json_params(params, question_reply(self.config)) if self.structured else params
+        return json_params(params, question_reply(self.config)) if self.asks_json else params
 
     def parse(self, reply, row):
-        return {self.config.column: read_question(reply, self.config, self.structured)}
+        return {self.config.column: read_question(reply, self.config, self.asks_json)}
 
     def exchange(self, rows, ctx: StepContext):
         c = self.config

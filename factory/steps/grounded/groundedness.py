@@ -8,7 +8,9 @@ from dataclasses import dataclass
 from ...config import option
 from ...errors import ParseError
 from ...llm.schema import read_reply
-from ..base import InvalidRow, LLMStep, LLMStepConfig, dropped, json_params, reasoning_first, verdict_only
+from ..drops import InvalidRow, dropped
+from ..json_replies import json_params, reasoning_first, verdict_only
+from ..llm_step import LLMStep, LLMStepConfig
 from .context import passage_list, passages_in
 
 
@@ -76,12 +78,12 @@ class Groundedness(LLMStep):
 
     name = "groundedness"
     reads_verdict = True  # a score or verdict read before a cut is kept
-    structured_output = True
+    reads_fields = True
     Config = GroundednessConfig
 
     @property
     def prefill(self) -> str | None:
-        return None if self.config.reasoning or self.structured else "Supported:"
+        return None if self.config.reasoning or self.asks_json else "Supported:"
 
     def reply_schema(self) -> dict:
         """The JSON reply asked for where the backend enforces it."""
@@ -112,14 +114,14 @@ class Groundedness(LLMStep):
 
     def generation_params(self):
         params = super().generation_params()
-        if self.structured:
+        if self.asks_json:
             return json_params(params, self.reply_schema(), verdict=not self.config.reasoning)
         return params if self.config.reasoning else verdict_only(params)
 
     def parse(self, reply, row):
         c = self.config
         text = ((self.prefill or "") + reply).strip()
-        supported = read_reply(reply, self.reply_schema())["supported"] if self.structured else parse_supported(text)
+        supported = read_reply(reply, self.reply_schema())["supported"] if self.asks_json else parse_supported(text)
         if supported:
             return {c.output_column: True, c.judgement_column: text}
         return dropped({c.output_column: False, c.judgement_column: text}, "ungrounded",
