@@ -40,8 +40,8 @@ from .cache import Cache, NullCache, frame_digest
 from .errors import BackendError, FactoryError
 from .executors.base import Executor, check_output
 from .executors.local import LocalExecutor
+from .hashing import fingerprint
 from .llm import create_backend
-from .llm.base import fingerprint
 from .llm.requests import BackendPool, LLMSession, Usage
 from .steps.base import CUT, DROP, INTERNAL_PREFIX, TRUNCATED, StepContext, merge_reports
 

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from .build import cost_usd
 from .cache import Cache, NullCache
-from .llm.base import fingerprint
+from .hashing import fingerprint
 
 Z90 = 1.645  # two-sided 90%
 

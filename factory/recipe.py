@@ -33,7 +33,8 @@ from .config import build, closest, option, suggest, to_dict
 from .errors import FactoryError, Problem, RecipeError, format_path
 from .evolve.config import EvolveConfig, build_evolve
 from .hubdata import HubError
-from .llm import DEFAULT_LLM, build_llm_config, fingerprint, merge_llm
+from .hashing import fingerprint
+from .llm import DEFAULT_LLM, build_llm_config, merge_llm
 from .registry import STEPS, step_class
 from .sources import Source, build_source
 from .steps.base import Step

@@ -41,7 +41,7 @@ from scipy.sparse.csgraph import connected_components
 
 from factory.config import option
 from factory.errors import FactoryError
-from factory.llm.base import fingerprint
+from factory.hashing import fingerprint
 from factory.steps.base import StepContext, TableFilter
 
 REASON = "near_duplicate"

@@ -34,7 +34,8 @@ import polars as pl
 
 from ..config import option, to_dict
 from ..errors import ParseError
-from ..llm.base import Completion, Conversation, GenerationParams, Request, fingerprint
+from ..hashing import fingerprint
+from ..llm.base import Completion, Conversation, GenerationParams, Request
 from ..llm.schema import describe, schema_text
 
 DROP = "_drop_reason"

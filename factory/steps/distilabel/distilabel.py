@@ -9,7 +9,7 @@ from typing import Any
 
 from ...config import option
 from ...errors import FactoryError
-from ...llm.base import fingerprint
+from ...hashing import fingerprint
 from ..base import InvalidRow, LLMStep, LLMStepConfig, dropped, rows_to_frame
 from . import tasks as lib
 
