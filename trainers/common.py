@@ -7,7 +7,6 @@ import argparse
 import copy
 import hashlib
 import json
-import os
 import sys
 import types
 from pathlib import Path
@@ -19,6 +18,7 @@ import yaml
 
 from factory.config import build, option, to_dict
 from factory.errors import FactoryError, Problem, RecipeError, error_lines
+from factory.files import write_atomic
 
 TRAINING_RECORD = "training.json"  # written last: its presence means the adapter is complete
 
@@ -134,9 +134,7 @@ def pick_device(device: str) -> str:
 
 def write_record(out: Path, record: dict) -> None:
     """Writes ``training.json`` atomically; it marks the adapter as complete."""
-    tmp = out / f".{TRAINING_RECORD}.tmp"
-    tmp.write_text(json.dumps(record, indent=2, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, out / TRAINING_RECORD)
+    write_atomic(out / TRAINING_RECORD, json.dumps(record, indent=2, default=str) + "\n")
 
 
 def is_trained(out: str | Path) -> bool:
