@@ -16,7 +16,7 @@ from typing import Literal
 
 import yaml
 
-from factory.config import build, option, to_dict
+from factory.config import REQUIRED, build, option, option_help, to_dict
 from factory.errors import FactoryError, Problem, RecipeError, error_lines
 from factory.files import write_atomic
 
@@ -52,20 +52,27 @@ class TrainConfig:
         "auto", help="Training dtype; `auto` is float32 on CPU and bfloat16 on GPU.")
 
 
-def _flags(cls, **kwargs):
-    """transformers' HfArgumentParser for ``cls``, shown only each field's help: bounds,
-    choices and unknown keys are checked afterwards by :func:`factory.config.build`, which
-    says the fix. (Imported here: importing transformers takes seconds.)"""
+def _flags(cls, defaults: dict, **kwargs):
+    """transformers' HfArgumentParser for ``cls``, each field shown with only its help and its
+    default, written as ``factory steps`` writes them (:func:`factory.config.option_help`;
+    ``defaults``: those of the config file): bounds, choices and unknown keys are checked
+    afterwards by :func:`factory.config.build`, which says the fix. (Imported here: importing
+    transformers takes seconds.)"""
     from transformers import HfArgumentParser
+
+    shown = {name: f"{text} {REQUIRED}" if default == REQUIRED else f"{text} (default: {default})"
+             for name, default, text in option_help(cls, defaults)}
 
     class Flags(HfArgumentParser):
         @staticmethod
         def _parse_dataclass_field(parser, field):
             bare = copy.copy(field)
-            bare.metadata = types.MappingProxyType({"help": field.metadata.get("help", "")})
+            # argparse reads help as a %-format (a literal % in a help text or a default would break -h).
+            bare.metadata = types.MappingProxyType({"help": shown[field.name].replace("%", "%%")})
             HfArgumentParser._parse_dataclass_field(parser, bare)
 
-    return Flags(cls, **kwargs)
+    # The plain formatter: the default is in the help already, written as option_help writes it.
+    return Flags(cls, formatter_class=argparse.HelpFormatter, **kwargs)
 
 
 def parse_config(cls, argv: list[str] | None, description: str, prog: str | None = None):
@@ -78,7 +85,7 @@ def parse_config(cls, argv: list[str] | None, description: str, prog: str | None
     first.add_argument("--config")
     config_file = first.parse_known_args(argv)[0].config
     from_file = _read_config_file(config_file) if config_file else {}
-    parser = _flags(cls, prog=prog, description=description)
+    parser = _flags(cls, from_file, prog=prog, description=description)
     parser.add_argument("--config", help="a YAML file of options (flags override it)")
     for action in parser._actions:  # what the file gives is no longer required as a flag
         if action.dest in from_file:
