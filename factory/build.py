@@ -18,7 +18,7 @@ from .budget import usd
 from .cache import Cache, NullCache
 from .errors import FactoryError
 from .driver import Driver, RunResult
-from .recipe import OutputConfig, Recipe, output_format
+from .recipe_model import OutputConfig, Recipe, output_format
 from .store import STOPPED, read_manifest, target_line, truncation_lines, write_version
 
 
