@@ -343,7 +343,8 @@ def _cache_dir(args):
 
 
 def cmd_run(args) -> int:
-    from .build import format_examples, format_summary, run_recipe, target_warning
+    from .build import run_recipe
+    from .printing import format_examples, format_summary, target_warning
     from .recipe import load_recipe
     from .store import read_version
 
@@ -365,7 +366,8 @@ def cmd_run(args) -> int:
 
 
 def cmd_preview(args) -> int:
-    from .build import format_preview, preview_recipe
+    from .build import preview_recipe
+    from .printing import format_preview
     from .recipe import load_recipe
 
     recipe = load_recipe(args.recipe, _overrides(args))
