@@ -28,8 +28,8 @@ def run_manifest(recipe: Recipe, result: RunResult, written_as: str, *, started_
     for step in recipe.steps:
         if step.uses_llm:
             stats = next(s for s in result.steps if s.index == step.index)
-            models.append({"step": f"steps[{step.index}].{step.name}", **{k: stats.llm[k] for k in
-                          ("backend", "model", "adapter", "model_id")}})
+            models.append({"step": stats.label,
+                           **{k: stats.llm[k] for k in ("backend", "model", "adapter", "model_id")}})
     default = recipe.llm
     usage = usage_by_model(result.steps, recipe.prices)
     return {

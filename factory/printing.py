@@ -12,7 +12,7 @@ import polars as pl
 
 from .driver import RunResult
 from .recipe_model import Recipe
-from .store import STOPPED, target_line, truncation_lines
+from .store import STOPPED, step_label, target_line, truncation_lines
 
 
 
@@ -86,7 +86,7 @@ def target_warning(manifest: dict, reasons_per_step: int = 3) -> str | None:
     for s in manifest.get("steps", []):
         if s["dropped"]:
             top = sorted(s["dropped"].items(), key=lambda kv: -kv[1])[:reasons_per_step]
-            drops.append(f"steps[{s['index']}].{s['name']} dropped {s['rows_in'] - s['rows_out']} of {s['rows_in']} "
+            drops.append(f"{step_label(s)} dropped {s['rows_in'] - s['rows_out']} of {s['rows_in']} "
                          f"({', '.join(f'{k}={v}' for k, v in top)})")
     fix = ("raise output.max_candidates" if target["stopped"] == "max_candidates"
            else "give the source more rows (or a generator more room)")

@@ -33,7 +33,7 @@ from typing import Any, ClassVar, Literal
 import polars as pl
 
 from ..config import option, to_dict
-from ..errors import ParseError
+from ..errors import ParseError, format_path
 from ..hashing import fingerprint
 from ..llm.base import Completion, Conversation, GenerationParams, Request
 from ..llm.schema import describe, schema_text
@@ -135,10 +135,8 @@ class Step:
         self.index = index
         self.seed = seed
         self.base_dir = base_dir or Path.cwd()
-
-    @property
-    def label(self) -> str:
-        return f"steps[{self.index}].{self.name}"
+        # The step's key path in the recipe: what its stats, drops, errors and manifest entry are named by.
+        self.label = format_path(("steps", index, self.name))
 
     def requires(self) -> list[str]:
         """Columns that must exist before this step (checked when the recipe is validated)."""
