@@ -13,13 +13,13 @@ from __future__ import annotations
 import io
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import polars as pl
 
 from .encoding import json_encoder
+from .files import write_atomic
 
 
 def frame_digest(frame: pl.DataFrame) -> str:
@@ -46,7 +46,7 @@ def _arrow_table(frame: pl.DataFrame):
         return None
 
 
-def _write_arrow(path: str, table) -> None:
+def _write_arrow(path: Path, table) -> None:
     import pyarrow as pa
     import pyarrow.ipc
 
@@ -95,17 +95,6 @@ class Cache:
     def _path(self, namespace: str, key: str, ext: str) -> Path:
         return self.root / namespace / key[:2] / f"{key}.{ext}"
 
-    def _write(self, path: Path, write) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
-        os.close(fd)
-        try:
-            write(tmp)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-
     def get_frame(self, namespace: str, key: str) -> pl.DataFrame | None:
         for ext, read in (("arrow", _read_arrow), ("parquet", pl.read_parquet)):
             path = self._path(namespace, key, ext)
@@ -123,11 +112,11 @@ class Cache:
         table = _arrow_table(frame)
         if table is not None:
             try:
-                self._write(self._path(namespace, key, "arrow"), lambda tmp: _write_arrow(tmp, table))
+                write_atomic(self._path(namespace, key, "arrow"), lambda tmp: _write_arrow(tmp, table))
                 return
             except Exception:
                 pass
-        self._write(self._path(namespace, key, "parquet"), lambda tmp: frame.write_parquet(tmp))
+        write_atomic(self._path(namespace, key, "parquet"), frame.write_parquet)
 
     def get_json(self, namespace: str, key: str):
         path = self._path(namespace, key, "json")
@@ -139,8 +128,7 @@ class Cache:
             return None
 
     def put_json(self, namespace: str, key: str, value) -> None:
-        text = json.dumps(value, ensure_ascii=False)
-        self._write(self._path(namespace, key, "json"), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+        write_atomic(self._path(namespace, key, "json"), json.dumps(value, ensure_ascii=False))
 
     def journal(self, namespace: str, key: str) -> "Journal":
         return Journal(self._path(namespace, key, "jsonl"))

@@ -383,7 +383,8 @@ def _cache_dir(args):
 
 
 def cmd_run(args) -> int:
-    from .build import format_examples, format_summary, run_recipe, target_warning
+    from .build import run_recipe
+    from .printing import format_examples, format_summary, target_warning
     from .recipe import load_recipe
     from .store import read_version
 
@@ -405,7 +406,8 @@ def cmd_run(args) -> int:
 
 
 def cmd_preview(args) -> int:
-    from .build import format_preview, preview_recipe
+    from .build import preview_recipe
+    from .printing import format_preview
     from .recipe import load_recipe
 
     recipe = load_recipe(args.recipe, _overrides(args))
@@ -563,11 +565,10 @@ def cmd_export_embedded(args) -> int:
 
 
 def cmd_steps(args) -> int:
-    import dataclasses
     import inspect
     from pathlib import Path
 
-    from .config import closest
+    from .config import closest, option_help
     from .registry import STEPS, source_file, step_class
 
     if args.name is None:
@@ -591,12 +592,9 @@ def cmd_steps(args) -> int:
     print(f"{args.name}: {path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path}\n")
     print(inspect.cleandoc(cls.__doc__ or ""))
     print("\noptions:")
-    for f in dataclasses.fields(cls.Config):
-        default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else "(required)")
-        print(f"  {f.name} = {default!r}")
-        print(textwrap.fill(f.metadata.get("help", ""), width=96, initial_indent="      ",
-                            subsequent_indent="      "))
+    for name, default, text in option_help(cls.Config):
+        print(f"  {name} = {default}")
+        print(textwrap.fill(text, width=96, initial_indent="      ", subsequent_indent="      "))
     if args.name == "distilabel":
         print("\n" + "\n".join(library))
     return 0

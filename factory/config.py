@@ -58,6 +58,36 @@ def help_of(cls) -> dict[str, str]:
     return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)}
 
 
+REQUIRED = "(required)"  # what an option without a default shows in its place
+
+
+def option_help(cls, values: dict | None = None) -> list[tuple[str, str, str]]:
+    """Each option of config dataclass ``cls`` as ``(name, default, help)``: what ``factory steps
+    NAME`` and a trainer's ``-h`` show, so that both write defaults and help alike.
+
+    Args:
+        cls: a config dataclass (its fields made with :func:`option`).
+        values: defaults shown instead of the dataclass's (those a trainer's ``--config`` file gives).
+
+    Returns:
+        Per field: its name, its default as Python writes it (``'embedded'``, ``16``) or
+        :data:`REQUIRED`, and its help string.
+    """
+    values = values or {}
+    shown = []
+    for f in dataclasses.fields(cls):
+        if f.name in values:
+            default = repr(values[f.name])
+        elif f.default is not MISSING:
+            default = repr(f.default)
+        elif f.default_factory is not MISSING:
+            default = repr(f.default_factory())
+        else:
+            default = REQUIRED
+        shown.append((f.name, default, f.metadata.get("help", "")))
+    return shown
+
+
 def build(cls, data: Any, path: tuple, problems: list[Problem], *, exclude: tuple = ()):
     """Validates ``data`` against config dataclass ``cls`` and returns an instance.
 

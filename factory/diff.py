@@ -11,7 +11,7 @@ from pathlib import Path
 
 import polars as pl
 
-from .store import read_manifest, read_version
+from .store import read_manifest, read_version, step_label
 
 
 def recipe_changes(a, b, path: str = "") -> list[dict]:
@@ -52,7 +52,7 @@ def _metrics(manifest: dict, table: pl.DataFrame) -> dict:
     dropped: dict[str, int] = {}
     for step in manifest.get("steps", []):
         for reason, count in step["dropped"].items():
-            dropped[f"steps[{step['index']}].{step['name']}:{reason}"] = count
+            dropped[f"{step_label(step)}:{reason}"] = count
     metrics["dropped"] = dropped
     return metrics
 

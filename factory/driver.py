@@ -40,8 +40,8 @@ from .cache import Cache, NullCache, frame_digest
 from .errors import BackendError, FactoryError
 from .executors.base import Executor, check_output
 from .executors.local import LocalExecutor
+from .hashing import fingerprint
 from .llm import create_backend
-from .llm.base import fingerprint
 from .llm.requests import BackendPool, LLMSession, Usage
 from .steps.context import StepContext, merge_reports
 from .steps.drops import DROP, INTERNAL_PREFIX
@@ -57,6 +57,7 @@ class StepStats:
 
     index: int
     name: str
+    label: str  # the step's (steps[i].name), taken from it; readers of a manifest get it with store.step_label
     kind: str
     rows_in: int = 0
     rows_out: int = 0
@@ -68,10 +69,6 @@ class StepStats:
     report: dict = field(default_factory=dict)
     truncation: dict | None = None  # replies cut at max_tokens (see :func:`truncation_facts`)
     acceptance: float | None = None  # rows out / rows in (above 1 for a step that makes several rows of one)
-
-    @property
-    def label(self) -> str:
-        return f"steps[{self.index}].{self.name}"
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -315,7 +312,7 @@ class Driver:
         source_dropped = (dict(rejected_parts[0]["drop_reason"].value_counts().iter_rows()) if rejected_parts else {})
         all_stats: list[StepStats] = []
         for step in steps:
-            stats = StepStats(step.index, step.name, step.kind, rows_in=table.height)
+            stats = StepStats(step.index, step.name, step.label, step.kind, rows_in=table.height)
             session = LLMSession(step.llm_config, self.cache, seed, self.backends, budget=self.budget,
                                  ledger=None if self.ledger is None else self.ledger.setdefault(step.index, [])
                                  ) if step.uses_llm else None

@@ -26,9 +26,9 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
-from .build import cost_usd
 from .cache import Cache, NullCache
-from .llm.base import fingerprint
+from .hashing import fingerprint
+from .manifest import cost_usd
 
 Z90 = 1.645  # two-sided 90%
 

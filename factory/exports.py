@@ -99,12 +99,14 @@ def _alpaca(chat: list[dict]) -> dict:
 
 def why_empty(manifest: dict) -> str:
     """Where a version's rows went: the step that dropped the last of them and its main reasons."""
+    from .store import step_label
+
     source = manifest.get("source") or {}
     for step in manifest.get("steps", []):
         if step.get("rows_in") and not step.get("rows_out"):
             reasons = sorted((step.get("dropped") or {}).items(), key=lambda kv: -kv[1])[:3]
             because = f": {', '.join(f'{r} {n}' for r, n in reasons)}" if reasons else ""
-            return f"steps[{step['index']}].{step['name']} dropped the last {step['rows_in']} rows{because}"
+            return f"{step_label(step)} dropped the last {step['rows_in']} rows{because}"
     if source.get("dropped"):
         reasons = ", ".join(f"{r} {n}" for r, n in source["dropped"].items())
         return f"the source's {source.get('rows_read', 0)} rows were all set aside while reading: {reasons}"

@@ -30,6 +30,7 @@ from pathlib import Path
 import polars as pl
 
 from . import __version__
+from .errors import format_path
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "dataset-factory/1"
@@ -132,6 +133,12 @@ def write_version(out_root: str | Path, name: str, table: pl.DataFrame, rejected
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def step_label(step: dict) -> str:
+    """The label of a manifest's step entry (``steps[1].solve``): its ``label``, or, in a manifest
+    written before steps carried one, the same key path made from its index and name."""
+    return step.get("label") or format_path(("steps", step["index"], step["name"]))
 
 
 def read_manifest(version_dir: str | Path) -> dict:
@@ -266,7 +273,6 @@ def truncation_lines(steps: list[dict]) -> list[str]:
         t = s.get("truncation")
         if not t:
             continue
-        label = f"steps[{s['index']}].{s['name']}"
         parts = [f"{t['dropped']} dropped as truncated"] if t["dropped"] else []
         if t["kept"]:
             parts.append(f"{t['kept']} kept" + (" (column `truncated`)" if t["on_truncation"] == "keep"
@@ -276,7 +282,7 @@ def truncation_lines(steps: list[dict]) -> list[str]:
         if t.get("continued"):
             parts.append(f"{t['continued']} continuations asked")
         limits = ", ".join(f"{count} at {option}" for option, count in t["limits"].items())
-        line = f"cut: {label}: {t['cut']} of {t['replies']} replies hit the token limit" + \
+        line = f"cut: {step_label(s)}: {t['cut']} of {t['replies']} replies hit the token limit" + \
             (f" ({limits})" if limits else "") + (f": {', '.join(parts)}" if parts else "")
         lines.append(line + (f"; {t['hint']}" if t.get("hint") else ""))
     return lines

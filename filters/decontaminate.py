@@ -20,7 +20,7 @@ import polars as pl
 
 from factory.config import option
 from factory.errors import FactoryError, Problem
-from factory.llm.base import fingerprint
+from factory.hashing import fingerprint
 from factory.sources import Source, build_source
 from factory.steps.context import StepContext
 

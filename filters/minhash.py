@@ -41,7 +41,7 @@ from scipy.sparse.csgraph import connected_components
 
 from factory.config import option
 from factory.errors import FactoryError
-from factory.llm.base import fingerprint
+from factory.hashing import fingerprint
 from factory.steps.context import StepContext
 
 from .base import TableFilter

@@ -124,7 +124,7 @@ ABOVE_THE_DRIVER = ("factory.recipe", "factory.build", "factory.evolve", "factor
                     "factory.estimate", "factory.bundled")
 BELOW_THE_DRIVER = ("factory.executors", "factory.steps", "factory.llm", "filters")
 WHAT_A_CONSUMER_NEEDS = {"factory", "factory.config", "factory.errors", "factory.store", "factory.models",
-                         "factory.training"}
+                         "factory.training", "factory.files"}
 
 
 def test_data_flows_one_way_nothing_below_the_driver_imports_what_is_above_it():

@@ -14,7 +14,8 @@ from factory.budget import Budget, BudgetReached
 from factory.cli import main
 from factory.errors import RecipeError
 from factory.llm.base import GenerationParams, Request
-from factory.recipe import Price, load_recipe
+from factory.recipe import load_recipe
+from factory.recipe_model import Price
 
 from .conftest import ROOT
 from .fake_openai import FakeOpenAI

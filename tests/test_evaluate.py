@@ -65,7 +65,7 @@ def test_a_second_eval_of_the_same_model_on_the_same_set_asks_the_model_nothing(
 def test_an_eval_whose_requests_fail_stops_instead_of_counting_them_wrong(tmp_path):
     table = pl.DataFrame({"instruction": [f"Question {i}?" for i in range(8)], "answer": ["7"] * 8})
     step = eval_step(ScriptedConfig(rules=RULES))
-    with pytest.raises(BackendError, match=r"8 of 8 rows failed in the backend .*HTTP 503"):
+    with pytest.raises(BackendError, match=r"^eval: 8 of 8 rows failed in the backend .*HTTP 503"):
         accuracy(counting_driver(Cache(tmp_path), fail="Question"), step, table, "instruction", "answer")
     # Under the recipe's failure limit, a failed request is an unanswered item, as a wrong answer is.
     table = table.with_columns(pl.Series("instruction", ["Question 0?"] + [f"Item {i}?" for i in range(1, 8)]))

@@ -9,13 +9,14 @@ import re
 import polars as pl
 
 from factory.answers import answers_match, false_calculations
-from factory.build import format_examples, run_recipe
+from factory.build import run_recipe
 from factory.cache import Cache
 from factory.cli import main
 from factory.driver import Driver
 from factory.generators import ArithmeticConfig, arithmetic
 from factory.llm import create_backend
 from factory.llm.scripted import ScriptedBackend, ScriptedConfig
+from factory.printing import format_examples
 from factory.recipe import load_recipe
 from factory.store import read_version
 

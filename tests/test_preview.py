@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import polars as pl
 
-from factory.build import format_rows
 from factory.cli import main
 from factory.generators import ArithmeticConfig, arithmetic
+from factory.printing import format_rows
 from factory.store import read_manifest, read_version
 
 from .test_target_rows import HALF_LLM, half_recipe

@@ -270,10 +270,10 @@ def test_sigterm_stops_like_sigint(tmp_path):
 
 
 def test_full_disk_is_a_clear_error(scripted_recipe, tmp_path, capsys, monkeypatch):
-    def no_space(self, path, write):
+    def no_space(path, content):
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
-    monkeypatch.setattr(Cache, "_write", no_space)
+    monkeypatch.setattr("factory.cache.write_atomic", no_space)
     assert main(["run", str(scripted_recipe()), "--out", str(tmp_path / "out"), "--quiet"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: no space left on device (")

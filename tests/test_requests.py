@@ -118,7 +118,7 @@ def test_usage_counts_tokens_and_the_backends_retries():
 def test_request_keys_digest_the_same_json_as_fingerprint():
     """The client builds `fingerprint([sampling key, messages])` from the parts' JSON (one head per
     parameter set): the text must be the list's own, or every cached reply would miss."""
-    from factory.llm.base import canonical, digest, fingerprint
+    from factory.hashing import canonical, digest, fingerprint
 
     params = GenerationParams(n=2, temperature=0.7, stop=("\n\n",), json_schema='{"type": "object"}')
     messages = [{"role": "system", "content": "Réponds « court »."}, {"role": "user", "content": 'a "b"\n\t{x}'}]

@@ -7,7 +7,7 @@ import multiprocessing as mp
 
 import polars as pl
 
-from factory.store import latest_version, read_manifest, read_version, versions, write_version
+from factory.store import latest_version, read_manifest, read_version, step_label, versions, write_version
 
 
 def frame(n: int, tag: str = "x") -> pl.DataFrame:
@@ -84,3 +84,8 @@ def test_concurrent_writers_get_distinct_versions_never_half_written(tmp_path):
         assert data.height == 50 and data["instruction"][0].startswith(manifest["writer"])
         writers.add(manifest["writer"])
     assert writers == set(tags)
+
+
+def test_a_step_is_named_by_its_label_and_old_manifests_by_index_and_name():
+    assert step_label({"index": 1, "name": "solve", "label": "steps[1].solve"}) == "steps[1].solve"
+    assert step_label({"index": 2, "name": "score"}) == "steps[2].score"  # written before steps carried a label

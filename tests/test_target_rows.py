@@ -6,11 +6,12 @@ import json
 
 import pytest
 
-from factory.build import run_recipe, target_warning
+from factory.build import run_recipe
 from factory.cache import Cache, NullCache
 from factory.cli import main
 from factory.driver import Driver, next_candidates
 from factory.errors import RecipeError
+from factory.printing import target_warning
 from factory.recipe import load_recipe
 from factory.store import read_manifest, read_version
 

@@ -101,6 +101,19 @@ def test_config_from_yaml_and_flags(tmp_path, capsys):
     assert "lora_r: must be at least 1, got 0" in capsys.readouterr().err
 
 
+def test_help_writes_defaults_and_help_as_factory_steps_does(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        parse_config(sft.SFTConfig, ["-h"], "test")
+    shown = " ".join(capsys.readouterr().out.split())
+    assert "--lora_r LORA_R, --lora-r LORA_R LoRA rank. (default: 16)" in shown
+    assert "(default: 'embedded')" in shown and "checkpoints go. (required)" in shown
+    config_file = tmp_path / "train.yaml"
+    config_file.write_text("lora_r: 4\n")  # what the file gives is the default the help shows
+    with pytest.raises(SystemExit):
+        parse_config(sft.SFTConfig, ["--config", str(config_file), "-h"], "test")
+    assert "LoRA rank. (default: 4)" in " ".join(capsys.readouterr().out.split())
+
+
 def test_missing_messages_is_a_clear_error(tiny_model_dir, tmp_path, capsys):
     version = write_version(tmp_path, "raw", pl.DataFrame({"instruction": ["x"]}), pl.DataFrame(), {})
     assert run_main(sft.main, ["--dataset", str(version), "--out", str(tmp_path / "a"), "--model",

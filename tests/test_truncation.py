@@ -9,13 +9,14 @@ import json
 import polars as pl
 import pytest
 
-from factory.build import format_summary, run_recipe
+from factory.build import run_recipe
 from factory.cache import Cache
 from factory.driver import StepStats
 from factory.inspect import render, summarize
 from factory.llm import OpenAIBackend, OpenAIConfig, ScriptedBackend, ScriptedConfig
 from factory.llm.base import GenerationParams, Request
 from factory.llm.requests import LLMClient
+from factory.printing import format_summary
 from factory.llm.transformers_backend import TransformersBackend, TransformersConfig
 from factory.recipe import load_recipe
 from factory.steps.context import StepContext

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from factory.build import format_summary
 from factory.errors import RecipeError
+from factory.printing import format_summary
 from factory.recipe import load_recipe
 from factory.store import read_version
 

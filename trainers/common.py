@@ -7,32 +7,39 @@ import argparse
 import copy
 import hashlib
 import json
-import os
 import sys
 import types
 from pathlib import Path
 
 import yaml
 
-from factory.config import build, to_dict
+from factory.config import REQUIRED, build, option_help, to_dict
 from factory.errors import FactoryError, Problem, RecipeError, error_lines
+from factory.files import write_atomic
 from factory.training import TRAINING_RECORD, is_trained
 
 
-def _flags(cls, **kwargs):
-    """transformers' HfArgumentParser for ``cls``, shown only each field's help: bounds,
-    choices and unknown keys are checked afterwards by :func:`factory.config.build`, which
-    says the fix. (Imported here: importing transformers takes seconds.)"""
+def _flags(cls, defaults: dict, **kwargs):
+    """transformers' HfArgumentParser for ``cls``, each field shown with only its help and its
+    default, written as ``factory steps`` writes them (:func:`factory.config.option_help`;
+    ``defaults``: those of the config file): bounds, choices and unknown keys are checked
+    afterwards by :func:`factory.config.build`, which says the fix. (Imported here: importing
+    transformers takes seconds.)"""
     from transformers import HfArgumentParser
+
+    shown = {name: f"{text} {REQUIRED}" if default == REQUIRED else f"{text} (default: {default})"
+             for name, default, text in option_help(cls, defaults)}
 
     class Flags(HfArgumentParser):
         @staticmethod
         def _parse_dataclass_field(parser, field):
             bare = copy.copy(field)
-            bare.metadata = types.MappingProxyType({"help": field.metadata.get("help", "")})
+            # argparse reads help as a %-format (a literal % in a help text or a default would break -h).
+            bare.metadata = types.MappingProxyType({"help": shown[field.name].replace("%", "%%")})
             HfArgumentParser._parse_dataclass_field(parser, bare)
 
-    return Flags(cls, **kwargs)
+    # The plain formatter: the default is in the help already, written as option_help writes it.
+    return Flags(cls, formatter_class=argparse.HelpFormatter, **kwargs)
 
 
 def parse_config(cls, argv: list[str] | None, description: str, prog: str | None = None):
@@ -45,7 +52,7 @@ def parse_config(cls, argv: list[str] | None, description: str, prog: str | None
     first.add_argument("--config")
     config_file = first.parse_known_args(argv)[0].config
     from_file = _read_config_file(config_file) if config_file else {}
-    parser = _flags(cls, prog=prog, description=description)
+    parser = _flags(cls, from_file, prog=prog, description=description)
     parser.add_argument("--config", help="a YAML file of options (flags override it)")
     for action in parser._actions:  # what the file gives is no longer required as a flag
         if action.dest in from_file:
@@ -101,9 +108,7 @@ def pick_device(device: str) -> str:
 
 def write_record(out: Path, record: dict) -> None:
     """Writes ``training.json`` atomically; it marks the adapter as complete."""
-    tmp = out / f".{TRAINING_RECORD}.tmp"
-    tmp.write_text(json.dumps(record, indent=2, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, out / TRAINING_RECORD)
+    write_atomic(out / TRAINING_RECORD, json.dumps(record, indent=2, default=str) + "\n")
 
 
 def begin_training(config, method: str) -> dict | None:

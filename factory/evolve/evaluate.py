@@ -146,9 +146,10 @@ def in_order(run: RunResult) -> pl.DataFrame:
 
 
 def eval_step(llm_config, cot: bool = True, answer_format: str = "number", max_tokens: int | None = None,
-              template_from: Solve | None = None) -> Solve:
+              template_from: Solve | None = None, label: str = "eval") -> Solve:
     """A greedy ``solve`` step that asks the model of ``llm_config``, with a training recipe's
-    prompt when given (and that step's token limit when ``max_tokens`` is None)."""
+    prompt when given (and that step's token limit when ``max_tokens`` is None); ``label`` names
+    it in errors and in its rows' ``drop_step``."""
     if template_from is not None:
         c = template_from.config
         config = SolveConfig(template=c.template, system=c.system, column=c.column, input_column=c.input_column,
@@ -158,6 +159,7 @@ def eval_step(llm_config, cot: bool = True, answer_format: str = "number", max_t
     else:
         step = Solve(SolveConfig(cot=cot, answer_format=answer_format, temperature=0.0, top_p=1.0, samples=1,
                                  **({"max_tokens": max_tokens} if max_tokens else {})))
+    step.label = label
     return step.with_llm_config(llm_config)
 
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import subprocess
 import sys
 import time
@@ -36,13 +35,16 @@ import yaml
 from filters.consistency import Consistency
 from filters.select import Select
 
-from ..build import format_summary, run_recipe
+from ..build import run_recipe
 from ..cache import Cache
 from ..config import to_dict
 from ..driver import Driver
 from ..errors import FactoryError, Problem
+from ..files import write_atomic
 from ..llm import build_llm_config, merge_llm
-from ..recipe import Recipe, load_recipe
+from ..printing import format_summary
+from ..recipe import load_recipe
+from ..recipe_model import Recipe
 from ..report import write_report
 from ..steps.pairwise import Pairwise, PairwiseConfig
 from ..steps.solve import Solve, SolveConfig
@@ -55,9 +57,7 @@ STATE = "evolve.json"
 
 
 def _save(out: Path, state: dict) -> None:
-    tmp = out / f".{STATE}.tmp"
-    tmp.write_text(json.dumps(state, indent=2, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, out / STATE)
+    write_atomic(out / STATE, json.dumps(state, indent=2, default=str) + "\n")
 
 
 def _log(message: str) -> None:
@@ -177,7 +177,7 @@ class Evolution:
         if e.answer_column in table.columns:  # a reference without a value stops here, before any model loads
             eval_references(table, e.answer_column, self.solve.config.answer_format if e.method == "auto"
                             else e.method, e.name())
-        step = eval_step(self.llm(adapter), max_tokens=e.max_tokens, template_from=self.solve)
+        step = eval_step(self.llm(adapter), max_tokens=e.max_tokens, template_from=self.solve, label="evolve.eval")
         # Large batches: the backend sorts each batch by prompt length, so fewer batches pad less.
         result = accuracy(self.driver, step, table, e.column, e.answer_column, e.method, seed=self.recipe.seed,
                           batch_size=256, max_failure_rate=self.recipe.header.max_failure_rate, source=e.name())
@@ -190,6 +190,7 @@ class Evolution:
     def answers(self, tasks: pl.DataFrame, adapter: str | None) -> pl.Series:
         """Greedy answers of the model with ``adapter`` to the win-rate tasks (null where none came)."""
         step = Solve(SolveConfig(temperature=0.0, max_tokens=self.config.win_rate.max_tokens))
+        step.label = "evolve.win_rate"
         return self.run_step(step.with_llm_config(self.llm(adapter)), tasks)["response"]
 
     def win_rate(self, adapter: str | None, previous: str | None) -> dict:
@@ -203,6 +204,7 @@ class Evolution:
         if problems:
             raise FactoryError(problems[0].format())
         judge = Pairwise(PairwiseConfig(a_column="response", b_column="previous", reasoning=False))
+        judge.label = "evolve.win_rate.judge"
         verdicts = self.run_step(judge.with_llm_config(judge_llm), table)
         counts = {k: int((verdicts["winner"] == k).sum()) if "winner" in verdicts.columns else 0
                   for k in ("a", "b", "tie")}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..config import build, suggest
 from ..errors import Problem
-from .base import Backend, BackendStats, Completion, Conversation, GenerationParams, fingerprint
+from .base import Backend, BackendStats, Completion, Conversation, GenerationParams
 from .openai_backend import OpenAIBackend, OpenAIConfig
 from .scripted import ScriptedBackend, ScriptedConfig
 from .transformers_backend import TransformersBackend, TransformersConfig
@@ -51,5 +51,4 @@ def create_backend(config) -> Backend:
 
 __all__ = ["BACKENDS", "Backend", "BackendStats", "Completion", "Conversation", "GenerationParams",
            "TransformersBackend", "TransformersConfig", "OpenAIBackend", "OpenAIConfig", "ScriptedBackend",
-           "ScriptedConfig", "VLLMBackend", "VLLMConfig", "build_llm_config", "create_backend", "fingerprint",
-           "merge_llm"]
+           "ScriptedConfig", "VLLMBackend", "VLLMConfig", "build_llm_config", "create_backend", "merge_llm"]

@@ -18,11 +18,8 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import hashlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
-
-from ..encoding import json_encoder
 
 LENGTH = "length"  # the finish reason of a reply cut at max_tokens
 
@@ -258,34 +255,6 @@ class Backend:
 
     def close(self) -> None:
         """Frees the model or connections."""
-
-
-def digest(text: str) -> str:
-    """The sha256 hex digest of a text."""
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-def seed_of(text: str) -> int:
-    """A stable 32-bit integer from a text (a sampling seed)."""
-    return int(digest(text)[:8], 16)
-
-
-_CANONICAL = json_encoder(sort_keys=True, ensure_ascii=False, default=str, separators=(",", ":"))
-
-
-def canonical(data: Any) -> str:
-    """The JSON text that :func:`fingerprint` digests (sorted keys, no spaces)."""
-    return _CANONICAL(data)
-
-
-def fingerprint(data: Any) -> str:
-    """A stable sha256 hex digest of JSON-serialisable data."""
-    return digest(canonical(data))
-
-
-def fingerprint_int(data: Any) -> int:
-    """A stable 32-bit integer from JSON-serialisable data (for seeds)."""
-    return seed_of(canonical(data))
 
 
 def split_prefill(conversation: Conversation) -> tuple[Conversation, str | None]:

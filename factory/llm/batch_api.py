@@ -29,7 +29,8 @@ import time
 from dataclasses import dataclass, field
 
 from ..errors import BackendError
-from .base import Completion, OnReply, Request, canonical, digest, fingerprint
+from ..hashing import canonical, digest, fingerprint
+from .base import Completion, OnReply, Request
 from .server import RequestError
 
 TERMINAL = {"completed", "expired", "cancelled", "failed"}

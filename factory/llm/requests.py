@@ -41,6 +41,7 @@ from typing import Any
 from ..cache import Cache, NullCache
 from ..config import to_dict
 from ..errors import ParseError
+from ..hashing import canonical, digest, fingerprint, seed_of
 from .base import (
     Backend,
     Completion,
@@ -48,12 +49,8 @@ from .base import (
     GenerationParams,
     LENGTH,
     Request,
-    canonical,
     continued,
     counting_call,
-    digest,
-    fingerprint,
-    seed_of,
     split_prefill,
 )
 from .schema import read_reply

@@ -30,7 +30,8 @@ from dataclasses import dataclass
 from typing import Callable, Literal
 
 from ..config import option
-from .base import LENGTH, Backend, Completion, Conversation, OnReply, Request, fingerprint, split_prefill, trim_at_stop
+from ..hashing import fingerprint
+from .base import LENGTH, Backend, Completion, Conversation, OnReply, Request, split_prefill, trim_at_stop
 
 
 @dataclass

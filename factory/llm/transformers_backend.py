@@ -9,6 +9,7 @@ from typing import Literal
 
 from ..config import option
 from ..errors import FactoryError
+from ..hashing import fingerprint_int
 from ..models import (
     adapter_fingerprint,
     check_adapter,
@@ -27,7 +28,6 @@ from .base import (
     OnReply,
     Request,
     by_sampling,
-    fingerprint_int,
     split_prefill,
     trim_at_stop,
 )

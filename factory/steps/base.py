@@ -24,7 +24,8 @@ from typing import Any, ClassVar
 import polars as pl
 
 from ..config import to_dict
-from ..llm.base import fingerprint
+from ..errors import format_path
+from ..hashing import fingerprint
 from .context import StepContext
 
 
@@ -42,10 +43,8 @@ class Step:
         self.index = index
         self.seed = seed
         self.base_dir = base_dir or Path.cwd()
-
-    @property
-    def label(self) -> str:
-        return f"steps[{self.index}].{self.name}"
+        # The step's key path in the recipe: what its stats, drops, errors and manifest entry are named by.
+        self.label = format_path(("steps", index, self.name))
 
     def requires(self) -> list[str]:
         """Columns that must exist before this step (checked when the recipe is validated)."""

@@ -12,7 +12,7 @@ import polars as pl
 
 from ..config import option
 from ..errors import ParseError
-from ..llm.base import fingerprint
+from ..hashing import fingerprint
 from ..llm.schema import SchemaSpecError, describe, polars_dtype, read_reply, schema_text, to_json_schema
 from .drops import rows_to_frame
 from .llm_step import LLMStep, LLMStepConfig

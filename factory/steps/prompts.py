@@ -11,7 +11,8 @@ import functools
 from pathlib import Path
 from typing import ClassVar
 
-from ..llm.base import Conversation, fingerprint
+from ..hashing import fingerprint
+from ..llm.base import Conversation
 from ..llm.schema import describe
 from .base import Step
 from .drops import InvalidRow

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from ...config import option
 from ...errors import FactoryError, ParseError
-from ...llm.base import fingerprint
+from ...hashing import fingerprint
 from ...text import normalize
 from ..llm_step import LLMStep, LLMStepConfig
 from .examples import choose_examples, load_examples, next_generation

@@ -8,7 +8,7 @@ from pathlib import Path
 import polars as pl
 
 from ...errors import FactoryError
-from ...llm.base import fingerprint
+from ...hashing import fingerprint
 from ...sources import detect_format, read_table, resolve_path
 from ...text import has_text
 

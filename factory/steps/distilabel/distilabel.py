@@ -9,7 +9,7 @@ from typing import Any
 
 from ...config import option
 from ...errors import FactoryError
-from ...llm.base import fingerprint
+from ...hashing import fingerprint
 from ..drops import InvalidRow, dropped, rows_to_frame
 from ..llm_step import LLMStep, LLMStepConfig
 from . import tasks as lib
