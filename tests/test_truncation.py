@@ -288,7 +288,7 @@ def test_the_limit_option_is_no_part_of_a_request_identity(tmp_path):
 
 def test_a_batch_report_cached_with_the_limits_value_reads_as_max_tokens():
     """Batch reports cached before cut replies were counted by option hold the limit's value."""
-    stats = StepStats(0, "solve", "row", dropped={"truncated": 3},
+    stats = StepStats(0, "solve", "steps[0].solve", "row", dropped={"truncated": 3},
                       report={"truncation": {"replies": 5, "cut": 3, "limits": {"5": 3}, "continued": 0}})
     facts = truncation_facts(Solve(SolveConfig(max_tokens=5)), stats)
     assert facts["limits"] == {"max_tokens": 3}
