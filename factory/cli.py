@@ -229,7 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--max-tokens", type=_positive, default=None,
                           help="most tokens per answer (default: the recipe's solve step's, else 256)")
     evaluate.add_argument("--batch-size", type=_positive, default=64, help="questions per batch (default: 64)")
-    evaluate.add_argument("--results", default=None, metavar="JSON", help="also write every item's result here")
+    evaluate.add_argument("--results", default=None, metavar="JSON", help="also write every item's result here, and "
+                                                                          "what the eval asked of the model (usage)")
     evaluate.add_argument("--out", default="out", help="the output folder whose cache the eval shares "
                                                        "(default: out; nothing else is written there)")
     _add_cache(evaluate)
@@ -534,8 +535,8 @@ def cmd_eval(args) -> int:
     result = evaluate_model(driver, request, recipe)
     print(json.dumps(result.summary()))
     if args.results:
-        Path(args.results).write_text(json.dumps({**result.summary(), "results": result.results}, indent=1) + "\n",
-                                      encoding="utf-8")
+        Path(args.results).write_text(json.dumps({**result.summary(), "usage": result.usage,
+                                                  "results": result.results}, indent=1) + "\n", encoding="utf-8")
     return 0
 
 

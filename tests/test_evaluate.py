@@ -80,7 +80,9 @@ def test_factory_eval_prints_the_accuracy_and_writes_each_item(tmp_path, capsys)
     assert main(args + ["--results", str(results)]) == 0
     assert json.loads(capsys.readouterr().out) == {"accuracy": 0.2, "items": 5, "correct": 1, "no_answer": 0,
                                                    "truncated": 0}
-    items = json.loads(results.read_text())["results"]
+    written = json.loads(results.read_text())
+    assert written["usage"]["conversations"] == 5 and written["usage"]["cached_batches"] == 0
+    items = written["results"]
     assert [(r["reference"], r["prediction"], r["correct"]) for r in items[:2]] == [("330", "330", True),
                                                                                    ("80", "7", False)]
     assert (tmp_path / "out" / ".cache").is_dir()
