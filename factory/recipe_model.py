@@ -195,6 +195,10 @@ class Recipe:
             raise RecipeError(problems)
         return dataclasses.replace(self, llm=llm, steps=steps)
 
+    def first_step(self, kind: type) -> Step | None:
+        """The recipe's first step of class ``kind``, or None."""
+        return next((step for step in self.steps if isinstance(step, kind)), None)
+
     def models(self) -> list[str]:
         """The model names the recipe's LLM steps use (what ``prices`` is keyed by), in step order."""
         return models_of(self.steps)

@@ -87,10 +87,10 @@ def eval_references(table: pl.DataFrame, answer_column: str, kind: str, source: 
 
 
 def accuracy(driver: Driver, step: Solve, table: pl.DataFrame, column: str, answer_column: str,
-             method: str = "auto", *, seed: int = 0, batch_size: int = 64, max_failure_rate: float = 0.5,
-             source: str | None = None) -> AccuracyResult:
+             method: str = "auto", *, source: str | None = None, **run) -> AccuracyResult:
     """Answers every question with ``step`` (a ``solve`` step with its ``llm_config`` set)
-    through ``driver`` and checks the answers against the references.
+    through ``driver`` and checks the answers against the references; ``run``: the options of
+    :meth:`~factory.driver.Driver.run_steps` (see :func:`run_options`).
 
     References are read with the predictions' extraction (see :func:`eval_references`), all of
     them before the model is asked anything; ``source`` names the eval file in errors. A reply
@@ -108,9 +108,9 @@ def accuracy(driver: Driver, step: Solve, table: pl.DataFrame, column: str, answ
                                                   dtype=pl.String)))
     if column != c.column:
         table = table.rename({column: c.column})
-    run = driver.run_steps([step], table, seed=seed, batch_size=batch_size, max_failure_rate=max_failure_rate)
+    answered = driver.run_steps([step], table, **run)
     results = []
-    for row in in_order(run).iter_rows(named=True):
+    for row in in_order(answered).iter_rows(named=True):
         prediction = row.get(c.prediction_column) if row.get("drop_reason") is None else None
         reference = row[answer_column]
         results.append({"question": row[c.column], "reference": reference, "prediction": prediction,
@@ -120,7 +120,16 @@ def accuracy(driver: Driver, step: Solve, table: pl.DataFrame, column: str, answ
     correct = sum(r["correct"] for r in results)
     no_answer = sum(r["prediction"] is None for r in results)
     return AccuracyResult(round(correct / len(results), 4) if results else 0.0, len(results), correct, no_answer,
-                          results, sum(r["truncated"] for r in results), usage=usage_of(run))
+                          results, sum(r["truncated"] for r in results), usage=usage_of(answered))
+
+
+def run_options(recipe) -> dict:
+    """What a run of steps outside a recipe takes from ``recipe`` (none without one): its seed,
+    its batch size and its failure limit, as :meth:`~factory.driver.Driver.run_steps` names them."""
+    if recipe is None:
+        return {}
+    return {"seed": recipe.seed, "batch_size": recipe.header.batch_size,
+            "max_failure_rate": recipe.header.max_failure_rate}
 
 
 def usage_of(run: RunResult) -> dict:
@@ -221,17 +230,15 @@ def evaluate_model(driver: Driver, request: EvalRequest, recipe=None) -> Accurac
     """
     template_from = None
     if recipe is not None:
-        template_from = next((step for step in recipe.steps if isinstance(step, Solve)), None)
+        template_from = recipe.first_step(Solve)
         if template_from is None:
             raise FactoryError(f"{recipe.file}: --recipe gives the eval its `solve` prompt, and the recipe has no "
                                "`solve` step; add one, or leave --recipe out")
     llm = request.llm_config(to_dict(recipe.llm) if recipe is not None else dict(DEFAULT_LLM))
     table = read_eval(request.source(), recipe.base_dir if recipe is not None else None, request.limit)
     step = eval_step(llm, request.cot, request.answer_format, request.max_tokens, template_from)
-    header = recipe.header if recipe is not None else None
-    return accuracy(driver, step, table, request.column, request.answer_column, request.method,
-                    seed=recipe.seed if recipe is not None else 0, batch_size=request.batch_size,
-                    max_failure_rate=header.max_failure_rate if header else 0.5, source=request.spec)
+    return accuracy(driver, step, table, request.column, request.answer_column, request.method, source=request.spec,
+                    **{**run_options(recipe), "batch_size": request.batch_size})
 
 
 def correct_bits(result: AccuracyResult) -> str:

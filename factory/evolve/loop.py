@@ -50,8 +50,8 @@ from ..steps.pairwise import Pairwise, PairwiseConfig
 from ..steps.solve import Solve, SolveConfig
 from ..training import is_trained
 from .config import EvolveConfig
-from .evaluate import (accuracy, correct_bits, eval_references, eval_step, gap_metrics, in_order, numbered, read_eval,
-                       round_samples)
+from .evaluate import (accuracy, correct_bits, eval_step, gap_metrics, in_order, numbered, read_eval, round_samples,
+                       run_options)
 
 STATE = "evolve.json"
 
@@ -62,11 +62,6 @@ def _save(out: Path, state: dict) -> None:
 
 def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
-
-
-def first_step(recipe: Recipe, kind: type):
-    """The recipe's first step of class ``kind``, or None."""
-    return next((step for step in recipe.steps if isinstance(step, kind)), None)
 
 
 class Evolution:
@@ -93,8 +88,8 @@ class Evolution:
         self.cache = Cache(Path(cache_dir) if cache_dir else self.out / ".cache")
         self.driver = driver or Driver(self.cache, progress=progress)
         self.base_model = self.config.model or self.recipe.llm.model
-        self.solve = first_step(self.recipe, Solve)
-        self.select = first_step(self.recipe, Select)
+        self.solve = self.recipe.first_step(Solve)
+        self.select = self.recipe.first_step(Select)
         if self.config.eval and (self.solve is None or self.solve.config.answer_format == "none"):
             raise FactoryError(f"{recipe_file}: evolve.eval checks final answers, so the recipe needs a `solve` step "
                                "with `answer_format` (e.g. number); its prompt is the one evaluated")
@@ -140,9 +135,7 @@ class Evolution:
     def run_step(self, step, table: pl.DataFrame) -> pl.DataFrame:
         """Every row of ``step`` run over ``table`` by the driver (the recipe's seed and failure
         limit), kept or dropped, in ``table``'s order."""
-        header = self.recipe.header
-        return in_order(self.driver.run_steps([step], numbered(table), seed=self.recipe.seed,
-                                              batch_size=header.batch_size, max_failure_rate=header.max_failure_rate))
+        return in_order(self.driver.run_steps([step], numbered(table), **run_options(self.recipe)))
 
     def generate(self, r: int, adapter: str | None, parent: str | None) -> str:
         version, manifest, _ = run_recipe(self.round_recipe(r, adapter), self.out / "datasets", parent=parent,
@@ -174,13 +167,10 @@ class Evolution:
     def evaluate(self, adapter: str | None) -> dict:
         e = self.config.eval
         table = read_eval(e.data(), self.recipe.base_dir)
-        if e.answer_column in table.columns:  # a reference without a value stops here, before any model loads
-            eval_references(table, e.answer_column, self.solve.config.answer_format if e.method == "auto"
-                            else e.method, e.name())
         step = eval_step(self.llm(adapter), max_tokens=e.max_tokens, template_from=self.solve, label="evolve.eval")
         # Large batches: the backend sorts each batch by prompt length, so fewer batches pad less.
-        result = accuracy(self.driver, step, table, e.column, e.answer_column, e.method, seed=self.recipe.seed,
-                          batch_size=256, max_failure_rate=self.recipe.header.max_failure_rate, source=e.name())
+        result = accuracy(self.driver, step, table, e.column, e.answer_column, e.method, source=e.name(),
+                          **{**run_options(self.recipe), "batch_size": 256})
         cut = (f"; {result.truncated} answers cut at {step.config.max_tokens} tokens, counted wrong (raise "
                "evolve.eval.max_tokens)" if result.truncated else "")
         _log(f"eval accuracy {result.accuracy:.3f} ({result.correct}/{result.items}){cut}")
@@ -216,7 +206,7 @@ class Evolution:
     def gap(self, version: str) -> dict:
         if self.solve is None:
             return {}
-        vote = self.select or first_step(self.recipe, Consistency)
+        vote = self.select or self.recipe.first_step(Consistency)
         threshold = self.config.judge_threshold
         if threshold is None and self.select is not None:
             threshold = self.select.config.min_score  # the judge verifier measured is the one `select` uses
@@ -229,7 +219,7 @@ class Evolution:
         without one that votes picks by majority; otherwise the best self-verifier measured."""
         if self.select is not None:
             return SELECT_TO_GAP[self.select.config.verifier]
-        if first_step(self.recipe, Consistency) is not None and "majority_vote" in verifiers:
+        if self.recipe.first_step(Consistency) is not None and "majority_vote" in verifiers:
             return "majority_vote"
         own = {name: v["gap"] for name, v in verifiers.items() if name != "programmatic"}
         return max(own, key=own.get) if own else None
