@@ -579,15 +579,9 @@ def _batch_handler(api: FakeBatchAPI, base: type) -> type:
             try:
                 result = call()
             except ApiError as error:
-                return self._send(error.status, json.dumps(error.body).encode())
-            if isinstance(result, bytes):
-                self.send_response(200)
-                self.send_header("Content-Type", "application/octet-stream")
-                self.send_header("Content-Length", str(len(result)))
-                self.end_headers()
-                self.wfile.write(result)
-            else:
-                self._send(200, json.dumps(result).encode())
+                return self._send(error.status, error.body)
+            self._send(200, result, content_type="application/octet-stream" if isinstance(result, bytes)
+                       else "application/json")
 
         def _json(self, body: bytes) -> dict:
             try:

@@ -64,11 +64,11 @@ import math
 import threading
 import time
 from datetime import datetime, timezone
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 
 from factory.llm.server import PROBE_PROMPT
 
-from .fake_openai import ServedInThread, echo
+from .fake_openai import JSONHandler, ServedInThread, echo
 
 HEADER_STYLES = ("openai", "anthropic", "none")
 PROBE_MAX_TOKENS = (1, 4)
@@ -370,26 +370,12 @@ class RateLimitedServer(ServedInThread):
     def _handler(self):
         server = self
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
+        class Handler(JSONHandler):
             # Buffer the headers and the body into one send (handle_one_request flushes it):
             # two small writes on a keep-alive socket meet Nagle and the peer's delayed ACK,
             # which adds 40 ms to a reply.
             wbufsize = 1 << 16
             disable_nagle_algorithm = True
-
-            def log_message(self, *args):
-                pass
-
-            def _send(self, status: int, body: dict, headers: dict | None = None):
-                data = json.dumps(body).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                for key, value in (headers or {}).items():
-                    self.send_header(key, value)
-                self.end_headers()
-                self.wfile.write(data)
 
             def do_GET(self):
                 if self.path.rstrip("/").endswith("/models"):

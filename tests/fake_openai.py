@@ -68,6 +68,27 @@ class ServedInThread:
         self.httpd.server_close()
 
 
+class JSONHandler(BaseHTTPRequestHandler):
+    """A quiet HTTP/1.1 handler of a test server, with one way to answer: :meth:`_send`."""
+
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):
+        pass
+
+    def _send(self, status: int, body: bytes | dict | list, headers: dict | None = None,
+              content_type: str = "application/json"):
+        """Answers ``status`` with ``body`` (bytes as they are, a mapping as JSON) and ``headers``."""
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(data)))
+        for key, value in (headers or {}).items():
+            self.send_header(key, value)
+        self.end_headers()
+        self.wfile.write(data)
+
+
 class FakeOpenAI(ServedInThread):
     def __init__(self, reply_fn=echo, fault_fn=None, latency: float = 0.0, slow_seconds: float = 1.5,
                  accepts: set | None = None, honours_n: bool = True, models: list[str] | None = None,
@@ -88,21 +109,7 @@ class FakeOpenAI(ServedInThread):
         self.reply_fn = reply_fn
         server = self
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args):
-                pass
-
-            def _send(self, status, body: bytes, headers=None):
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                for k, v in (headers or {}).items():
-                    self.send_header(k, v)
-                self.end_headers()
-                self.wfile.write(body)
-
+        class Handler(JSONHandler):
             def do_GET(self):
                 if self.path.rstrip("/").endswith("/models"):
                     ids = server.models or ["fake"]
