@@ -21,10 +21,12 @@ class VerifyConfig:
                                            "is 330', read with the same extraction as predictions.")
     prediction: str = option("prediction", help="The column with the extracted answer (from `solve` with "
                                                 "`answer_format`).")
-    method: Literal["auto", "exact", "numeric", "normalized", "choice"] = option(
-        "auto", help="`numeric` compares as numbers within `tolerance`; `normalized` ignores case, punctuation "
-                     "and articles; `choice` compares option letters; `exact` compares stripped text; `auto` is "
-                     "numeric when both are numbers, else normalized.")
+    method: Literal["auto", "exact", "numeric", "normalized", "choice", "math", "code"] = option(
+        "auto", help="`numeric` compares as numbers within `tolerance`; `math` compares as mathematics (LaTeX, "
+                     "\\boxed{}, fractions, radicals, intervals, sets, tuples; through sympy, with a time limit); "
+                     "`normalized` ignores case, punctuation and articles; `choice` compares option letters; "
+                     "`exact` compares stripped text; `auto` is numeric when both are numbers, else normalized; "
+                     "`code` runs the response's code against tests in a sandbox (see `tests`).")
     tolerance: float = option(1e-6, help="Absolute or relative tolerance for numeric answers.", min=0.0)
     output_column: str = option("correct", help="Where the verdict (true/false) goes.")
     drop_incorrect: bool = option(False, help="Drop incorrect samples (reason `incorrect`, or `false_calculation`) "
