@@ -27,6 +27,7 @@ def rows(state: dict) -> list[dict]:
         if rs["round"] and base_items and evaluated.get("correct_items"):
             row["gain"] = paired_gain(base_items, evaluated["correct_items"])
         row["seconds"] = rs.get("seconds") or {}
+        row["rolled_back"] = (rs.get("rollback") or {}).get("to_round")
         wins = rs.get("win_rate") or {}
         # Wins, losses and ties behind the rate: 0.5 from all ties is no evidence either way.
         row["win_loss_tie"] = (f"{wins['wins']}/{wins['losses']}/{wins['ties']}"
@@ -50,12 +51,16 @@ def markdown(state: dict, table: list[dict]) -> str:
              "Gain: accuracy minus round 0's on the same items, with a paired bootstrap 95 % interval and the "
              "items that turned right / wrong.", "",
              "| round | eval accuracy | gain over round 0 [95 % CI] | cut | win rate vs previous | "
-             "wins / losses / ties | train loss |",
-             "|---|---|---|---|---|---|---|"]
+             "wins / losses / ties | train loss | kept |",
+             "|---|---|---|---|---|---|---|---|"]
     for row in table:
         lines.append(f"| {row['round']} | {_fmt(row['accuracy'])} | {gain_text(row.get('gain'))} | "
                      f"{row.get('eval_cut') or '-'} | {_fmt(row['win_rate'])} | {row['win_loss_tie'] or '-'} | "
-                     f"{_fmt(row['train_loss'])} |")
+                     f"{_fmt(row['train_loss'])} | {kept_text(row)} |")
+    if state.get("best"):
+        best = state["best"]
+        lines += ["", f"Best round: {best['round']} (accuracy {_fmt(best['accuracy'])}; "
+                      f"{'adapter `' + best['adapter'] + '`' if best['adapter'] else 'the base model'})."]
     verifiers = sorted({k[len('gap_'):] for row in table for k in row if k.startswith("gap_")})
     if verifiers:
         lines += ["", "## Generation-verification gap", "",
@@ -86,7 +91,8 @@ def markdown(state: dict, table: list[dict]) -> str:
     lines += ["", "## Rounds", ""]
     for rs in state["rounds"][1:]:
         lines.append(f"- round {rs['round']}: data `{rs.get('version')}` (parent `{rs.get('parent')}`), trained "
-                     f"`{rs.get('adapter')}` from `{rs.get('adapter_in')}`; seconds {rs.get('seconds')}")
+                     f"`{rs.get('adapter')}` from `{rs.get('adapter_in')}`; seconds {rs.get('seconds')}" +
+                     (f". {rs['rollback']['why']}" if rs.get("rollback") else ""))
     return "\n".join(lines) + "\n"
 
 
@@ -97,6 +103,13 @@ def gain_text(gain: dict | None) -> str:
     low, high = gain["ci95"]
     return (f"{gain['gain']:+.3f} [{low:+.3f}, {high:+.3f}] ({gain['improved']} up / {gain['worsened']} down)" +
             (" *" if gain["significant"] else ""))
+
+
+def kept_text(row: dict) -> str:
+    """Whether the loop built on a round: ``yes``, ``rolled back to round N`` (``-`` for round 0)."""
+    if not row["round"]:
+        return "-"
+    return "yes" if row.get("rolled_back") is None else f"rolled back to round {row['rolled_back']}"
 
 
 def seconds_text(value) -> str:
@@ -121,6 +134,10 @@ def plot(table: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     ax = axes[0]
     ax.plot(rounds, [r["accuracy"] for r in table], marker="o", label="eval accuracy")
+    back = [r for r in table if r.get("rolled_back") is not None and r["accuracy"] is not None]
+    if back:
+        ax.scatter([r["round"] for r in back], [r["accuracy"] for r in back], marker="x", s=90, color="red",
+                   zorder=3, label="rolled back")
     if any(r["win_rate"] is not None for r in table):
         ax.plot(rounds, [r["win_rate"] for r in table], marker="s", label="win rate vs previous")
     ax.set(title="Evaluation", xlabel="round", ylim=(0, 1), xticks=rounds)

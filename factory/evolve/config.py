@@ -85,6 +85,11 @@ class EvolveConfig:
                                                  "after each round.")
     win_rate: WinRateSection | None = option(None, help="Judge win rate of each round's model against the "
                                                         "previous round's on open-ended tasks.")
+    accept: Literal["not_worse", "always"] = option(
+        "not_worse", help="Which trained rounds the loop builds on. `not_worse`: a round whose eval accuracy is "
+                          "significantly below the best round's so far (the paired bootstrap 95 % interval of the "
+                          "difference lies below zero) is rolled back: the next round starts from the best round's "
+                          "adapter and data, and the report says why. `always`: every round is kept. Needs `eval`.")
     patience: int | None = option(None, help="Stop when eval accuracy has not improved by `min_delta` for this "
                                              "many rounds (default: run every round).", min=1)
     min_delta: float = option(0.0, help="Smallest accuracy gain that counts as improvement.", min=0.0)

@@ -50,8 +50,8 @@ from ..steps.pairwise import Pairwise, PairwiseConfig
 from ..steps.solve import Solve, SolveConfig
 from ..training import is_trained
 from .config import EvolveConfig
-from .evaluate import (accuracy, correct_bits, eval_step, gap_metrics, in_order, numbered, read_eval, round_samples,
-                       run_options)
+from .evaluate import (accuracy, correct_bits, eval_step, gap_metrics, in_order, numbered, paired_gain, read_eval,
+                       round_samples, run_options)
 
 STATE = "evolve.json"
 
@@ -269,7 +269,7 @@ class Evolution:
             _log("round 0: evaluating the base model")
             self.phase(baseline, "eval", lambda: self.evaluate(None), timed="eval")
         adapter, version = None, None
-        best, stale = baseline.get("eval", {}).get("accuracy"), 0
+        best, stale = Best.of(baseline), 0
         for r in range(1, self.rounds + 1):
             rs = self.round_state(r)
             rs.setdefault("adapter_in", adapter)
@@ -295,24 +295,66 @@ class Evolution:
                 if "win_rate" not in rs:
                     _log(f"round {r}: win rate against {'round ' + str(r - 1) if adapter else 'the base model'}")
                 self.phase(rs, "win_rate", lambda: self.win_rate(rs["adapter"], adapter), timed="win_rate")
+            if self.config.eval and self.config.accept == "not_worse":
+                self.phase(rs, "rollback", lambda: best.verdict(rs))
+                if rs["rollback"]:
+                    _log(rs["rollback"]["why"])
             write_report(self.out, self.state)
-            adapter, version = rs["adapter"], rs["version"]
             accuracy = rs.get("eval", {}).get("accuracy")
-            if self.config.patience and accuracy is not None:
-                if best is None or accuracy > best + self.config.min_delta:
-                    best, stale = accuracy, 0
-                else:
-                    stale += 1
-                if stale >= self.config.patience:
-                    self.state["stopped"] = (f"eval accuracy did not improve by more than {self.config.min_delta} "
-                                             f"for {stale} round(s); stopped after round {r}")
-                    break
+            if rs.get("rollback"):
+                adapter, version = best.adapter, best.version
+            else:
+                adapter, version = rs["adapter"], rs["version"]
+            if accuracy is not None and not rs.get("rollback") and (
+                    best.accuracy is None or accuracy > best.accuracy + self.config.min_delta):
+                best, stale = Best.of(rs), 0
+            elif accuracy is not None:
+                stale += 1
+            if self.config.patience and stale >= self.config.patience:
+                self.state["stopped"] = (f"eval accuracy did not improve by more than {self.config.min_delta} "
+                                         f"for {stale} round(s); stopped after round {r}")
+                break
         del self.state["rounds"][r + 1:]  # rounds beyond a stop, from an earlier longer run, are not this run's
+        if best.accuracy is not None:
+            self.state["best"] = {"round": best.round, "adapter": best.adapter, "version": best.version,
+                                  "accuracy": best.accuracy}
         self.state["stopped"] = self.state["stopped"] or f"completed {r} round(s)"
         self.state["seconds"] = round(self.state.get("seconds", 0) + time.time() - began, 1)
         self.save()
         write_report(self.out, self.state)
         return self.state
+
+
+@dataclasses.dataclass
+class Best:
+    """The best evaluated round so far, which a significantly worse round rolls back to
+    (``evolve.accept: not_worse``)."""
+
+    round: int
+    accuracy: float | None
+    items: str | None  # per-item correctness, for the paired comparison
+    adapter: str | None
+    version: str | None
+
+    @classmethod
+    def of(cls, rs: dict) -> "Best":
+        evaluated = rs.get("eval") or {}
+        return cls(rs["round"], evaluated.get("accuracy"), evaluated.get("correct_items"), rs.get("adapter"),
+                   rs.get("version"))
+
+    def verdict(self, rs: dict) -> dict | None:
+        """Why round ``rs`` is rolled back (its accuracy is significantly below this round's:
+        the paired 95 % interval of the difference lies below zero), or None to keep it."""
+        items = (rs.get("eval") or {}).get("correct_items")
+        gain = paired_gain(self.items, items) if self.items and items else None
+        if gain is None or gain["ci95"][1] >= 0:
+            return None
+        start = f"round {self.round}'s adapter" if self.adapter else "the base model"
+        return {"to_round": self.round, "gain": gain,
+                "why": (f"round {rs['round']}: eval accuracy {rs['eval']['accuracy']:.3f} is significantly below "
+                        f"round {self.round}'s {self.accuracy:.3f} (paired difference {gain['gain']:+.3f}, 95 % CI "
+                        f"[{gain['ci95'][0]:+.3f}, {gain['ci95'][1]:+.3f}]); rolled back: the next round starts "
+                        f"from {start}")}
 
 
 SELECT_TO_GAP = {"programmatic": "programmatic", "majority": "majority_vote", "judge": "judge_score"}
