@@ -155,6 +155,22 @@ def test_gap_metrics_by_hand():
     assert report["diversity"]["distinct_answers_per_sample"] == round((3 / 4 + 4 / 4) / 2, 4)  # None counts once
 
 
+def test_gap_of_a_reward_model_is_best_of_n_and_the_reference_check_takes_the_verify_method_name():
+    samples = pl.DataFrame({
+        "instruction": ["a"] * 3 + ["b"] * 3,
+        "correct": [False, True, True, False, False, True],
+        "reward": [0.9, 0.5, 0.9, 2.0, None, -1.0],  # a: a tie at 0.9 goes to the earlier (wrong) sample
+        "response": ["p", "q", "r", "s", "t", "u"]})
+    report = gap_metrics(samples, reference_check="math")
+    assert set(report["verifiers"]) == {"reward_model", "math"}
+    best = report["verifiers"]["reward_model"]
+    assert best["accepted"] == 2 and best["J_f_w"] == 0.0 and best["gap"] == -0.5
+    two = gap_metrics(samples, reward_per_task=2)["verifiers"]["reward_model"]  # the null reward is never accepted
+    assert two["accepted"] == 4 and two["J_f_w"] == 0.5
+    assert gap_metrics(samples, reward_per_task=2, min_reward=0.6)["verifiers"]["reward_model"]["accepted"] == 3
+    assert "reward_model" not in gap_metrics(samples.drop("reward"))["verifiers"]
+
+
 def test_pass_at_k_and_distinct_n():
     assert pass_at_k(4, 0, 1) == 0.0 and pass_at_k(4, 4, 2) == 1.0
     assert math.isclose(pass_at_k(4, 1, 2), 0.5)

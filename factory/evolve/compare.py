@@ -76,9 +76,10 @@ def comparison_rows(states: dict) -> list[dict]:
 
     table = []
     for verifier, state in states.items():
-        measured = SELECT_TO_GAP.get(verifier, verifier)
         previous, accuracies = None, {}
         for rs, row in zip(state["rounds"], rows(state)):
+            # The gap of the verifier that picked the round's data (runs before it was recorded: by name).
+            measured = (rs.get("gap") or {}).get("selected_by") or SELECT_TO_GAP.get(verifier, verifier)
             entry = {"verifier": verifier, "round": row["round"], "accuracy": row["accuracy"],
                      "gain": row.get("gain"), "J_f": row["J_f"], "gap": row.get(f"gap_{measured}"),
                      "relative_gap": row.get(f"relative_gap_{measured}"), "J_f_w": row.get(f"J_w_{measured}"),

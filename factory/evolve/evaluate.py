@@ -305,7 +305,9 @@ def round_samples(version_dir: str | Path, solve_index: int) -> pl.DataFrame:
 
 def gap_metrics(samples: pl.DataFrame, *, task_column: str = "instruction", prediction_column: str = "prediction",
                 min_agreement: float = 0.5, judge_column: str | None = "score", judge_threshold: float | None = None,
-                judge_correct_column: str | None = "judge_correct", method: str = "auto") -> dict:
+                judge_correct_column: str | None = "judge_correct", method: str = "auto",
+                reference_check: str = "programmatic", reward_column: str | None = "reward", reward_per_task: int = 1,
+                min_reward: float | None = None) -> dict:
     """J(f), and per verifier J(f[w]), the gap and the relative gap, plus pass@k and diversity.
 
     J(f) is the accuracy of all the model's samples. A verifier w accepts some samples;
@@ -313,7 +315,10 @@ def gap_metrics(samples: pl.DataFrame, *, task_column: str = "instruction", pred
     gap / (1 - J(f)). Verifiers: ``majority_vote`` (samples giving their task's most
     common answer, when it reaches ``min_agreement`` of the task), ``judge_score``
     (score >= ``judge_threshold``, default the scale's upper half), ``judge_binary``
-    (judged correct), ``programmatic`` (the reference check itself: the upper bound).
+    (judged correct), ``reward_model`` (per task the ``reward_per_task`` samples a reward model
+    scored highest, at or above ``min_reward``: best-of-n), and the reference check itself (the
+    upper bound), named ``reference_check`` (``programmatic``, or ``math`` / ``code`` after the
+    ``verify`` method that labelled ``correct``).
     """
     rows = samples.to_dicts()
     n = len(rows)
@@ -333,7 +338,9 @@ def gap_metrics(samples: pl.DataFrame, *, task_column: str = "instruction", pred
         verifiers["judge_score"] = [s is not None and s >= threshold for s in scores]
     if judge_correct_column and judge_correct_column in samples.columns:
         verifiers["judge_binary"] = [bool(r.get(judge_correct_column)) for r in rows]
-    verifiers["programmatic"] = [bool(r["correct"]) for r in rows]
+    if reward_column and reward_column in samples.columns and samples[reward_column].drop_nulls().len():
+        verifiers["reward_model"] = best_of_n(rows, task_column, reward_column, reward_per_task, min_reward)
+    verifiers[reference_check] = [bool(r["correct"]) for r in rows]
     report = {"samples": n, "tasks": len({r[task_column] for r in rows}), "J_f": round(j_f, 4), "verifiers": {}}
     for name, accepted in verifiers.items():
         kept = [r for r, ok in zip(rows, accepted) if ok]
@@ -357,6 +364,19 @@ def gap_metrics(samples: pl.DataFrame, *, task_column: str = "instruction", pred
                            "distinct_answers_per_sample": round(sum(answers_per_task) / len(answers_per_task), 4)
                            if answers_per_task else None}
     return report
+
+
+def best_of_n(rows: list[dict], task_column: str, score_column: str, per_task: int,
+              minimum: float | None = None) -> list[bool]:
+    """Which rows are among their task's ``per_task`` best by ``score_column`` (ties: the
+    earlier row), scored and at or above ``minimum``: what ``select: {verifier: reward_model}`` keeps."""
+    accepted = [False] * len(rows)
+    for indices in _indices_by(rows, task_column).values():
+        scored = [i for i in indices if rows[i].get(score_column) is not None
+                  and (minimum is None or rows[i][score_column] >= minimum)]
+        for i in sorted(scored, key=lambda i: (-rows[i][score_column], i))[:per_task]:
+            accepted[i] = True
+    return accepted
 
 
 def _indices_by(rows: list[dict], column: str) -> dict:

@@ -48,6 +48,7 @@ from ..recipe_model import Recipe
 from ..report import write_report
 from ..steps.pairwise import Pairwise, PairwiseConfig
 from ..steps.solve import Solve, SolveConfig
+from ..steps.verify import Verify
 from ..training import is_trained
 from .config import EvolveConfig
 from .evaluate import (accuracy, correct_bits, eval_step, gap_metrics, in_order, numbered, paired_gain, read_eval,
@@ -210,15 +211,32 @@ class Evolution:
         threshold = self.config.judge_threshold
         if threshold is None and self.select is not None:
             threshold = self.select.config.min_score  # the judge verifier measured is the one `select` uses
-        return gap_metrics(round_samples(version, self.solve.index), task_column=self.solve.config.column,
+        select = self.select.config if self.select is not None else None
+        reward = select is not None and select.verifier == "reward_model"
+        gap = gap_metrics(round_samples(version, self.solve.index), task_column=self.solve.config.column,
                            prediction_column=self.solve.config.prediction_column,
-                           min_agreement=vote.config.min_agreement if vote else 0.5, judge_threshold=threshold)
+                           min_agreement=vote.config.min_agreement if vote else 0.5, judge_threshold=threshold,
+                           reference_check=self.reference_check(),
+                           reward_column=select.reward_column if reward else "reward",
+                           reward_per_task=(select.per_task or 1) if reward else 1,
+                           min_reward=select.min_reward if reward else None)
+        if gap.get("verifiers"):
+            gap["selected_by"] = self.selecting_verifier(gap["verifiers"])  # the gap the stop rule and reports read
+        return gap
+
+    def reference_check(self) -> str:
+        """The name of the verifier that labels ``correct`` against the references: ``math`` or
+        ``code`` after the recipe's ``verify`` method, else ``programmatic``."""
+        verify = self.recipe.first_step(Verify)
+        method = verify.config.method if verify is not None else None
+        return method if method in ("math", "code") else "programmatic"
 
     def selecting_verifier(self, verifiers: dict) -> str | None:
         """The measured verifier that picks the training data: the `select` step's; a recipe
         without one that votes picks by majority; otherwise the best self-verifier measured."""
         if self.select is not None:
-            return SELECT_TO_GAP[self.select.config.verifier]
+            verifier = self.select.config.verifier
+            return self.reference_check() if verifier in REFERENCE_CHECKS else SELECT_TO_GAP[verifier]
         if self.recipe.first_step(Consistency) is not None and "majority_vote" in verifiers:
             return "majority_vote"
         own = {name: v["gap"] for name, v in verifiers.items() if name != "programmatic"}
@@ -357,7 +375,9 @@ class Best:
                         f"from {start}")}
 
 
-SELECT_TO_GAP = {"programmatic": "programmatic", "majority": "majority_vote", "judge": "judge_score"}
+# The gap figure of each `select` verifier; the reference checks' is named after the verify method.
+SELECT_TO_GAP = {"majority": "majority_vote", "judge": "judge_score", "reward_model": "reward_model"}
+REFERENCE_CHECKS = ("programmatic", "math", "code")
 
 
 def _top_pass(gap: dict) -> float | None:
