@@ -10,7 +10,8 @@ instruction and response as a text pair (the tokenizer's own pair format: ``[CLS
 
 The score is the head's logit for a one-label head; for a two-label head it is ``logit[1] -
 logit[0]``, the log-odds of label 1 ("good"/"chosen"), which is what a softmax over the two
-labels ranks by. Heads with more labels are refused.
+labels ranks by. Heads with more labels are refused, and so are models whose head is code of their
+own (ArmoRM, InternLM2-reward: ``trust_remote_code``), which would run outside any sandbox.
 
 The model is loaded once per process (:func:`load_reward_model` keeps it by folder, device and
 dtype); the step holds only its config, so it pickles to any executor.
