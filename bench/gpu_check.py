@@ -22,6 +22,11 @@ that each peak of GPU memory is its own), in this order:
             against a bare ``model.generate`` in static batches of the same size, on the same
             model object and prompt tokens, greedy, at the backend's default batch (64) and at a
             large batch (1024): useful tokens/s (generated tokens up to the first end of turn).
+  reward_model  the ``reward_model`` step (device and dtype ``auto``) on the same architecture with a
+            one-label head, scoring ``reward_rows`` (instruction, response) pairs of 8 to max-length
+            tokens through its chat template, against a plain loop (the same model object and
+            batch size, rows in their order, the tokenizer's padding): rows/s, and how far apart
+            the two loops' scores are.
   evolve    ``python -m factory evolve`` for one round: the scripted backend generates, judges
             and answers the eval set; the trainer runs on the GPU in its own process.
 
@@ -80,12 +85,16 @@ class Sizes:
     big_batch: int = 1024        # a batch that keeps the GPU busy (as many prompts)
     evolve_rows: int = 64        # arithmetic tasks of the evolve round (x4 samples)
     evolve_steps: int = 20
+    reward_rows: int = 2048      # (instruction, response) pairs the reward model scores
+    reward_batch: int = 32       # rows per forward pass (the step's batch_size, and the plain loop's)
+    reward_chunk: int = 256      # rows per call of the step (a recipe's batch_size)
     tiny: bool = False           # a 2-layer model of the same family instead of the 135M one
 
 
 def cpu_smoke_sizes() -> Sizes:
     return Sizes(examples=12, batch_size=2, max_length=128, steps=3, dpo_batch=2, dpo_steps=3, warmup=1, prompts=6,
-                 max_tokens=6, batch=4, big_batch=6, evolve_rows=4, evolve_steps=2, tiny=True)
+                 max_tokens=6, batch=4, big_batch=6, evolve_rows=4, evolve_steps=2, reward_rows=12, reward_batch=4,
+                 reward_chunk=8, tiny=True)
 
 
 # ---------------------------------------------------------------- the model and the data (the "prepare" worker)
@@ -373,6 +382,67 @@ def generate(spec: dict) -> dict:
     return {"picked": picked, "runs": results}
 
 
+def reward_model(spec: dict) -> dict:
+    """The ``reward_model`` step (device and dtype ``auto``; rows of similar length batched together, in
+    calls of ``reward_chunk`` rows as a recipe's batches) against a plain loop over the same rows in
+    their order, ``reward_batch`` rows a pass with the tokenizer's padding, on the same model object."""
+    import polars as pl
+    import torch
+    from embedded_backend import warm_and_time
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from factory.steps import reward_model as rm
+    from factory.steps.context import StepContext
+
+    sizes = Sizes(**spec["sizes"])
+    folder = Path(spec["work"]) / "reward-model"  # the check's model with a one-label head (random, like the rest)
+    tokenizer = AutoTokenizer.from_pretrained(spec["model"])
+    head = AutoModelForSequenceClassification.from_pretrained(spec["model"], num_labels=1, dtype=torch.float32)
+    head.config.pad_token_id = tokenizer.pad_token_id
+    head.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    tasks = seeds()
+    count = sizes.reward_rows
+    rows = pl.DataFrame({"instruction": [tasks[i % len(tasks)]["instruction"] for i in range(count)],
+                         "response": answer_texts(tokenizer, count, 8, sizes.max_length - 64, seed=3)})
+    step = rm.RewardModel(rm.RewardModelConfig(model=str(folder), batch_size=sizes.reward_batch,
+                                               max_length=sizes.max_length))
+    loaded = rm.load_reward_model(str(folder))  # what the step loads: device and dtype auto
+    picked = {"device": str(loaded.model.device), "dtype": str(loaded.model.dtype).removeprefix("torch.")}
+    tokens = []
+
+    def factory_step() -> list[float]:
+        scores, tokens[:] = [], [0]
+        for start in range(0, count, sizes.reward_chunk):
+            ctx = StepContext()
+            scores += step.process(rows.slice(start, sizes.reward_chunk), ctx)["reward"].to_list()
+            tokens[0] += ctx.report["tokens"]
+        return scores
+
+    def plain_loop() -> list[float]:
+        scores = []
+        for start in range(0, count, sizes.reward_batch):
+            part = rows.slice(start, sizes.reward_batch)
+            texts = [tokenizer.apply_chat_template(rm.conversation(q, a), tokenize=False) for q, a in part.iter_rows()]
+            batch = tokenizer(texts, add_special_tokens=False, padding=True, truncation=True,
+                              max_length=sizes.max_length, return_tensors="pt").to(loaded.device)
+            with torch.inference_mode():
+                scores += loaded.model(**batch).logits[:, 0].float().tolist()
+        return scores
+
+    results = {}
+    for name, run in (("factory", factory_step), ("bare", plain_loop)):
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        seconds, scores = warm_and_time(run)
+        peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+        results[name] = {"rows_per_s": count / seconds, "seconds": seconds, "peak_gib": peak, "scores": scores}
+    ours, bare = results["factory"].pop("scores"), results["bare"].pop("scores")
+    return {"picked": picked, "rows": count, "tokens": tokens[0], "batch": sizes.reward_batch,
+            "tokens_per_s": tokens[0] / results["factory"]["seconds"], **results,
+            "max_abs_diff": max(abs(a - b) for a, b in zip(ours, bare))}
+
+
 def evolve_recipe(spec: dict) -> str:
     sizes = Sizes(**spec["sizes"])
     return f"""\
@@ -424,11 +494,11 @@ def evolve(spec: dict) -> dict:
 
 
 WORKERS = {"prepare": prepare, "sft-factory": sft_factory, "sft-trl": sft_trl, "dpo-factory": dpo_factory,
-           "dpo-trl": dpo_trl, "generate": generate, "evolve": evolve}
+           "dpo-trl": dpo_trl, "generate": generate, "reward_model": reward_model, "evolve": evolve}
 # Seconds a worker may take at most on the GPU (the budget cuts them shorter when little is left);
 # on a 2-core CPU, importing TRL alone takes half a minute: --cpu-smoke gives every worker 5 minutes.
 CAPS = {"prepare": 90, "sft-factory": 90, "sft-trl": 90, "dpo-factory": 90, "dpo-trl": 90, "generate": 150,
-        "evolve": 150}
+        "reward_model": 90, "evolve": 150}
 
 
 def cap(name: str, cpu: bool) -> float:
@@ -521,6 +591,7 @@ def table(results: dict[str, dict | None], problems: dict[str, str], cpu: bool) 
             lines.append(f"| {check} | bare model.generate | {picked_text(gen['picked'])} | "
                          f"{fmt(run['bare']['tokens_per_s'])} | {fmt(run['bare']['peak_gib'], '.2f')} | 1.00 | "
                          f"{run['bare']['tokens']} useful tokens |")
+    lines += reward_lines(results, problems, mark)
     ev = results.get("evolve")
     if "evolve" in results and ev is None:
         lines.append(missing("evolve, 1 round", "factory evolve", "evolve"))
@@ -530,6 +601,24 @@ def table(results: dict[str, dict | None], problems: dict[str, str], cpu: bool) 
         lines.append(f"| evolve, 1 round | factory evolve (scripted generation) | {mark(ev['picked'])} | - | - | - | "
                      f"{ev['seconds']:.0f} s end to end ({phases}); {ev['steps']} training steps{loss} |")
     return lines
+
+
+def reward_lines(results: dict, problems: dict, mark) -> list[str]:
+    """The reward model's two lines: the step (tokens/s of the rows it reads) and the plain loop; rows/s in the
+    notes, the ratio of rows/s."""
+    if "reward_model" not in results:
+        return []
+    r = results["reward_model"]
+    check = "reward model"
+    if r is None:
+        return [f"| {check} | factory reward_model step | - | - | - | - | {problems.get('reward_model', 'not run')} |"]
+    ours, bare = r["factory"], r["bare"]
+    return [f"| {check} | factory reward_model step | {mark(r['picked'])} | {fmt(r['tokens_per_s'])} | "
+            f"{fmt(ours['peak_gib'], '.2f')} | {ours['rows_per_s'] / bare['rows_per_s']:.2f} | "
+            f"{fmt(ours['rows_per_s'])} rows/s; {r['rows']} rows, {r['tokens']} tokens; scores within "
+            f"{r['max_abs_diff']:.1e} of the loop's |",
+            f"| {check} | plain loop, batch {r['batch']}, rows in order | {picked_text(r['picked'])} | - | "
+            f"{fmt(bare['peak_gib'], '.2f')} | 1.00 | {fmt(bare['rows_per_s'])} rows/s |"]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -32,6 +32,7 @@ STEPS: dict[str, str] = {
     # solving and verifying
     "solve": "factory.steps.solve:Solve",
     "verify": "factory.steps.verify:Verify",
+    "reward_model": "factory.steps.reward_model:RewardModel",
     # judging
     "judge": "factory.steps.judge:Judge",
     "pairwise": "factory.steps.pairwise:Pairwise",

@@ -99,7 +99,8 @@ def test_every_row_of_the_check_runs_on_the_cpu(tmp_path):
                            "--out", str(tmp_path)], capture_output=True, text=True, check=False, timeout=1600)
     assert done.returncode == 0, done.stdout + done.stderr + (tmp_path / "gpu-check.log").read_text()[-3000:]
     report = json.loads((tmp_path / "gpu-check.json").read_text())
-    assert set(report["results"]) == {"sft-factory", "sft-trl", "dpo-factory", "dpo-trl", "generate", "evolve"}
+    assert set(report["results"]) == {"sft-factory", "sft-trl", "dpo-factory", "dpo-trl", "generate", "reward_model",
+                                      "evolve"}
     for name in ("sft-factory", "sft-trl", "dpo-factory", "dpo-trl"):
         row = report["results"][name]
         assert row["tokens"] > 0 and row["tokens_per_s"] > 0 and row["timed_steps"] == 2, name
@@ -107,12 +108,15 @@ def test_every_row_of_the_check_runs_on_the_cpu(tmp_path):
     runs = report["results"]["generate"]["runs"]
     assert [run["batch"] for run in runs.values()] == [4, 6]
     assert all(run["factory"]["tokens"] > 0 and run["bare"]["tokens"] > 0 for run in runs.values())
+    reward = report["results"]["reward_model"]
+    assert reward["rows"] == 12 and reward["tokens"] > 0 and reward["factory"]["rows_per_s"] > 0
+    assert reward["max_abs_diff"] < 1e-4  # the step and the plain loop score alike
     evolve = report["results"]["evolve"]
     assert evolve["picked"]["device"] == "cpu" and evolve["steps"] == 2
     table = (tmp_path / "gpu-check.md").read_text()
-    for check in ("LoRA SFT", "LoRA DPO", "generate, batch 4", "generate, batch 6", "evolve, 1 round"):
+    for check in ("LoRA SFT", "LoRA DPO", "generate, batch 4", "generate, batch 6", "reward model", "evolve, 1 round"):
         assert f"| {check} |" in table
-    assert table.count("(ok)") == 5 and "expected" not in table
+    assert table.count("(ok)") == 6 and "expected" not in table
     assert table == done.stdout
 
 
@@ -123,6 +127,11 @@ def test_a_wrong_pick_shows_in_the_table():
     assert "cpu, float32 (expected cuda, bfloat16)" in lines[2]
     assert lines[3].endswith("failed (exit 1) |")
     assert not any("DPO" in line for line in lines)  # rows not run are left out
+
+
+def test_a_failed_reward_row_says_why():
+    lines = gpu_check.table({"reward_model": None}, {"reward_model": "stopped after 90 s (its time cap)"}, cpu=False)
+    assert lines[2:] == ["| reward model | factory reward_model step | - | - | - | - | stopped after 90 s (its time cap) |"]
 
 
 def test_the_pack_carries_what_the_gpu_image_lacks():
