@@ -95,6 +95,7 @@ def build_recipe(data: dict, problems: list[Problem], base_dir: Path) -> Recipe 
     if data.get("budget") is not None and budget is None:
         return None
     recipe = Recipe(header, llm, source, steps, output, base_dir=base_dir, evolve=evolve, prices=prices, budget=budget)
+    _check_reference_checks(recipe, problems)
     _check_columns(recipe, problems)
     return recipe if not problems else None
 
@@ -215,6 +216,23 @@ def _check_eval_sets(evolve: EvolveConfig, problems: list[Problem], base_dir: Pa
                 problems.append(Problem(f"the eval set {section.name()} has no column '{column}' (it has "
                                         f"{', '.join(columns)})", path=path + (key_name,),
                                         fix=suggest(column, columns, "column")))
+
+
+def _check_reference_checks(recipe: Recipe, problems: list[Problem]) -> None:
+    """A `select` (or an `evolve.compare` entry) that names the `math` or `code` verifier reads the
+    verdicts of a `verify` step with that method, which must come before it."""
+    selects = [s for s in recipe.steps if s.name == "select"]
+    for select in selects:
+        methods = {s.config.method for s in recipe.steps[:select.index] if s.name == "verify"}
+        wanted = [(select.config.verifier, ("steps", select.index, "select", "verifier"))]
+        if recipe.evolve is not None:
+            wanted += [(v, ("evolve", "compare", i)) for i, v in enumerate(recipe.evolve.compare or [])]
+        for verifier, path in wanted:
+            if verifier in ("math", "code") and verifier not in methods:
+                problems.append(Problem(f"the `{verifier}` verifier keeps what a `verify: {{method: {verifier}}}` "
+                                        "step labels correct, and no such step comes before the `select` step",
+                                        path=path, fix=f"add `- verify: {{method: {verifier}, ...}}` before "
+                                                       "`select`, or pick another verifier"))
 
 
 def _check_columns(recipe: Recipe, problems: list[Problem]) -> None:

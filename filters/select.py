@@ -13,14 +13,16 @@ from factory.steps.context import StepContext
 from .base import TableFilter
 from .consistency import Consistency, ConsistencyConfig
 
-VERIFIERS = ("programmatic", "majority", "judge", "reward_model")
+VERIFIERS = ("programmatic", "math", "code", "majority", "judge", "reward_model")
+REFERENCE_CHECKS = ("programmatic", "math", "code")  # verifiers that read a `verify` step's `correct` column
 
 
 @dataclass
 class SelectConfig:
-    verifier: Literal["programmatic", "majority", "judge", "reward_model"] = option(
+    verifier: Literal["programmatic", "math", "code", "majority", "judge", "reward_model"] = option(
         help="Who accepts a sample: `programmatic` (the `correct` column of a `verify` step: the environment's "
-             "reward, as in STaR / ReST-EM; it uses reference answers), `majority` (the sample gives its task's "
+             "reward, as in STaR / ReST-EM; it uses reference answers; `math` and `code` name it after a "
+             "`verify: {method: math}` or `{method: code}` step, which the recipe must have), `majority` (the sample gives its task's "
              "most common answer, reaching `min_agreement`: no labels), `judge` (the model's own judge scored "
              "it at least `min_score`: no labels) or `reward_model` (the best `per_task` samples by the reward a "
              "`reward_model` step gave, at least `min_reward` when set: best-of-n).")
@@ -73,8 +75,8 @@ class Select(TableFilter):
 
     def requires(self):
         c = self.config
-        needed = {"programmatic": c.correct_column, "majority": c.answer_column, "judge": c.score_column,
-                  "reward_model": c.reward_column}
+        needed = {"programmatic": c.correct_column, "math": c.correct_column, "code": c.correct_column,
+                  "majority": c.answer_column, "judge": c.score_column, "reward_model": c.reward_column}
         return [c.column, needed[c.verifier]] + (["response"] if c.samples_per_task else [])
 
     def group_key(self):
@@ -110,9 +112,9 @@ class Select(TableFilter):
 
 
 def verdict(c: SelectConfig) -> pl.Expr:
-    """The reason a sample goes, by the `programmatic`, `judge` or `reward_model` verifier (a `when`
+    """The reason a sample goes, by a reference check, the `judge` or the `reward_model` verifier (a `when`
     chain; no reason: accepted)."""
-    if c.verifier == "programmatic":
+    if c.verifier in REFERENCE_CHECKS:
         return pl.when(~pl.col(c.correct_column).cast(pl.Boolean, strict=False).fill_null(False)) \
             .then(pl.lit("not_correct"))
     if c.verifier == "judge":

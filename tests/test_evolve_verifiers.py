@@ -34,6 +34,7 @@ SAMPLES = pl.DataFrame({
 @pytest.mark.parametrize("verifier, per_task, reasons", [
     ("programmatic", None, [None, None, None, "not_correct", "not_correct", "not_correct", None]),
     ("programmatic", 1, [None, "duplicate", "over_per_task", "not_correct", "not_correct", "not_correct", None]),
+    ("math", 1, [None, "duplicate", "over_per_task", "not_correct", "not_correct", "not_correct", None]),
     ("majority", None, [None, None, None, "minority_answer", "low_agreement", "low_agreement", "low_agreement"]),
     ("judge", None, [None, None, "below_min_score", "missing_score", None, None, "below_min_score"]),
     ("judge", 1, [None, "duplicate", "below_min_score", "missing_score", "over_per_task", None, "below_min_score"]),
@@ -230,3 +231,18 @@ def test_a_rolled_back_round_is_not_redone_on_resume(tiny_model_dir, tmp_path, m
     # Round 2 starts from the base model, as round 1 was rolled back to round 0.
     assert state["rounds"][2]["adapter_in"] is None and state["rounds"][2]["parent"] is None
     assert "from the base model" in state["rounds"][1]["rollback"]["why"]
+
+
+def test_math_and_code_verifiers_need_their_verify_step(tiny_model_dir, tmp_path):
+    recipe = verifier_recipe(tmp_path, tiny_model_dir, "  compare: [programmatic, code]\n")
+    recipe.write_text(recipe.read_text().replace("select: {verifier: majority", "select: {verifier: math"))
+    with pytest.raises(RecipeError) as info:
+        load_recipe(recipe)
+    assert [p.path for p in info.value.problems] == [("steps", 3, "select", "verifier"), ("evolve", "compare", 1)]
+    assert "the `math` verifier keeps what a `verify: {method: math}` step labels correct" in str(info.value)
+    recipe.write_text(recipe.read_text().replace("verify: {reference: answer}", "verify: {reference: answer, "
+                                                 "method: math}").replace("compare: [programmatic, code]",
+                                                                          "compare: [programmatic, math]"))
+    evolution = Evolution(str(recipe), tmp_path / "run", [], progress=False)
+    assert evolution.reference_check() == "math"
+    assert evolution.selecting_verifier({"math": {"gap": 0.1}, "majority_vote": {"gap": 0.2}}) == "math"

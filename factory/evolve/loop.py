@@ -33,7 +33,7 @@ import polars as pl
 import yaml
 
 from filters.consistency import Consistency
-from filters.select import Select
+from filters.select import REFERENCE_CHECKS, Select
 
 from ..build import run_recipe
 from ..cache import Cache
@@ -377,7 +377,6 @@ class Best:
 
 # The gap figure of each `select` verifier; the reference checks' is named after the verify method.
 SELECT_TO_GAP = {"majority": "majority_vote", "judge": "judge_score", "reward_model": "reward_model"}
-REFERENCE_CHECKS = ("programmatic", "math", "code")
 
 
 def _top_pass(gap: dict) -> float | None:
