@@ -137,13 +137,49 @@ def summarize(version_dir: str | Path, examples: int = 3, tokenizer=None) -> dic
         "lineage": lineage(table, rejected),
         "tokens": token_stats(table, tokenizer) if tokenizer is not None else [],
     }
-    for column in ("score",):
+    info["verification"] = verification(table, rejected, manifest)
+    for column in ("score", "reward"):
         if column in table.columns and table[column].dtype.is_numeric():
             values = table[column].drop_nulls()
             if len(values):
                 info[f"{column}_stats"] = {"min": float(values.min()), "mean": round(float(values.mean()), 3),
                                            "max": float(values.max())}
     return info
+
+
+def verification(table: pl.DataFrame, rejected: pl.DataFrame, manifest: dict) -> list[dict]:
+    """Per ``verify`` step: the rows it checked (kept, or dropped by it or a later step), how many
+    passed, and the outcome of the others by reason (``code_result`` for code; the step's drop
+    reason; else ``incorrect``)."""
+    out = []
+    for i, step in enumerate((manifest.get("recipe") or {}).get("steps") or []):
+        config = step.get("verify") if isinstance(step, dict) else None
+        if config is None:
+            continue
+        verdict = config.get("output_column", "correct")
+        frames = [table]
+        if rejected.height and "drop_step" in rejected.columns:
+            order = rejected["drop_step"].str.extract(r"steps\[(\d+)\]").cast(pl.Int64)
+            frames.append(rejected.filter(order >= i))
+        rows = pl.concat(frames, how="diagonal_relaxed")
+        label = f"steps[{i}].verify"
+        outcome = pl.lit(None, dtype=pl.String)
+        if "code_result" in rows.columns:
+            outcome = pl.col("code_result")
+        if "drop_step" in rows.columns:
+            outcome = pl.coalesce(outcome, pl.when(pl.col("drop_step") == label).then(pl.col("drop_reason")))
+        if verdict in rows.columns:
+            correct = pl.col(verdict).cast(pl.Boolean, strict=False)
+            outcome = pl.coalesce(outcome, pl.when(correct).then(pl.lit("passed"))
+                                  .when(~correct).then(pl.lit("incorrect")))
+        outcomes = rows.select(outcome.alias("outcome"))["outcome"].drop_nulls()
+        if not len(outcomes):
+            continue
+        counts = dict(sorted(outcomes.value_counts().iter_rows(), key=lambda kv: (-kv[1], kv[0])))
+        passed = counts.pop("passed", 0)
+        out.append({"index": i, "method": config.get("method"), "checked": len(outcomes), "passed": passed,
+                    "pass_rate": round(passed / len(outcomes), 4), "reasons": counts})
+    return out
 
 
 def render(info: dict, width: int = 100) -> str:
@@ -185,9 +221,14 @@ def render(info: dict, width: int = 100) -> str:
                 indent = "    " + "  " * depth + ("-> " if depth else "")
                 out.append(indent + textwrap.shorten(f"[{label}] {link['text']}", width=width - len(indent),
                                                      placeholder=" ..."))
-    if "score_stats" in info:
-        s = info["score_stats"]
-        out.append(f"\nscore: min {s['min']:g}, mean {s['mean']:g}, max {s['max']:g}")
+    for v in info.get("verification") or []:
+        reasons = ", ".join(f"{k} {n}" for k, n in v["reasons"].items())
+        out.append(f"\nverify [{v['index']}] ({v['method']}): {v['passed']} of {v['checked']} passed "
+                   f"({100 * v['pass_rate']:.1f} %)" + (f"; {reasons}" if reasons else ""))
+    for column in ("score", "reward"):
+        if f"{column}_stats" in info:
+            s = info[f"{column}_stats"]
+            out.append(f"\n{column}: min {s['min']:g}, mean {s['mean']:g}, max {s['max']:g}")
     for i, example in enumerate(info["examples"]):
         out.append(f"\n--- example {i + 1} of {info['rows']} ---")
         for key, value in example.items():
