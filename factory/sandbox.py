@@ -210,7 +210,12 @@ def run_program(program: Program, limits: Limits = Limits()) -> RunResult:
         for fd in (report_w, out_w, err_w, spec_fd) + ((stdin,) if isinstance(stdin, int) and stdin >= 0 else ()):
             os.close(fd)
             fds.remove(fd)
-        outcome, streams = watch(process, (out_r, err_r, report_r), limits, started)
+        try:
+            outcome, streams = watch(process, (out_r, err_r, report_r), limits, started)
+        except BaseException:  # Ctrl-C, or a failure of ours: the run must not outlive it
+            kill_group(process.pid)
+            process.wait()
+            raise
         ended = time.monotonic()
         return result_of(process, outcome, streams, token, started, ended, user, limits)
     finally:

@@ -48,7 +48,7 @@ def main() -> None:
     spec_fd = _int(sys.argv[-1])
     with os.fdopen(spec_fd, "rb") as spec_file:  # closed at once: the token must not stay readable
         spec = marshal.loads(spec_file.read())
-    report = reporter(spec["report_fd"], spec["token"])
+    report = reporter(spec["report_fd"], spec.pop("token"))
     for note in isolate(spec):
         report("note", note)
     sys.modules.pop(__name__, None)  # the program imports nothing of this file
