@@ -344,16 +344,37 @@ def kill_group(pgid: int) -> None:
 
 
 def await_group(pgid: int, seconds: float = 2.0) -> None:
-    """Waits until no process of the group is left (children the run forked are killed with it,
-    then reaped by init); kills again meanwhile, in case one was forking. Returns at once for
-    a run that forked nothing."""
+    """Waits until no process of the group is alive (children the run forked die with it; init
+    reaps them, in its own time: a zombie does not count); kills again meanwhile, in case one
+    was forking. Returns at once for a run that forked nothing."""
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         try:
             os.killpg(pgid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             return
+        if not alive_in_group(pgid):
+            return
         time.sleep(0.005)
+
+
+def alive_in_group(pgid: int) -> bool:
+    """Whether a process of group ``pgid`` is alive, as /proc says (True where it cannot say)."""
+    try:
+        stats = os.listdir("/proc")
+    except OSError:
+        return True
+    for name in stats:
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if len(fields) > 2 and int(fields[2]) == pgid and fields[0] not in (b"Z", b"X"):
+            return True
+    return False
 
 
 def pid_descriptor(pid: int) -> int | None:
