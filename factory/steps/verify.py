@@ -30,8 +30,9 @@ class VerifyConfig:
                      "`code` runs the response's code against tests in a sandbox (see `tests`).")
     tolerance: float = option(1e-6, help="Absolute or relative tolerance for numeric answers.", min=0.0)
     output_column: str = option("correct", help="Where the verdict (true/false) goes.")
-    drop_incorrect: bool = option(False, help="Drop incorrect samples (reason `incorrect`, or `false_calculation`) "
-                                              "instead of only labelling them.")
+    drop_incorrect: bool = option(False, help="Drop incorrect samples (reason `incorrect`, or `false_calculation`; "
+                                              "with `method: code`, the `code_result`) instead of only labelling "
+                                              "them.")
     check_calculations: bool = option(False, help="Also read every calculation the reply writes (`12 + 5 = 17`, "
                                                   "`4 × 6 = 24`) and count the sample incorrect when one is false, "
                                                   "so a right answer reached by a wrong sum is not kept.")
