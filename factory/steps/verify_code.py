@@ -95,7 +95,8 @@ def verify_code(batch: pl.DataFrame, config, ctx=None) -> pl.DataFrame:
         except BadTests as bad:
             verdicts[i] = (bad.reason, bad.detail, 0, 0)
             continue
-        code = response_code(columns[c.response][i], suite.names)
+        reply = columns[c.response][i]
+        code = response_code(reply if isinstance(reply, str) else None, suite.names)
         if not code.strip():
             verdicts[i] = ("no_code", "the response holds no code", 0, suite.total)
             continue
