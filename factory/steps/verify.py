@@ -12,6 +12,7 @@ from ..config import option
 from .base import RowStep
 from .context import StepContext
 from .drops import DROP, DROP_DETAIL
+from .verify_code import code_problems, code_produces, code_requires, verify_code
 
 
 @dataclass
@@ -29,12 +30,39 @@ class VerifyConfig:
                      "`code` runs the response's code against tests in a sandbox (see `tests`).")
     tolerance: float = option(1e-6, help="Absolute or relative tolerance for numeric answers.", min=0.0)
     output_column: str = option("correct", help="Where the verdict (true/false) goes.")
-    drop_incorrect: bool = option(False, help="Drop incorrect samples (reason `incorrect`, or `false_calculation`) "
-                                              "instead of only labelling them.")
+    drop_incorrect: bool = option(False, help="Drop incorrect samples (reason `incorrect`, or `false_calculation`; "
+                                              "with `method: code`, the `code_result`) instead of only labelling "
+                                              "them.")
     check_calculations: bool = option(False, help="Also read every calculation the reply writes (`12 + 5 = 17`, "
                                                   "`4 × 6 = 24`) and count the sample incorrect when one is false, "
                                                   "so a right answer reached by a wrong sum is not kept.")
-    response: str = option("response", help="The reply whose calculations `check_calculations` reads.")
+    response: str = option("response", help="The reply whose calculations `check_calculations` reads; with "
+                                            "`method: code`, the reply whose code runs: its last ```python block "
+                                            "that defines the tested function (else its last block, else all of it).")
+    tests: list[str] | None = option(None, help="`code`: the column with each row's tests, in any shape `test_format` "
+                                                "reads; several columns add up (CodeContests: [public_tests, "
+                                                "private_tests, generated_tests]).")
+    test_format: Literal["auto", "humaneval", "asserts", "io"] = option(
+        "auto", help="`code`: `humaneval` is test code defining check(candidate), called with the `entry_point`; "
+                     "`asserts` a list of assert strings (MBPP test_list); `io` stdin/stdout pairs (APPS "
+                     "input_output JSON, with fn_name: calls of that function; CodeContests {input, output}); "
+                     "`auto` tells them apart by the value.")
+    entry_point: str | None = option(None, help="`code`: the column naming the function the tests call (HumanEval "
+                                                "`entry_point`); a row whose code lacks it is dropped "
+                                                "(`no_entry_point`).")
+    setup_code: list[str] = option(default_factory=list, help="`code`: columns with code run before the response's "
+                                                              "(MBPP test_setup_code / test_imports; HumanEval's "
+                                                              "`prompt` brings its imports).")
+    time_limit: float = option(10.0, help="`code`: wall-clock (and CPU) seconds per run: a row's tests, or one "
+                                          "stdin/stdout case.", min=0.1)
+    memory_limit_mb: int = option(1024, help="`code`: address space per run, in MiB.", min=64)
+    output_limit_kb: int = option(8192, help="`code`: what a run may print (and the size of a file it writes), "
+                                             "in KiB.", min=1)
+    max_tests: int | None = option(None, help="`code`: run only a row's first this many tests.", min=1)
+    workers: int | None = option(None, help="`code`: runs at once (default: the cores).", min=1)
+
+    def validate(self):
+        return code_problems(self)
 
 
 class Verify(RowStep):
@@ -59,14 +87,20 @@ class Verify(RowStep):
     version = "2"  # references are read with the prediction's extraction
 
     def requires(self):
+        if self.config.method == "code":
+            return code_requires(self.config)
         return [self.config.reference, self.config.prediction] + \
             ([self.config.response] if self.config.check_calculations else [])
 
     def produces(self):
+        if self.config.method == "code":
+            return code_produces(self.config)
         return [self.config.output_column]
 
     def process(self, batch: pl.DataFrame, ctx: StepContext | None = None) -> pl.DataFrame:
         c = self.config
+        if c.method == "code":
+            return verify_code(batch, c, ctx)
         references = read_references(batch[c.reference].cast(pl.String).to_list(), c.method, c.reference,
                                      lambda i: f"{self.label}: {describe_row(batch, i)}",
                                      "fix the reference or remove the row from the source")
