@@ -11,6 +11,7 @@ import functools
 import hashlib
 import importlib.util
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,8 +55,9 @@ def embedded_gguf() -> Path:
 def resolve_model(model: str) -> ModelRef:
     """Resolves a recipe's ``model`` value to local files, without loading anything.
 
-    Accepts ``embedded``, a local folder with ``config.json`` (or a GGUF file in it), or a
-    path to a ``.gguf`` file. Hub ids are refused: runs are offline by design.
+    Accepts ``embedded``, a local folder with ``config.json`` (or a GGUF file in it), a path
+    to a ``.gguf`` file, or a Hub id (ORG/NAME) already in the local Hugging Face cache: runs
+    never download a model.
 
     Raises:
         FactoryError: naming the model and what to do.
@@ -76,8 +78,31 @@ def resolve_model(model: str) -> ModelRef:
                            "point llm.model at a Hugging Face model folder saved with save_pretrained")
     if model.lower().startswith("emb"):
         raise FactoryError(f"model '{model}' is not a local folder or .gguf file; did you mean 'embedded'?")
+    if HUB_ID.fullmatch(model):
+        cached = hub_snapshot(model)
+        if cached is not None and (Path(cached) / "config.json").is_file():
+            return ModelRef(Path(cached), None, model)
+        raise FactoryError(f"model '{model}' is neither a local folder nor in the local Hugging Face cache; runs "
+                           f"load models from local files only, so download it once where there is network (`hf "
+                           f"download {model}`), or use a local model folder or `model: embedded`")
     raise FactoryError(f"model '{model}' is not a local folder or .gguf file; runs are offline, so use "
-                       "`model: embedded` or a local model folder (factory model export-embedded DIR writes one)")
+                       "`model: embedded`, a local model folder (factory model export-embedded DIR writes one) or "
+                       "a Hub id (ORG/NAME) in the local Hugging Face cache")
+
+
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
+
+
+def hub_snapshot(repo_id: str) -> str | None:
+    """The folder of ``repo_id`` in the local Hugging Face cache, or None when it is not there
+    (nothing is downloaded)."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+    try:
+        return snapshot_download(repo_id, local_files_only=True)
+    except (LocalEntryNotFoundError, HFValidationError, OSError, ValueError):
+        return None
 
 
 def model_fingerprint(model: str) -> str:

@@ -32,6 +32,8 @@ import polars as pl
 from ..config import option
 from ..errors import FactoryError
 from ..hashing import fingerprint
+from ..hubdata import hub_offline
+from ..models import hub_snapshot
 from ..text import has_text
 from .base import RowStep
 from .context import StepContext
@@ -131,24 +133,6 @@ class RewardModel(RowStep):
 
 
 # ---------------------------------------------------------------- finding the model (no torch)
-
-def hub_offline() -> bool:
-    from huggingface_hub import constants
-
-    flags = (os.environ.get("HF_HUB_OFFLINE", ""), os.environ.get("TRANSFORMERS_OFFLINE", ""))
-    return constants.HF_HUB_OFFLINE or any(f.upper() in {"1", "ON", "YES", "TRUE"} for f in flags)
-
-
-def hub_snapshot(repo_id: str) -> str | None:
-    """The folder of ``repo_id`` in the local Hugging Face cache, or None when it is not there."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
-
-    try:
-        return snapshot_download(repo_id, local_files_only=True)
-    except (LocalEntryNotFoundError, HFValidationError, OSError, ValueError):
-        return None
-
 
 def locate(model: str, base_dir: Path) -> str:
     """The local folder of reward model ``model`` (a folder, relative to ``base_dir`` or the current
