@@ -15,6 +15,20 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = Path(__file__).resolve().parent.parent
 SEEDS = ROOT / "data" / "seeds" / "tasks.jsonl"
 
+# Recipes meant for a GPU read their model and data from the Hub, which the tests cannot reach:
+# their mechanics are checked with those parts swapped for local slices of the same shape.
+GSM8K = ROOT / "tests" / "data" / "gsm8k_tiny.jsonl"
+MBPP = ROOT / "tests" / "data" / "mbpp_tiny.jsonl"
+HUB_RECIPES = {
+    "self_evolve_gsm8k": ["llm={backend: transformers, model: embedded}",
+                          f"source={{path: {GSM8K}, rename: {{question: instruction}}}}",
+                          f"steps[3].decontaminate.eval={GSM8K}",
+                          f"evolve.eval={{path: {GSM8K}, column: question, answer_column: answer, method: math, "
+                          "max_tokens: 512}"],
+    "code_rejection_sampling": ["llm={backend: transformers, model: embedded}",
+                                f"source={{path: {MBPP}, rename: {{text: instruction}}}}"],
+}
+
 SCRIPTED_LLM = """\
 llm:
   backend: scripted

@@ -17,7 +17,7 @@ import pytest
 from factory import bundled
 from factory.cli import main
 
-from .conftest import ROOT
+from .conftest import HUB_RECIPES, ROOT
 
 # What a wheel is built from: the distribution's files, nothing of the checkout's build/ or venvs.
 SOURCES = ("pyproject.toml", "README.md", "factory", "filters", "trainers", "recipes", "data")
@@ -194,9 +194,10 @@ def test_init_writes_the_recipe_and_the_data_it_references(name, tmp_path, monke
         assert f"wrote {ref}" in out or f"wrote {ref}/" in out
     # The copy is what the recipe reads, from its folder or from elsewhere: the project's data is not needed.
     monkeypatch.setattr(factory.sources, "PROJECT_ROOT", tmp_path / "nowhere")
-    assert main(["validate", f"{name}.yaml"]) == 0
+    local = [arg for override in HUB_RECIPES.get(name, []) for arg in ("--set", override)]
+    assert main(["validate", f"{name}.yaml", *local]) == 0
     monkeypatch.chdir(tmp_path)
-    assert main(["validate", f"here/{name}.yaml"]) == 0
+    assert main(["validate", f"here/{name}.yaml", *local]) == 0
 
 
 def test_init_never_overwrites_and_writes_nothing_when_it_stops(tmp_path, monkeypatch, capsys):

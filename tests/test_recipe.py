@@ -7,7 +7,7 @@ import pytest
 from factory.errors import RecipeError
 from factory.recipe import load_recipe, parse_key_path
 
-from .conftest import ROOT, SCRIPTED_LLM, SEEDS
+from .conftest import HUB_RECIPES, ROOT, SCRIPTED_LLM, SEEDS
 
 
 def problems_of(path, overrides=None) -> list[str]:
@@ -18,7 +18,7 @@ def problems_of(path, overrides=None) -> list[str]:
 
 def test_every_shipped_recipe_validates():
     for path in sorted((ROOT / "recipes").glob("*.yaml")):
-        recipe = load_recipe(path)
+        recipe = load_recipe(path, HUB_RECIPES.get(path.stem))
         assert recipe.steps, path
 
 
