@@ -1,0 +1,234 @@
+"""Time limits for pure-Python work that may not end (sympy on a pathological expression).
+
+:func:`map_limited` runs a function on each argument, each call with its own limit, wherever the
+caller is. In the main thread a real-time timer interrupts the call (a signal, as math-verify
+does, but with sub-second limits and the caller's own timer put back afterwards). Signals reach
+only the main thread, so from any other thread (the local executor's batch threads, a threaded
+Ray actor) the calls go to a worker process instead: there the same timer interrupts Python
+code, and the caller kills the worker when even that does not answer in time (a long C call),
+then starts a fresh one for the next call. Either way a call over its limit returns
+``TIMED_OUT``, never hangs the run and never raises.
+
+The function and its arguments must be picklable (a module-level function, plain values): the
+worker process imports the function's module.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from multiprocessing.connection import Connection
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
+
+TIMED_OUT = object()  # the result of a call that ran past its limit
+
+# How long the caller waits past the limit before it kills a worker that did not answer: the
+# worker's own timer answers at the limit unless a single C call holds it.
+WORKER_GRACE_S = 1.0
+WORKER_START_S = 120.0  # importing sympy in a fresh process on a busy machine
+
+
+class TimeLimitExceeded(BaseException):
+    """Raised inside a call that ran past its limit.
+
+    A BaseException, so that the ``except Exception`` of the libraries it interrupts (sympy,
+    math-verify) does not swallow it.
+    """
+
+
+def timer_works_here() -> bool:
+    """Whether a signal timer can interrupt code in this thread (only the main thread's can)."""
+    return hasattr(signal, "setitimer") and threading.current_thread() is threading.main_thread()
+
+
+def call_with_timer(fn: Callable[[Any], Any], arg: Any, seconds: float) -> Any:
+    """``fn(arg)``, or ``TIMED_OUT`` when it runs past ``seconds``; main thread only.
+
+    An ITIMER_REAL timer sends SIGALRM at the limit and its handler raises
+    :class:`TimeLimitExceeded` in the running code. A timer and handler the caller had set (a test
+    runner's own time limit) are put back afterwards, less the time spent here.
+    """
+    armed = [True]
+
+    def expire(signum, frame):
+        if armed[0]:
+            raise TimeLimitExceeded
+
+    previous_handler = signal.signal(signal.SIGALRM, expire)
+    previous_delay, previous_interval = signal.setitimer(signal.ITIMER_REAL, seconds)
+    started = time.monotonic()
+    try:
+        return fn(arg)
+    except TimeLimitExceeded:
+        return TIMED_OUT
+    finally:
+        armed[0] = False
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous_handler if previous_handler is not None else signal.SIG_DFL)
+        if previous_delay > 0:
+            # A timer that would have fired meanwhile fires now.
+            left = max(previous_delay - (time.monotonic() - started), 1e-3)
+            signal.setitimer(signal.ITIMER_REAL, left, previous_interval)
+
+
+def _serve(read_fd: int, write_fd: int) -> None:
+    """The worker process: answers ``(fn, arg, seconds)`` with ``("ok", value)`` or ``("late", None)``."""
+    jobs, conn = Connection(read_fd, writable=False), Connection(write_fd, readable=False)
+    conn.send("ready")
+    while True:
+        try:
+            job = jobs.recv()
+        except (EOFError, OSError):
+            return
+        if job is None:
+            return
+        fn, arg, seconds = job
+        try:
+            if seconds is None:  # a setup, run once with no limit
+                conn.send(("ok", fn(arg)))
+                continue
+            value = call_with_timer(fn, arg, seconds)
+            conn.send(("late", None) if value is TIMED_OUT else ("ok", value))
+        except Exception as error:  # the function's own failure goes back to the caller
+            conn.send(("error", f"{type(error).__name__}: {error}"))
+
+
+class _Worker:
+    """One worker process and its two pipes.
+
+    A fresh interpreter (``python -c``), neither forked (the caller has threads) nor started by
+    multiprocessing's spawn, which would import the caller's main script again.
+    """
+
+    def __init__(self):
+        jobs_read, jobs_write = os.pipe()
+        answers_read, answers_write = os.pipe()
+        code = (f"import json, sys; sys.path[:0] = json.loads(sys.argv[1]); from {__name__} import _serve; "
+                f"_serve({jobs_read}, {answers_write})")
+        self.process = subprocess.Popen([sys.executable, "-c", code, json.dumps(sys.path)], stdin=subprocess.DEVNULL,
+                                        stdout=subprocess.DEVNULL, pass_fds=(jobs_read, answers_write))
+        os.close(jobs_read)
+        os.close(answers_write)
+        self.jobs, self.conn = Connection(jobs_write, readable=False), Connection(answers_read, writable=False)
+        self.ready: set = set()  # the setups this worker has run
+        if not self.conn.poll(WORKER_START_S) or self.conn.recv() != "ready":
+            self.kill()
+            raise RuntimeError(f"the time-limit worker process did not start within {WORKER_START_S:.0f} s")
+
+    def setup(self, fn) -> None:
+        """Runs ``fn(None)`` once in this worker, with no limit but the start's."""
+        if fn is not None and fn not in self.ready:
+            self.jobs.send((fn, None, None))
+            if not self.conn.poll(WORKER_START_S):
+                self.kill()
+                raise RuntimeError(f"the time-limit worker process did not set up within {WORKER_START_S:.0f} s")
+            status, value = self.conn.recv()
+            if status == "error":
+                raise RuntimeError(value)
+            self.ready.add(fn)
+
+    def call(self, fn, arg, seconds: float) -> Any:
+        self.jobs.send((fn, arg, seconds))
+        if not self.conn.poll(seconds + WORKER_GRACE_S):
+            self.kill()  # stuck where its own timer cannot reach
+            return TIMED_OUT
+        status, value = self.conn.recv()
+        if status == "error":
+            raise RuntimeError(value)
+        return TIMED_OUT if status == "late" else value
+
+    @property
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def kill(self) -> None:
+        if self.alive:
+            self.process.kill()
+        self.process.wait(5)
+        self.jobs.close()
+        self.conn.close()
+
+    def close(self) -> None:
+        try:
+            self.jobs.send(None)
+            self.process.wait(2)
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+        self.kill()
+
+
+class _WorkerPool:
+    """Idle workers of this process, one per thread that needs one at a time."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.idle: list[_Worker] = []
+        self.pid = os.getpid()
+
+    def take(self) -> _Worker:
+        with self.lock:
+            if self.pid != os.getpid():  # a forked child does not share its parent's workers
+                self.idle, self.pid = [], os.getpid()
+            while self.idle:
+                worker = self.idle.pop()
+                if worker.alive:
+                    return worker
+        return _Worker()
+
+    def give(self, worker: _Worker) -> None:
+        if worker.alive:
+            with self.lock:
+                self.idle.append(worker)
+
+    def close(self) -> None:
+        with self.lock:
+            workers, self.idle = self.idle, []
+        for worker in workers:
+            worker.close()
+
+
+_POOL = _WorkerPool()
+atexit.register(_POOL.close)
+
+
+def map_limited(fn: Callable[[Any], Any], args: Sequence, seconds: float,
+                where: Literal["auto", "here", "process"] = "auto",
+                setup: Callable[[None], Any] | None = None) -> list:
+    """``[fn(arg) for arg in args]``, each call stopped at ``seconds`` (its result then ``TIMED_OUT``).
+
+    ``where``: ``here`` (a timer in this thread; the main thread only), ``process`` (a worker
+    process), ``auto`` (here when this is the main thread, else a worker process). ``setup(None)``
+    runs first, outside the limit, in the process that makes the calls (imports, caches): the
+    first call must not pay for them within its limit.
+    """
+    if not args:
+        return []
+    if where == "auto":
+        where = "here" if timer_works_here() else "process"
+    if where == "here":
+        if setup is not None:
+            setup(None)
+        return [call_with_timer(fn, arg, seconds) for arg in args]
+    worker = _POOL.take()
+    out = []
+    try:
+        for arg in args:
+            if not worker.alive:
+                worker = _Worker()
+            worker.setup(setup)
+            out.append(worker.call(fn, arg, seconds))
+    finally:
+        _POOL.give(worker)
+    return out
+
+
+def close_workers() -> None:
+    """Stops the idle worker processes (they stop with this process anyway)."""
+    _POOL.close()
