@@ -235,15 +235,19 @@ def test_a_worker_the_timer_cannot_stop_is_killed_and_replaced():
     assert map_limited(_ignore_the_timer, [600.0, 0.0], 0.2, where="process") == [TIMED_OUT, "finished"]
 
 
-def test_the_timer_puts_back_the_callers_own_timer():
+def test_the_limit_leaves_the_callers_own_timer_and_handler_alone():
     fired = []
-    previous = signal.signal(signal.SIGALRM, lambda *_: fired.append(True))
-    signal.setitimer(signal.ITIMER_REAL, 100)
+    mine = lambda *_: fired.append(True)  # noqa: E731
+    previous = signal.signal(signal.SIGALRM, mine)
     try:
-        assert call_with_timer(lambda seconds: time.sleep(seconds) or "slept", 5, 0.1) is TIMED_OUT
-        assert call_with_timer(lambda seconds: "quick", 0, 5) == "quick"
+        signal.setitimer(signal.ITIMER_REAL, 100)
+        assert call_with_timer(time.sleep, 5, 0.1) is TIMED_OUT
+        assert call_with_timer(lambda x: x + 1, 1, 5) == 2
         assert 90 < signal.getitimer(signal.ITIMER_REAL)[0] <= 100
-        assert signal.getsignal(signal.SIGALRM) is not previous and not fired
+        assert signal.getsignal(signal.SIGALRM) is mine and fired == []
+        signal.setitimer(signal.ITIMER_REAL, 0.05)  # the caller's alarm rings during a limited call
+        assert call_with_timer(lambda s: time.sleep(s) or "slept", 0.3, 5) == "slept"
+        assert fired == [True]
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
