@@ -3,14 +3,14 @@
 :func:`map_limited` runs a function on each argument, each call with its own limit, wherever the
 caller is. In the main thread a signal interrupts the call, as math-verify's timeout does, but
 sent to the main thread alone by a watchdog thread (``pthread_kill``) rather than to the whole
-process by ``signal.alarm``: a process-wide SIGALRM lands in whichever thread the kernel picks,
-and in a Ray worker that broke the C++ runtime's locks (measured: 2 aborted workers in 6 runs of a
-small recipe, none since); the caller's own ITIMER (pytest-timeout's) is left alone, and limits
-may be under a second. Python runs signal handlers only in the main thread, so from any other
-thread (the local executor's batch threads, a Ray actor's) the calls go to a worker process
-instead: there the same timer interrupts Python code, and the caller kills the worker when even
-that does not answer in time (a long C call), then starts a fresh one for the next call. Either
-way a call over its limit returns ``TIMED_OUT``, never hangs the run and never raises.
+process by ``signal.alarm``, which the kernel hands to any thread (a Ray or polars thread, whose
+system call it interrupts); the caller's own ITIMER (pytest-timeout's) is left alone, limits may
+be under a second, and code that swallows the exception is interrupted again. Python runs
+signal handlers only in the main thread, so from any other thread (the local executor's batch
+threads, a Ray actor's) the calls go to a worker process instead: there the same timer
+interrupts Python code, and the caller kills the worker when even that does not answer in time
+(a long C call), then starts a fresh one for the next call. Either way a call over its limit
+returns ``TIMED_OUT``, never hangs the run and never raises.
 
 The function and its arguments must be picklable (a module-level function, plain values): the
 worker process imports the function's module.
@@ -36,6 +36,7 @@ TIMED_OUT = object()  # the result of a call that ran past its limit
 # worker's own timer answers at the limit unless a single C call holds it.
 WORKER_GRACE_S = 1.0
 WORKER_START_S = 120.0  # importing sympy in a fresh process on a busy machine
+REFIRE_S = 0.1
 
 
 class TimeLimitExceeded(BaseException):
@@ -52,24 +53,26 @@ def timer_works_here() -> bool:
 
 
 class _Watchdog:
-    """One daemon thread per process that sends SIGALRM to the main thread at the armed deadline."""
+    """One daemon thread per process that sends SIGALRM to the main thread at the armed deadline,
+    and again every ``REFIRE_S`` until disarmed (code that swallowed the exception is interrupted
+    anew)."""
 
     def __init__(self):
         self.cond = threading.Condition()
         self.deadline: float | None = None
-        self.calls = 0  # numbers each armed call, so that a late signal is never taken for the next call's
-        self.fired = -1  # the call the last signal was sent for
+        self.call = 0  # the number of the call armed last
+        self.sent = 0  # signals sent for it
         self.pid = -1
 
-    def arm(self, seconds: float, call: "_Call") -> None:
+    def arm(self, seconds: float) -> int:
         with self.cond:
             if self.pid != os.getpid():  # first use, or a forked child: the thread is not there
                 self.pid = os.getpid()
                 threading.Thread(target=self._watch, name="factory-time-limit", daemon=True).start()
-            self.calls += 1
-            call.number = self.calls  # before the watchdog can fire for it
+            self.call, self.sent = self.call + 1, 0
             self.deadline = time.monotonic() + seconds
             self.cond.notify()
+            return self.call
 
     def disarm(self) -> None:
         with self.cond:
@@ -83,7 +86,7 @@ class _Watchdog:
                 if left is None or left > 0:
                     self.cond.wait(left)
                     continue
-                self.deadline, self.fired = None, self.calls
+                self.deadline, self.sent = time.monotonic() + REFIRE_S, self.sent + 1
                 signal.pthread_kill(main, signal.SIGALRM)
 
 
@@ -94,16 +97,15 @@ class _Call:
     """One limited call, as the signal handler sees it."""
 
     def __init__(self, previous):
-        self.previous, self.number, self.running, self.signalled = previous, -2, True, False
+        self.previous, self.number, self.taken, self.running = previous, -1, 0, True
 
     def expire(self, signum, frame):
-        if _WATCHDOG.fired != self.number:  # not the watchdog's: the caller's own SIGALRM
+        if _WATCHDOG.call != self.number or self.taken >= _WATCHDOG.sent:  # the caller's own SIGALRM
             if callable(self.previous):
                 self.previous(signum, frame)
             return
-        self.signalled = True
-        if self.running:
-            self.running = False  # raise once, and never after the call has returned
+        self.taken += 1
+        if self.running:  # never once the call has returned
             raise TimeLimitExceeded
 
 
@@ -113,24 +115,23 @@ def call_with_timer(fn: Callable[[Any], Any], arg: Any, seconds: float) -> Any:
     At the limit the watchdog sends SIGALRM to the main thread and the handler raises
     :class:`TimeLimitExceeded` in the running code. A SIGALRM that is not the watchdog's (the
     caller's own timer) goes to the handler the caller had, which is put back afterwards -- once
-    a signal sent for this call has arrived, so that none reaches the default handler (which
-    ends the process).
+    every signal sent for this call has been handled, so that none reaches the default handler
+    (which ends the process).
     """
     call = _Call(signal.getsignal(signal.SIGALRM))
     signal.signal(signal.SIGALRM, call.expire)
     try:
         try:
-            _WATCHDOG.arm(seconds, call)
+            call.number = _WATCHDOG.arm(seconds)
             return fn(arg)
         finally:
             call.running = False
     except TimeLimitExceeded:
         return TIMED_OUT
     finally:
-        _WATCHDOG.disarm()
-        waited = time.monotonic() + 1.0
-        while _WATCHDOG.fired == call.number and not call.signalled and time.monotonic() < waited:
-            time.sleep(0.0005)  # a signal on its way: its handler runs here
+        _WATCHDOG.disarm()  # nothing is sent for this call from here on
+        for _ in range(3):  # one sent before arrives when a system call returns, and is handled at a jump
+            signal.sigpending()
         signal.signal(signal.SIGALRM, call.previous if call.previous is not None else signal.SIG_DFL)
 
 

@@ -235,6 +235,19 @@ def test_a_worker_the_timer_cannot_stop_is_killed_and_replaced():
     assert map_limited(_ignore_the_timer, [600.0, 0.0], 0.2, where="process") == [TIMED_OUT, "finished"]
 
 
+def _swallow_the_first_interruption(seconds: float) -> str:
+    try:
+        time.sleep(seconds)
+    except BaseException:  # as careless library code does
+        pass
+    time.sleep(seconds)
+    return "finished"
+
+
+def test_code_that_swallows_the_interruption_is_interrupted_again():
+    assert call_with_timer(_swallow_the_first_interruption, 5, 0.1) is TIMED_OUT
+
+
 def test_the_limit_leaves_the_callers_own_timer_and_handler_alone():
     fired = []
     mine = lambda *_: fired.append(True)  # noqa: E731
