@@ -11,6 +11,9 @@ the wrong factor). Every method sees the same pairs as ``(prediction, reference)
   * math       -- ``answers_match(p, r, "math")``: math-verify and sympy under the time limit,
                   in this (main) thread, with a fresh parse cache (no pair is a cache hit)
   * math, proc -- the same comparisons sent to the worker process, as from a worker thread
+  * math-verify -- the library alone, as its README calls it: ``verify(parse(r), parse(p))`` on
+                  each answer wrapped in ``\\boxed{}`` (its own signal timeouts, main thread), without
+                  the plain-form rewrites, the exact path for plain numbers or the parse cache
   * numeric    -- ``answers_match(p, r, "numeric")`` (numbers within 1e-6)
   * string     -- ``p.strip() == r.strip()``
 
@@ -105,6 +108,12 @@ def run(method: str, data, timeout: float) -> tuple[list[bool], float]:
         verdicts = [p.strip() == r.strip() for p, r in pairs_only]
     elif method == "numeric":
         verdicts = [answers_match(p, r, "numeric") for p, r in pairs_only]
+    elif method == "math-verify":
+        from math_verify import parse, verify
+
+        verify(parse("\\boxed{1}"), parse("\\boxed{1}"))  # imports and regexes, as `math` does in load()
+        started = time.perf_counter()
+        verdicts = [verify(parse(f"\\boxed{{{r}}}"), parse(f"\\boxed{{{p}}}")) for p, r in pairs_only]
     else:
         math_answers.parsed.cache_clear()
         math_answers.load()  # imports once, as a run does before its first comparison
@@ -133,7 +142,7 @@ def main() -> None:
           f"seed {args.seed}, limit {args.timeout:g} s per comparison")
     print(f"{'method':12} {'equivalent accepted':>20} {'wrong rejected':>15} {'comparisons/s':>14}")
     results = {}
-    for method in ("math", "math, proc", "numeric", "string"):
+    for method in ("math", "math, proc", "math-verify", "numeric", "string"):
         verdicts, seconds = run(method, data, args.timeout)
         results[method] = verdicts
         accepted = sum(v for v, (*_, same) in zip(verdicts, data) if same)
@@ -141,16 +150,17 @@ def main() -> None:
         print(f"{method:12} {accepted:>11}/{equivalent:<8} {rejected:>7}/{wrong:<7} {len(data) / seconds:>14,.0f}")
 
     print(f"\nequivalent pairs accepted, per kind (of {args.per_kind}):")
-    print(f"{'kind':16} " + " ".join(f"{m:>10}" for m in results))
+    print(f"{'kind':16} " + " ".join(f"{m:>11}" for m in results))
     per_kind: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
     for i, (kind, _, _, same) in enumerate(data):
         for method, verdicts in results.items():
             per_kind[kind][method] += bool(same and verdicts[i])
     for kind, counts in per_kind.items():
-        print(f"{kind:16} " + " ".join(f"{counts[m]:>10}" for m in results))
-    false_accepts = [(k, p, r) for (k, p, r, same), v in zip(data, results["math"]) if v and not same]
-    for kind, p, r in false_accepts[:10]:
-        print(f"math accepted a wrong pair ({kind}): {p!r} vs {r!r}")
+        print(f"{kind:16} " + " ".join(f"{counts[m]:>11}" for m in results))
+    for method in ("math", "math-verify"):
+        false_accepts = [(k, p, r) for (k, p, r, same), v in zip(data, results[method]) if v and not same]
+        for kind, p, r in false_accepts[:10]:
+            print(f"{method} accepted a wrong pair ({kind}): {p!r} vs {r!r}")
 
     if args.keys:
         math_answers.parsed.cache_clear()
