@@ -1,7 +1,8 @@
 """Final-answer extraction from model replies, and answer checking against references.
 
 Used by ``solve`` (the ``prediction`` column), ``verify`` (the ``correct`` column), the
-``consistency`` filter (majority vote) and evaluation.
+``consistency`` filter (majority vote) and evaluation. Answers compared as mathematics (the
+``math`` method and answer format) are read and compared in :mod:`factory.math_answers`.
 """
 
 from __future__ import annotations
@@ -13,32 +14,18 @@ import string
 from fractions import Fraction
 from typing import Callable
 
+from .answer_patterns import BOXED as _BOXED
+from .answer_patterns import NUMBER_PATTERN as _NUMBER
+from .answer_patterns import boxed_contents
 from .errors import FactoryError
+from .math_answers import extract_math_answer, math_equal, math_keys
 
-_NUMBER = r"[-−]?\$?\d[\d,]*(?:\.\d+)?(?:\s*/\s*\d+)?|[-−]?\$?\.\d+"
 _NUMBER_RE = re.compile(_NUMBER)
-_BOXED = re.compile(r"\\boxed\s*\{")
 _HASHES = re.compile(rf"####\s*({_NUMBER})")
 _ANSWER_IS = re.compile(rf"(?:final answer|answer)\s*(?:is|:|=)?\s*[:=]?\s*\**\s*({_NUMBER})", re.I)
 _FRAC = re.compile(r"\\[dt]?frac\s*\{([^{}]*)\}\s*\{([^{}]*)\}")
 
-ANSWER_FORMATS = ("none", "number", "choice", "text")
-
-
-def _boxed_contents(text: str) -> list[str]:
-    """Contents of every ``\\boxed{...}``, with nested braces balanced."""
-    found = []
-    for match in _BOXED.finditer(text):
-        depth, start = 1, match.end()
-        for pos in range(start, len(text)):
-            if text[pos] == "{":
-                depth += 1
-            elif text[pos] == "}":
-                depth -= 1
-                if depth == 0:
-                    found.append(text[start:pos])
-                    break
-    return found
+ANSWER_FORMATS = ("none", "number", "choice", "text", "math")
 
 
 def canonical_number(text: str) -> str | None:
@@ -58,7 +45,7 @@ def canonical_number(text: str) -> str | None:
 
 def extract_number(text: str) -> str | None:
     """The final numeric answer: ``\\boxed{}``, then ``#### n``, then "the answer is n", then the last number."""
-    for inner in reversed(_boxed_contents(text)):
+    for inner in reversed(boxed_contents(text)):
         inner = _FRAC.sub(r"\1/\2", inner)
         numbers = _NUMBER_RE.findall(inner)
         if numbers:
@@ -108,6 +95,8 @@ def extract_answer(text: str, answer_format: str) -> str | None:
         return extract_choice(text)
     if answer_format == "text":
         return extract_text(text)
+    if answer_format == "math":
+        return extract_math_answer(text)
     return text.strip() or None
 
 
@@ -119,7 +108,7 @@ def normalize_text(text: str) -> str:
     return " ".join(text.split())
 
 
-VERIFY_METHODS = ("auto", "exact", "numeric", "normalized", "choice")
+VERIFY_METHODS = ("auto", "exact", "numeric", "normalized", "choice", "math")
 
 _MARKED = [re.compile(r"####\s*(.+)"),
            re.compile(r"(?:final answer|answer)\s*(?:is\s*:?|:)\s*(.+)", re.I)]
@@ -129,7 +118,7 @@ _REFERENCE_KINDS = {"number": "numeric", "text": "normalized", "none": "exact"}
 def marked_answer(text: str) -> str | None:
     """What an answer marker points at: the last ``\\boxed{}``, else what follows the last
     ``####``, else the last "the answer is" / "Answer:"; None when the text has no marker."""
-    boxed = [inner.strip() for inner in _boxed_contents(text) if inner.strip()]
+    boxed = [inner.strip() for inner in boxed_contents(text) if inner.strip()]
     if boxed:
         return boxed[-1]
     for pattern in _MARKED:
@@ -159,6 +148,8 @@ def reference_answer(text: str | None, method: str = "auto") -> str | None:
     if kind == "choice":
         bare = text.strip("() .").upper()
         return extract_choice(text) or (bare if len(bare) == 1 and bare in "ABCDEFGHIJ" else None)
+    if kind == "math" and _BOXED.search(text) and not any(inner.strip() for inner in boxed_contents(text)):
+        return None  # a MATH solution whose \boxed{} is empty or never closed
     return marked_answer(text) or text
 
 
@@ -169,6 +160,9 @@ def reference_problem(method: str) -> str:
         return "holds no number; write the number (330, 1,234, 3/4), or end a worked solution with `#### 330`"
     if kind == "choice":
         return "holds no option letter; write the letter (B), or end a worked solution with 'The answer is (B)'"
+    if kind == "math":
+        return ("holds no answer (empty, or an empty or unclosed \\boxed{}); write the answer (14/3, "
+                "\\frac{14}{3}), or end a worked solution with `\\boxed{14/3}` or `#### 72`")
     return "is empty; write the reference answer"
 
 
@@ -192,11 +186,15 @@ def answers_match(prediction: str | None, reference: str | None, method: str = "
 
     Methods: ``exact`` (after stripping spaces), ``numeric`` (as numbers, within
     ``tolerance`` absolute or relative), ``normalized`` (SQuAD normalisation), ``choice``
-    (option letters), ``auto`` (numeric when both are numbers, else normalized).
+    (option letters), ``math`` (as mathematics, see :func:`factory.math_answers.math_verdicts`;
+    a comparison over its time limit is not a match), ``auto`` (numeric when both are numbers,
+    else normalized).
     """
     if prediction is None or reference is None:
         return False
     prediction, reference = str(prediction), str(reference)
+    if method == "math":
+        return math_equal(prediction, reference)
     if method == "exact":
         return prediction.strip() == reference.strip()
     if method == "choice":
@@ -212,9 +210,12 @@ def answers_match(prediction: str | None, reference: str | None, method: str = "
 
 
 def answer_key(answer: str | None, method: str = "auto") -> str | None:
-    """A canonical form for voting: equal keys mean matching answers (numbers numerically)."""
+    """A canonical form for voting: equal keys mean matching answers (numbers numerically;
+    for ``math``, see :func:`answer_keys`)."""
     if answer is None:
         return None
+    if method == "math":
+        return answer_keys([answer], method)[0]
     if method in ("numeric", "auto"):
         number = canonical_number(str(answer))
         if number is not None:
@@ -226,6 +227,14 @@ def answer_key(answer: str | None, method: str = "auto") -> str | None:
     if method == "exact":
         return str(answer).strip()
     return normalize_text(str(answer))
+
+
+def answer_keys(answers: list, method: str = "auto") -> list[str | None]:
+    """:func:`answer_key` of each answer; for ``math``, each distinct answer is parsed once
+    (:func:`factory.math_answers.math_keys`), so that math-equal answers share a key."""
+    if method == "math":
+        return math_keys(answers)
+    return [answer_key(a, method) for a in answers]
 
 
 _OPERAND = r"\d[\d,]*(?:\.\d+)?"

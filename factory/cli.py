@@ -222,9 +222,10 @@ def build_parser() -> argparse.ArgumentParser:
                                "`\\boxed{n}` or 'The answer is n' (default: answer)")
     evaluate.add_argument("--limit", type=_positive, default=None, metavar="N", help="the first N items only")
     evaluate.add_argument("--no-cot", dest="cot", action="store_false", help="ask for the answer alone, no steps")
-    evaluate.add_argument("--answer-format", choices=["number", "choice", "text"], default="number",
+    evaluate.add_argument("--answer-format", choices=["number", "choice", "text", "math"], default="number",
                           help="how final answers are read (default: number)")
-    evaluate.add_argument("--method", choices=["auto", "exact", "numeric", "normalized", "choice"], default="auto",
+    evaluate.add_argument("--method", choices=["auto", "exact", "numeric", "normalized", "choice", "math"],
+                          default="auto",
                           help="how answers are compared (default: auto, from the answer format)")
     evaluate.add_argument("--max-tokens", type=_positive, default=None,
                           help="most tokens per answer (default: the recipe's solve step's, else 256)")

@@ -7,7 +7,7 @@ from typing import Literal
 
 import polars as pl
 
-from factory.answers import answer_key
+from factory.answers import answer_keys
 from factory.config import option
 from factory.steps.context import StepContext
 
@@ -21,9 +21,10 @@ class ConsistencyConfig:
                                                    "`answer_format`).")
     min_agreement: float = option(0.5, help="Keep a task when its most common answer has at least this share "
                                             "of the task's samples.", min=0.0, max=1.0)
-    method: Literal["auto", "exact", "numeric", "normalized", "choice"] = option(
+    method: Literal["auto", "exact", "numeric", "normalized", "choice", "math"] = option(
         "auto", help="How answers are compared when voting (see `verify`): `auto` compares numbers as numbers "
-                     "and text after normalisation.")
+                     "and text after normalisation; `math` puts answers equal as mathematics in one vote "
+                     "(14/3, \\frac{14}{3} and 4\\frac{2}{3}; sets in any order).")
 
 
 class Consistency(TableFilter):
@@ -56,7 +57,7 @@ class Consistency(TableFilter):
 
     def keep(self, table: pl.DataFrame, ctx: StepContext) -> pl.DataFrame:
         c = self.config
-        keys = [answer_key(a, c.method) for a in table[c.answer_column].cast(pl.String).to_list()]
+        keys = answer_keys(table[c.answer_column].cast(pl.String).to_list(), c.method)
         work = table.select(c.column, c.answer_column).with_row_index("_position").with_columns(
             pl.Series("_key", keys, dtype=pl.String))
         counts = (work.filter(pl.col("_key").is_not_null())

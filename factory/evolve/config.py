@@ -53,8 +53,9 @@ class EvalSection(EvalData):
     answer_column: str = option("answer", help="The reference answer column: a bare value or a worked solution "
                                                "ending in `#### n`, `\\boxed{n}` or 'The answer is n'.")
     limit: int | None = option(None, help="Evaluate on the first N items.", min=1)
-    method: Literal["auto", "exact", "numeric", "normalized", "choice"] = option("auto",
-                                                                                 help="How answers are compared.")
+    method: Literal["auto", "exact", "numeric", "normalized", "choice", "math"] = option(
+        "auto", help="How answers are compared (see `verify`); `math` compares as mathematics: give the "
+                     "recipe's `solve` step `answer_format: math`.")
     max_tokens: int | None = option(None, help="Most tokens per answer (default: the recipe's solve step's); "
                                                "an answer cut there counts as wrong, so leave room for a base "
                                                "model that talks before it answers.", min=1)

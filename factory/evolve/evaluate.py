@@ -104,6 +104,7 @@ def accuracy(driver: Driver, step: Solve, table: pl.DataFrame, column: str, answ
         raise FactoryError(f"the eval set has no column {', '.join(missing)} (it has {', '.join(table.columns)})")
     c = step.config
     kind = method if method != "auto" else c.answer_format
+    method = "math" if kind == "math" else method  # answers read as mathematics compare as mathematics
     table = numbered(table.with_columns(pl.Series(answer_column, eval_references(table, answer_column, kind, source),
                                                   dtype=pl.String)))
     if column != c.column:

@@ -19,10 +19,12 @@ class SolveConfig(TaskStepConfig):
     top_p: float = option(0.95, help="Nucleus sampling mass.", min=0.0, max=1.0)
     max_tokens: int = option(512, help="Most tokens per answer.", min=1)
     cot: bool = option(False, help="Ask the model to think step by step before its final answer.")
-    answer_format: Literal["none", "number", "choice", "text"] = option(
+    answer_format: Literal["none", "number", "choice", "text", "math"] = option(
         "none", help="Extract a final answer into `prediction`: `number` (\\boxed{}, '#### n', 'the answer is n', "
                      "else the last number), `choice` (an option letter), `text` (after 'Answer:', else the last "
-                     "line); `none` extracts nothing. A reply with no answer is dropped as `no_answer`.")
+                     "line), `math` (the last \\boxed{}, else 'the answer is ...', else the last $...$ or "
+                     "\\(...\\), else the last number, kept as written for `verify: {method: math}`); `none` "
+                     "extracts nothing. A reply with no answer is dropped as `no_answer`.")
     prediction_column: str = option("prediction", help="Where the extracted answer goes.")
 
 

@@ -9,6 +9,7 @@ import polars as pl
 
 from ..answers import answers_match, false_calculations, read_references
 from ..config import option
+from ..math_answers import MATH_TIMEOUT_S, math_verdicts
 from .base import RowStep
 from .context import StepContext
 from .drops import DROP, DROP_DETAIL
@@ -29,6 +30,10 @@ class VerifyConfig:
                      "`exact` compares stripped text; `auto` is numeric when both are numbers, else normalized; "
                      "`code` runs the response's code against tests in a sandbox (see `tests`).")
     tolerance: float = option(1e-6, help="Absolute or relative tolerance for numeric answers.", min=0.0)
+    math_timeout: float = option(MATH_TIMEOUT_S, help="Seconds per `math` comparison (parsing both answers "
+                                                      "included); one that runs longer counts as incorrect and is "
+                                                      "counted in the step's report (`math_timeouts`).",
+                                 min=0.01, max=600.0)
     output_column: str = option("correct", help="Where the verdict (true/false) goes.")
     drop_incorrect: bool = option(False, help="Drop incorrect samples (reason `incorrect`, or `false_calculation`; "
                                               "with `method: code`, the `code_result`) instead of only labelling "
@@ -104,21 +109,37 @@ class Verify(RowStep):
         references = read_references(batch[c.reference].cast(pl.String).to_list(), c.method, c.reference,
                                      lambda i: f"{self.label}: {describe_row(batch, i)}",
                                      "fix the reference or remove the row from the source")
-        correct = [answers_match(p, r, c.method, c.tolerance)
-                   for p, r in zip(batch[c.prediction].cast(pl.String).to_list(), references)]
-        reasons, details = [None if ok else "incorrect" for ok in correct], [None] * batch.height
+        predictions = batch[c.prediction].cast(pl.String).to_list()
+        details: list[str | None] = [None] * batch.height
+        if c.method == "math":
+            correct = check_math(predictions, references, c.math_timeout, details, ctx)
+        else:
+            correct = [answers_match(p, r, c.method, c.tolerance) for p, r in zip(predictions, references)]
+        reasons = [None if ok else "incorrect" for ok in correct]
         if c.check_calculations:
             for i, reply in enumerate(batch[c.response].cast(pl.String).to_list()):
                 wrong = false_calculations(reply or "", c.tolerance)
                 if wrong and correct[i]:
                     correct[i], reasons[i] = False, "false_calculation"
                 if wrong:
-                    details[i] = "false: " + "; ".join(wrong[:3])
+                    details[i] = "; ".join(filter(None, [details[i], "false: " + "; ".join(wrong[:3])]))
         out = batch.with_columns(pl.Series(c.output_column, correct, dtype=pl.Boolean))
         if not c.drop_incorrect:
             return out.with_columns(pl.lit(None, dtype=pl.String).alias(DROP))
         return out.with_columns(pl.Series(DROP, reasons, dtype=pl.String), pl.Series(DROP_DETAIL, details,
                                                                                      dtype=pl.String))
+
+
+def check_math(predictions: list, references: list[str], seconds: float, details: list, ctx) -> list[bool]:
+    """Verdicts of the ``math`` method; a comparison past ``seconds`` is incorrect, says so in its
+    row's detail and is counted in the report (``math_timeouts``), so a slow run shows why."""
+    verdicts = math_verdicts(list(zip(predictions, references)), seconds)
+    late = [i for i, verdict in enumerate(verdicts) if verdict is None]
+    for i in late:
+        details[i] = f"the math comparison ran past its {seconds:g} s limit (math_timeout); counted as incorrect"
+    if ctx is not None:
+        ctx.report["math_timeouts"] = ctx.report.get("math_timeouts", 0) + len(late)
+    return [bool(verdict) for verdict in verdicts]
 
 
 def describe_row(batch: pl.DataFrame, i: int) -> str:
