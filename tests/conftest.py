@@ -18,12 +18,13 @@ SEEDS = ROOT / "data" / "seeds" / "tasks.jsonl"
 # Recipes meant for a GPU read their model and data from the Hub, which the tests cannot reach:
 # their mechanics are checked with those parts swapped for local slices of the same shape.
 GSM8K = ROOT / "tests" / "data" / "gsm8k_tiny.jsonl"
+GSM8K_TEST = ROOT / "tests" / "data" / "gsm8k_tiny_test.jsonl"
 MBPP = ROOT / "tests" / "data" / "mbpp_tiny.jsonl"
 HUB_RECIPES = {
     "self_evolve_gsm8k": ["llm={backend: transformers, model: embedded}",
                           f"source={{path: {GSM8K}, rename: {{question: instruction}}}}",
-                          f"steps[3].decontaminate.eval={GSM8K}",
-                          f"evolve.eval={{path: {GSM8K}, column: question, answer_column: answer, method: math, "
+                          f"steps[3].decontaminate.eval={GSM8K_TEST}",
+                          f"evolve.eval={{path: {GSM8K_TEST}, column: question, answer_column: answer, method: math, "
                           "max_tokens: 512}"],
     "code_rejection_sampling": ["llm={backend: transformers, model: embedded}",
                                 f"source={{path: {MBPP}, rename: {{text: instruction}}}}"],

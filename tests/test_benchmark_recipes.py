@@ -42,3 +42,25 @@ def test_code_rejection_sampling_keeps_the_solutions_that_pass_their_tests(tmp_p
     assert wrong["tests_passed"].to_list() == [1, 1] and "reverse_string('abc')" in wrong["drop_detail"][0]
     verify = manifest["steps"][1]
     assert verify["dropped"] == {"syntax_error": 2, "timeout": 2, "wrong_answer": 2}
+
+
+def test_self_evolve_gsm8k_checks_answers_as_mathematics_through_a_round(tiny_model_dir, tmp_path):
+    # sqrt(841) is 29: the math verifier accepts it where the numeric one would read 841.
+    # (The scripted model's replies are format strings: braces are doubled.)
+    rules = [("pencils", "3 * 12 = 36 and 36 - 7 = 29, so she keeps $\\boxed{{\\sqrt{{841}}}}$ pencils."),
+             ("train travels", "45 * 4 + 30 = 210. The answer is 210 km."),
+             ("marbles", "4 * 25 - 13 = 87, so \\boxed{{87}}."),
+             (".", "I think the answer is \\boxed{{7}}.")]
+    overrides = HUB_RECIPES["self_evolve_gsm8k"][1:] + [
+        scripted(rules), f"evolve.model={tiny_model_dir}", "evolve.rounds=1", "steps[0].solve.samples=2",
+        "evolve.train={max_steps: 1, batch_size: 2, max_length: 96, save_steps: 1}"]
+    state = Evolution(str(ROOT / "recipes" / "self_evolve_gsm8k.yaml"), tmp_path / "run", overrides,
+                      progress=False).run()
+    base, first = state["rounds"]
+    assert base["eval"]["correct"] == 1 and base["eval"]["items"] == 4  # the same rules answer the eval
+    assert first["gap"]["J_f"] == round(4 / 12, 4) and first["gap"]["selected_by"] == "math"
+    assert first["gap"]["verifiers"]["math"]["J_f_w"] == 1.0
+    kept = read_version(Path(first["version"]))
+    # One of each task's two samples; "210 km" equals the reference 210: units are dropped.
+    assert sorted(kept["prediction"].to_list()) == ["210 km", "\\sqrt{841}"]
+    assert "adapter" in first and state["stopped"] == "completed 1 round(s)"
