@@ -71,6 +71,8 @@ bench: $(STAMP)
 	$(BIN)/python bench/vllm_backend.py
 	$(BIN)/python bench/openai_backend.py
 	$(BIN)/python bench/rate_limits.py
+	$(BIN)/python bench/code_verify.py
+	$(BIN)/python bench/math_verify.py --keys
 
 # make gpu-check: packs what bench/gpu_check.py needs on a GPU machine without network into
 # .gpu-check/travel (ignored by git: the factory's dependencies the GPU image lacks, for its
