@@ -78,13 +78,20 @@ class Verify(RowStep):
     ``method: numeric``) stops the run with one line naming the row: it would never match.
 
     With ``check_calculations``, a sample whose reply writes a false calculation
-    (``10 / 6 = 1``) is incorrect even when its final answer matches.
+    (``10 / 6 = 1``) is incorrect even when its final answer matches. ``method: math`` compares
+    as mathematics (``\frac{14}{3}`` = ``4\frac{2}{3}``), each comparison within ``math_timeout``.
+    ``method: code`` runs the response's code against the row's tests in the sandbox instead
+    (:mod:`factory.steps.verify_code`), filling ``tests_passed``, ``tests_total``,
+    ``code_result`` and ``code_detail`` too.
 
-    Requires: ``answer`` (reference) and ``prediction`` (and ``response`` with ``check_calculations``).
+    Requires: ``answer`` (reference) and ``prediction`` (and ``response`` with ``check_calculations``);
+    for ``code``: ``response`` and the ``tests`` columns.
     Produces: ``correct`` (bool).
 
     Example:
         - verify: {reference: answer, method: numeric}
+        - verify: {reference: answer, method: math}
+        - verify: {method: code, tests: [test_list], setup_code: [test_setup_code]}
     """
 
     name = "verify"
