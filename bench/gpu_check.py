@@ -61,7 +61,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
+sys.path.append(str(ROOT / "bench"))  # last: bench/math_verify.py must not shadow the math_verify package
 
 MODEL_FILES = ROOT / ".gpu-check" / "travel" / "smollm2-135m"
 SEEDS = ROOT / "data" / "seeds" / "tasks.jsonl"

@@ -37,7 +37,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "bench"))
+sys.path.append(str(ROOT / "bench"))  # last: bench/math_verify.py must not shadow the math_verify package
 
 PROJECT = "dataset-factory"
 LIMIT = 64 * 2**20  # what may travel with the working tree

@@ -19,7 +19,7 @@ from trainers import common
 
 from .conftest import ROOT
 
-sys.path.insert(0, str(ROOT / "bench"))
+sys.path.append(str(ROOT / "bench"))  # last: bench/math_verify.py must not shadow the math_verify package
 import gpu_check
 import gpu_pack
 
