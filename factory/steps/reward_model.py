@@ -32,7 +32,6 @@ import polars as pl
 from ..config import option
 from ..errors import FactoryError
 from ..hashing import fingerprint
-from ..hubdata import hub_offline
 from ..models import hub_snapshot
 from ..text import has_text
 from .base import RowStep
@@ -48,8 +47,8 @@ DOWNLOAD = "download it where there is network (`hf download {model}`) or point 
 class RewardModelConfig:
     model: str = option(help="The reward model: a local folder saved with save_pretrained (relative to the recipe's "
                              "folder or the current one), or a Hub id such as "
-                             "`Skywork/Skywork-Reward-V2-Qwen3-0.6B`, read from the local Hugging Face cache "
-                             "(downloaded first only when HF_HUB_OFFLINE is not set). It must be an "
+                             "`Skywork/Skywork-Reward-V2-Qwen3-0.6B` already in the local Hugging Face cache "
+                             "(runs never download a model: `hf download ID` once). It must be an "
                              "AutoModelForSequenceClassification with a one- or two-label head.")
     column: str = option("instruction", help="The task column: the user turn.")
     response_column: str = option("response", help="The answer to score: the assistant turn.")
@@ -136,8 +135,7 @@ class RewardModel(RowStep):
 
 def locate(model: str, base_dir: Path) -> str:
     """The local folder of reward model ``model`` (a folder, relative to ``base_dir`` or the current
-    one, or a Hub id in the local cache), or the Hub id itself when it is not cached and may
-    still be downloaded.
+    one, or a Hub id in the local cache: nothing is downloaded).
 
     Raises:
         FactoryError: naming the model, what is wrong and the fix.
@@ -154,12 +152,10 @@ def locate(model: str, base_dir: Path) -> str:
                            "local folder written by save_pretrained, or a Hub id such as "
                            "Skywork/Skywork-Reward-V2-Qwen3-0.6B")
     cached = hub_snapshot(model)
-    if cached is not None:
-        return cached
-    if hub_offline():
+    if cached is None:  # runs load models from local files only, as the llm's model (factory.models)
         raise FactoryError(f"reward model '{model}' is neither a local folder ({base_dir / path}) nor in the local "
-                           f"Hugging Face cache, and HF_HUB_OFFLINE is set; {DOWNLOAD.format(model=model)}")
-    return model
+                           f"Hugging Face cache; {DOWNLOAD.format(model=model)}")
+    return cached
 
 
 def head_problem(folder: str, model: str, input_format: str = "auto") -> str | None:
