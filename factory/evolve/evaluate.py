@@ -22,6 +22,7 @@ import polars as pl
 import yaml
 
 from filters.consistency import Consistency, ConsistencyConfig
+from filters.select import Select, SelectConfig
 
 from ..answers import answer_key, answers_match, read_references
 from ..config import to_dict
@@ -307,7 +308,7 @@ def round_samples(version_dir: str | Path, solve_index: int) -> pl.DataFrame:
 def gap_metrics(samples: pl.DataFrame, *, task_column: str = "instruction", prediction_column: str = "prediction",
                 min_agreement: float = 0.5, judge_column: str | None = "score", judge_threshold: float | None = None,
                 judge_correct_column: str | None = "judge_correct", method: str = "auto",
-                reference_check: str = "programmatic", reward_column: str | None = "reward", reward_per_task: int = 1,
+                reference_check: str = "programmatic", reward_column: str | None = "reward", reward_per_task: int | None = None,
                 min_reward: float | None = None) -> dict:
     """J(f), and per verifier J(f[w]), the gap and the relative gap, plus pass@k and diversity.
 
@@ -316,8 +317,9 @@ def gap_metrics(samples: pl.DataFrame, *, task_column: str = "instruction", pred
     gap / (1 - J(f)). Verifiers: ``majority_vote`` (samples giving their task's most
     common answer, when it reaches ``min_agreement`` of the task), ``judge_score``
     (score >= ``judge_threshold``, default the scale's upper half), ``judge_binary``
-    (judged correct), ``reward_model`` (per task the ``reward_per_task`` samples a reward model
-    scored highest, at or above ``min_reward``: best-of-n), and the reference check itself (the
+    (judged correct), ``reward_model`` (what ``select: {verifier: reward_model}`` keeps: per task
+    the ``reward_per_task`` (default 1) distinct samples a reward model scored highest, at or
+    above ``min_reward``: best-of-n), and the reference check itself (the
     upper bound), named ``reference_check`` (``programmatic``, or ``math`` / ``code`` after the
     ``verify`` method that labelled ``correct``).
     """
@@ -340,7 +342,10 @@ def gap_metrics(samples: pl.DataFrame, *, task_column: str = "instruction", pred
     if judge_correct_column and judge_correct_column in samples.columns:
         verifiers["judge_binary"] = [bool(r.get(judge_correct_column)) for r in rows]
     if reward_column and reward_column in samples.columns and samples[reward_column].drop_nulls().len():
-        verifiers["reward_model"] = best_of_n(rows, task_column, reward_column, reward_per_task, min_reward)
+        # The verifier is the `select` step itself: the samples it would keep by reward.
+        best = Select(SelectConfig(verifier="reward_model", column=task_column, reward_column=reward_column,
+                                   per_task=reward_per_task, min_reward=min_reward))
+        verifiers["reward_model"] = best.keep(samples, StepContext())["reason"].is_null().to_list()
     verifiers[reference_check] = [bool(r["correct"]) for r in rows]
     report = {"samples": n, "tasks": len({r[task_column] for r in rows}), "J_f": round(j_f, 4), "verifiers": {}}
     for name, accepted in verifiers.items():
@@ -365,19 +370,6 @@ def gap_metrics(samples: pl.DataFrame, *, task_column: str = "instruction", pred
                            "distinct_answers_per_sample": round(sum(answers_per_task) / len(answers_per_task), 4)
                            if answers_per_task else None}
     return report
-
-
-def best_of_n(rows: list[dict], task_column: str, score_column: str, per_task: int,
-              minimum: float | None = None) -> list[bool]:
-    """Which rows are among their task's ``per_task`` best by ``score_column`` (ties: the
-    earlier row), scored and at or above ``minimum``: what ``select: {verifier: reward_model}`` keeps."""
-    accepted = [False] * len(rows)
-    for indices in _indices_by(rows, task_column).values():
-        scored = [i for i in indices if rows[i].get(score_column) is not None
-                  and (minimum is None or rows[i][score_column] >= minimum)]
-        for i in sorted(scored, key=lambda i: (-rows[i][score_column], i))[:per_task]:
-            accepted[i] = True
-    return accepted
 
 
 def _indices_by(rows: list[dict], column: str) -> dict:

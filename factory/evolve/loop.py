@@ -218,7 +218,7 @@ class Evolution:
                            min_agreement=vote.config.min_agreement if vote else 0.5, judge_threshold=threshold,
                            reference_check=self.reference_check(),
                            reward_column=select.reward_column if reward else "reward",
-                           reward_per_task=(select.per_task or 1) if reward else 1,
+                           reward_per_task=select.per_task if reward else None,
                            min_reward=select.min_reward if reward else None)
         if gap.get("verifiers"):
             gap["selected_by"] = self.selecting_verifier(gap["verifiers"])  # the gap the stop rule and reports read
