@@ -229,7 +229,7 @@ class Evolution:
         ``code`` after the recipe's ``verify`` method, else ``programmatic``."""
         verify = self.recipe.first_step(Verify)
         method = verify.config.method if verify is not None else None
-        return method if method in ("math", "code") else "programmatic"
+        return method if method in REFERENCE_CHECKS else "programmatic"
 
     def selecting_verifier(self, verifiers: dict) -> str | None:
         """The measured verifier that picks the training data: the `select` step's; a recipe
