@@ -104,7 +104,7 @@ class RewardModel(RowStep):
             folder = locate(self.config.model, self.base_dir)
         except FactoryError as err:
             return [(str(err), "model", None)]
-        problem = head_problem(folder, self.config.model, self.config.input_format) if Path(folder).is_dir() else None
+        problem = head_problem(folder, self.config.model, self.config.input_format)
         return [(problem, "model", None)] if problem else []
 
     def fingerprint(self) -> str:
@@ -193,7 +193,7 @@ def weights_identity(model: str, base_dir: Path) -> str:
 
     try:
         folder = locate(model, base_dir)
-        return model_fingerprint(folder) if Path(folder).is_dir() else model
+        return model_fingerprint(folder)
     except FactoryError:
         return model
 
@@ -235,7 +235,7 @@ def _load(folder: str, model: str, device: str, torch_dtype) -> LoadedRewardMode
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    problem = head_problem(folder, model) if Path(folder).is_dir() else None
+    problem = head_problem(folder, model)  # `locate` gives a local folder: nothing is downloaded
     if problem:
         raise FactoryError(problem)
     verbosity = hf_logging.get_verbosity()
