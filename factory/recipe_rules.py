@@ -219,13 +219,14 @@ def _check_eval_sets(evolve: EvolveConfig, problems: list[Problem], base_dir: Pa
 
 
 def _check_reference_checks(recipe: Recipe, problems: list[Problem]) -> None:
-    """A `select` (or an `evolve.compare` entry) that names the `math` or `code` verifier reads the
-    verdicts of a `verify` step with that method, which must come before it."""
+    """A `select` (or an `evolve.compare` entry, which sets the first `select`'s verifier) that names
+    the `math` or `code` verifier reads the verdicts of a `verify` step with that method, which
+    must come before it."""
     selects = [s for s in recipe.steps if s.name == "select"]
-    for select in selects:
+    for n, select in enumerate(selects):
         methods = {s.config.method for s in recipe.steps[:select.index] if s.name == "verify"}
         wanted = [(select.config.verifier, ("steps", select.index, "select", "verifier"))]
-        if recipe.evolve is not None:
+        if recipe.evolve is not None and n == 0:
             wanted += [(v, ("evolve", "compare", i)) for i, v in enumerate(recipe.evolve.compare or [])]
         for verifier, path in wanted:
             if verifier in ("math", "code") and verifier not in methods:
