@@ -13,7 +13,7 @@ export HF_DATASETS_OFFLINE := 1
 export TRANSFORMERS_VERBOSITY := error
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup quickstart test test-slow test-vllm bench gpu-check clean
+.PHONY: setup quickstart test test-slow test-vllm bench gpu-check browser screenshots clean
 
 setup: $(STAMP)
 
@@ -73,6 +73,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/rate_limits.py
 	$(BIN)/python bench/code_verify.py
 	$(BIN)/python bench/math_verify.py --keys
+	$(BIN)/python bench/viewer.py
 
 # make gpu-check: packs what bench/gpu_check.py needs on a GPU machine without network into
 # .gpu-check/travel (ignored by git: the factory's dependencies the GPU image lacks, for its
@@ -81,6 +82,20 @@ bench: $(STAMP)
 gpu-check: $(STAMP)
 	$(BIN)/python bench/gpu_pack.py
 	$(BIN)/python bench/gpu_check.py
+
+# make browser: the Chromium and chromedriver that tests/test_view_browser.py drives (Debian's
+# packages, through apt-get; sudo when not root). Nothing happens when both are already there.
+browser:
+	@if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; then \
+		echo "chromium and chromedriver are installed"; \
+	else \
+		SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+		$$SUDO apt-get update && $$SUDO apt-get install -y chromium chromium-driver; \
+	fi
+
+# make screenshots: a picture of each page of `factory view`, in docs/viewer, taken by the browser test.
+screenshots: $(STAMP) browser
+	FACTORY_SCREENSHOTS=docs/viewer $(BIN)/python -m pytest tests/test_view_browser.py -q
 
 clean:
 	rm -rf $(VENV) $(OUT) .pytest_cache

@@ -34,6 +34,7 @@ examples:
   factory export out/quickstart/v1 --format trl-sft --out exports/qs
   factory push out/quickstart/v1 --repo my-org/quickstart --dry-run
   factory diff out/quickstart/v1 out/quickstart/v2
+  factory view out --sample 30
   factory evolve recipes/self_evolve_arith.yaml --out runs/arith
   factory train sft --dataset out/quickstart/v1 --out adapters/qs --max-steps 20
   factory steps solve
@@ -166,6 +167,24 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--dry-run", action="store_true", help="print the files and the commit, push nothing")
     push.add_argument("--force", action="store_true", help="push even when the repo has a newer version tag")
     push.set_defaults(func=cmd_push)
+
+    view = sub.add_parser("view", help="a local web page over an output folder: versions, rows, drops, diffs, "
+                                       "evolve runs, and people's verdicts that measure the judges",
+                          description="Serve a web page over OUT (its datasets, versions, kept and rejected rows, "
+                                      "diffs, cards and evolve runs) on this machine. Nothing is opened by itself: "
+                                      "open the printed URL. Read-only, except that verdicts people give rows "
+                                      "(good/bad and a note) are appended to OUT/<name>/annotations/v<N>.jsonl, "
+                                      "beside the version; `factory inspect` then reports how each judge, "
+                                      "verifier and filter agrees with them. Ctrl-C stops it.")
+    view.add_argument("out", nargs="?", default="out", help="the output folder (default: out)")
+    view.add_argument("--host", default="127.0.0.1", help="the address to listen on (default: 127.0.0.1, this "
+                                                          "machine only)")
+    view.add_argument("--port", type=_at_least(int, 0, "a port number"), default=0,
+                      help="the port (default: 0, a free one)")
+    view.add_argument("--sample", type=_positive, default=20, metavar="N",
+                      help="rows per version offered for labelling, spread over kept rows and each drop reason "
+                           "(default: 20)")
+    view.set_defaults(func=cmd_view)
 
     fetch = sub.add_parser("fetch", help="download Hugging Face Hub datasets into the local cache, for offline runs",
                            description="Download and prepare Hub datasets in the `datasets` cache, so that a recipe "
@@ -481,6 +500,16 @@ def cmd_push(args) -> int:
     print(plan.describe())
     print("dry run: nothing was pushed" if args.dry_run else
           f"pushed: https://huggingface.co/datasets/{args.repo}/tree/{plan.tag}")
+    return 0
+
+
+def cmd_view(args) -> int:
+    from .view.server import serve
+
+    try:
+        serve(args.out, host=args.host, port=args.port, sample=args.sample)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the expected way to stop a server, nothing to resume
+        print("factory view: stopped", file=sys.stderr)
     return 0
 
 

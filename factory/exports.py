@@ -5,6 +5,16 @@ Conversations come from the ``messages`` column (or are built from ``instruction
 ``rejected``. Every export also writes ``export.json``: the version it came from (path
 and manifest hash), the format and the row count.
 
+When people have labelled rows of the version (``factory view``), the export also writes
+``annotations.jsonl`` (the standing verdicts, sorted by part then index) and counts them in
+``export.json``. A verdict's ``part``/``index`` and ``row_hash`` refer to the version's rows, not
+to the exported records (the hash is of the version's row, all its columns). Every format writes
+one record per row of ``data/``, in its order, so data row ``i`` is record ``i`` of the train file
+(its line, or its list element); no format merges, splits, drops or reorders rows, each only
+reshapes them (trl-dpo always, and every format but trl-sft for preference data, turns ``prompt``,
+``chosen`` and ``rejected`` into its pair layout). Verdicts on ``rejected`` rows are about rows
+no export holds.
+
 Formats:
   trl-sft        train.jsonl: {"messages": [...]} (TRL's conversational format), or with
                  style=prompt-completion {"prompt": [user turns], "completion": [assistant turn]}
@@ -32,6 +42,7 @@ from .errors import FactoryError
 
 FORMATS = ("trl-sft", "trl-dpo", "openai", "alpaca", "sharegpt", "llama-factory", "axolotl")
 SHAREGPT_ROLES = {"system": "system", "user": "human", "assistant": "gpt"}
+ANNOTATIONS = "annotations.jsonl"
 
 
 def conversations(table) -> list[list[dict]]:
@@ -220,5 +231,24 @@ def export(version_dir: str | Path, fmt: str, out_dir: str | Path, style: str | 
               "version": manifest["version"], "rows": table.height,
               "manifest_sha256": hashlib.sha256((version_dir / MANIFEST).read_bytes()).hexdigest(),
               "files": [p.name for p in written]}
+    annotations = write_annotations(version_dir, out)
+    if annotations is not None:
+        record["annotations"] = annotations
+        written.append(out / ANNOTATIONS)
     _write_json(out / "export.json", record)
     return written
+
+
+def write_annotations(version_dir: Path, out: Path) -> dict | None:
+    """Writes the version's standing verdicts to ``out/annotations.jsonl``; returns their counts for
+    ``export.json``, or None (and no file) when people have labelled no row."""
+    from .annotations import read_verdicts, verdict_counts, verdicts_jsonl
+
+    verdicts = read_verdicts(version_dir)
+    path = out / ANNOTATIONS
+    if not verdicts:
+        # A file left by an earlier export into this folder would pass for this version's verdicts.
+        path.unlink(missing_ok=True)
+        return None
+    path.write_text(verdicts_jsonl(verdicts), encoding="utf-8")
+    return {"file": ANNOTATIONS, **verdict_counts(verdicts)}

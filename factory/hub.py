@@ -6,6 +6,11 @@ category, tags, and the recipe that made the data) and ``manifest.json``; shards
 older version that the new one does not have are deleted, so ``main`` holds the latest
 version. The commit is then tagged ``v<N>`` (``<config>-v<N>`` for a named config), so
 ``load_dataset(repo, revision="v3")`` gets exactly version 3.
+
+People's verdicts on the version's rows (``factory view``) travel as a separate file,
+``annotations/v<N>.jsonl`` (``<config>/annotations/v<N>.jsonl`` for a named config), never in
+the shards; the card says where they are and how many. Verdict files of older versions
+leave ``main`` with their shards (their tags keep them).
 """
 
 from __future__ import annotations
@@ -46,10 +51,22 @@ def _prefix(config_name: str) -> str:
     return "data" if config_name == DEFAULT_CONFIG else config_name
 
 
-def hub_card(version_dir: Path, repo: str, config_name: str, existing_card: str | None = None) -> str:
-    """The version's card, pointing at the Hub, listing every config the repo will hold."""
+def annotations_file(config_name: str, version: int) -> str:
+    """Where a version's verdicts go in the repo: beside its config's files, as the shards and manifest."""
+    folder = "annotations" if config_name == DEFAULT_CONFIG else f"{config_name}/annotations"
+    return f"{folder}/v{version}.jsonl"
+
+
+def hub_card(version_dir: Path, repo: str, config_name: str, existing_card: str | None = None,
+             verdicts: dict | None = None) -> str:
+    """The version's card, pointing at the Hub, listing every config the repo will hold.
+
+    Args:
+        verdicts: the standing verdicts to mention (read from the version's annotations when None).
+    """
     from huggingface_hub import DatasetCard
 
+    from .annotations import read_verdicts
     from .store import dataset_card, read_manifest, read_version
 
     manifest = read_manifest(version_dir)
@@ -62,7 +79,22 @@ def hub_card(version_dir: Path, repo: str, config_name: str, existing_card: str 
                 configs.append(other)
     load = (f'load_dataset("{repo}"' + (f', "{config_name}"' if config_name != DEFAULT_CONFIG else "") +
             f', revision="{tag}", split="train")')
-    return dataset_card({**manifest, "path": None}, read_version(version_dir), configs=configs, load_code=load)
+    card = dataset_card({**manifest, "path": None}, read_version(version_dir), configs=configs, load_code=load)
+    verdicts = read_verdicts(version_dir) if verdicts is None else verdicts
+    return _with_verdicts_line(card, verdicts, annotations_file(config_name, manifest["version"])) if verdicts \
+        else card
+
+
+def _with_verdicts_line(card: str, verdicts: dict, path: str) -> str:
+    """The card with one line on people's verdicts, under its line on the rows."""
+    on_data = sum(part == "data" for part, _ in verdicts)
+    good = sum(r["verdict"] == "good" for r in verdicts.values())
+    line = (f"- People's verdicts: {len(verdicts)} rows labelled ({good} good, {len(verdicts) - good} bad) in "
+            f"`{path}` ({on_data} on rows of the train split, by `index`; {len(verdicts) - on_data} on dropped "
+            "rows, which are not pushed)")
+    lines = card.split("\n")
+    at = next((i for i, text in enumerate(lines) if text.startswith("- Rows: ")), len(lines) - 1)
+    return "\n".join(lines[:at + 1] + [line] + lines[at + 1:])
 
 
 def tag_for(version: int, config_name: str) -> str:
@@ -72,6 +104,7 @@ def tag_for(version: int, config_name: str) -> str:
 def plan_push(version_dir: str | Path, repo: str, config_name: str = DEFAULT_CONFIG,
               existing_files: list[str] | None = None, existing_card: str | None = None) -> PushPlan:
     """The commit operations of a push (computed offline when ``existing_files`` is None)."""
+    from .annotations import read_verdicts, verdicts_jsonl
     from .store import MANIFEST, read_manifest
 
     if not re.fullmatch(r"[\w.-]+/[\w.-]+", repo):
@@ -85,10 +118,18 @@ def plan_push(version_dir: str | Path, repo: str, config_name: str = DEFAULT_CON
                                             for f in manifest["files"]["data"]]
     manifest_path = MANIFEST if config_name == DEFAULT_CONFIG else f"{prefix}/{MANIFEST}"
     adds.append((manifest_path, version_dir / MANIFEST))
-    adds.append(("README.md", hub_card(version_dir, repo, config_name, existing_card).encode("utf-8")))
+    verdicts = read_verdicts(version_dir)
+    annotations = annotations_file(config_name, manifest["version"])
+    if verdicts:
+        adds.append((annotations, verdicts_jsonl(verdicts).encode("utf-8")))
+    # The card goes last: push() validates plan.adds[-1] as the card.
+    adds.append(("README.md", hub_card(version_dir, repo, config_name, existing_card, verdicts).encode("utf-8")))
     new = {path for path, _ in adds}
-    deletes = sorted(f for f in existing_files or [] if f.startswith(prefix + "/") and f.endswith(".parquet")
-                     and f not in new)
+    annotations_folder = annotations.rsplit("/", 1)[0] + "/"
+    deletes = sorted(f for f in existing_files or [] if f not in new and (
+        (f.startswith(prefix + "/") and f.endswith(".parquet")) or
+        # An older version's verdicts describe rows main no longer holds.
+        (f.startswith(annotations_folder) and re.fullmatch(r"v\d+\.jsonl", f[len(annotations_folder):]))))
     return PushPlan(repo, config_name, adds, deletes, tag_for(manifest["version"], config_name),
                     f"{manifest['name']} v{manifest['version']} (recipe {str(manifest.get('recipe_hash'))[:12]})")
 

@@ -8,7 +8,10 @@ from pathlib import Path
 
 import polars as pl
 
+from .annotations import agreement, agreement_lines, read_verdicts, verdict_counts
 from .store import read_manifest, read_version, target_line, truncation_lines, usage_text
+
+DISAGREE_SHOWN = 5  # disagreeing rows named per step; the viewer shows them all
 
 
 def length_stats(table: pl.DataFrame) -> list[dict]:
@@ -138,6 +141,9 @@ def summarize(version_dir: str | Path, examples: int = 3, tokenizer=None) -> dic
         "tokens": token_stats(table, tokenizer) if tokenizer is not None else [],
     }
     info["verification"] = verification(table, rejected, manifest)
+    verdicts = read_verdicts(version_dir)
+    info["verdicts"] = verdict_counts(verdicts)
+    info["agreement"] = agreement(version_dir, manifest, verdicts)
     for column in ("score", "reward"):
         if column in table.columns and table[column].dtype.is_numeric():
             values = table[column].drop_nulls()
@@ -192,6 +198,8 @@ def render(info: dict, width: int = 100) -> str:
         out.append(f"models: {', '.join(info['models'])}")
     out.append(f"rows: {info['rows']}   rejected: {info['rejected_rows']}")
     out.append("columns: " + ", ".join(f"{c} ({t})" for c, t in info["columns"].items()))
+    # People's verdicts come first: where they exist, they are the best evidence on the steps below.
+    out += agreement_text(info.get("agreement"), info["path"])
     if info["steps"]:
         out.append("")
         out.append(f"{'step':<24} {'in':>7} {'out':>7} {'secs':>7}  dropped")
@@ -238,6 +246,22 @@ def render(info: dict, width: int = 100) -> str:
             text = textwrap.shorten(text, width=max(40, width - len(key) - 2) * 3, placeholder=" ...")
             out.append(textwrap.fill(f"{key}: {text}", width=width, subsequent_indent="    "))
     return "\n".join(out)
+
+
+def agreement_text(info: dict | None, path: str) -> list[str]:
+    """The agreement table, then up to ``DISAGREE_SHOWN`` disagreeing rows per step as ``part#index``."""
+    if not info:
+        return []
+    out = [""] + agreement_lines(info)
+    disagreeing = [s for s in info["steps"] if s["disagree"]]
+    if disagreeing:
+        served = Path(path).parent.parent  # the viewer serves OUT, the folder that holds OUT/<name>/v<N>
+        out.append(f"  rows where a step and people disagree (see them with `factory view {served}`):")
+    for s in disagreeing:
+        refs = ", ".join(f"{d['part']}#{d['index']} ({d['verdict']})" for d in s["disagree"][:DISAGREE_SHOWN])
+        more = len(s["disagree"]) - DISAGREE_SHOWN
+        out.append(f"    {s['label']}: {refs}" + (f" and {more} more" if more > 0 else ""))
+    return out
 
 
 def plot(version_dir: str | Path, path: str | Path, tokenizer=None) -> Path:

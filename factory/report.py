@@ -1,6 +1,8 @@
 """The evolve report: ``report.json``, ``report.md`` and ``report.png`` in the run folder.
 
-``factory report OUT`` redraws them from ``OUT/evolve.json``.
+``factory report OUT`` redraws them from ``OUT/evolve.json``. Where people have labelled
+rows of a round's dataset version (``factory view``), the report measures that round's
+judges, verifiers and filters against their verdicts.
 """
 
 from __future__ import annotations
@@ -8,8 +10,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .annotations import agreement, annotations_path
 from .errors import FactoryError
 from .evolve.evaluate import paired_gain
+
+DISAGREE_SHOWN = 5  # disagreeing rows named per step in the report; report.json has them all
 
 
 def rows(state: dict) -> list[dict]:
@@ -38,8 +43,43 @@ def rows(state: dict) -> list[dict]:
             row[f"relative_gap_{name}"] = v["relative_gap"]
         row.update(gap.get("pass_at_k") or {})
         row.update({k: v for k, v in (gap.get("diversity") or {}).items()})
+        row["agreement"] = round_agreement(rs.get("version"))
+        row["verifier_agreement"] = round_verifier_agreement(rs)
         table.append(row)
     return table
+
+
+def round_agreement(version: str | None) -> dict | None:
+    """The round's steps against people's verdicts on its dataset version (None without verdicts,
+    or when the version folder is not where the state says, as after moving the run)."""
+    if not version or not annotations_path(version).is_file() or not Path(version).is_dir():
+        return None
+    return agreement(version)
+
+
+def round_verifier_agreement(rs: dict) -> dict | None:
+    """Each verifier of the round's gap (majority vote, judge score, reward model, the reference
+    check) against people's verdicts on the round's samples; None without verdicts."""
+    from .annotations import read_verdicts
+    from .evolve.evaluate import verifier_agreement
+    from .store import read_manifest
+
+    version = rs.get("version")
+    if not version or not annotations_path(version).is_file() or not Path(version).is_dir():
+        return None
+    verdicts = read_verdicts(version)
+    options = (rs.get("gap") or {}).get("options")
+    if options is None:  # a run recorded before the gap kept its options: the defaults, after the first solve
+        steps = [next(iter(step)) for step in (read_manifest(version).get("recipe") or {}).get("steps") or []]
+        if "solve" not in steps:
+            return None
+        options = {"solve_index": steps.index("solve")}
+    if not verdicts:
+        return None
+    try:
+        return verifier_agreement(version, options, verdicts)
+    except FactoryError:  # samples without a `correct` column: the round measured no gap
+        return None
 
 
 def markdown(state: dict, table: list[dict]) -> str:
@@ -80,6 +120,7 @@ def markdown(state: dict, table: list[dict]) -> str:
             lines.append(f"| {row['round']} | " + " | ".join(_fmt(row.get(k)) for k in ks) +
                          f" | {_fmt(row.get('distinct_1'))} | {_fmt(row.get('distinct_2'))} | "
                          f"{_fmt(row.get('distinct_answers_per_sample'))} |")
+    lines += agreement_markdown(state, table)
     phases = [p for p in ("generate", "train", "eval", "win_rate") if any(p in row["seconds"] for row in table)]
     if phases:
         lines += ["", "## Seconds per phase", "", "| round | " + " | ".join(phases) + " | total |",
@@ -94,6 +135,49 @@ def markdown(state: dict, table: list[dict]) -> str:
                      f"`{rs.get('adapter')}` from `{rs.get('adapter_in')}`; seconds {rs.get('seconds')}" +
                      (f". {rs['rollback']['why']}" if rs.get("rollback") else ""))
     return "\n".join(lines) + "\n"
+
+
+def agreement_markdown(state: dict, table: list[dict]) -> list[str]:
+    """Per round with verdicts: each verifier of the gap, then each judge, verifier and filter of the
+    recipe, against people (no verdicts: no section)."""
+    labelled = [(rs, row) for rs, row in zip(state["rounds"], table) if row.get("agreement")]
+    if not labelled:
+        return []
+    lines = ["", "## Verifiers against people's verdicts", "",
+             "Precision and recall of what a verifier accepted (a step kept) against what people called good, "
+             "Cohen's kappa (agreement beyond chance) and, for a score, its AUC, over the labelled rows it decided "
+             "on. Disagreeing rows are `part#index` of the round's version (`factory view` on the folder that holds "
+             "it shows them)."]
+    for rs, row in labelled:
+        info = row["agreement"]
+        lines += ["", f"Round {row['round']} (`{rs['version']}`, `factory view {_run_folder(rs['version'])}`): "
+                      f"{info['labelled']} rows labelled ({info['good']} good, {info['bad']} bad)."]
+        if row.get("verifier_agreement"):
+            lines += ["", "| verifier (gap) | n | precision | recall | kappa | disagreeing rows |",
+                      "|---|---|---|---|---|---|"]
+            for name, v in row["verifier_agreement"].items():
+                lines.append(f"| {name} | {v['n']} | {_fmt(v['precision'])} | {_fmt(v['recall'])} | "
+                             f"{_fmt(v['kappa'])} | {_disagree_cell(v['disagree'])} |")
+        lines += ["", "| step | kind | decision | n | precision | recall | kappa | AUC | disagreeing rows |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for s in info["steps"]:
+            lines.append(f"| {s['label']} | {s['kind']} | {s['decision']} | {s['n']} | {_fmt(s['precision'])} | "
+                         f"{_fmt(s['recall'])} | {_fmt(s['kappa'])} | {_fmt(s['auc'])} | "
+                         f"{_disagree_cell(s['disagree'])} |")
+    return lines
+
+
+def _run_folder(version: str) -> Path:
+    """The evolve run's folder, which `factory view` serves, from a round's OUT/datasets/<name>/v<N>."""
+    path = Path(version)
+    return path.parents[2] if len(path.parents) > 2 and path.parents[1].name == "datasets" else path.parents[1]
+
+
+def _disagree_cell(disagree: list[dict]) -> str:
+    """``3: data#1, rejected#4, ...`` (at most DISAGREE_SHOWN named)."""
+    refs = ", ".join(f"{d['part']}#{d['index']}" for d in disagree[:DISAGREE_SHOWN])
+    more = len(disagree) - DISAGREE_SHOWN
+    return f"{len(disagree)}" + (f": {refs}" if refs else "") + (f" and {more} more" if more > 0 else "")
 
 
 def gain_text(gain: dict | None) -> str:

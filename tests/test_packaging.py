@@ -87,6 +87,9 @@ def test_wheel_holds_every_module_template_recipe_and_data_file(wheel, source_tr
     templates = list((source_tree / "factory" / "steps" / "templates").glob("*.j2"))
     assert len(templates) >= 16
     expected |= {p.relative_to(source_tree).as_posix() for p in templates}
+    page = _files(source_tree / "factory" / "view" / "static")  # what `factory view` serves
+    assert {p.name for p in page} >= {"index.html", "app.js", "style.css"}
+    expected |= {p.relative_to(source_tree).as_posix() for p in page}
     recipes = list((source_tree / "recipes").glob("*.yaml"))
     data = _files(source_tree / "data")
     assert recipes and data

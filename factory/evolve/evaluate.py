@@ -287,12 +287,20 @@ def distinct_n(texts: list[str], n: int) -> float:
     return round(len(unique) / total, 4) if total else 0.0
 
 
-def round_samples(version_dir: str | Path, solve_index: int) -> pl.DataFrame:
+def round_samples(version_dir: str | Path, solve_index: int, positions: bool = False) -> pl.DataFrame:
     """Every sample the round's ``solve`` step (``steps[solve_index]``) produced, kept or
     dropped later. Samples dropped by ``solve`` itself (no final answer) count as wrong answers.
+
+    Args:
+        positions: add ``_part`` and ``_index``, where each sample sits in the version (what
+            people's verdicts name).
     """
     kept = read_version(version_dir)
     rejected = read_version(version_dir, "rejected")
+    if positions:
+        kept = kept.with_row_index("_index").with_columns(pl.lit("data").alias("_part"))
+        rejected = rejected.with_row_index("_index").with_columns(pl.lit("rejected").alias("_part")) \
+            if rejected.height else rejected
     steps_after = rejected.filter(pl.col("drop_step") != "source") if rejected.height else rejected
     frames = [kept.with_columns(pl.lit(None, dtype=pl.String).alias("drop_step"))]
     if steps_after.height:
@@ -306,10 +314,7 @@ def round_samples(version_dir: str | Path, solve_index: int) -> pl.DataFrame:
 
 
 def gap_metrics(samples: pl.DataFrame, *, task_column: str = "instruction", prediction_column: str = "prediction",
-                min_agreement: float = 0.5, judge_column: str | None = "score", judge_threshold: float | None = None,
-                judge_correct_column: str | None = "judge_correct", method: str = "auto",
-                reference_check: str = "programmatic", reward_column: str | None = "reward", reward_per_task: int | None = None,
-                min_reward: float | None = None) -> dict:
+                method: str = "auto", **options) -> dict:
     """J(f), and per verifier J(f[w]), the gap and the relative gap, plus pass@k and diversity.
 
     J(f) is the accuracy of all the model's samples. A verifier w accepts some samples;
@@ -328,25 +333,8 @@ def gap_metrics(samples: pl.DataFrame, *, task_column: str = "instruction", pred
     if not n:
         return {"samples": 0}
     j_f = sum(r["correct"] for r in rows) / n
-    verifiers: dict[str, list[bool]] = {}
-    if prediction_column in samples.columns:
-        # The verifier is the curation filter itself: samples the `consistency` step would keep.
-        vote = Consistency(ConsistencyConfig(column=task_column, answer_column=prediction_column,
-                                             min_agreement=min_agreement, method=method))
-        verifiers["majority_vote"] = vote.keep(samples, StepContext())["reason"].is_null().to_list()
-    if judge_column and judge_column in samples.columns and samples[judge_column].drop_nulls().len():
-        scores = [r.get(judge_column) for r in rows]
-        top_score = max(s for s in scores if s is not None)
-        threshold = judge_threshold if judge_threshold is not None else math.ceil(top_score / 2 + 0.5)
-        verifiers["judge_score"] = [s is not None and s >= threshold for s in scores]
-    if judge_correct_column and judge_correct_column in samples.columns:
-        verifiers["judge_binary"] = [bool(r.get(judge_correct_column)) for r in rows]
-    if reward_column and reward_column in samples.columns and samples[reward_column].drop_nulls().len():
-        # The verifier is the `select` step itself: the samples it would keep by reward.
-        best = Select(SelectConfig(verifier="reward_model", column=task_column, reward_column=reward_column,
-                                   per_task=reward_per_task, min_reward=min_reward))
-        verifiers["reward_model"] = best.keep(samples, StepContext())["reason"].is_null().to_list()
-    verifiers[reference_check] = [bool(r["correct"]) for r in rows]
+    verifiers = verifier_decisions(samples, task_column=task_column, prediction_column=prediction_column,
+                                   method=method, **options)
     report = {"samples": n, "tasks": len({r[task_column] for r in rows}), "J_f": round(j_f, 4), "verifiers": {}}
     for name, accepted in verifiers.items():
         kept = [r for r, ok in zip(rows, accepted) if ok]
@@ -370,6 +358,57 @@ def gap_metrics(samples: pl.DataFrame, *, task_column: str = "instruction", pred
                            "distinct_answers_per_sample": round(sum(answers_per_task) / len(answers_per_task), 4)
                            if answers_per_task else None}
     return report
+
+
+def verifier_decisions(samples: pl.DataFrame, *, task_column: str = "instruction",
+                       prediction_column: str = "prediction", min_agreement: float = 0.5,
+                       judge_column: str | None = "score", judge_threshold: float | None = None,
+                       judge_correct_column: str | None = "judge_correct", method: str = "auto",
+                       reference_check: str = "programmatic", reward_column: str | None = "reward",
+                       reward_per_task: int | None = None, min_reward: float | None = None) -> dict[str, list[bool]]:
+    """Which samples each verifier of :func:`gap_metrics` accepts, in the samples' order."""
+    rows = samples.to_dicts()
+    verifiers: dict[str, list[bool]] = {}
+    if prediction_column in samples.columns:
+        # The verifier is the curation filter itself: samples the `consistency` step would keep.
+        vote = Consistency(ConsistencyConfig(column=task_column, answer_column=prediction_column,
+                                             min_agreement=min_agreement, method=method))
+        verifiers["majority_vote"] = vote.keep(samples, StepContext())["reason"].is_null().to_list()
+    if judge_column and judge_column in samples.columns and samples[judge_column].drop_nulls().len():
+        scores = [r.get(judge_column) for r in rows]
+        top_score = max(s for s in scores if s is not None)
+        threshold = judge_threshold if judge_threshold is not None else math.ceil(top_score / 2 + 0.5)
+        verifiers["judge_score"] = [s is not None and s >= threshold for s in scores]
+    if judge_correct_column and judge_correct_column in samples.columns:
+        verifiers["judge_binary"] = [bool(r.get(judge_correct_column)) for r in rows]
+    if reward_column and reward_column in samples.columns and samples[reward_column].drop_nulls().len():
+        # The verifier is the `select` step itself: the samples it would keep by reward.
+        best = Select(SelectConfig(verifier="reward_model", column=task_column, reward_column=reward_column,
+                                   per_task=reward_per_task, min_reward=min_reward))
+        verifiers["reward_model"] = best.keep(samples, StepContext())["reason"].is_null().to_list()
+    verifiers[reference_check] = [bool(r["correct"]) for r in rows]
+    return verifiers
+
+
+def verifier_agreement(version_dir: str | Path, options: dict, verdicts: dict) -> dict:
+    """Each verifier of the round's gap against people's verdicts on the round's samples: precision
+    and recall of "accepted" against "good", Cohen's kappa, and the samples where they disagree
+    (``options``: the gap's, as the loop recorded them, with ``solve_index``)."""
+    from ..annotations import confusion
+
+    options = dict(options)
+    samples = round_samples(version_dir, options.pop("solve_index"), positions=True)
+    decisions = verifier_decisions(samples, **options) if samples.height else {}
+    where = list(zip(samples["_part"].to_list(), samples["_index"].to_list())) if samples.height else []
+    labelled = [i for i, key in enumerate(where) if key in verdicts]
+    good = [verdicts[where[i]]["verdict"] == "good" for i in labelled]
+    out = {}
+    for name, accepted in decisions.items():
+        kept = [accepted[i] for i in labelled]
+        out[name] = {**confusion(kept, good),
+                     "disagree": [{"part": where[i][0], "index": where[i][1], "verdict": verdicts[where[i]]["verdict"],
+                                   "kept": k} for i, k, g in zip(labelled, kept, good) if k != g]}
+    return out
 
 
 def _indices_by(rows: list[dict], column: str) -> dict:

@@ -213,13 +213,15 @@ class Evolution:
             threshold = self.select.config.min_score  # the judge verifier measured is the one `select` uses
         select = self.select.config if self.select is not None else None
         reward = select is not None and select.verifier == "reward_model"
-        gap = gap_metrics(round_samples(version, self.solve.index), task_column=self.solve.config.column,
-                           prediction_column=self.solve.config.prediction_column,
-                           min_agreement=vote.config.min_agreement if vote else 0.5, judge_threshold=threshold,
-                           reference_check=self.reference_check(),
-                           reward_column=select.reward_column if reward else "reward",
-                           reward_per_task=select.per_task if reward else None,
-                           min_reward=select.min_reward if reward else None)
+        options = {"task_column": self.solve.config.column, "prediction_column": self.solve.config.prediction_column,
+                   "min_agreement": vote.config.min_agreement if vote else 0.5, "judge_threshold": threshold,
+                   "reference_check": self.reference_check(),
+                   "reward_column": select.reward_column if reward else "reward",
+                   "reward_per_task": select.per_task if reward else None,
+                   "min_reward": select.min_reward if reward else None}
+        gap = gap_metrics(round_samples(version, self.solve.index), **options)
+        # kept so that people's verdicts, given later, can be held against the same verifiers (factory report)
+        gap["options"] = {**options, "solve_index": self.solve.index}
         if gap.get("verifiers"):
             gap["selected_by"] = self.selecting_verifier(gap["verifiers"])  # the gap the stop rule and reports read
         return gap
