@@ -65,7 +65,8 @@ class Limits:
 
     Attributes:
         time: wall-clock seconds before the whole process group is killed (outcome ``timeout``).
-        cpu: CPU seconds (``RLIMIT_CPU``); None: ``time`` rounded up.
+        cpu: CPU seconds (``RLIMIT_CPU``); None: ``time`` plus one second, rounded up (see
+            :attr:`cpu_seconds`).
         memory_mb: address space in MiB (``RLIMIT_AS``): an allocation past it raises MemoryError.
         output_bytes: the most the run may print on stdout, on stderr, or write to one file
             (``RLIMIT_FSIZE``); past it the group is killed (outcome ``output_limit``).
@@ -84,6 +85,14 @@ class Limits:
     network: bool = False
     audit_hook: bool = True
     user: str | int | None = "nobody"
+
+    @property
+    def cpu_seconds(self) -> int:
+        """``RLIMIT_CPU``: ``cpu``, else a second more than ``time`` (rounded up). With the two equal,
+        a busy loop met whichever limit the scheduler let it reach first; a second apart, the wall
+        clock (the limit people set) ends it, and the CPU limit stays the backstop for threads that
+        burn CPU faster than the clock runs."""
+        return max(1, math.ceil(self.cpu if self.cpu is not None else self.time + 1))
 
 
 @dataclass(frozen=True)
@@ -225,9 +234,8 @@ def run_program(program: Program, limits: Limits = Limits()) -> RunResult:
 
 
 def job_spec(program: Program, limits: Limits, folder: str, user, token: str, report_fd: int) -> dict:
-    cpu = math.ceil(limits.cpu if limits.cpu is not None else limits.time)
     return {"token": token, "report_fd": report_fd, "folder": folder, "network": limits.network,
-            "hook": limits.audit_hook, "memory": limits.memory_mb << 20, "cpu": max(1, cpu),
+            "hook": limits.audit_hook, "memory": limits.memory_mb << 20, "cpu": limits.cpu_seconds,
             "file_size": limits.output_bytes, "processes": limits.processes, "user": user,
             "keep_read": user is not None and not interpreter_readable_by(*user),
             "site": site_dirs(), "code": program.code, "setup": list(program.setup), "tests": list(program.tests),

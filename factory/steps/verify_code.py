@@ -183,7 +183,7 @@ def before_tests(run: RunResult) -> tuple[str, str] | None:
 def stopped(run: RunResult, config) -> tuple[str, str]:
     """Why the run ended before its next test finished."""
     if run.outcome == "timeout":
-        return "timeout", (f"over {config.time_limit:g} s of CPU time" if run.signal == "SIGXCPU"
+        return "timeout", (f"over {limits_of(config).cpu_seconds} s of CPU time" if run.signal == "SIGXCPU"
                            else f"over the {config.time_limit:g} s time limit")
     if run.outcome == "output_limit":
         return "output_limit", f"printed over {config.output_limit_kb} KB"

@@ -1547,7 +1547,7 @@ async function evolveView(ctx, id) {
     "div",
     {class: "page"},
     h("nav", {class: "crumbs"}, h("a", {href: "#/"}, "datasets"), " / evolve"),
-    h("h1", {id: "evolve-title"}, run.name || id, h("span", {class: "muted mono small"}, ` ${id}`)),
+    h("h1", {id: "evolve-title"}, run.name || id, id === "." ? null : h("span", {class: "muted mono small"}, ` ${id}`)),
     problemLine(run.error),
     h(
       "dl",
