@@ -32,13 +32,14 @@ from pathlib import Path
 import polars as pl
 
 from .errors import FactoryError
+from .store import ROW_GROUP_ROWS, read_manifest
 
 VERDICTS = ("good", "bad")
 PARTS = ("data", "rejected")
 KINDS = {"judge": "judge", "pairwise": "judge", "reward_model": "judge", "verify": "verifier"}
 _LABEL = re.compile(r"^steps\[(\d+)\]")
 _append_lock = threading.Lock()
-CLUSTER_ROWS = 10_000  # rows read together when fetching scattered rows (the store's row group)
+CLUSTER_ROWS = ROW_GROUP_ROWS  # rows read together when fetching scattered rows: about one row group
 MAX_SLICES = 64        # more separate stretches than this: one filtered pass over the part instead
 
 
@@ -46,6 +47,13 @@ def annotations_path(version_dir: str | Path) -> Path:
     """``OUT/<name>/annotations/v<N>.jsonl`` for the version folder ``OUT/<name>/v<N>``."""
     version_dir = Path(version_dir)
     return version_dir.parent / "annotations" / f"{version_dir.name}.jsonl"
+
+
+def view_folder(version_dir: str | Path) -> Path:
+    """The folder ``factory view`` serves for a version: OUT of ``OUT/<name>/v<N>``, or the evolve run
+    of ``RUN/datasets/<name>/v<N>``."""
+    path = Path(version_dir)
+    return path.parents[2] if len(path.parents) > 2 and path.parents[1].name == "datasets" else path.parents[1]
 
 
 def version_number(version_dir: str | Path) -> int:
@@ -173,6 +181,13 @@ def step_index(label: str | None) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def step_order(label: str | None) -> int:
+    """Where a drop step comes in the recipe, for sorting: its index, -1 for one that is not a step
+    (``source``)."""
+    index = step_index(label)
+    return -1 if index is None else index
+
+
 def stratified_sample(version_dir: str | Path, n: int, seed: int | None = None) -> list[dict]:
     """``n`` rows to label, spread evenly over the strata ``kept`` and each ``drop_step: drop_reason``
     (a stratum smaller than its share gives the rest to the others), in a seeded random order that is
@@ -198,7 +213,7 @@ def stratified_sample(version_dir: str | Path, n: int, seed: int | None = None) 
         if {"drop_step", "drop_reason"} <= set(scan.collect_schema().names()):
             groups = (scan.select("drop_step", "drop_reason").with_row_index("i")
                       .group_by("drop_step", "drop_reason").agg("i").collect())
-            for step, reason, idx in sorted(groups.iter_rows(), key=lambda r: (-1 if step_index(r[0]) is None else step_index(r[0]), str(r[1]))):
+            for step, reason, idx in sorted(groups.iter_rows(), key=lambda r: (step_order(r[0]), str(r[1]))):
                 strata[f"{step}: {reason}"] = ("rejected", np.asarray(idx))
     share = {name: 0 for name in strata}
     left = n
@@ -310,8 +325,6 @@ def agreement(version_dir: str | Path, manifest: dict | None = None, verdicts: d
     "fp", "fn", "tn", "precision", "recall", "kappa", "auc", "disagree": [{"part", "index", "verdict",
     "kept"}]}]}``; a step appears when it decided on at least one labelled row.
     """
-    from .store import read_manifest
-
     verdicts = read_verdicts(version_dir) if verdicts is None else verdicts
     if not verdicts:
         return None

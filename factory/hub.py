@@ -87,9 +87,11 @@ def hub_card(version_dir: Path, repo: str, config_name: str, existing_card: str 
 
 def _with_verdicts_line(card: str, verdicts: dict, path: str) -> str:
     """The card with one line on people's verdicts, under its line on the rows."""
+    from .annotations import verdict_counts
+
     on_data = sum(part == "data" for part, _ in verdicts)
-    good = sum(r["verdict"] == "good" for r in verdicts.values())
-    line = (f"- People's verdicts: {len(verdicts)} rows labelled ({good} good, {len(verdicts) - good} bad) in "
+    counts = verdict_counts(verdicts)
+    line = (f"- People's verdicts: {counts['count']} rows labelled ({counts['good']} good, {counts['bad']} bad) in "
             f"`{path}` ({on_data} on rows of the train split, by `index`; {len(verdicts) - on_data} on dropped "
             "rows, which are not pushed)")
     lines = card.split("\n")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import polars as pl
 
-from .annotations import agreement, agreement_lines, read_verdicts, verdict_counts
+from .annotations import agreement, agreement_lines, read_verdicts, verdict_counts, view_folder
 from .store import read_manifest, read_version, target_line, truncation_lines, usage_text
 
 DISAGREE_SHOWN = 5  # disagreeing rows named per step; the viewer shows them all
@@ -255,8 +255,7 @@ def agreement_text(info: dict | None, path: str) -> list[str]:
     out = [""] + agreement_lines(info)
     disagreeing = [s for s in info["steps"] if s["disagree"]]
     if disagreeing:
-        served = Path(path).parent.parent  # the viewer serves OUT, the folder that holds OUT/<name>/v<N>
-        out.append(f"  rows where a step and people disagree (see them with `factory view {served}`):")
+        out.append(f"  rows where a step and people disagree (see them with `factory view {view_folder(path)}`):")
     for s in disagreeing:
         refs = ", ".join(f"{d['part']}#{d['index']} ({d['verdict']})" for d in s["disagree"][:DISAGREE_SHOWN])
         more = len(s["disagree"]) - DISAGREE_SHOWN

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .annotations import agreement, annotations_path
+from .annotations import agreement, read_verdicts, view_folder
 from .errors import FactoryError
 from .evolve.evaluate import paired_gain
 
@@ -43,39 +43,35 @@ def rows(state: dict) -> list[dict]:
             row[f"relative_gap_{name}"] = v["relative_gap"]
         row.update(gap.get("pass_at_k") or {})
         row.update({k: v for k, v in (gap.get("diversity") or {}).items()})
-        row["agreement"] = round_agreement(rs.get("version"))
-        row["verifier_agreement"] = round_verifier_agreement(rs)
+        verdicts = round_verdicts(rs)
+        row["agreement"] = agreement(rs["version"], None, verdicts) if verdicts else None
+        row["verifier_agreement"] = round_verifier_agreement(rs, verdicts)
         table.append(row)
     return table
 
 
-def round_agreement(version: str | None) -> dict | None:
-    """The round's steps against people's verdicts on its dataset version (None without verdicts,
-    or when the version folder is not where the state says, as after moving the run)."""
-    if not version or not annotations_path(version).is_file() or not Path(version).is_dir():
-        return None
-    return agreement(version)
+def round_verdicts(rs: dict) -> dict:
+    """People's verdicts on the round's dataset version (none when the version folder is not where
+    the state says, as after moving the run)."""
+    version = rs.get("version")
+    return read_verdicts(version) if version and Path(version).is_dir() else {}
 
 
-def round_verifier_agreement(rs: dict) -> dict | None:
+def round_verifier_agreement(rs: dict, verdicts: dict) -> dict | None:
     """Each verifier of the round's gap (majority vote, judge score, reward model, the reference
     check) against people's verdicts on the round's samples; None without verdicts."""
-    from .annotations import read_verdicts
     from .evolve.evaluate import verifier_agreement
     from .store import read_manifest
 
-    version = rs.get("version")
-    if not version or not annotations_path(version).is_file() or not Path(version).is_dir():
+    if not verdicts:
         return None
-    verdicts = read_verdicts(version)
+    version = rs["version"]
     options = (rs.get("gap") or {}).get("options")
     if options is None:  # a run recorded before the gap kept its options: the defaults, after the first solve
         steps = [next(iter(step)) for step in (read_manifest(version).get("recipe") or {}).get("steps") or []]
         if "solve" not in steps:
             return None
         options = {"solve_index": steps.index("solve")}
-    if not verdicts:
-        return None
     try:
         return verifier_agreement(version, options, verdicts)
     except FactoryError:  # samples without a `correct` column: the round measured no gap
@@ -150,7 +146,7 @@ def agreement_markdown(state: dict, table: list[dict]) -> list[str]:
              "it shows them)."]
     for rs, row in labelled:
         info = row["agreement"]
-        lines += ["", f"Round {row['round']} (`{rs['version']}`, `factory view {_run_folder(rs['version'])}`): "
+        lines += ["", f"Round {row['round']} (`{rs['version']}`, `factory view {view_folder(rs['version'])}`): "
                       f"{info['labelled']} rows labelled ({info['good']} good, {info['bad']} bad)."]
         if row.get("verifier_agreement"):
             lines += ["", "| verifier (gap) | n | precision | recall | kappa | disagreeing rows |",
@@ -165,12 +161,6 @@ def agreement_markdown(state: dict, table: list[dict]) -> list[str]:
                          f"{_fmt(s['recall'])} | {_fmt(s['kappa'])} | {_fmt(s['auc'])} | "
                          f"{_disagree_cell(s['disagree'])} |")
     return lines
-
-
-def _run_folder(version: str) -> Path:
-    """The evolve run's folder, which `factory view` serves, from a round's OUT/datasets/<name>/v<N>."""
-    path = Path(version)
-    return path.parents[2] if len(path.parents) > 2 and path.parents[1].name == "datasets" else path.parents[1]
 
 
 def _disagree_cell(disagree: list[dict]) -> str:

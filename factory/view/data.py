@@ -19,7 +19,7 @@ from pathlib import Path
 import polars as pl
 
 from ..annotations import (PARTS, agreement, annotations_path, part_files, read_verdicts, row_hash, rows_at,
-                           verdict_counts)
+                           step_order, verdict_counts)
 from ..errors import FactoryError
 from ..store import MANIFEST, read_manifest, step_label
 
@@ -240,11 +240,8 @@ class Version:
         if scan is None or not {"drop_step", "drop_reason"} <= set(self.schema("rejected")["columns"]):
             return []
         frame = scan.group_by("drop_step", "drop_reason").len().collect()
-        from ..annotations import step_index
-
         rows = [{"step": s, "reason": r, "rows": n} for s, r, n in frame.iter_rows()]
-        return sorted(rows, key=lambda g: (step_index(g["step"]) if step_index(g["step"]) is not None else -1,
-                                           -g["rows"], str(g["reason"])))
+        return sorted(rows, key=lambda g: (step_order(g["step"]), -g["rows"], str(g["reason"])))
 
     # -- rows ----------------------------------------------------------------------------------
     def conditions(self, part: str, q: str | None, filters: list[tuple[str, object]], step: str | None,
@@ -370,8 +367,7 @@ class Version:
             "verdicts": verdict_counts(verdicts),
             "agreement": agreement(self.folder, m, verdicts) if verdicts else None,
             "versions": siblings, "evolve": evolve_of(folder, self.folder), "sample_size": folder.sample,
-            "annotations_file": folder.rel(annotations_path(self.folder).parent) + "/" +
-            annotations_path(self.folder).name,
+            "annotations_file": f"{folder.rel(self.folder.parent)}/annotations/{annotations_path(self.folder).name}",
         }
 
 
@@ -437,20 +433,25 @@ def wilson(successes: float, n: int, z: float = 1.96) -> list[float] | None:
 
 
 def evolve_page(folder: Folder, run_id: str) -> dict:
-    from ..report import round_verifier_agreement, rows as report_rows
+    from ..report import rows as report_rows
 
     run = folder.resolve(run_id, "evolve run")
     if not (run / "evolve.json").is_file():
         raise ViewError(f"{run_id}: no evolve.json (not an evolve run's folder)", 404)
     state = read_state(run)
+    versions = [round_version(folder, run, rs) for rs in state["rounds"]]
+    # The report's rows, read with each round's version where it is found now (a moved run's too),
+    # so that they carry people's verdicts on it.
+    found = {**state, "rounds": [{**rs, "version": str(folder.root / v["ds"] / f"v{v['version']}")} if v else rs
+                                 for rs, v in zip(state["rounds"], versions)]}
     try:
-        table = report_rows(state)
+        table = report_rows(found)
     except (KeyError, TypeError, ValueError) as e:
         raise ViewError(f"{run_id}/evolve.json: a round is incomplete ({_one_line(e)}); the run may have been cut "
                         "short: resume it with the same `factory evolve` command", 500) from None
     verifiers = sorted({name for rs in state["rounds"] for name in ((rs.get("gap") or {}).get("verifiers") or {})})
     rounds = []
-    for rs, row in zip(state["rounds"], table):
+    for rs, row, version in zip(state["rounds"], table, versions):
         evaluated = rs.get("eval") or {}
         gap = rs.get("gap") or {}
         items = evaluated.get("items")
@@ -461,19 +462,13 @@ def evolve_page(folder: Folder, run_id: str) -> dict:
                  "samples": gap.get("samples"), "verifiers": {},
                  "pass_at_k": gap.get("pass_at_k") or {}, "diversity": gap.get("diversity") or {},
                  "seconds": rs.get("seconds") or {}, "train_loss": row.get("train_loss"),
-                 "rolled_back": row.get("rolled_back"), "version": round_version(folder, run, rs), "agreement": None,
-                 "verifier_agreement": None}
+                 "rolled_back": row.get("rolled_back"), "version": version, "agreement": row.get("agreement"),
+                 "verifier_agreement": row.get("verifier_agreement")}
         for name, v in (gap.get("verifiers") or {}).items():
             accepted = v.get("accepted") or 0
             entry["verifiers"][name] = {"J_w": v.get("J_f_w"), "accepted": accepted, "gap": v.get("gap"),
                                         "relative_gap": v.get("relative_gap"),
                                         "J_w_ci95": wilson((v.get("J_f_w") or 0) * accepted, accepted)}
-        if entry["version"]:
-            version_dir = folder.root / entry["version"]["ds"] / f"v{entry['version']['version']}"
-            verdicts = read_verdicts(version_dir)
-            if verdicts:
-                entry["agreement"] = agreement(version_dir, None, verdicts)
-                entry["verifier_agreement"] = round_verifier_agreement({**rs, "version": str(version_dir)})
         rounds.append(entry)
     return {"id": run_id, "name": state.get("name"), "base_model": state.get("base_model"),
             "method": state.get("method"), "recipe_file": state.get("recipe_file"), "stopped": state.get("stopped"),
