@@ -23,10 +23,12 @@ from .store import read_manifest, write_version
 
 def chat_messages(table: pl.DataFrame, output: OutputConfig, task_column: str = "instruction",
                   input_column: str = "input", response_column: str = "response") -> pl.DataFrame:
-    """Adds the canonical ``messages`` column (system?, user task, assistant response)."""
+    """Adds the canonical ``messages`` column (system?, user task, assistant response), unless a
+    step wrote one (a conversation of several turns: its first turn is in the task and response
+    columns too, and must not replace it)."""
+    if "messages" in table.columns:
+        return table
     if response_column not in table.columns or task_column not in table.columns:
-        if "messages" in table.columns:
-            return table
         raise FactoryError(f"output.format 'messages' needs columns '{task_column}' and '{response_column}', "
                            f"and the final table has {', '.join(table.columns) or 'none'}; "
                            "set `output: {format: raw}`")

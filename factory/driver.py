@@ -171,7 +171,9 @@ class Driver:
         """Checks every backend the recipe uses (server reachable, GPU present) before any work."""
         for step in recipe.steps:
             if step.uses_llm:
-                self.backends.get(step.llm_config).check()
+                backend = self.backends.get(step.llm_config)
+                backend.check()
+                step.check_backend(backend)
 
     def run(self, recipe, table: pl.DataFrame | None = None, *, limit: int | None = None) -> RunResult:
         """Runs all steps of ``recipe`` on ``table`` (default: the recipe's source).

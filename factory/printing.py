@@ -42,7 +42,7 @@ def format_summary(manifest: dict) -> str:
         lines.append("  " + target_line(manifest["target_rows"], manifest["rows"]))
     written = manifest.get("output_format")
     if written == "messages":
-        lines.append("  written as chat `messages` (user task, assistant response) beside the kept columns")
+        lines.append("  written as chat `messages` (every turn of each conversation) beside the kept columns")
     elif written == "raw":
         lines.append("  written as the rows are (no task and response columns for chat `messages`)")
     lines += ["  " + line for line in usage_lines(manifest)]

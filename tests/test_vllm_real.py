@@ -128,6 +128,25 @@ class TestOfflineBackend:
         assert rendered.endswith(prefill)
         assert c.prompt_tokens == len(tokenizer(rendered, add_special_tokens=False)["input_ids"])
 
+    def test_the_model_writes_a_users_turn_from_its_template(self, backend, model_dir):
+        """Magpie: the prompt is the template up to the start of a user turn (no end of turn, no
+        generation prompt), and the reply is a user's message that ends where the turn ends."""
+        from transformers import AutoTokenizer
+
+        from factory.llm.base import user_turn
+
+        system = {"role": "system", "content": "You are a helpful assistant for home cooks."}
+        requests = [Request([system, user_turn()], GenerationParams(temperature=1.0, max_tokens=64, seed=s))
+                    for s in range(4)]
+        replies = backend.generate(requests)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        prompt = "<|im_start|>system\nYou are a helpful assistant for home cooks.<|im_end|>\n<|im_start|>user\n"
+        assert [c.prompt_tokens for c in replies] == [len(tokenizer(prompt, add_special_tokens=False)["input_ids"])] * 4
+        texts = [c.texts[0] for c in replies]
+        assert all(t.strip() for t in texts) and len(set(texts)) == 4, texts
+        assert not any("<|im_start|>" in t or "\nassistant\n" in t for t in texts), texts
+        assert "stop" in [c.finish_reasons[0] for c in replies]  # at least one ended at its end of turn
+
     def test_regex_constrains_the_reply(self, backend):
         requests = [Request(QUESTION, GenerationParams(temperature=1.0, max_tokens=8, seed=s, regex="(yes|no)"))
                     for s in range(6)]
@@ -307,7 +326,7 @@ def vllm_server(model_dir, tmp_path):
         log.close()
 
 
-def test_recipe_on_vllms_openai_server(tmp_path, vllm_server):
+def test_recipe_on_vllms_openai_server(tmp_path, vllm_server, model_dir):
     models = httpx.get(vllm_server + "/models", timeout=5).json()
     assert [m["id"] for m in models["data"]] == ["smol"]
     llm = f"{{backend: openai, model: smol, base_url: {vllm_server}}}"
@@ -321,6 +340,16 @@ def test_recipe_on_vllms_openai_server(tmp_path, vllm_server):
     if c.finish_reasons == ["stop"]:
         assert not problems(json.loads(c.texts[0]), schema), c.texts[0]
     backend.close()
+    # Magpie through /v1/completions: the template is applied here, with the served model's tokenizer.
+    from factory.llm.base import user_turn
+
+    writer = OpenAIBackend(OpenAIConfig(model="smol", base_url=vllm_server, tokenizer=str(model_dir)))
+    assert writer.writes_user_turns
+    turns = writer.generate([Request([user_turn()], GenerationParams(temperature=1.0, max_tokens=48, seed=s))
+                             for s in range(3)])
+    assert all(c.error is None and c.texts[0].strip() for c in turns), [c.texts for c in turns]
+    assert not any("<|im_start|>" in c.texts[0] for c in turns)
+    writer.close()
     print(f"recipe on vllm serve: {manifest['rows']} rows in {seconds:.0f}s")
 
 

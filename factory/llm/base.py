@@ -8,6 +8,10 @@ one LLM path (:mod:`factory.llm.requests`) sits between the two.
 
 A conversation whose last message has role ``assistant`` is a *prefill*: the backend
 continues that message instead of starting a new one, and returns only the continuation.
+A conversation whose last message is an *open user turn* (:func:`user_turn`, Magpie) asks the
+model to write the user's message: the backend renders the chat template up to the start of
+that turn, lets the model go on, and stops at the end of the turn
+(:mod:`factory.llm.chat_template`); a backend that cannot says so (:attr:`Backend.writes_user_turns`).
 
 Every reply comes with why it ended (its *finish reason*): ``stop`` (the model ended it, or a
 stop string did), ``length`` (it hit ``max_tokens``: the reply is cut), or a server's own
@@ -23,7 +27,7 @@ from typing import Any, Callable, ClassVar
 
 LENGTH = "length"  # the finish reason of a reply cut at max_tokens
 
-Message = dict[str, str]
+Message = dict[str, Any]  # role and content; an open user turn also has "open": True
 Conversation = list[Message]
 
 
@@ -206,6 +210,12 @@ class Backend:
         return True
 
     @property
+    def writes_user_turns(self) -> bool:
+        """Whether the backend can have the model write a user's turn (:func:`user_turn`): it applies
+        the chat template itself, so the model can go on from the start of a user turn."""
+        return False
+
+    @property
     def batched(self) -> bool:
         """Whether a call answers a whole step's requests at once, late (a Batch API): the driver then
         gives it the step's rows as one batch."""
@@ -255,6 +265,17 @@ class Backend:
 
     def close(self) -> None:
         """Frees the model or connections."""
+
+
+def user_turn(prefix: str = "") -> dict:
+    """The last message of a conversation that asks the model to write the user's turn (Magpie),
+    beginning with ``prefix``."""
+    return {"role": "user", "content": prefix, "open": True}
+
+
+def writes_user(conversation: Conversation) -> bool:
+    """Whether ``conversation`` ends with an open user turn (see :func:`user_turn`)."""
+    return bool(conversation) and conversation[-1].get("role") == "user" and conversation[-1].get("open") is True
 
 
 def split_prefill(conversation: Conversation) -> tuple[Conversation, str | None]:

@@ -34,7 +34,8 @@ from typing import Literal
 
 from ..config import option
 from ..errors import BackendError
-from .base import Backend, Completion, Conversation, GenerationParams, OnReply, Request, split_prefill
+from .base import Backend, Completion, Conversation, GenerationParams, OnReply, Request, split_prefill, writes_user
+from .chat_template import end_of_user_turn, render_user_turn
 from .http import Endpoint
 from .ratelimit import RateLimiter, Ticket
 from .server import (JSON_SCHEMA_FIELDS, PROBE_PROMPT, PROBE_SCHEMA, ServerInfo, schema_payload, auth_error,
@@ -136,6 +137,23 @@ class OpenAIBackend(Backend):
     def batched(self) -> bool:
         return self.config.batch
 
+    @property
+    def writes_user_turns(self) -> bool:
+        # The chat template is applied here and the prompt goes to /v1/completions.
+        if self.config.check_server and not self.server.probed:
+            self._run(self._probe())
+        return self._chat_template() is not None and self.server.completions is not False
+
+    def user_turn_problem(self) -> str:
+        """Why the server cannot be asked to write a user's turn, with the fix."""
+        if self._chat_template() is None:
+            return (f"the chat template of '{self.config.model}' is not at hand here; set llm.tokenizer to a local "
+                    "folder with the served model's tokenizer (the template is applied here and the prompt sent to "
+                    "/v1/completions)")
+        return (f"the server at {self.config.base_url} does not answer /v1/completions, where the prompt that has "
+                "the model write a user's turn goes; serve the model with a server that has it (vLLM, SGLang, "
+                "llama.cpp) or run the step on a local backend (transformers, vllm)")
+
     def describe(self) -> dict:
         facts = {**super().describe(), "base_url": self.config.base_url, "server": self.server.to_json()}
         if self._limiter is not None:
@@ -232,8 +250,11 @@ class OpenAIBackend(Backend):
                         self.server.json_schema = name
                         break
             if self.server.prefill != "native" and self._chat_template() is not None:
+                # A server that continues an assistant turn (vLLM, SGLang) has /v1/completions too: not asked.
                 prompt = self._render(prefill)
-                if await self._probe_post({"prompt": prompt}, endpoint="completions", fatal=False) is not None:
+                self.server.completions = await self._probe_post({"prompt": prompt}, endpoint="completions",
+                                                                 fatal=False) is not None
+                if self.server.completions:
                     self.server.prefill = "completions"
             body = await self._probe_post({"n": 2, "temperature": 1.0})
             if body is not None:
@@ -373,7 +394,13 @@ class OpenAIBackend(Backend):
             payload["n"] = n
         if params.stop:
             payload["stop"] = list(params.stop)
-        if prefix is not None:
+        if writes_user(conv):
+            payload["prompt"] = render_user_turn(self._chat_template(), conv)
+            del payload["messages"]
+            end = end_of_user_turn(self._chat_template())
+            if end and end not in params.stop:
+                payload["stop"] = list(params.stop) + [end]
+        elif prefix is not None:
             if server.prefill == "native":
                 payload.update(continue_final_message=True, add_generation_prompt=False)
             elif server.prefill == "completions":

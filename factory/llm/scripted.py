@@ -11,7 +11,9 @@ A token is a word here: a reply longer than ``max_tokens`` words is cut there an
 finish reason ``length``, like a real model's; a rule's ``finish`` sets the finish reason
 of its replies outright (``length`` to test a cut reply of any size). A conversation that
 ends with an assistant turn is continued: when the reply to it starts with that turn's
-text, only the rest comes back (so a cut reply can be asked to go on).
+text, only the rest comes back (so a cut reply can be asked to go on). A conversation that
+ends with an open user turn (the model writes the user's message, Magpie) is searched with
+``<|user|>`` after its messages: rules tell the two kinds of request apart by it.
 
 Example (in a recipe):
     llm:
@@ -31,7 +33,7 @@ from typing import Callable, Literal
 
 from ..config import option
 from ..hashing import fingerprint
-from .base import LENGTH, Backend, Completion, Conversation, OnReply, Request, split_prefill, trim_at_stop
+from .base import LENGTH, Backend, Completion, Conversation, OnReply, Request, split_prefill, trim_at_stop, writes_user
 
 
 @dataclass
@@ -91,12 +93,16 @@ class ScriptedBackend(Backend):
     def enforces_schema(self) -> bool:
         return self.config.enforces_schema
 
+    @property
+    def writes_user_turns(self) -> bool:
+        return True
+
     def answer(self, conversation: Conversation, sample: int, seed: int = 0) -> tuple[str, str | None]:
         """The reply and the finish reason its rule sets (None: decided by the token limit)."""
         if self.reply_fn is not None:
             got = self.reply_fn(conversation, sample)
             return got if isinstance(got, tuple) else (got, None)
-        return self._answer(conversation, "\n".join(m.get("content", "") for m in conversation), sample, seed)
+        return self._answer(conversation, _joined(conversation), sample, seed)
 
     def _answer(self, conversation: Conversation, text: str, sample: int, seed: int) -> tuple[str, str | None]:
         """:meth:`answer` by the rules, ``text`` the conversation's messages joined."""
@@ -134,7 +140,7 @@ class ScriptedBackend(Backend):
             self.stats.requests += 1
             params, messages = request.params, request.messages
             # The messages joined: what the rules search, and (split) the prompt's tokens.
-            text = "\n".join(m.get("content", "") for m in messages)
+            text = _joined(messages)
             if params.n == 1:
                 reply, finish = self.sample(messages, 0, params, text)
                 out.append(Completion([reply], len(text.split()), len(reply.split()), finish_reasons=[finish]))
@@ -146,6 +152,12 @@ class ScriptedBackend(Backend):
         if on_reply is not None:
             on_reply(list(enumerate(out)))
         return out
+
+
+def _joined(conversation: Conversation) -> str:
+    """What the rules search: the messages' contents, one per line (``<|user|>`` last for an open user turn)."""
+    text = "\n".join(m.get("content", "") for m in conversation)
+    return text + "\n<|user|>" if writes_user(conversation) else text
 
 
 _HASHED = {"hash", "digit", "score"}  # the reply fields drawn from the conversation's digest

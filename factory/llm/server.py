@@ -64,6 +64,8 @@ class ServerInfo:
         json_schema: the field that carries a JSON Schema the server enforces (``response_format``,
             ``structured_outputs``, ``guided_json``), or None (replies are checked and re-asked).
         n: whether the server returns ``n`` samples per request (None: not known yet).
+        completions: whether the server answers ``/v1/completions`` (asked only when the model's
+            tokenizer is at hand; None: not asked): a user's turn is written there (Magpie).
         rejected: fields the server refused by name; never sent again.
         identical_samples: the server returned identical samples at temperature > 0.
         probed: the server was asked what it accepts before the run.
@@ -75,13 +77,15 @@ class ServerInfo:
     regex: str | None = None
     json_schema: str | None = None
     n: bool | None = None
+    completions: bool | None = None
     rejected: list[str] = field(default_factory=list)
     identical_samples: bool = False
     probed: bool = False
 
     def to_json(self) -> dict:
         return {"models": self.models[:20] if self.models else self.models, "owned_by": self.owned_by,
-                "prefill": self.prefill, "regex": self.regex, "json_schema": self.json_schema, "n": self.n, "rejected_fields": sorted(self.rejected),
+                "prefill": self.prefill, "regex": self.regex, "json_schema": self.json_schema, "n": self.n,
+                "completions": self.completions, "rejected_fields": sorted(self.rejected),
                 "identical_samples": self.identical_samples, "probed": self.probed}
 
     def reject(self, name: str) -> None:

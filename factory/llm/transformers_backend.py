@@ -30,7 +30,9 @@ from .base import (
     by_sampling,
     split_prefill,
     trim_at_stop,
+    writes_user,
 )
+from .chat_template import end_of_user_turn, render_user_turn
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +138,13 @@ class TransformersBackend(Backend):
             return "bfloat16"
         return self.config.dtype
 
+    @property
+    def writes_user_turns(self) -> bool:
+        return True
+
     def render(self, conversation: Conversation) -> str:
+        if writes_user(conversation):
+            return render_user_turn(self.tokenizer, conversation)
         messages, prefill = split_prefill(conversation)
         if prefill is None:
             return self.tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
@@ -159,6 +167,8 @@ class TransformersBackend(Backend):
                 on_reply(ready)
 
         eos_ids = _eos_ids(self.model, tok)
+        if any(writes_user(r.messages) for r in requests):
+            eos_ids |= _turn_end_ids(tok)
         for params, indices in by_sampling(requests):
             runnable = [i for i in indices if len(encoded[i]) <= self.config.max_input_tokens]
             done([(i, Completion([], len(encoded[i]), 0, error=f"prompt has {len(encoded[i])} tokens, over "
@@ -276,6 +286,14 @@ def _eos_ids(model, tokenizer) -> set[int]:
     if tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)
     return ids
+
+
+def _turn_end_ids(tokenizer) -> set[int]:
+    """The token that ends a user's turn in the chat template, when it is one token: a model that
+    writes a user's message stops there (most templates end the assistant's turn with it too)."""
+    text = end_of_user_turn(tokenizer)
+    ids = tokenizer.encode(text, add_special_tokens=False) if text else []
+    return set(ids) if len(ids) == 1 else set()
 
 
 def _cut_at_eos(ids: list[int], eos_ids: set[int]) -> tuple[list[int], bool]:

