@@ -167,7 +167,9 @@ def openings(texts: pl.Series) -> dict:
 def duplicates(texts: pl.Series) -> dict:
     """Rows left that repeat an earlier row: exactly, after ``text.normalize``, and nearly (MinHash as
     the ``minhash`` filter's defaults run it: what it would still drop). Null and empty texts are
-    never duplicates. Near duplicates include the exact ones."""
+    never duplicates. The near count simplifies text the filter's way (numbers become 0, punctuation
+    is deleted), so an exact duplicate is almost always a near one too, but not always: "2+2" and
+    "2 + 2" are the same words to ``normalize`` and different ones to the filter."""
     keys = words_of(texts.cast(pl.String)).list.join(" ")
     keys = keys.filter(keys.is_not_null() & (keys != ""))
     return {"rows": len(texts), "exact": len(keys) - keys.n_unique(), "near": near_duplicate_rows(texts)}
