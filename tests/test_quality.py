@@ -147,6 +147,9 @@ def test_missing_pieces_are_marked_never_a_crash():
     assert numbers["text"] == {"from": None} and "diversity" not in numbers
     assert "- Text: none (no `messages`, `instruction` or `response` column): no diversity or duplicate figures." \
         in quality_card_lines(numbers)
+    odd = quality_section(pl.DataFrame({"messages": [[{"role": "user", "content": [1, 2]}]], "instruction": [3]}),
+                          [], {})
+    assert odd["text"] == {"from": None}  # content that is not text, an instruction that is a number
     nulls = quality_section(pl.DataFrame({"instruction": [None, None]}, schema={"instruction": pl.String}), [], {})
     assert nulls["diversity"] == {"instructions": {"texts": 0}}
     assert nulls["duplicates"]["instructions"] == {"rows": 2, "exact": 0, "near": 0}
@@ -163,7 +166,7 @@ def test_a_run_writes_the_section_into_manifest_card_and_inspect(scripted_recipe
     assert quality["rows"]["dropped"] == sum(n for s in manifest["steps"] for n in s["dropped"].values())
     assert quality["scores"]["score"]["count"] == manifest["rows"]  # the judge's column, every kept row scored
     assert quality["contamination"] == {"checked": False, "checks": []}
-    assert manifest["timings"]["quality_seconds"] >= 0
+    assert "quality_seconds" in manifest["timings"]
     card = (version / "README.md").read_text(encoding="utf-8")
     assert "\n## Quality\n" in card and "- Contamination: not checked (the recipe has no `decontaminate` step)." in card
     assert "\n## Quality\n" in hub_card(version, "me/demo", "default")
@@ -187,3 +190,12 @@ def test_diff_shows_each_figure_old_to_new_and_old_versions_still_work(tmp_path)
     assert "## Quality" not in (old / "README.md").read_text(encoding="utf-8")
     assert "\n## Quality\n" in (v2 / "README.md").read_text(encoding="utf-8")
     assert json.loads((old / "manifest.json").read_text(encoding="utf-8")).get("quality") is None
+
+
+def test_words_and_exact_keys_are_the_projects_normalisation():
+    from factory.quality import normalized, words_of
+    from factory.text import normalize
+
+    texts = ["What's 2+2?", "  Tabs\tand\nnew lines ", "snake_case, CamelCase; ÉTÉ déjà-vu", "...", ""]
+    assert normalized(pl.Series(texts)).to_list() == [normalize(t) for t in texts]
+    assert words_of(pl.Series(texts)).to_list() == [normalize(t).split() for t in texts]
