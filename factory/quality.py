@@ -172,7 +172,8 @@ def openings(texts: pl.Series) -> dict:
     first = tokens.filter(tokens.list.len() >= OPENING_WORDS).list.head(OPENING_WORDS).list.join(" ")
     counts = first.value_counts(name="count").sort(["count", first.name], descending=[True, False])
     shared = int(counts.filter(pl.col("count") > 1)["count"].sum())
-    return {"texts": len(texts), "shared": shared, "shared_share": round(shared / len(texts), 4) if len(texts) else None,
+    share = round(shared / len(texts), 4) if len(texts) else None
+    return {"texts": len(texts), "shared": shared, "shared_share": share,
             "top": [{"opening": o, "count": c} for o, c in counts.head(TOP_OPENINGS).iter_rows()]}
 
 
