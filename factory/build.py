@@ -103,7 +103,7 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, *, cache_dir: str | Path | N
         result = driver.run_to_target(recipe, recipe.output.rows, recipe.output.max_candidates, on_pass)
     table, written_as = output_table(recipe, result.table)
     manifest = run_manifest(recipe, result, written_as, started_at=began, executor=driver.executor.name,
-                            parent=parent, extra=extra_manifest)
+                            parent=parent, extra=extra_manifest, table=table)
     version_dir = write_version(out_dir, recipe.name, table, result.rejected, manifest,
                                 shard_rows=recipe.output.shard_rows)
     return version_dir, read_manifest(version_dir), result

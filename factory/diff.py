@@ -11,6 +11,7 @@ from pathlib import Path
 
 import polars as pl
 
+from .quality import quality_shifts
 from .store import read_manifest, read_version, step_label
 
 
@@ -97,6 +98,8 @@ def diff(version_a: str | Path, version_b: str | Path, key: list[str] | None = N
         "models": {"a": sorted({m["model_id"] for m in ma.get("models", [])}),
                    "b": sorted({m["model_id"] for m in mb.get("models", [])})},
         "metric_shifts": shifts, "drop_shifts": drops,
+        "quality": {"missing": [f"v{m.get('version')}" for m in (ma, mb) if not m.get("quality")],
+                    "shifts": quality_shifts(ma.get("quality"), mb.get("quality"))},
         "examples": {"added": added.select(key).head(examples).to_dicts(),
                      "removed": removed.select(key).head(examples).to_dicts()},
     }
@@ -123,6 +126,7 @@ def render(info: dict, width: int = 100) -> str:
         for name, s in {**info["metric_shifts"], **info["drop_shifts"]}.items():
             delta = f" ({s['delta']:+g})" if s["delta"] is not None else ""
             lines.append(f"  {name}: {s['a']} -> {s['b']}{delta}")
+    lines += quality_lines(info.get("quality"))
     for which in ("added", "removed"):
         if info["examples"][which]:
             lines += ["", f"{which} (first {len(info['examples'][which])}):"]
@@ -130,3 +134,20 @@ def render(info: dict, width: int = 100) -> str:
                 lines.append("  " + textwrap.shorten(" | ".join(str(v) for v in row.values()), width=width - 2,
                                                      placeholder=" ..."))
     return "\n".join(lines)
+
+
+def quality_lines(quality: dict | None) -> list[str]:
+    """The quality sections' shifts: every figure that changed, old -> new (change), and how many did not."""
+    if not quality:
+        return []
+    lines = [""] + [f"quality: no quality section in {version}" for version in quality["missing"]]
+    if quality["missing"]:
+        return lines
+    changed = {name: s for name, s in quality["shifts"].items() if s["a"] != s["b"]}
+    lines.append("quality shifts:" if changed else "quality: the same figures")
+    for name, s in changed.items():
+        old, new = ("-" if v is None else f"{v:g}" for v in (s["a"], s["b"]))
+        lines.append(f"  {name}: {old} -> {new}" + (f" ({s['delta']:+g})" if s["delta"] is not None else ""))
+    if changed and len(changed) < len(quality["shifts"]):
+        lines.append(f"  ({len(quality['shifts']) - len(changed)} other figures unchanged)")
+    return lines

@@ -9,6 +9,7 @@ from pathlib import Path
 import polars as pl
 
 from .annotations import agreement, agreement_lines, read_verdicts, verdict_counts, view_folder
+from .quality import quality_text_lines
 from .store import read_manifest, read_version, target_line, truncation_lines, usage_text
 
 DISAGREE_SHOWN = 5  # disagreeing rows named per step; the viewer shows them all
@@ -140,6 +141,7 @@ def summarize(version_dir: str | Path, examples: int = 3, tokenizer=None) -> dic
         "lineage": lineage(table, rejected),
         "tokens": token_stats(table, tokenizer) if tokenizer is not None else [],
     }
+    info["quality"] = manifest.get("quality")
     info["verification"] = verification(table, rejected, manifest)
     verdicts = read_verdicts(version_dir)
     info["verdicts"] = verdict_counts(verdicts)
@@ -237,6 +239,7 @@ def render(info: dict, width: int = 100) -> str:
         if f"{column}_stats" in info:
             s = info[f"{column}_stats"]
             out.append(f"\n{column}: min {s['min']:g}, mean {s['mean']:g}, max {s['max']:g}")
+    out += [""] + quality_text_lines(info.get("quality"))
     for i, example in enumerate(info["examples"]):
         out.append(f"\n--- example {i + 1} of {info['rows']} ---")
         for key, value in example.items():

@@ -6,16 +6,21 @@ columns, files, timestamps, code version).
 
 from __future__ import annotations
 
+import time
+
+import polars as pl
+
 from .budget import usd
 from .driver import RunResult
+from .quality import quality_section
 from .recipe_model import Recipe
 
 
 def run_manifest(recipe: Recipe, result: RunResult, written_as: str, *, started_at: float, executor: str,
-                 parent: str | None = None, extra: dict | None = None) -> dict:
+                 parent: str | None = None, extra: dict | None = None, table: pl.DataFrame | None = None) -> dict:
     """What a run's version records: the resolved recipe and its hash, the parent version, the
-    source and models, per-step counts with their cost, LLM usage per model, retries and the
-    timings.
+    source and models, per-step counts with their cost, LLM usage per model, retries, the
+    timings and, given the rows written, their quality section (:mod:`factory.quality`).
 
     Args:
         written_as: the output format the rows were written in (``output_format`` resolved).
@@ -23,6 +28,7 @@ def run_manifest(recipe: Recipe, result: RunResult, written_as: str, *, started_
         executor: the name of the executor that ran the steps.
         parent: the parent version (default: the source's, when it reads a version).
         extra: more keys (an evolve round's), written over the others.
+        table: the rows as written; without it the manifest has no ``quality`` section.
     """
     models = []
     for step in recipe.steps:
@@ -32,8 +38,16 @@ def run_manifest(recipe: Recipe, result: RunResult, written_as: str, *, started_
                            **{k: stats.llm[k] for k in ("backend", "model", "adapter", "model_id")}})
     default = recipe.llm
     usage = usage_by_model(result.steps, recipe.prices)
+    steps = priced_steps([s.to_json() for s in result.steps], recipe.prices)
+    resolved = recipe.resolved()
+    timings = {"started_at": started_at, "run_seconds": result.seconds}
+    quality = None
+    if table is not None:
+        began = time.perf_counter()
+        quality = quality_section(table, steps, resolved, usage, source_dropped=result.source_dropped)
+        timings["quality_seconds"] = round(time.perf_counter() - began, 3)
     return {
-        "recipe": recipe.resolved(),
+        "recipe": resolved,
         "recipe_hash": recipe.hash,
         "recipe_file": recipe.file,
         "overrides": recipe.overrides,
@@ -45,7 +59,7 @@ def run_manifest(recipe: Recipe, result: RunResult, written_as: str, *, started_
         "adapter": getattr(default, "adapter", None),
         "models": models,
         "seed": recipe.seed,
-        "steps": priced_steps([s.to_json() for s in result.steps], recipe.prices),
+        "steps": steps,
         "usage": usage,
         **({"cost_usd": round(sum(m.get("cost_usd", 0.0) for m in usage.values()), 6)} if recipe.prices else {}),
         **({"target_rows": result.target} if result.target is not None else {}),
@@ -53,8 +67,9 @@ def run_manifest(recipe: Recipe, result: RunResult, written_as: str, *, started_
         "throttled": sum((s.llm or {}).get("throttled", 0) for s in result.steps),
         "backend_failures": sum(s.dropped.get("backend_error", 0) for s in result.steps),
         "output_format": written_as,
-        "timings": {"started_at": started_at, "run_seconds": result.seconds},
+        "timings": timings,
         "executor": executor,
+        **({"quality": quality} if quality is not None else {}),
         **(extra or {}),
     }
 

@@ -31,6 +31,7 @@ import polars as pl
 
 from . import __version__
 from .errors import format_path
+from .quality import quality_card_lines
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "dataset-factory/1"
@@ -219,7 +220,7 @@ def dataset_card(manifest: dict, table: pl.DataFrame, configs: list[dict] | None
     if cut:
         lines += ["", "Replies cut at the token limit (`max_tokens`):", ""] + [f"- {line[len('cut: '):]}"
                                                                                 for line in cut]
-    lines += ["", "## Columns", ""]
+    lines += ["", *quality_card_lines(manifest.get("quality")), "## Columns", ""]
     lines += [f"- `{c}`: {t}" for c, t in manifest["columns"].items()]
     lines += ["", "## Load it", "", "```python", "from datasets import load_dataset", "",
               "ds = " + (load_code or f'load_dataset("parquet", data_files="{manifest.get("path") or "."}/data/*.parquet", '
