@@ -25,6 +25,7 @@ STEPS: dict[str, str] = {
     "chunk": "factory.steps.grounded.chunk:Chunk",
     "grounded_questions": "factory.steps.grounded.grounded_questions:GroundedQuestions",
     "grounded_answer": "factory.steps.grounded.grounded_answer:GroundedAnswer",
+    "personas": "factory.steps.personas:Personas",
     # your own prompt (text or typed columns)
     "generate": "factory.steps.generate:Generate",
     # distilabel's task library (optional extra: dataset-factory[distilabel])
