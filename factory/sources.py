@@ -328,7 +328,12 @@ def read_personas(source: Source, column: str, cache=None, progress: bool = Fals
     Raises:
         FactoryError: the set cannot be read, lacks the column, or holds no persona.
     """
-    frame = source.read(cache, progress)
+    try:
+        frame = source.read(cache, progress)
+    except FactoryError as err:
+        if "has no rows" not in str(err):  # an empty file is an empty set, said as such below
+            raise
+        frame = pl.DataFrame({column: []}, schema={column: pl.String})
     if column not in frame.columns:
         raise FactoryError(f"the persona set {source.name()} has no column '{column}' (it has "
                            f"{', '.join(frame.columns)}); name the column that holds the personas: "
