@@ -11,6 +11,7 @@ import pytest
 
 from factory import hubdata, personas
 from factory.cli import main
+from factory.config import to_dict
 from factory.errors import RecipeError
 from factory.recipe import load_recipe
 
@@ -222,9 +223,11 @@ def test_self_instruct_without_personas_sends_the_prompt_it_always_sent(write_re
     assert prompt == ("Come up with a list of diverse tasks that a text-only assistant can answer. Mix topics (math, "
                       "writing, coding, science, everyday life, reasoning) and task types (questions, instructions, "
                       "classification, rewriting). Each task is one line.")
-    assert "personas" not in plain.fingerprint() and plain.produces() == ["instruction", "origin", "operation",
-                                                                          "generation"]
-    shaped = SelfInstruct(SelfInstructConfig(personas="bundled"), base_dir=ROOT)
+    # An option left unset stays out of the resolved recipe, so recipes written before it keep their hash.
+    assert "personas" not in to_dict(plain.config) and to_dict(shaped_config := SelfInstructConfig(
+        personas="bundled"))["personas"] == "bundled"
+    assert plain.produces() == ["instruction", "origin", "operation", "generation"]
+    shaped = SelfInstruct(shaped_config, base_dir=ROOT)
     text = shaped.task_request(["a", "b"], "A 40-year-old beekeeper in Cork.").messages[0]["content"]
     assert text.endswith("in their own words: A 40-year-old beekeeper in Cork.\nMix task types (questions, "
                          "instructions, classification, rewriting). Each task is one line.")
