@@ -162,8 +162,8 @@ def test_a_hub_dataset_in_persona_hubs_layout_reads_offline(write_recipe, tmp_pa
 # -- source: {personas: ...} ------------------------------------------------------------------------
 
 def test_a_persona_source_is_the_whole_set_or_a_seeded_sample(write_recipe, tmp_path):
-    whole = load_recipe(str(write_recipe("name: all\nsource: {personas: bundled}\nsteps: [exact]\n"
-                                         .replace("[exact]", "[{exact: {column: persona}}]"))))
+    whole = load_recipe(str(write_recipe("name: all\nsource: {personas: bundled}\n"
+                                         "steps: [{exact: {column: persona}}]\n")))
     assert whole.source.columns() == ["persona"]
     assert whole.source.read()["persona"].to_list() == bundled_lines()  # the file, in its order
 
