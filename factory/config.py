@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import keyword
 import types
 import typing
 from typing import Any, Literal, Union
@@ -26,13 +27,18 @@ MISSING = dataclasses.MISSING
 
 
 def option(default: Any = MISSING, *, help: str, min: float | None = None,
-           max: float | None = None, default_factory: Any = MISSING):
+           max: float | None = None, default_factory: Any = MISSING, hashed_when_set: bool = False):
     """A dataclass field with a help string and optional numeric bounds.
+
+    ``hashed_when_set``: :func:`to_dict` leaves the option out while it holds its default, so that
+    an option added to an existing step keeps the hashes and cache keys of the recipes written
+    before it. A field named after a Python keyword takes a trailing underscore (``from_``) and is
+    written without it in recipes (``from:``).
 
     Example:
         samples: int = option(1, help="Answers sampled per task.", min=1)
     """
-    metadata = {"help": help, "min": min, "max": max}
+    metadata = {"help": help, "min": min, "max": max, "hashed_when_set": hashed_when_set}
     if default_factory is not MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
@@ -53,9 +59,14 @@ def suggest(name: str, candidates: typing.Iterable[str], what: str = "key") -> s
     return f"valid {what}s: {', '.join(candidates)}"
 
 
+def key_of(name: str) -> str:
+    """The recipe key of field ``name``: ``from_`` is written ``from`` (a keyword cannot name a field)."""
+    return name[:-1] if name.endswith("_") and keyword.iskeyword(name[:-1]) else name
+
+
 def help_of(cls) -> dict[str, str]:
-    """Field name -> help string of a config dataclass."""
-    return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)}
+    """Recipe key -> help string of a config dataclass."""
+    return {key_of(f.name): f.metadata.get("help", "") for f in dataclasses.fields(cls)}
 
 
 REQUIRED = "(required)"  # what an option without a default shows in its place
@@ -84,7 +95,7 @@ def option_help(cls, values: dict | None = None) -> list[tuple[str, str, str]]:
             default = repr(f.default_factory())
         else:
             default = REQUIRED
-        shown.append((f.name, default, f.metadata.get("help", "")))
+        shown.append((key_of(f.name), default, f.metadata.get("help", "")))
     return shown
 
 
@@ -104,7 +115,7 @@ def build(cls, data: Any, path: tuple, problems: list[Problem], *, exclude: tupl
     hints = typing.get_type_hints(cls)
     known = {f.name: f for f in dataclasses.fields(cls) if f.init}
     before = len(problems)
-    aliases = column_aliases(known, hints)
+    aliases = column_aliases(known, hints) | {key_of(name): name for name in known if key_of(name) != name}
     _check_column_pairs(data, known, path, problems)
     values = {}
     for key, value in data.items():
@@ -113,7 +124,7 @@ def build(cls, data: Any, path: tuple, problems: list[Problem], *, exclude: tupl
         name = aliases.get(key, key)
         if name not in known:
             problems.append(Problem(f"unknown key '{key}'", path=path + (key,),
-                                    fix=suggest(key, [k for k in known if k not in exclude])))
+                                    fix=suggest(key, [key_of(k) for k in known if k not in exclude])))
             continue
         field = known[name]
         checked = check_value(value, hints[name], path + (key,), problems)
@@ -129,8 +140,8 @@ def build(cls, data: Any, path: tuple, problems: list[Problem], *, exclude: tupl
         if name in exclude or name in values:
             continue
         if field.default is MISSING and field.default_factory is MISSING and name not in given:
-            problems.append(Problem(f"missing required key '{name}'", path=path,
-                                    fix=f"add `{name}:` ({field.metadata.get('help', '')})"))
+            problems.append(Problem(f"missing required key '{key_of(name)}'", path=path,
+                                    fix=f"add `{key_of(name)}:` ({field.metadata.get('help', '')})"))
     if len(problems) > before:
         return None
     instance = cls(**values)
@@ -316,7 +327,8 @@ def _describe(value: Any) -> str:
 def to_dict(instance: Any) -> Any:
     """A config instance as plain data (for manifests and hashing)."""
     if dataclasses.is_dataclass(instance):
-        return {f.name: to_dict(getattr(instance, f.name)) for f in dataclasses.fields(instance)}
+        return {key_of(f.name): to_dict(getattr(instance, f.name)) for f in dataclasses.fields(instance)
+                if not (f.metadata.get("hashed_when_set") and getattr(instance, f.name) == f.default)}
     if isinstance(instance, (list, tuple)):
         return [to_dict(x) for x in instance]
     if isinstance(instance, dict):

@@ -26,6 +26,7 @@ STEPS: dict[str, str] = {
     "grounded_questions": "factory.steps.grounded.grounded_questions:GroundedQuestions",
     "grounded_answer": "factory.steps.grounded.grounded_answer:GroundedAnswer",
     "magpie": "factory.steps.magpie:Magpie",
+    "personas": "factory.steps.personas:Personas",
     # your own prompt (text or typed columns)
     "generate": "factory.steps.generate:Generate",
     # distilabel's task library (optional extra: dataset-factory[distilabel])

@@ -1,11 +1,12 @@
-"""Where a recipe's rows come from: a file, a local Hugging Face dataset, a dataset on the Hub, or a
-generator. Eval sets are named the same way (see :func:`build_source`)."""
+"""Where a recipe's rows come from: a file, a local Hugging Face dataset, a dataset on the Hub, a
+generator, or a persona set. Eval sets are named the same way (see :func:`build_source`)."""
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import json
+import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -16,6 +17,7 @@ from . import bundled
 from .config import build, option, suggest
 from .errors import FactoryError, Problem
 from .generators import GENERATORS
+from .hashing import fingerprint_int
 from .hubdata import REPO_ID, HubRef, open_hub
 
 # The last place a relative path is looked for: the project (the bundled recipes/ and data/ in a wheel).
@@ -60,6 +62,9 @@ class Source:
     generator_config: Any = None
     rejected: pl.DataFrame | None = None  # rows set aside while reading (see read_table)
     hub_ref: HubRef | None = None
+    # `{personas: ...}`: generator_config is then a PersonaSourceConfig (the resolved recipe shows its
+    # fields, as a generator's), and the set is read from `persona_set` (a Source) at its column.
+    persona_set: tuple["Source", str] | None = None
 
     @property
     def generator(self):
@@ -71,12 +76,16 @@ class Source:
         return open_hub(self.hub_ref) if self.hub_ref else None
 
     def name(self) -> str:
-        """The source in a message: its file, Hub dataset or generator."""
+        """The source in a message: its file, Hub dataset, generator or persona set."""
+        if self.persona_set:
+            return f"persona set {self.persona_set[0].name()}"
         if self.hub_ref:
             return f"hub dataset '{self.hub_ref.location}' (split {self.hub_ref.split})"
         return str(self.resolved_path or f"generator {self.config.generator}")
 
     def describe(self) -> dict:
+        if self.persona_set:
+            return {**self.persona_set[0].describe(), **dataclasses.asdict(self.generator_config)}
         if self.hub_ref:
             return self.hub.describe()
         if self.resolved_path:
@@ -87,6 +96,8 @@ class Source:
         """Column names, read cheaply (a file's header or first lines, a Hub dataset's features)."""
         if self.generator:
             cols = list(self.generator.columns)
+        elif self.persona_set:
+            cols = [PERSONA_COLUMN]
         elif self.hub_ref:
             cols = self.hub.columns()
         else:
@@ -109,6 +120,8 @@ class Source:
         self.rejected = None
         if self.generator:
             frame = self.generator.make(self.generator_config)
+        elif self.persona_set:
+            frame = self._persona_rows(cache, progress)
         elif self.hub_ref:
             frame = self.hub.read(self.config.limit, progress)
         else:
@@ -128,6 +141,14 @@ class Source:
             raise FactoryError(f"source {self.name()} has no rows; point `source:` at "
                                f"{'a split' if self.hub_ref else 'a file'} with data")
         return frame
+
+    def _persona_rows(self, cache, progress: bool) -> pl.DataFrame:
+        """A persona set's rows: all of them, or with ``limit`` a seeded sample (the first rows of a
+        seeded order, so a preview's few are among a longer run's)."""
+        personas = read_personas(*self.persona_set, cache=cache, progress=progress)
+        if self.config.limit is not None:
+            personas = seeded_sample(personas, len(personas), "source", self.generator_config.seed)
+        return pl.DataFrame({PERSONA_COLUMN: list(personas)}, schema={PERSONA_COLUMN: pl.String})
 
     def first(self, rows: int, *, grow: bool = False) -> "Source":
         """A copy of this source that reads only its first ``rows`` rows (a preview, a pass of
@@ -180,11 +201,14 @@ def build_source(data, path: tuple, problems: list[Problem], base_dir: Path,
         problems.append(Problem("expected a mapping such as {path: data/seeds/tasks.jsonl} or {hub: ORG/NAME}",
                                 path=path, fix="write it with a `path:`, `hub:` or `generator:` key"))
         return None
-    kinds = [k for k in ("path", "hub", "generator") if data.get(k) is not None]
+    kinds = [k for k in ("path", "hub", "generator", "personas") if data.get(k) is not None]
     if len(kinds) > 1:
         problems.append(Problem(f"both `{kinds[0]}:` and `{kinds[1]}:` are given", path=path,
-                                fix="keep one: a file (`path:`), a Hub dataset (`hub:`) or a `generator:`"))
+                                fix="keep one: a file (`path:`), a Hub dataset (`hub:`), a `generator:` or a "
+                                    "persona set (`personas:`)"))
         return None
+    if "personas" in data:
+        return _persona_source(data, path, problems, base_dir)
     before = len(problems)
     generator_config = None
     if "generator" in data:
@@ -229,6 +253,121 @@ def build_source(data, path: tuple, problems: list[Problem], base_dir: Path,
             problems.append(Problem(str(err), path=path + ("path",), fix="set `format:`"))
             return None
     return Source(config, resolved, generator_config)
+
+
+PERSONA_COLUMN = "persona"  # the column a persona set has by default, and the one a persona source makes
+BUNDLED_PERSONAS = "bundled"
+PERSONA_FORMS = ("`bundled`, a file such as personas.jsonl, or {hub: proj-persona/PersonaHub, config: persona} "
+                 "(or {path: FILE, column: NAME})")
+
+
+def bundled_personas() -> Path:
+    """The persona set that ships with the factory (``bundled``): ``data/personas/personas.jsonl``."""
+    return bundled.root() / "data" / "personas" / "personas.jsonl"
+
+
+@dataclass
+class PersonaSetConfig:
+    """A persona set written as a mapping (``{hub: ..., column: ...}`` or ``{path: ..., column: ...}``)."""
+
+    path: str | None = option(None, help="A .jsonl/.json/.parquet/.csv file with one persona per row "
+                                         "(`bundled`: the set that ships with the factory).")
+    hub: str | None = option(None, help="A dataset on the Hugging Face Hub (e.g. proj-persona/PersonaHub), or a "
+                                        "local folder holding a copy of one.")
+    column: str = option(PERSONA_COLUMN, help="The column that holds the persona text.")
+    config: str | None = option(None, help="The Hub dataset's config (Persona Hub: `persona`).")
+    split: str = option("train", help="The Hub dataset's split.")
+    revision: str | None = option(None, help="The Hub dataset's revision (tag, branch or commit).")
+    streaming: bool = option(False, help="Stream the Hub dataset: with `limit`, only those rows are fetched.")
+    limit: int | None = option(None, help="Read only the first N rows of the set.", min=1)
+
+
+@dataclass
+class PersonaSourceConfig:
+    """``source: {personas: ..., limit: N, seed: S}``: persona rows (column ``persona``)."""
+
+    personas: str | dict = option(help="The persona set: " + PERSONA_FORMS + ".")
+    seed: int = option(0, help="With `limit`, the seed of the sample drawn (the same seed, the same personas).")
+
+
+def persona_set_source(value: Any, path: tuple, problems: list[Problem],
+                       base_dir: Path) -> tuple[Source, str] | None:
+    """The :class:`Source` a persona set named as a recipe names it is read from, and its persona
+    column; None with the problems appended (``path``: the key path of ``value``)."""
+    before = len(problems)
+    if isinstance(value, str):
+        spec = PersonaSetConfig(path=value)
+    elif isinstance(value, dict):
+        spec = build(PersonaSetConfig, value, path, problems)
+    else:
+        problems.append(Problem("expected the name of a persona set", path=path, fix=f"write {PERSONA_FORMS}"))
+        return None
+    if spec is None:
+        return None
+    if (spec.path is None) == (spec.hub is None):
+        problems.append(Problem("a persona set needs one of `path:` and `hub:`", path=path,
+                                fix=f"write {PERSONA_FORMS}"))
+        return None
+    data = {k: v for k, v in vars(spec).items() if v is not None and k != "column"}
+    if spec.path is not None:
+        data = {k: v for k, v in data.items() if k in ("path", "limit")}
+        if spec.path.strip() == BUNDLED_PERSONAS:
+            data["path"] = str(bundled_personas())
+    source = build_source(data, path, problems, base_dir, what="persona file")
+    if isinstance(value, str):  # the name itself is the path: problems are located at it
+        for problem in problems[before:]:
+            problem.path = path
+    if source is None or len(problems) > before:
+        return None
+    return source, spec.column
+
+
+def read_personas(source: Source, column: str, cache=None, progress: bool = False) -> tuple[str, ...]:
+    """The distinct, non-empty personas in ``column`` of ``source``, in the set's order.
+
+    Raises:
+        FactoryError: the set cannot be read, lacks the column, or holds no persona.
+    """
+    try:
+        frame = source.read(cache, progress)
+    except FactoryError as err:
+        if "has no rows" not in str(err):  # an empty file is an empty set, said as such below
+            raise
+        frame = pl.DataFrame({column: []}, schema={column: pl.String})
+    if column not in frame.columns:
+        raise FactoryError(f"the persona set {source.name()} has no column '{column}' (it has "
+                           f"{', '.join(frame.columns)}); name the column that holds the personas: "
+                           "{path: FILE, column: NAME}")
+    personas = tuple(dict.fromkeys(text.strip() for text in frame[column].to_list()
+                                   if isinstance(text, str) and text.strip()))
+    if not personas:
+        raise FactoryError(f"the persona set {source.name()} has no personas in column '{column}'; point it "
+                           "at a file with one persona per row, or use `bundled`")
+    return personas
+
+
+def seeded_sample(items, k: int, *key) -> list:
+    """``k`` distinct items drawn by a generator seeded with ``key``: the same key, the same draw."""
+    return random.Random(fingerprint_int(["personas", *key])).sample(list(items), k)
+
+
+def _persona_source(data: dict, path: tuple, problems: list[Problem], base_dir: Path) -> Source | None:
+    """``{personas: SET, limit: N, seed: S, rename: {...}}`` validated, the set resolved and checked."""
+    before = len(problems)
+    common = {k: v for k, v in data.items() if k in ("limit", "rename")}
+    config = build(SourceConfig, common, path, problems)
+    persona_config = build(PersonaSourceConfig, {k: v for k, v in data.items() if k not in common}, path, problems)
+    if config is None or persona_config is None:
+        return None
+    found = persona_set_source(persona_config.personas, path + ("personas",), problems, base_dir)
+    if found is None or len(problems) > before:
+        return None
+    try:
+        read_personas(*found)
+    except FactoryError as err:
+        problems.append(Problem(str(err), path=path + ("personas",)))
+        return None
+    return Source(config, generator_config=persona_config, persona_set=found)
 
 
 def _hub_ref(config: SourceConfig, path: tuple, problems: list[Problem], base_dir: Path) -> HubRef | None:

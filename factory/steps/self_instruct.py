@@ -8,7 +8,9 @@ to a task already in the pool: ROUGE-L against every seed and kept task, as in t
 (computed with rapidfuzz's LCS over word tokens, so a pool of thousands stays fast).
 Rounds continue until ``num_tasks`` are kept or ``max_rounds`` have run. With
 ``instances``, the model then writes input/output instances for each kept task, shown a
-few seed tasks with their instances as demonstrations.
+few seed tasks with their instances as demonstrations. With ``personas`` (persona-driven
+generation, as in Persona Hub), each prompt asks for tasks a person drawn from a persona set
+might ask, and each task carries that person in column ``persona``.
 """
 
 from __future__ import annotations
@@ -21,8 +23,10 @@ import polars as pl
 from rapidfuzz import process
 from rapidfuzz.distance import LCSseq
 
+from .. import personas as persona_sets
 from ..config import option
 from ..errors import FactoryError, ParseError
+from ..hashing import fingerprint
 from ..llm.base import Completion, GenerationParams, Request
 from ..text import count_words, has_text, normalize
 from .context import StepContext
@@ -37,6 +41,7 @@ INSTANCE_STOP = ("\nTask:", "\nInput:", "\n\n\n")  # an instance ends where the 
 
 _NUMBERING = re.compile(r"^\s*(?:task\s*)?(?:\d+\s*[.):]|[-*•])\s*", re.I)
 _NO_INPUT = {"", "<noinput>", "noinput", "none", "n/a", "-", "no input"}
+PERSONA = persona_sets.COLUMN
 
 
 def tokens(text: str) -> list[str]:
@@ -121,6 +126,11 @@ class SelfInstructConfig(LLMStepConfig):
     top_p: float = option(0.95, help="Nucleus sampling mass.", min=0.0, max=1.0)
     max_tokens: int = option(64, help="Most tokens per generated task.", min=1)
     stop: list[str] = option(default_factory=lambda: ["\n"], help="A task ends at the end of its line.")
+    personas: str | dict | None = option(None, hashed_when_set=True,
+                                         help="A persona set, as the `personas` step's `from:` (`bundled`, a file, "
+                                              "{hub: proj-persona/PersonaHub, config: persona}): each prompt asks "
+                                              "for the tasks of a person drawn with the recipe's seed, and each "
+                                              "task carries that person in column `persona`.")
 
 
 class SelfInstruct(LLMStep):
@@ -130,12 +140,14 @@ class SelfInstruct(LLMStep):
     instance demonstrations).
     Produces: ``instruction`` (new tasks) with lineage ``origin`` (``self_instruct``, or
     ``seed``), ``operation`` (``bootstrap``) and ``generation`` (the round, from 1); with
-    ``instances``, ``input`` and ``output`` (or ``output_column``). Dropped candidates carry ``too_short``,
+    ``instances``, ``input`` and ``output`` (or ``output_column``); with ``personas``, ``persona``.
+    Dropped candidates carry ``too_short``,
     ``too_long``, ``blacklisted``, ``too_similar`` (with the closest pool task and its
     ROUGE-L), ``over_quota`` or ``parse_error``.
 
     Example:
         - self_instruct: {num_tasks: 50, examples: 6, novelty_threshold: 0.7, instances: 1}
+        - self_instruct: {num_tasks: 50, personas: bundled}
     """
 
     name = "self_instruct"
@@ -148,18 +160,23 @@ class SelfInstruct(LLMStep):
 
     def produces(self):
         return [self.config.column, "origin", "operation", "generation"] + (
-            ["input", self.config.output_column] if self.config.instances else [])
+            ["input", self.config.output_column] if self.config.instances else []) + (
+            [PERSONA] if self.config.personas is not None else [])
+
+    def check(self):
+        return super().check() + (persona_sets.problems_of(self.config.personas, "personas", self.base_dir)
+                                  if self.config.personas is not None else [])
+
+    def fingerprint(self) -> str:  # with personas, what the set holds (an edited file is another set)
+        base = super().fingerprint()
+        return base if self.config.personas is None else fingerprint([base, persona_sets.digest(personas_of(self))])
 
     def output_columns(self, columns):
         kept = columns if self.config.keep_seeds else []
         return kept + [c for c in self.produces() if c not in kept]
 
     def frame(self, rows, data):
-        c = self.config
-        seeds = [data.with_columns(origin=pl.lit("seed"), operation=pl.lit(None, dtype=pl.String),
-                                   generation=pl.lit(0, dtype=pl.Int64))] if c.keep_seeds else []
-        schema = {c.column: pl.String, "origin": pl.String, "operation": pl.String, "generation": pl.Int64}
-        return pl.concat(seeds + [rows_to_frame(rows, schema={**schema, DROP: pl.String})], how="diagonal_relaxed")
+        return output_frame(self.config, rows, data)
 
     def exchange(self, rows: list[dict], ctx: StepContext):
         c = self.config
@@ -168,30 +185,21 @@ class SelfInstruct(LLMStep):
             raise FactoryError(f"{self.label}: the input has no seed tasks in column '{c.column}'; "
                                "point `source:` at a file of tasks or set `column:`")
         rng = random.Random(f"{self.seed}:{self.index}")
-        pool, gone = TaskPool(c, [row[c.column] for row in seed_rows]), []
+        pool = TaskPool(c, [row[c.column] for row in seed_rows])
         ctx.progress.reset(total=c.num_tasks)
-        for generation in range(1, c.max_rounds + 1):
-            if pool.full:
-                break
-            completions = yield [self.task_request(pool.examples(rng)) for _ in range(pool.round_size())]
-            for completion in completions:
-                cut = self.cut_dropped({}, completion)
-                row = pool.offer(completion, generation) if cut is None else {**cut, "generation": generation}
-                if row is None:
-                    ctx.progress.update(1)
-                else:
-                    gone.append(row)
+        gone = yield from bootstrap(self, pool, rng, ctx)
         kept = pool.kept
         if c.instances and kept:
             kept, failed = yield from write_instances(self, kept, seed_rows, rng)
             gone += failed
         return kept + gone
 
-    def task_request(self, examples: list[str]) -> Request:
-        """The model continues the numbered list of ``examples`` with one more task."""
+    def task_request(self, examples: list[str], persona: str | None = None) -> Request:
+        """The model continues the numbered list of ``examples`` with one more task (one ``persona``
+        might ask, when there is one)."""
         listing = "".join(f"{i + 1}. {e}\n" for i, e in enumerate(examples))
-        return Request(self.messages(self.render({}), prefill=f"{listing}{len(examples) + 1}."),
-                       self.generation_params())
+        prompt = self.render({} if persona is None else {PERSONA: persona})
+        return Request(self.messages(prompt, prefill=f"{listing}{len(examples) + 1}."), self.generation_params())
 
     def instance_request(self, task: str, shown: list[dict]) -> Request:
         """The model writes an instance of ``task`` after those of the seed rows ``shown``."""
@@ -234,26 +242,28 @@ class TaskPool:
         rng.shuffle(examples)
         return examples
 
-    def offer(self, completion: Completion, generation: int) -> dict | None:
-        """Keeps the task of a reply (None), or returns the reply's row, dropped with why."""
+    def offer(self, completion: Completion, generation: int, persona: str | None = None) -> dict | None:
+        """Keeps the task of a reply (None), or returns the reply's row, dropped with why; either
+        carries the ``persona`` the prompt showed, when there was one."""
         c = self.config
+        shown = {} if persona is None else {PERSONA: persona}
         if completion.error is not None:
-            return dropped({}, completion.error_reason, completion.error)
+            return dropped(shown, completion.error_reason, completion.error)
         reply = completion.texts[0]
         try:
             task = parse_task(reply)
         except ParseError:
-            return dropped({}, "parse_error", reply=reply)
+            return dropped(shown, "parse_error", reply=reply)
         words = tokens(task)
         reason, detail = self.verdict(task, words)
         if reason is None and self.full:
             reason = "over_quota"
         if reason:
-            return {**dropped({c.column: task}, reason, detail, reply), "generation": generation}
+            return {**dropped({c.column: task}, reason, detail, reply), "generation": generation, **shown}
         self.texts.append(task)
         self.words.append(words)
         self.kept.append({c.column: task, "origin": "self_instruct", "operation": "bootstrap",
-                          "generation": generation})
+                          "generation": generation, **shown})
         return None
 
     def verdict(self, task: str, words: list[str]) -> tuple[str | None, str | None]:
@@ -273,6 +283,46 @@ class TaskPool:
             if scores[best] >= c.novelty_threshold:
                 return "too_similar", f"ROUGE-L {scores[best]:.2f} with: {self.texts[best]}"
         return None, None
+
+
+def output_frame(c: SelfInstructConfig, rows: list[dict], data: pl.DataFrame) -> pl.DataFrame:
+    """The step's rows as a frame (the seed rows first with ``keep_seeds``); with no rows, its schema."""
+    seeds = [data.with_columns(origin=pl.lit("seed"), operation=pl.lit(None, dtype=pl.String),
+                               generation=pl.lit(0, dtype=pl.Int64))] if c.keep_seeds else []
+    schema = {c.column: pl.String, "origin": pl.String, "operation": pl.String, "generation": pl.Int64,
+              **({PERSONA: pl.String} if c.personas is not None else {})}
+    return pl.concat(seeds + [rows_to_frame(rows, schema={**schema, DROP: pl.String})], how="diagonal_relaxed")
+
+
+def personas_of(step: SelfInstruct) -> tuple[str, ...] | None:
+    """The personas of the step's ``personas`` set (read once per process), or None without one."""
+    c = step.config
+    return None if c.personas is None else persona_sets.load(c.personas, step.base_dir, step.label)
+
+
+def bootstrap(step: SelfInstruct, pool: TaskPool, rng: random.Random, ctx: StepContext):
+    """Rounds of prompts until the pool holds ``num_tasks`` or ``max_rounds`` have run; returns the
+    rows dropped on the way (the kept tasks are in the pool). With personas, prompt ``j`` of round
+    ``g`` shows the persona drawn with ``(seed, step index, g, j)``, apart from the examples' draws."""
+    c = step.config
+    personas, gone = personas_of(step), []
+    for generation in range(1, c.max_rounds + 1):
+        if pool.full:
+            break
+        asked = [(pool.examples(rng), None if personas is None else
+                  persona_sets.draw(personas, 1, step.seed, step.index, generation, j)[0])
+                 for j in range(pool.round_size())]
+        completions = yield [step.task_request(examples, persona) for examples, persona in asked]
+        for (_, persona), completion in zip(asked, completions):
+            cut = step.cut_dropped({}, completion)
+            shown = {} if persona is None else {PERSONA: persona}
+            row = pool.offer(completion, generation, persona) if cut is None else {**cut, "generation": generation,
+                                                                                    **shown}
+            if row is None:
+                ctx.progress.update(1)
+            else:
+                gone.append(row)
+    return gone
 
 
 def write_instances(step: SelfInstruct, kept: list[dict], seed_rows: list[dict], rng: random.Random):
