@@ -48,7 +48,9 @@ def clean_user_reply(reply: str, stop_phrase: str) -> str | None:
     """
     if stop_phrase.lower() in reply.lower():
         return None
-    text = _ASSISTANT_LINE.split("\n" + reply.strip(), maxsplit=1)[0].strip()
+    text = reply.strip()
+    if not _AS_ASSISTANT.match(text):  # a reply that starts as the assistant is dropped below, whole
+        text = _ASSISTANT_LINE.split(text, maxsplit=1)[0].strip()
     if _AS_ASSISTANT.search(text):
         raise ParseError("the simulated user's reply speaks as the assistant", reason="user_reply_as_assistant")
     while _USER_LABEL.match(text):

@@ -7,9 +7,11 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
-from ..config import option
+from ..config import option, to_dict
 from ..errors import ParseError
+from ..hashing import fingerprint
 from ..llm.schema import read_reply
+from .drops import InvalidRow
 from .json_replies import json_params, reasoning_first, verdict_only
 from .llm_step import AnswerStepConfig, LLMStep
 
@@ -100,6 +102,30 @@ class JudgeConfig(AnswerStepConfig):
                                       "Where the backend enforces JSON Schemas the judge asks for JSON instead, "
                                       "which supersedes this.")
     max_tokens: int = option(192, help="Most tokens per judgement.", min=1)
+    conversation: Literal["whole", "last"] | None = option(
+        None, help="Judge a multi-turn chat from `messages_column` instead of instruction and response: `whole` "
+                   "rates every assistant turn of the transcript, `last` the last assistant reply to the last user "
+                   "message, with the earlier turns shown as context. Unset: instruction and response.")
+    messages_column: str | None = option(None, help="The chat a `conversation` judge reads (default `messages`).")
+
+
+QUIET_OPTIONS = ("conversation", "messages_column")  # left out of the judge's identity while unset
+
+
+def chat_turns(row: dict, column: str) -> list[dict]:
+    """The chat in ``row[column]`` as ``{role, content}`` messages, system ones left out.
+
+    Raises:
+        InvalidRow: no chat there, or one without a user message followed by an assistant reply at its end.
+    """
+    value = row.get(column)
+    if not isinstance(value, list) or not all(isinstance(m, dict) for m in value):
+        raise InvalidRow(f"column '{column}' is {type(value).__name__ if value is not None else 'missing'}, "
+                         "not a list of {role, content} messages")
+    turns = [{"role": m.get("role"), "content": m.get("content") or ""} for m in value if m.get("role") != "system"]
+    if len(turns) < 2 or turns[-1]["role"] != "assistant" or turns[-2]["role"] != "user":
+        raise InvalidRow(f"column '{column}' does not end with a user message and the assistant's reply to it")
+    return turns
 
 
 def judgement_schema(c: JudgeConfig) -> dict:
@@ -122,7 +148,12 @@ class Judge(LLMStep):
     ``"verdict": "correct" | "incorrect"``; no reasoning with ``reasoning: false``); elsewhere its
     reply is started with "Score:" or "Verdict:" when it gives the verdict alone, and read as text.
 
-    Requires: ``instruction`` and ``response`` (and ``reference_column`` when set).
+    With ``conversation: whole`` it rates the assistant's side of a whole multi-turn chat (the
+    ``messages`` column, e.g. of the ``conversation`` step); with ``conversation: last``, the last
+    assistant reply to the last user message, the earlier turns shown as context.
+
+    Requires: ``instruction`` and ``response`` (``messages`` with ``conversation``; and
+    ``reference_column`` when set).
     Produces: ``score`` (1..scale, a float) or, with ``mode: binary``, ``judge_correct`` (bool); and
     ``judgement`` (the judge's reply, as it wrote it). A reply without a score in range or a
     verdict drops the row as ``parse_error`` (``schema_error`` for a JSON reply), its raw reply kept.
@@ -130,12 +161,14 @@ class Judge(LLMStep):
     Example:
         - judge: {scale: 10, llm: {backend: openai, model: judge}}
         - judge: {mode: binary, reference_column: answer}
+        - judge: {conversation: whole}
     """
 
     name = "judge"
     reads_verdict = True  # a score or verdict read before a cut is kept
     reads_fields = True
     Config = JudgeConfig
+    quiet_options = QUIET_OPTIONS
 
     @property
     def prefill(self) -> str | None:
@@ -145,20 +178,38 @@ class Judge(LLMStep):
 
     def requires(self):
         c = self.config
-        return [c.column, c.response_column] + ([c.reference_column] if c.reference_column else [])
+        reads = [c.messages_column or "messages"] if c.conversation else [c.column, c.response_column]
+        return reads + ([c.reference_column] if c.reference_column else [])
 
     def produces(self):
         c = self.config
         return [c.output_column if c.mode == "score" else c.correct_column, c.judgement_column]
 
     def template_options(self):
+        if self.config.conversation:
+            return {"template": "judge_conversation"}
         return {"template": "judge_binary" if self.config.mode == "binary" else "judge"}
+
+    def fingerprint(self):
+        if any(getattr(self.config, key) is not None for key in QUIET_OPTIONS):
+            return super().fingerprint()
+        # Step.fingerprint and TemplatedStep's, without the options added since: the cache keys of
+        # judges that do not use them stay as they were.
+        config = {k: v for k, v in to_dict(self.config).items() if k not in QUIET_OPTIONS}
+        own = fingerprint([type(self).__module__, type(self).__qualname__, self.version, config, self.seed])
+        return fingerprint([own, [self.template_source(o) for o in self.template_options()]])
 
     def build_messages(self, row):
         c = self.config
         reference = str(row.get(c.reference_column)) if c.reference_column else ""
-        prompt = self.render(row, **self.task_variables(row), response=self.text(row, c.response_column),
-                             rubric=c.rubric, reference=reference)
+        if c.conversation:
+            turns = chat_turns(row, c.messages_column or "messages")
+            context = turns[:-2] if c.conversation == "last" else []
+            prompt = self.render(row, transcript=turns, context=context, task=turns[-2]["content"],
+                                 response=turns[-1]["content"], rubric=c.rubric, reference=reference)
+        else:
+            prompt = self.render(row, **self.task_variables(row), response=self.text(row, c.response_column),
+                                 rubric=c.rubric, reference=reference)
         return self.conversation(prompt, judgement_schema(c) if self.asks_json else None, self.prefill)
 
     def answer_regex(self) -> str:
