@@ -469,7 +469,8 @@ def usage_of(facts: dict) -> dict:
     """The :class:`Usage` counts in a step's ``llm`` facts (:func:`llm_facts`), its other models' parts too."""
     usage = {name: facts[name] for name in USAGE_FIELDS if name in facts and name != "llms"}
     if facts.get("llms"):
-        usage["llms"] = {llm: {k: v for k, v in part.items() if k in USAGE_FIELDS} for llm, part in facts["llms"].items()}
+        usage["llms"] = {llm: {k: v for k, v in part.items() if k in USAGE_FIELDS}
+                         for llm, part in facts["llms"].items()}
     return usage
 
 

@@ -229,5 +229,6 @@ def models_of(steps: list[Step]) -> list[str]:
     steps use, in step order."""
     return list(dict.fromkeys(str(getattr(config, "model", config.backend))
                               for step in steps if step.uses_llm and step.llm_config is not None
-                              for config in [step.llm_config, *(getattr(step, "extra_llm_configs", None) or {}).values()]))
+                              for config in [step.llm_config,
+                                             *(getattr(step, "extra_llm_configs", None) or {}).values()]))
 

@@ -1,4 +1,5 @@
-"""The `conversation` step (multi-turn chats with a simulated user), a step's second model, and multi-turn data downstream (judge, exports)."""
+"""The `conversation` step: multi-turn chats with a simulated user (a step's second model), and
+multi-turn data downstream (judge, exports)."""
 
 from __future__ import annotations
 

@@ -32,7 +32,8 @@ _ASSISTANT_LINE = re.compile(r"\n\s*[*_]*\s*(?:assistant|ai|bot)\s*[*_]*\s*:", r
 # A reply that is the assistant speaking, not a user.
 _AS_ASSISTANT = re.compile(
     r"^\s*[*_]*\s*(?:assistant|ai|bot)\s*[*_]*\s*:|how (?:can|may) i (?:help|assist) you|"
-    r"\bi(?:'m| am) (?:an ai\b|a language model|an? (?:ai |virtual )?assistant|here to help)|as an ai (?:language model|assistant)",
+    r"\bi(?:'m| am) (?:an ai\b|a language model|an? (?:ai |virtual )?assistant|here to help)|"
+    r"as an ai (?:language model|assistant)",
     re.I)
 _QUOTES = {'"': '"', "'": "'", "\u201c": "\u201d", "\u00ab": "\u00bb"}
 

@@ -112,6 +112,30 @@ class JudgeConfig(AnswerStepConfig):
 QUIET_OPTIONS = ("conversation", "messages_column")  # left out of the judge's identity while unset
 
 
+def template_name(c: JudgeConfig) -> str:
+    """The judge's default template file (without ``.j2``)."""
+    return "judge_conversation" if c.conversation else "judge_binary" if c.mode == "binary" else "judge"
+
+
+def quiet_fingerprint(step) -> str:
+    """The judge's identity (a cache key part): while the :data:`QUIET_OPTIONS` are unset, Step's and
+    TemplatedStep's fingerprint without them, so the cache keys of judges that do not use them stay as
+    they were before they were added."""
+    if any(getattr(step.config, k) is not None for k in QUIET_OPTIONS):
+        return LLMStep.fingerprint(step)
+    config = {k: v for k, v in to_dict(step.config).items() if k not in QUIET_OPTIONS}
+    own = fingerprint([type(step).__module__, type(step).__qualname__, step.version, config, step.seed])
+    return fingerprint([own, [step.template_source(o) for o in step.template_options()]])
+
+
+def chat_variables(row: dict, c) -> dict:
+    """What a ``conversation`` judge's template shows of the chat: the ``transcript`` (whole), the
+    earlier turns as ``context`` (last), and the last user message and reply (``task``, ``response``)."""
+    turns = chat_turns(row, c.messages_column or "messages")
+    return {"transcript": turns, "context": turns[:-2] if c.conversation == "last" else [],
+            "task": turns[-2]["content"], "response": turns[-1]["content"]}
+
+
 def chat_turns(row: dict, column: str) -> list[dict]:
     """The chat in ``row[column]`` as ``{role, content}`` messages, system ones left out.
 
@@ -148,12 +172,7 @@ class Judge(LLMStep):
     ``"verdict": "correct" | "incorrect"``; no reasoning with ``reasoning: false``); elsewhere its
     reply is started with "Score:" or "Verdict:" when it gives the verdict alone, and read as text.
 
-    With ``conversation: whole`` it rates the assistant's side of a whole multi-turn chat (the
-    ``messages`` column, e.g. of the ``conversation`` step); with ``conversation: last``, the last
-    assistant reply to the last user message, the earlier turns shown as context.
-
-    Requires: ``instruction`` and ``response`` (``messages`` with ``conversation``; and
-    ``reference_column`` when set).
+    Requires: ``instruction`` and ``response`` (and ``reference_column`` when set); ``messages`` with ``conversation``.
     Produces: ``score`` (1..scale, a float) or, with ``mode: binary``, ``judge_correct`` (bool); and
     ``judgement`` (the judge's reply, as it wrote it). A reply without a score in range or a
     verdict drops the row as ``parse_error`` (``schema_error`` for a JSON reply), its raw reply kept.
@@ -161,7 +180,6 @@ class Judge(LLMStep):
     Example:
         - judge: {scale: 10, llm: {backend: openai, model: judge}}
         - judge: {mode: binary, reference_column: answer}
-        - judge: {conversation: whole}
     """
 
     name = "judge"
@@ -178,38 +196,24 @@ class Judge(LLMStep):
 
     def requires(self):
         c = self.config
-        reads = [c.messages_column or "messages"] if c.conversation else [c.column, c.response_column]
-        return reads + ([c.reference_column] if c.reference_column else [])
+        return ([c.messages_column or "messages"] if c.conversation else [c.column, c.response_column]) + \
+            ([c.reference_column] if c.reference_column else [])
 
     def produces(self):
         c = self.config
         return [c.output_column if c.mode == "score" else c.correct_column, c.judgement_column]
 
     def template_options(self):
-        if self.config.conversation:
-            return {"template": "judge_conversation"}
-        return {"template": "judge_binary" if self.config.mode == "binary" else "judge"}
+        return {"template": template_name(self.config)}
 
-    def fingerprint(self):
-        if any(getattr(self.config, key) is not None for key in QUIET_OPTIONS):
-            return super().fingerprint()
-        # Step.fingerprint and TemplatedStep's, without the options added since: the cache keys of
-        # judges that do not use them stay as they were.
-        config = {k: v for k, v in to_dict(self.config).items() if k not in QUIET_OPTIONS}
-        own = fingerprint([type(self).__module__, type(self).__qualname__, self.version, config, self.seed])
-        return fingerprint([own, [self.template_source(o) for o in self.template_options()]])
+    fingerprint = quiet_fingerprint
 
     def build_messages(self, row):
         c = self.config
         reference = str(row.get(c.reference_column)) if c.reference_column else ""
-        if c.conversation:
-            turns = chat_turns(row, c.messages_column or "messages")
-            context = turns[:-2] if c.conversation == "last" else []
-            prompt = self.render(row, transcript=turns, context=context, task=turns[-2]["content"],
-                                 response=turns[-1]["content"], rubric=c.rubric, reference=reference)
-        else:
-            prompt = self.render(row, **self.task_variables(row), response=self.text(row, c.response_column),
-                                 rubric=c.rubric, reference=reference)
+        shown = chat_variables(row, c) if c.conversation else {**self.task_variables(row),
+                                                               "response": self.text(row, c.response_column)}
+        prompt = self.render(row, **shown, rubric=c.rubric, reference=reference)
         return self.conversation(prompt, judgement_schema(c) if self.asks_json else None, self.prefill)
 
     def answer_regex(self) -> str:
