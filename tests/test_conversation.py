@@ -341,10 +341,37 @@ def test_two_chats_of_two_turns_on_the_embedded_model(write_recipe, tmp_path):
     for chat in kept["messages"].to_list():
         print("\n".join(f"{m['role']}: {m['content']}" for m in chat), end="\n---\n")
     print(rejected.select([c for c in ("drop_reason", "drop_detail", "raw_reply") if c in rejected.columns]))
-    assert kept.height + rejected.height == 2
-    for chat, n in zip(kept["messages"].to_list(), kept["turns"].to_list()):
-        roles = [m["role"] for m in chat]
-        assert roles == ["user", "assistant"] * n and 1 <= n <= 2
+    assert (kept.height, rejected.height) == (2, 0) and kept["turns"].to_list() == [2, 2]
+    for chat in kept["messages"].to_list():
+        assert [m["role"] for m in chat] == ["user", "assistant", "user", "assistant"]
         assert all(m["content"].strip() for m in chat)
+        # The simulated user's messages are one paragraph each, without a speaker's label.
+        assert not any(m["content"].lower().startswith(("user", "assistant")) or "\n\n" in m["content"]
+                       for m in chat if m["role"] == "user")
     user = manifest["steps"][0]["llm"]["llms"]["user"]
     assert user["conversations"] >= 1 and user["completion_tokens"] > 0
+
+
+@pytest.mark.slow
+def test_ray_chats_equal_local_chats(write_recipe, tmp_path):
+    """On Ray the workers build both clients from the session they are sent: the same chats and usage."""
+    pytest.importorskip("ray")
+    from factory.executors.ray import RayExecutor
+
+    source = tmp_path / "rows.jsonl"
+    source.write_text("".join(json.dumps({"instruction": f"Question {i}?"}) + "\n" for i in range(6)))
+    path = write_recipe(
+        f"name: ray-chats\nbatch_size: 2\nllm: {{backend: scripted, rules: [{{match: '.', reply: 'Answer {{hash}}'}}]}}\n"
+        f"source: {{path: {source}}}\nsteps:\n  - conversation: {{turns: 2, user_llm: {{model: user-sim, rules: "
+        "[{match: 'Question 3', reply: '[DONE]'}, {match: '.', reply: 'Why {hash}?'}]}}\n")
+    here, local, _ = run_recipe(load_recipe(path), tmp_path / "local", driver=Driver(Cache(tmp_path / "c1"),
+                                                                                      progress=False))
+    executor = RayExecutor(num_cpus=2)
+    there, distributed, _ = run_recipe(load_recipe(path), tmp_path / "ray", driver=Driver(
+        Cache(tmp_path / "c2"), executor=executor, progress=False))
+    assert read_version(there).equals(read_version(here))
+    assert read_version(here)["turns"].to_list() == [2, 2, 2, 1, 2, 2]
+    a, b = local["steps"][0]["llm"], distributed["steps"][0]["llm"]
+    assert (a["conversations"], a["llms"]["user"]["conversations"]) == (b["conversations"],
+                                                                        b["llms"]["user"]["conversations"]) == (17, 6)
+    assert a["completion_tokens"] == b["completion_tokens"] and a["llms"]["user"]["model"] == "user-sim"

@@ -24,6 +24,9 @@ from .llm_step import LLMStep, LLMStepConfig
 from .truncation import truncation_detail
 
 USER = "user"  # the simulated user's name among the step's models (LLMSession.extras, ToLLM)
+# A simulated user's message is one paragraph (the prompt asks for one to three sentences; small
+# models ramble on, or go on to write the assistant's answer): it ends at the first blank line.
+USER_STOP = ("\n\n", "\nAssistant:")
 
 # A label the simulated user may put before its message ("User:", "**Human:**", "User (you):").
 _USER_LABEL = re.compile(r"^\s*[*_]*\s*(?:user|human|me|customer)(?:\s*\(you\))?\s*[*_]*\s*:\s*[*_]*\s*", re.I)
@@ -162,7 +165,7 @@ class Conversation(LLMStep):
         prompt = self.render(chat.row, "user_template", persona=chat.persona, goal=chat.goal,
                              transcript=chat.transcript(), stop_phrase=c.stop_phrase)
         params = GenerationParams(temperature=c.user_temperature, top_p=c.top_p, max_tokens=c.user_max_tokens,
-                                  max_tokens_option="user_max_tokens")
+                                  stop=USER_STOP, max_tokens_option="user_max_tokens")
         return Request([{"role": "user", "content": prompt}], params)
 
     def exchange(self, rows, ctx):
