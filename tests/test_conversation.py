@@ -194,12 +194,15 @@ def test_a_rerun_asks_neither_model_again(write_recipe, tmp_path):
 
 
 def test_another_user_model_is_another_batch(write_recipe, tmp_path):
-    path = chat_recipe(write_recipe, tmp_path)
+    # The simulated user's model changes with the recipe's llm while the step's options and its own
+    # model (whose `default` the step's llm sets) stay: its finished batches must not be reused.
+    path = chat_recipe(write_recipe, tmp_path, options=", llm: {default: own}")
+    path.write_text(path.read_text().replace("model: assistant}", "model: assistant, default: one}"))
     run_chats(path, tmp_path)
-    moved = path.read_text().replace("user_llm: {model: user-sim}", "user_llm: {model: user-sim, default: x}")
-    path.write_text(moved)
-    _, _, factory = run_chats(path, tmp_path)
-    assert len(factory.asked["user-sim"]) == 10  # its replies are not the old user's
+    path.write_text(path.read_text().replace("default: one}", "default: two}"))
+    _, manifest, factory = run_chats(path, tmp_path)
+    assert manifest["steps"][0]["cached_batches"] == 0
+    assert len(factory.asked["user-sim"]) == 10 and factory.asked["assistant"] == []  # only the user is new
 
 
 def test_kept_cut_replies_are_marked(write_recipe, tmp_path):
@@ -335,7 +338,7 @@ def test_two_chats_of_two_turns_on_the_embedded_model(write_recipe, tmp_path):
                       + "\n")
     recipe = load_recipe(write_recipe(
         f"name: real-chats\nllm: {{backend: transformers, model: embedded}}\nsource: {{path: {source}}}\nsteps:\n"
-        "  - conversation: {turns: 2, max_tokens: 96, user_max_tokens: 48, on_truncation: keep}\n"))
+        "  - conversation: {turns: 2, max_tokens: 96, on_truncation: keep}\n"))
     version, manifest, _ = run_recipe(recipe, tmp_path / "out", use_cache=False, progress=False)
     kept, rejected = read_version(version), read_version(version, "rejected")
     for chat in kept["messages"].to_list():
