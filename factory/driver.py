@@ -451,6 +451,7 @@ class Driver:
 
 
 USAGE_FIELDS = tuple(f.name for f in dataclasses.fields(Usage))
+GROWTH_MARGIN = 1.2  # a pass of output.rows reads 20% more candidates than the acceptance so far says it needs
 
 
 def extra_llm_configs(step) -> dict:
@@ -483,7 +484,6 @@ def with_usage(facts: dict, usage: dict) -> dict:
         out["llms"] = {name: {**facts.get("llms", {}).get(name, {}), **parts.get(name, {})}
                        for name in {**facts.get("llms", {}), **parts}}
     return out
-GROWTH_MARGIN = 1.2  # a pass of output.rows reads 20% more candidates than the acceptance so far says it needs
 
 
 def next_candidates(k: int, kept: int, rows: int, candidates: int) -> int:

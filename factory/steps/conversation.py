@@ -90,6 +90,8 @@ class ConversationConfig(LLMStepConfig):
     output_column: str = option("messages", help="Where the chat goes (system first if any, then user and "
                                                  "assistant messages in turn).")
     turns_column: str = option("turns", help="Where the number of assistant turns goes.")
+    template: str | None = option(None, help="Not used: the assistant sees the chat itself (the first message "
+                                             "comes from `column`, the user's prompt from `user_template`).")
 
     def validate(self):
         problems = []
