@@ -378,3 +378,15 @@ def test_ray_chats_equal_local_chats(write_recipe, tmp_path):
     assert (a["conversations"], a["llms"]["user"]["conversations"]) == (b["conversations"],
                                                                         b["llms"]["user"]["conversations"]) == (17, 6)
     assert a["completion_tokens"] == b["completion_tokens"] and a["llms"]["user"]["model"] == "user-sim"
+
+
+def test_a_budget_prices_the_simulated_user_too(write_recipe, tmp_path):
+    extra = "prices: {assistant: {input: 1, output: 2}}\nbudget: {max_usd: 1}\n"
+    with pytest.raises(RecipeError) as err:
+        load_recipe(chat_recipe(write_recipe, tmp_path, extra=extra))
+    assert "budget.max_usd needs the price of every model the steps use, and user-sim has none" in str(err.value)
+    # Priced, the run spends on both models, each at its price, and the budget counts it all.
+    extra = "prices: {assistant: {input: 1, output: 2}, user-sim: {input: 3, output: 5}}\nbudget: {max_usd: 1}\n"
+    _, manifest, _ = run_chats(chat_recipe(write_recipe, tmp_path, extra=extra), tmp_path)
+    assert manifest["cost_usd"] == manifest["steps"][0]["llm"]["cost_usd"] > manifest["steps"][0]["llm"]["llms"][
+        "user"]["cost_usd"] > 0
