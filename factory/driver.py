@@ -171,9 +171,9 @@ class Driver:
         """Checks every backend the recipe uses (server reachable, GPU present) before any work."""
         for step in recipe.steps:
             if step.uses_llm:
-                backend = self.backends.get(step.llm_config)
-                backend.check()
-                step.check_backend(backend)
+                for config in [step.llm_config, *extra_llm_configs(step).values()]:
+                    self.backends.get(config).check()
+                step.check_backend(self.backends.get(step.llm_config))
 
     def run(self, recipe, table: pl.DataFrame | None = None, *, limit: int | None = None) -> RunResult:
         """Runs all steps of ``recipe`` on ``table`` (default: the recipe's source).
@@ -231,8 +231,7 @@ class Driver:
                 for stats in result.steps:
                     seconds[stats.index] = seconds.get(stats.index, 0.0) + stats.seconds
                     if stats.llm is not None:
-                        usage.setdefault(stats.index, Usage()).add(
-                            {name: stats.llm[name] for name in USAGE_FIELDS if name in stats.llm})
+                        usage.setdefault(stats.index, Usage()).add(usage_of(stats.llm))
                 kept, candidates = result.table.height, result.source_rows
                 history.append({"candidates": candidates, "rows": kept})
                 say(f"pass {len(history)}: {candidates} candidates -> {min(kept, rows)} rows of {rows}"
@@ -250,7 +249,7 @@ class Driver:
         for stats in result.steps:
             stats.seconds = round(seconds[stats.index], 3)
             if stats.index in usage:
-                stats.llm.update(usage[stats.index].to_json())
+                stats.llm = with_usage(stats.llm, usage[stats.index].to_json())
         surplus = max(0, result.table.height - rows)
         result.table = result.table.head(rows)
         result.seconds = round(time.perf_counter() - began, 3)
@@ -316,8 +315,8 @@ class Driver:
         for step in steps:
             stats = StepStats(step.index, step.name, step.label, step.kind, rows_in=table.height)
             session = LLMSession(step.llm_config, self.cache, seed, self.backends, budget=self.budget,
-                                 ledger=None if self.ledger is None else self.ledger.setdefault(step.index, [])
-                                 ) if step.uses_llm else None
+                                 ledger=None if self.ledger is None else self.ledger.setdefault(step.index, []),
+                                 extras=extra_llm_configs(step)) if step.uses_llm else None
             usage = Usage() if session else None
             began = time.perf_counter()
             try:
@@ -337,7 +336,7 @@ class Driver:
             stats.dropped = dict(sorted(dropped["drop_reason"].value_counts().iter_rows())) if dropped.height else {}
             stats.seconds = round(time.perf_counter() - began, 3)
             if session is not None:
-                stats.llm = {**session.describe(), **usage.to_json()}
+                stats.llm = llm_facts(session, usage)
                 stats.truncation = truncation_facts(step, stats)
             all_stats.append(stats)
             if dropped.height:
@@ -352,8 +351,10 @@ class Driver:
         # A step that asks for JSON where the backend enforces a schema (and prefills otherwise)
         # computes something else on each: the backend's capability is part of its identity.
         enforced = session.enforces_schema if session and getattr(step, "reads_fields", False) else None
+        # A step's other models answer for its rows too (cache keys of steps with one model stay as they were).
+        others = session.extra_model_ids() if session and session.extras else None
         return fingerprint([step.fingerprint(), session.model_id if session else None]
-                           + ([enforced] if enforced is not None else []))
+                           + ([enforced] if enforced is not None else []) + ([others] if others else []))
 
     def _bar(self, step, total: int | None):
         from tqdm.auto import tqdm
@@ -437,7 +438,7 @@ class Driver:
                 bar.update(table.height)
         stats.report = ctx.full_report()
         if usage is not None:
-            usage.add(ctx.llm.usage)
+            usage.add(ctx.llm.total_usage())
             sent = usage.conversations - usage.cached_conversations
             if usage.failures and usage.failures >= sent:
                 raise BackendError(f"{stats.label}: every one of its {sent} requests failed in the backend (last "
@@ -452,6 +453,38 @@ class Driver:
 
 USAGE_FIELDS = tuple(f.name for f in dataclasses.fields(Usage))
 GROWTH_MARGIN = 1.2  # a pass of output.rows reads 20% more candidates than the acceptance so far says it needs
+
+
+def extra_llm_configs(step) -> dict:
+    """The step's other models (name -> validated llm config), beside its own ``llm_config``."""
+    return dict(getattr(step, "extra_llm_configs", None) or {})
+
+
+def llm_facts(session: LLMSession, usage: Usage) -> dict:
+    """A step's ``llm`` entry in the manifest: its model and its usage (of all its models), and
+    under ``llms`` each other model's description with its part of the usage."""
+    return with_usage({**session.describe(), **({"llms": session.describe_extras()} if session.extras else {})},
+                      usage.to_json())
+
+
+def usage_of(facts: dict) -> dict:
+    """The :class:`Usage` counts in a step's ``llm`` facts (:func:`llm_facts`), its other models' parts too."""
+    usage = {name: facts[name] for name in USAGE_FIELDS if name in facts and name != "llms"}
+    if facts.get("llms"):
+        usage["llms"] = {llm: {k: v for k, v in part.items() if k in USAGE_FIELDS}
+                         for llm, part in facts["llms"].items()}
+    return usage
+
+
+def with_usage(facts: dict, usage: dict) -> dict:
+    """A step's ``llm`` facts with ``usage`` (a :meth:`Usage.to_json`) written over their counts,
+    each other model's part over its entry in ``llms``."""
+    parts = usage.pop("llms", None) or {}
+    out = {**facts, **usage}
+    if parts or "llms" in facts:
+        out["llms"] = {name: {**facts.get("llms", {}).get(name, {}), **parts.get(name, {})}
+                       for name in {**facts.get("llms", {}), **parts}}
+    return out
 
 
 def next_candidates(k: int, kept: int, rows: int, candidates: int) -> int:

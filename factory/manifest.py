@@ -36,6 +36,9 @@ def run_manifest(recipe: Recipe, result: RunResult, written_as: str, *, started_
             stats = next(s for s in result.steps if s.index == step.index)
             models.append({"step": stats.label,
                            **{k: stats.llm[k] for k in ("backend", "model", "adapter", "model_id")}})
+            for name, other in (stats.llm.get("llms") or {}).items():  # the step's other models
+                models.append({"step": stats.label, "llm": name,
+                               **{k: other.get(k) for k in ("backend", "model", "adapter", "model_id")}})
     default = recipe.llm
     usage = usage_by_model(result.steps, recipe.prices)
     steps = priced_steps([s.to_json() for s in result.steps], recipe.prices)
@@ -86,32 +89,63 @@ def model_key(llm: dict) -> str:
     return key + (f"+{llm['adapter']}" if llm.get("adapter") else "")
 
 
+TOKEN_COUNTS = ("prompt_tokens", "completion_tokens", "conversations", "cached_conversations")
+
+
+def model_parts(llm: dict) -> list[dict]:
+    """A step's ``llm`` facts split by model: the step's own model with its share of the counts,
+    then each of its other models (``llms``) with theirs. A step with one model is one part."""
+    others = list((llm.get("llms") or {}).values())
+    own = dict(llm)
+    for other in others:
+        for name in TOKEN_COUNTS:
+            own[name] = own.get(name, 0) - other.get(name, 0)
+    return [own] + others
+
+
 def priced_steps(steps: list[dict], prices: dict) -> list[dict]:
-    """Step entries with ``cost_usd`` in the LLM facts of each step whose model has a price."""
+    """Step entries with ``cost_usd`` in the LLM facts of each step one of whose models has a price
+    (each model's tokens at its own price; an other model's cost also under its ``llms`` entry)."""
     for s in steps:
         llm = s.get("llm")
-        if llm and str(llm.get("model")) in prices:
-            llm["cost_usd"] = cost_usd(llm["prompt_tokens"], llm["completion_tokens"], prices[str(llm["model"])],
-                                       bool(llm.get("batch")))
+        if not llm:
+            continue
+        total, priced = 0.0, False
+        parts = model_parts(llm)
+        for part in parts:
+            price = prices.get(str(part.get("model")))
+            if price is None:
+                continue
+            cost = cost_usd(part.get("prompt_tokens", 0), part.get("completion_tokens", 0), price,
+                            bool(part.get("batch")))
+            if part is not parts[0]:  # an other model's entry in `llms`
+                part["cost_usd"] = cost
+            total, priced = total + cost, True
+        if priced:
+            llm["cost_usd"] = round(total, 6)
     return steps
 
 
 def usage_by_model(steps, prices: dict) -> dict[str, dict]:
     """LLM usage summed per model over the steps (:class:`~factory.driver.StepStats`): tokens sent to
     the backend (a reply from the cache costs nothing), requests and how many the cache answered,
-    and ``cost_usd`` for a model with a price (each step's tokens at its price: batch or not)."""
+    and ``cost_usd`` for a model with a price (each step's tokens at its price: batch or not). A step
+    that asks several models counts each one's share under that model."""
     totals: dict[str, dict] = {}
     for s in steps:
         if not s.llm:
             continue
-        entry = totals.setdefault(model_key(s.llm), {
-            "backend": s.llm.get("backend"), "model": s.llm.get("model"), "model_id": s.llm.get("model_id"),
-            "steps": [], "prompt_tokens": 0, "completion_tokens": 0, "conversations": 0, "cached_conversations": 0})
-        entry["steps"].append(s.label)
-        for name in ("prompt_tokens", "completion_tokens", "conversations", "cached_conversations"):
-            entry[name] += s.llm.get(name, 0)
-        price = prices.get(str(entry["model"]))
-        if price is not None:
-            entry["cost_usd"] = round(entry.get("cost_usd", 0.0) + cost_usd(
-                s.llm.get("prompt_tokens", 0), s.llm.get("completion_tokens", 0), price, bool(s.llm.get("batch"))), 6)
+        for part in model_parts(s.llm):
+            entry = totals.setdefault(model_key(part), {
+                "backend": part.get("backend"), "model": part.get("model"), "model_id": part.get("model_id"),
+                "steps": [], "prompt_tokens": 0, "completion_tokens": 0, "conversations": 0,
+                "cached_conversations": 0})
+            if s.label not in entry["steps"]:
+                entry["steps"].append(s.label)
+            for name in TOKEN_COUNTS:
+                entry[name] += part.get(name, 0)
+            price = prices.get(str(entry["model"]))
+            if price is not None:
+                entry["cost_usd"] = round(entry.get("cost_usd", 0.0) + cost_usd(
+                    part.get("prompt_tokens", 0), part.get("completion_tokens", 0), price, bool(part.get("batch"))), 6)
     return totals

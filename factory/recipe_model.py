@@ -165,8 +165,15 @@ class Recipe:
         steps = []
         for step in self.steps:
             params = to_dict(step.config)
+            for key in getattr(step, "quiet_options", ()):
+                # An option added to a step after recipes were hashed: left out while unset, so that
+                # the recipes that do not use it keep their hash (an evolve run resumes on it).
+                if params.get(key) is None:
+                    params.pop(key, None)
             if step.uses_llm:
                 params["llm"] = to_dict(step.llm_config)
+                for name, key in getattr(step, "extra_llms", {}).items():
+                    params[key] = to_dict(step.extra_llm_configs[name])
             steps.append({step.name: params})
         return {
             **to_dict(self.header),
@@ -191,6 +198,12 @@ class Recipe:
         steps = [step.with_llm_config(build_llm_config(merge_llm(to_dict(llm), step.config.llm),
                                                        ("steps", step.index, step.name, "llm"), problems))
                  if step.uses_llm else step for step in self.steps]
+        for step in steps:
+            if getattr(step, "extra_llms", None):  # its other models are merged over the new default too
+                step.extra_llm_configs = {
+                    name: build_llm_config(merge_llm(to_dict(llm), getattr(step.config, key)),
+                                           ("steps", step.index, step.name, key), problems)
+                    for name, key in step.extra_llms.items()}
         if problems:
             raise RecipeError(problems)
         return dataclasses.replace(self, llm=llm, steps=steps)
@@ -212,7 +225,10 @@ class Recipe:
 
 
 def models_of(steps: list[Step]) -> list[str]:
-    """The model names (the ``model`` of each LLM step's llm config) the steps use, in step order."""
-    return list(dict.fromkeys(str(getattr(step.llm_config, "model", step.llm_config.backend))
-                              for step in steps if step.uses_llm and step.llm_config is not None))
+    """The model names (the ``model`` of each LLM step's llm config, and of its other models) the
+    steps use, in step order."""
+    return list(dict.fromkeys(str(getattr(config, "model", config.backend))
+                              for step in steps if step.uses_llm and step.llm_config is not None
+                              for config in [step.llm_config,
+                                             *(getattr(step, "extra_llm_configs", None) or {}).values()]))
 

@@ -178,7 +178,24 @@ def _build_step(i: int, item: Any, llm_data: dict | None, problems: list[Problem
         for message, key, fix in step.check_llm(step.llm_config):
             key = key if isinstance(key, tuple) else (key,) if key else ()
             problems.append(Problem(message, path=path + key, fix=fix))
+        step.extra_llm_configs = build_extra_llms(step, llm_data, path, problems)
     return step if len(problems) == before else None
+
+
+def build_extra_llms(step: Step, llm_data: dict, path: tuple, problems: list[Problem]) -> dict:
+    """The step's other models, each validated as its own ``llm:`` is: a step class that asks more
+    than one model names them in ``extra_llms`` (name -> the config option that holds that model's
+    `llm:` mapping, e.g. ``{"user": "user_llm"}``); each option is merged over the recipe's ``llm``
+    (unset: the recipe's model) and its errors are located at the option (``steps[i].key.user_llm``)."""
+    extras = {}
+    for name, key in getattr(step, "extra_llms", {}).items():
+        override = getattr(step.config, key)
+        config = build_llm_config(merge_llm(llm_data, override), path + (key,), problems)
+        if config is not None:
+            extras[name] = config
+            if override:
+                _check_model_files(config, path + (key,), problems)
+    return extras
 
 
 def _check_model_files(llm, path: tuple, problems: list[Problem]) -> None:

@@ -33,6 +33,7 @@ STEPS: dict[str, str] = {
     "distilabel": "factory.steps.distilabel.distilabel:Distilabel",
     # solving and verifying
     "solve": "factory.steps.solve:Solve",
+    "conversation": "factory.steps.conversation:Conversation",
     "verify": "factory.steps.verify:Verify",
     "reward_model": "factory.steps.reward_model:RewardModel",
     # judging

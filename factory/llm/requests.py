@@ -20,7 +20,12 @@ A step says what to ask and how to read the answer; :class:`LLMClient` does the 
   back to the model with what is wrong, up to :data:`SCHEMA_REASKS` times;
 * **rounds** -- :meth:`LLMClient.run` drives a step's exchange (a generator that yields
   requests and receives their completions), so generators that plan several rounds over
-  the whole pool go through the same path as a one-request-per-row step.
+  the whole pool go through the same path as a one-request-per-row step;
+* **more than one model** -- a step may ask other models beside its own (a simulated user, a
+  tool simulator: the step's ``extra_llm_configs``); each has a client of its own with the same
+  cache, seeds, retries and budget (:attr:`LLMClient.others`), a round for one of them is
+  yielded as :class:`ToLLM`, and :meth:`LLMClient.total_usage` counts them all, each model's
+  part under its name.
 
 Turning a failed request or an unreadable reply into a dropped row is the step base's
 part (:func:`factory.steps.truncation.rows_from_completion`), the same for every step.
@@ -59,7 +64,16 @@ SCHEMA_REASKS = 2  # how often a reply that does not match its JSON Schema is se
 
 # A step's conversation with the model: yields lists of requests, receives their
 # completions (in order), returns the step's output rows.
-Exchange = Generator[list[Request], list[Completion], Any]
+Exchange = Generator["list[Request] | ToLLM", list[Completion], Any]
+
+
+@dataclass
+class ToLLM:
+    """A round of requests an exchange yields for one of the step's other models (its
+    ``extra_llm_configs``, by name) rather than its own."""
+
+    llm: str
+    requests: list[Request]
 
 
 @dataclass
@@ -92,11 +106,17 @@ class Usage:
     last_error: str | None = None
     reasks: int = 0
     reasks_fixed: int = 0
+    # The part of the above that the step's other models used (by their name in the step's
+    # ``extra_llm_configs``); the step's own model used the rest. Empty for a step with one model.
+    llms: dict[str, "Usage"] = field(default_factory=dict)
 
     def add(self, other: "Usage | dict") -> None:
         other = other if isinstance(other, dict) else dataclasses.asdict(other)
         for name, value in other.items():
-            if name == "retry_reasons":
+            if name == "llms":
+                for llm, usage in value.items():
+                    self.llms.setdefault(llm, Usage()).add(usage)
+            elif name == "retry_reasons":
                 for reason, count in value.items():
                     self.retry_reasons[reason] = self.retry_reasons.get(reason, 0) + count
             elif name == "last_error":
@@ -105,7 +125,12 @@ class Usage:
                 setattr(self, name, getattr(self, name) + value)
 
     def to_json(self) -> dict:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        if not self.llms:
+            del out["llms"]  # a step with one model reports as it always did
+        for part in out.get("llms", {}).values():
+            del part["llms"]
+        return out
 
 
 class LLMClient:
@@ -120,6 +145,9 @@ class LLMClient:
         budget: the run's spending limit (:class:`factory.budget.Budget`): a request goes only when
             its worst-case cost fits.
         ledger: where the tokens of every reply go, cached or not (``factory estimate``).
+
+    Attributes:
+        others: the clients of the step's other models, by name (see :class:`ToLLM`).
     """
 
     def __init__(self, backend: Backend, cache: Cache | None = None, seed: int = 0,
@@ -134,16 +162,55 @@ class LLMClient:
         # Replies received (cached or not), those that ended cut at max_tokens (by the config option
         # that set the limit), and continuations asked for: the step's report carries them to the manifest.
         self.truncation: dict = {"replies": 0, "cut": 0, "limits": {}, "continued": 0}
+        self.others: dict[str, LLMClient] = {}
 
     def run(self, exchange: Exchange):
-        """Drives a step's exchange: each list of requests it yields is answered and sent back."""
-        asked: Counter = Counter()  # identical requests so far in this exchange
+        """Drives a step's exchange: each list of requests it yields is answered and sent back,
+        by the step's own model, or by the other model a :class:`ToLLM` names."""
+        asked: dict[str | None, Counter] = {}  # per model: identical requests so far in this exchange
         try:
             requests = next(exchange)
             while True:
-                requests = exchange.send(self.ask(requests, asked))
+                if isinstance(requests, ToLLM):
+                    client = self.other(requests.llm)
+                    answered = client.ask(requests.requests, asked.setdefault(requests.llm, Counter()))
+                else:
+                    answered = self.ask(requests, asked.setdefault(None, Counter()))
+                requests = exchange.send(answered)
         except StopIteration as finished:
             return finished.value
+
+    def other(self, name: str) -> "LLMClient":
+        """The client of the step's other model ``name`` (one of its ``extra_llm_configs``)."""
+        client = self.others.get(name)
+        if client is None:
+            raise TypeError(f"the step asked model '{name}', and its client has only "
+                            f"{sorted(self.others) or 'its own'}: declare it in the step's extra_llm_configs")
+        return client
+
+    def total_usage(self) -> Usage:
+        """What the step asked of all its models: the sums, and each other model's part in ``llms``."""
+        if not self.others:
+            return self.usage
+        total = Usage()
+        total.add(self.usage)
+        for name, client in self.others.items():
+            total.add(client.usage)
+            total.llms[name] = Usage()
+            total.llms[name].add(client.usage)
+        return total
+
+    def total_truncation(self) -> dict:
+        """The cut replies of all the step's models (each counted by the option that set its limit)."""
+        if not self.others:
+            return self.truncation
+        total = {"replies": 0, "cut": 0, "limits": {}, "continued": 0}
+        for counted in [self.truncation] + [c.truncation for c in self.others.values()]:
+            for key in ("replies", "cut", "continued"):
+                total[key] += counted[key]
+            for option, count in counted["limits"].items():
+                total["limits"][option] = total["limits"].get(option, 0) + count
+        return total
 
     def chat(self, conversations: list[Conversation], params: GenerationParams) -> list[Completion]:
         """The same parameters for every conversation."""
@@ -410,10 +477,12 @@ class BackendPool:
 
 @dataclass
 class LLMSession:
-    """What the batches of one LLM step need to reach its model, wherever they run.
+    """What the batches of one LLM step need to reach its models, wherever they run.
 
     Executors hand it to the process that runs a batch and ask it for a client there; they
-    never look at the backend behind it.
+    never look at the backend behind it. ``extras`` are the step's other models (its
+    ``extra_llm_configs``: name -> validated config), each reached through a client of its own
+    beside the step's (:attr:`LLMClient.others`).
     """
 
     config: Any
@@ -423,10 +492,15 @@ class LLMSession:
     share: float = 1.0  # this process's share of the server's rate limits (1 / replicas on Ray)
     budget: Any = None  # the run's spending limit (factory.budget.Budget), shared by every step
     ledger: list | None = None  # (prompt, completion tokens) of every reply, cached or not (an estimate's)
+    extras: dict[str, Any] = field(default_factory=dict)  # the step's other models: name -> llm config
 
     @property
     def model_id(self) -> str:
         return self.backends.get(self.config).model_id
+
+    def extra_model_ids(self) -> dict[str, str]:
+        """The model id of each of the step's other models (part of its batches' cache keys)."""
+        return {name: self.backends.get(config).model_id for name, config in sorted(self.extras.items())}
 
     @property
     def batched(self) -> bool:
@@ -444,10 +518,20 @@ class LLMSession:
         return {"requests": backend.stats.requests, **backend.live()}
 
     def cost_of(self, usage: dict) -> float:
-        """What the tokens of a step's :class:`Usage` (as a dict) cost, at the budget's prices."""
-        backend = self.backends.get(self.config)
-        return self.budget.cost(getattr(self.config, "model", backend.name), usage.get("prompt_tokens", 0),
-                                usage.get("completion_tokens", 0), backend.batched)
+        """What the tokens of a step's :class:`Usage` (as a dict) cost, at the budget's prices: each
+        model's part (``usage["llms"]``) at its own price, the rest at the step's model's."""
+        own_prompt, own_completion = usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)
+        cost = 0.0
+        for name, part in (usage.get("llms") or {}).items():
+            prompt, completion = part.get("prompt_tokens", 0), part.get("completion_tokens", 0)
+            own_prompt, own_completion = own_prompt - prompt, own_completion - completion
+            cost += self._cost(self.extras[name], prompt, completion)
+        return cost + self._cost(self.config, own_prompt, own_completion)
+
+    def _cost(self, config, prompt_tokens: int, completion_tokens: int) -> float:
+        backend = self.backends.get(config)
+        return self.budget.cost(getattr(config, "model", backend.name), prompt_tokens, completion_tokens,
+                                backend.batched)
 
     @property
     def enforces_schema(self) -> bool:
@@ -456,8 +540,18 @@ class LLMSession:
     def describe(self) -> dict:
         return self.backends.get(self.config).describe()
 
+    def describe_extras(self) -> dict[str, dict]:
+        """What the manifest records of each of the step's other models, by name."""
+        return {name: self.backends.get(config).describe() for name, config in self.extras.items()}
+
     def client(self, on_progress: Callable[[int], None] | None = None) -> LLMClient:
-        backend = self.backends.get(self.config)
+        client = self._client(self.config, on_progress)
+        # The other models' replies do not move the bar: it counts rows, by the step's own replies.
+        client.others = {name: self._client(config, None) for name, config in self.extras.items()}
+        return client
+
+    def _client(self, config, on_progress) -> LLMClient:
+        backend = self.backends.get(config)
         backend.attach(self.cache)
         if self.share != 1.0:
             backend.set_share(self.share)

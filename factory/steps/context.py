@@ -1,4 +1,4 @@
-"""What a step gets while it runs (:class:`StepContext`: its LLM client, a progress bar, its report).
+"""What a step gets while it runs (:class:`StepContext`: its LLM clients, a progress bar, its report).
 
 Executors build one per batch (or per global step) and send back its :meth:`StepContext.facts`;
 :func:`merge_reports` adds up the reports of a step's parts.
@@ -41,7 +41,8 @@ class StepContext:
     """What a step gets while it runs.
 
     Attributes:
-        llm: the step's LLM client (LLM steps only).
+        llm: the step's LLM client (LLM steps only); the clients of its other models, if it has
+            any, are :attr:`llms`.
         progress: a tqdm-like bar a global step may move.
         report: facts the step wants in the manifest (which eval items matched, clusters...).
     """
@@ -51,19 +52,26 @@ class StepContext:
     report: dict = field(default_factory=dict)
 
     @property
+    def llms(self) -> dict[str, LLMClient]:
+        """The clients of the step's other models (its ``extra_llm_configs``), by name."""
+        return self.llm.others if self.llm is not None else {}
+
+    @property
     def complete(self) -> bool:
-        """No request of the step failed (its output may be cached as a result)."""
-        return self.llm is None or not self.llm.usage.failures
+        """No request of the step failed, to any of its models (its output may be cached as a result)."""
+        return self.llm is None or not self.llm.total_usage().failures
 
     def full_report(self) -> dict:
-        """The step's report, with what its LLM client counted of cut replies (``truncation``)
+        """The step's report, with what its LLM clients counted of cut replies (``truncation``)
         when any reply was cut."""
-        cut = self.llm.truncation if self.llm is not None else None
+        cut = self.llm.total_truncation() if self.llm is not None else None
         return {**self.report, "truncation": cut} if cut and (cut["cut"] or cut["continued"]) else self.report
 
     def facts(self) -> dict:
-        """The report and the LLM usage, as an executor sends them back to the driver."""
-        return {"report": self.full_report(), "usage": self.llm.usage.to_json() if self.llm is not None else None}
+        """The report and the LLM usage (of all the step's models), as an executor sends them back
+        to the driver."""
+        return {"report": self.full_report(),
+                "usage": self.llm.total_usage().to_json() if self.llm is not None else None}
 
 
 def merge_reports(reports: Iterable[dict]) -> dict:

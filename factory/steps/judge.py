@@ -7,9 +7,11 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
-from ..config import option
+from ..config import option, to_dict
 from ..errors import ParseError
+from ..hashing import fingerprint
 from ..llm.schema import read_reply
+from .drops import InvalidRow
 from .json_replies import json_params, reasoning_first, verdict_only
 from .llm_step import AnswerStepConfig, LLMStep
 
@@ -100,6 +102,54 @@ class JudgeConfig(AnswerStepConfig):
                                       "Where the backend enforces JSON Schemas the judge asks for JSON instead, "
                                       "which supersedes this.")
     max_tokens: int = option(192, help="Most tokens per judgement.", min=1)
+    conversation: Literal["whole", "last"] | None = option(
+        None, help="Judge a multi-turn chat from `messages_column` instead of instruction and response: `whole` "
+                   "rates every assistant turn of the transcript, `last` the last assistant reply to the last user "
+                   "message, with the earlier turns shown as context. Unset: instruction and response.")
+    messages_column: str | None = option(None, help="The chat a `conversation` judge reads (default `messages`).")
+
+
+QUIET_OPTIONS = ("conversation", "messages_column")  # left out of the judge's identity while unset
+
+
+def template_name(c: JudgeConfig) -> str:
+    """The judge's default template file (without ``.j2``)."""
+    return "judge_conversation" if c.conversation else "judge_binary" if c.mode == "binary" else "judge"
+
+
+def quiet_fingerprint(step) -> str:
+    """The judge's identity (a cache key part): while the :data:`QUIET_OPTIONS` are unset, Step's and
+    TemplatedStep's fingerprint without them, so the cache keys of judges that do not use them stay as
+    they were before they were added."""
+    if any(getattr(step.config, k) is not None for k in QUIET_OPTIONS):
+        return LLMStep.fingerprint(step)
+    config = {k: v for k, v in to_dict(step.config).items() if k not in QUIET_OPTIONS}
+    own = fingerprint([type(step).__module__, type(step).__qualname__, step.version, config, step.seed])
+    return fingerprint([own, [step.template_source(o) for o in step.template_options()]])
+
+
+def chat_variables(row: dict, c) -> dict:
+    """What a ``conversation`` judge's template shows of the chat: the ``transcript`` (whole), the
+    earlier turns as ``context`` (last), and the last user message and reply (``task``, ``response``)."""
+    turns = chat_turns(row, c.messages_column or "messages")
+    return {"transcript": turns, "context": turns[:-2] if c.conversation == "last" else [],
+            "task": turns[-2]["content"], "response": turns[-1]["content"]}
+
+
+def chat_turns(row: dict, column: str) -> list[dict]:
+    """The chat in ``row[column]`` as ``{role, content}`` messages, system ones left out.
+
+    Raises:
+        InvalidRow: no chat there, or one without a user message followed by an assistant reply at its end.
+    """
+    value = row.get(column)
+    if not isinstance(value, list) or not all(isinstance(m, dict) for m in value):
+        raise InvalidRow(f"column '{column}' is {type(value).__name__ if value is not None else 'missing'}, "
+                         "not a list of {role, content} messages")
+    turns = [{"role": m.get("role"), "content": m.get("content") or ""} for m in value if m.get("role") != "system"]
+    if len(turns) < 2 or turns[-1]["role"] != "assistant" or turns[-2]["role"] != "user":
+        raise InvalidRow(f"column '{column}' does not end with a user message and the assistant's reply to it")
+    return turns
 
 
 def judgement_schema(c: JudgeConfig) -> dict:
@@ -122,7 +172,7 @@ class Judge(LLMStep):
     ``"verdict": "correct" | "incorrect"``; no reasoning with ``reasoning: false``); elsewhere its
     reply is started with "Score:" or "Verdict:" when it gives the verdict alone, and read as text.
 
-    Requires: ``instruction`` and ``response`` (and ``reference_column`` when set).
+    Requires: ``instruction`` and ``response`` (and ``reference_column`` when set); ``messages`` with ``conversation``.
     Produces: ``score`` (1..scale, a float) or, with ``mode: binary``, ``judge_correct`` (bool); and
     ``judgement`` (the judge's reply, as it wrote it). A reply without a score in range or a
     verdict drops the row as ``parse_error`` (``schema_error`` for a JSON reply), its raw reply kept.
@@ -136,6 +186,7 @@ class Judge(LLMStep):
     reads_verdict = True  # a score or verdict read before a cut is kept
     reads_fields = True
     Config = JudgeConfig
+    quiet_options = QUIET_OPTIONS
 
     @property
     def prefill(self) -> str | None:
@@ -145,20 +196,24 @@ class Judge(LLMStep):
 
     def requires(self):
         c = self.config
-        return [c.column, c.response_column] + ([c.reference_column] if c.reference_column else [])
+        return ([c.messages_column or "messages"] if c.conversation else [c.column, c.response_column]) + \
+            ([c.reference_column] if c.reference_column else [])
 
     def produces(self):
         c = self.config
         return [c.output_column if c.mode == "score" else c.correct_column, c.judgement_column]
 
     def template_options(self):
-        return {"template": "judge_binary" if self.config.mode == "binary" else "judge"}
+        return {"template": template_name(self.config)}
+
+    fingerprint = quiet_fingerprint
 
     def build_messages(self, row):
         c = self.config
         reference = str(row.get(c.reference_column)) if c.reference_column else ""
-        prompt = self.render(row, **self.task_variables(row), response=self.text(row, c.response_column),
-                             rubric=c.rubric, reference=reference)
+        shown = chat_variables(row, c) if c.conversation else {**self.task_variables(row),
+                                                               "response": self.text(row, c.response_column)}
+        prompt = self.render(row, **shown, rubric=c.rubric, reference=reference)
         return self.conversation(prompt, judgement_schema(c) if self.asks_json else None, self.prefill)
 
     def answer_regex(self) -> str:
