@@ -165,11 +165,6 @@ class Recipe:
         steps = []
         for step in self.steps:
             params = to_dict(step.config)
-            for key in getattr(step, "quiet_options", ()):
-                # An option added to a step after recipes were hashed: left out while unset, so that
-                # the recipes that do not use it keep their hash (an evolve run resumes on it).
-                if params.get(key) is None:
-                    params.pop(key, None)
             if step.uses_llm:
                 params["llm"] = to_dict(step.llm_config)
                 for name, key in getattr(step, "extra_llms", {}).items():

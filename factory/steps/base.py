@@ -67,6 +67,15 @@ class Step:
         """Static checks beyond types (files exist, templates compile): ``(message, key, fix)``."""
         return []
 
+    def check_llm(self, llm) -> list[tuple[str, str | tuple | None, str | None]]:
+        """What an LLM step cannot do with its validated backend config ``llm``, as :meth:`check`
+        reports it: checked with the recipe, before any model loads."""
+        return []
+
+    def check_backend(self, backend) -> None:
+        """Raises :class:`~factory.errors.FactoryError` when ``backend`` (checked, a server probed)
+        cannot serve an LLM step: before the run sends any request."""
+
     def process(self, data: pl.DataFrame, ctx: StepContext | None = None) -> pl.DataFrame:
         raise NotImplementedError
 

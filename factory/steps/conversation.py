@@ -11,6 +11,7 @@ or speaks as the assistant drops the row.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -21,6 +22,7 @@ from ..llm.base import Completion, GenerationParams, Request
 from ..llm.requests import ToLLM
 from .drops import CUT, TRUNCATED, InvalidRow, dropped
 from .llm_step import LLMStep, LLMStepConfig
+from .prompts import compile_template
 from .truncation import truncation_detail
 
 USER = "user"  # the simulated user's name among the step's models (LLMSession.extras, ToLLM)
@@ -72,7 +74,9 @@ class ConversationConfig(LLMStepConfig):
                                              "and goal, with a first message the simulated user writes.")
     persona_column: str = option("persona", help="Who the simulated user is (shown to it).")
     goal_column: str = option("goal", help="What the simulated user wants from the chat (shown to it).")
-    goal: str | None = option(None, help="The goal of rows without a `goal_column` value.")
+    goal: str | None = option(None, help="The goal of rows without a `goal_column` value: text, or a Jinja template "
+                                         "over the row's columns (e.g. 'understand {{ topic }} well enough to "
+                                         "explain it').")
     turns: int = option(3, help="Assistant turns per chat (fewer when the user says it is done).", min=1, max=50)
     stop_phrase: str = option("[DONE]", help="What the simulated user writes when its goal is met: the chat ends "
                                              "there, without that message.")
@@ -194,14 +198,29 @@ class Conversation(LLMStep):
         return [finished_row(self, chat) for chat in chats]
 
 
+@functools.lru_cache(maxsize=16)
+def compile_goal(source: str):
+    """The ``goal`` option as a template (plain text renders as itself)."""
+    return compile_template(source)
+
+
 def start_chat(step: Conversation, row: dict) -> Chat:
     """A row's chat before the first round: its first message, or the persona and goal to write it from."""
     c = step.config
     persona = row.get(c.persona_column)
     goal = row.get(c.goal_column)
-    chat = Chat(row, persona.strip() if isinstance(persona, str) else "",
-                goal.strip() if isinstance(goal, str) and goal.strip() else (c.goal or "").strip())
+    failed = None
+    if not (isinstance(goal, str) and goal.strip()):
+        try:
+            goal = compile_goal(c.goal or "").render(**row)
+        except Exception as err:  # noqa: BLE001 - jinja2's UndefinedError and friends: the row lacks a column
+            goal, failed = "", dropped(row, "invalid_input", f"the `goal` template cannot be filled from this row: "
+                                                             f"{err}")
+    chat = Chat(row, persona.strip() if isinstance(persona, str) else "", goal.strip())
     chat.messages = [{"role": "system", "content": c.system}] if c.system else []
+    if failed is not None:
+        chat.failed = failed
+        return chat
     if row.get(c.column) is not None:
         try:
             chat.messages.append({"role": "user", "content": step.text(row, c.column)})

@@ -7,9 +7,8 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
-from ..config import option, to_dict
+from ..config import option
 from ..errors import ParseError
-from ..hashing import fingerprint
 from ..llm.schema import read_reply
 from .drops import InvalidRow
 from .json_replies import json_params, reasoning_first, verdict_only
@@ -103,29 +102,15 @@ class JudgeConfig(AnswerStepConfig):
                                       "which supersedes this.")
     max_tokens: int = option(192, help="Most tokens per judgement.", min=1)
     conversation: Literal["whole", "last"] | None = option(
-        None, help="Judge a multi-turn chat from `messages_column` instead of instruction and response: `whole` "
+        None, hashed_when_set=True, help="Judge a multi-turn chat from `messages_column` instead of instruction and response: `whole` "
                    "rates every assistant turn of the transcript, `last` the last assistant reply to the last user "
                    "message, with the earlier turns shown as context. Unset: instruction and response.")
-    messages_column: str | None = option(None, help="The chat a `conversation` judge reads (default `messages`).")
-
-
-QUIET_OPTIONS = ("conversation", "messages_column")  # left out of the judge's identity while unset
+    messages_column: str | None = option(None, hashed_when_set=True, help="The chat a `conversation` judge reads (default `messages`).")
 
 
 def template_name(c: JudgeConfig) -> str:
     """The judge's default template file (without ``.j2``)."""
     return "judge_conversation" if c.conversation else "judge_binary" if c.mode == "binary" else "judge"
-
-
-def quiet_fingerprint(step) -> str:
-    """The judge's identity (a cache key part): while the :data:`QUIET_OPTIONS` are unset, Step's and
-    TemplatedStep's fingerprint without them, so the cache keys of judges that do not use them stay as
-    they were before they were added."""
-    if any(getattr(step.config, k) is not None for k in QUIET_OPTIONS):
-        return LLMStep.fingerprint(step)
-    config = {k: v for k, v in to_dict(step.config).items() if k not in QUIET_OPTIONS}
-    own = fingerprint([type(step).__module__, type(step).__qualname__, step.version, config, step.seed])
-    return fingerprint([own, [step.template_source(o) for o in step.template_options()]])
 
 
 def chat_variables(row: dict, c) -> dict:
@@ -186,7 +171,6 @@ class Judge(LLMStep):
     reads_verdict = True  # a score or verdict read before a cut is kept
     reads_fields = True
     Config = JudgeConfig
-    quiet_options = QUIET_OPTIONS
 
     @property
     def prefill(self) -> str | None:
@@ -205,8 +189,6 @@ class Judge(LLMStep):
 
     def template_options(self):
         return {"template": template_name(self.config)}
-
-    fingerprint = quiet_fingerprint
 
     def build_messages(self, row):
         c = self.config

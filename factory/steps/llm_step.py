@@ -111,15 +111,6 @@ class LLMStep(TemplatedStep):
         return step
 
     # -- what subclasses override -------------------------------------------------------
-    def check_llm(self, llm) -> list[tuple[str, str | tuple | None, str | None]]:
-        """What the step cannot do with the validated backend config ``llm``, as :meth:`check`
-        reports it (``(message, key, fix)``): checked with the recipe, before any model loads."""
-        return []
-
-    def check_backend(self, backend) -> None:
-        """Raises :class:`~factory.errors.FactoryError` when ``backend`` (checked, a server probed)
-        cannot serve the step: before the run sends any request."""
-
     def build_messages(self, row: dict) -> Conversation:
         """The conversation for one row. Default: the step's template, rendered with the row."""
         return self.messages(self.render(row))

@@ -108,33 +108,16 @@ class Magpie(LLMStep):
         return {}  # no prompt: `system` is rendered here (a template over the row)
 
     def check(self):
-        c = self.config
-        if c.system is not None and is_template_path(c.system) and not self.path(c.system).is_file():
-            return [(f"template file '{c.system}' does not exist", "system", "give a path relative to the recipe")]
-        try:
-            self._system_template()
-        except Exception as err:  # jinja2.TemplateSyntaxError and friends
-            return [(f"the system template does not compile: {err}", "system", "fix the Jinja syntax")]
-        return []
+        return system_problems(self)
 
     def check_llm(self, llm):
-        if llm.backend == "openai" and not (llm.tokenizer or os.path.isdir(os.path.expanduser(llm.model))):
-            return [("magpie has the model write the user's turn from its chat template, applied here, and the "
-                     "served model's tokenizer is not at hand", ("llm", "tokenizer"), "set llm.tokenizer to a local "
-                     "folder with it (`factory model export-embedded DIR` writes the embedded model's)")]
-        return []
+        return tokenizer_problems(llm)
 
     def check_backend(self, backend):
         if not backend.writes_user_turns:
             why = backend.user_turn_problem() if hasattr(backend, "user_turn_problem") else \
                 f"the {backend.name} backend cannot have the model write a user's turn"
             raise FactoryError(f"{self.label}: {why}")
-
-    def _system_template(self):
-        source = self.config.system
-        if source is None:
-            return None
-        return compile_template(self.path(source).read_text(encoding="utf-8") if is_template_path(source) else source)
 
     def requires(self):
         source = self.config.system
@@ -208,12 +191,41 @@ def starts(step: Magpie, rows: list[dict]) -> list[tuple[dict, str | None]]:
     c = step.config
     bases = [row for row in rows for _ in range(c.per_row)] if rows else [{} for _ in range(c.num_rows)]
     rng = random.Random(f"{step.seed}:{step.index}:magpie")
-    template = step._system_template()
+    template = system_template(step)
     out = []
     for base in bases:
         system = rng.choice(c.systems) if c.systems else template.render(**base).strip() if template else None
         out.append((base, system or None))
     return out
+
+
+def system_template(step: Magpie):
+    """The compiled ``system`` template (inline text or a .j2 file beside the recipe), or None."""
+    source = step.config.system
+    if source is None:
+        return None
+    return compile_template(step.path(source).read_text(encoding="utf-8") if is_template_path(source) else source)
+
+
+def system_problems(step: Magpie) -> list[tuple[str, str, str]]:
+    """What is wrong with the ``system`` template, as ``check`` reports it."""
+    source = step.config.system
+    if source is not None and is_template_path(source) and not step.path(source).is_file():
+        return [(f"template file '{source}' does not exist", "system", "give a path relative to the recipe")]
+    try:
+        system_template(step)
+    except Exception as err:  # noqa: BLE001 - jinja2.TemplateSyntaxError and friends
+        return [(f"the system template does not compile: {err}", "system", "fix the Jinja syntax")]
+    return []
+
+
+def tokenizer_problems(llm) -> list[tuple[str, tuple, str]]:
+    """A server whose model's chat template is not at hand here cannot be asked for a user's turn."""
+    if llm.backend == "openai" and not (llm.tokenizer or os.path.isdir(os.path.expanduser(llm.model))):
+        return [("magpie has the model write the user's turn from its chat template, applied here, and the "
+                 "served model's tokenizer is not at hand", ("llm", "tokenizer"), "set llm.tokenizer to a local "
+                 "folder with it (`factory model export-embedded DIR` writes the embedded model's)")]
+    return []
 
 
 def user_params(c: MagpieConfig) -> GenerationParams:
