@@ -150,11 +150,13 @@ class Magpie(LLMStep):
             chats, lost = advance(chats, completions, lambda chat, reply: read_user(reply, chat.system, c), turn,
                                   c, user=True)
             gone += lost
+            ctx.progress.update(len(lost))  # the bar counts conversations done: dropped ones now
             if c.response:
                 completions = yield [Request(chat.messages, answering) for chat in chats]
                 chats, lost = advance(chats, completions, lambda chat, reply: read_answer(reply), turn, c,
                                       user=False)
                 gone += lost
+                ctx.progress.update(len(lost))
         ctx.progress.update(len(chats))
         return [chat.row(c) for chat in chats] + gone
 
