@@ -171,9 +171,10 @@ class Driver:
         """Checks every backend the recipe uses (server reachable, GPU present) before any work."""
         for step in recipe.steps:
             if step.uses_llm:
-                for config in [step.llm_config, *extra_llm_configs(step).values()]:
-                    self.backends.get(config).check()
-                step.check_backend(self.backends.get(step.llm_config))
+                for name, config in [(None, step.llm_config), *extra_llm_configs(step).items()]:
+                    backend = self.backends.get(config)
+                    backend.check()
+                    step.check_backend(backend, name)
 
     def run(self, recipe, table: pl.DataFrame | None = None, *, limit: int | None = None) -> RunResult:
         """Runs all steps of ``recipe`` on ``table`` (default: the recipe's source).

@@ -175,10 +175,10 @@ def _build_step(i: int, item: Any, llm_data: dict | None, problems: list[Problem
             return None
         if override:
             _check_model_files(step.llm_config, path + ("llm",), problems)
+        step.extra_llm_configs = build_extra_llms(step, llm_data, path, problems)
         for message, key, fix in step.check_llm(step.llm_config):
             key = key if isinstance(key, tuple) else (key,) if key else ()
             problems.append(Problem(message, path=path + key, fix=fix))
-        step.extra_llm_configs = build_extra_llms(step, llm_data, path, problems)
     return step if len(problems) == before else None
 
 

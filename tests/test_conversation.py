@@ -390,3 +390,53 @@ def test_a_budget_prices_the_simulated_user_too(write_recipe, tmp_path):
     _, manifest, _ = run_chats(chat_recipe(write_recipe, tmp_path, extra=extra), tmp_path)
     assert manifest["cost_usd"] == manifest["steps"][0]["llm"]["cost_usd"] > manifest["steps"][0]["llm"]["llms"][
         "user"]["cost_usd"] > 0
+
+
+# -- user_mode: magpie: the user model writes the user's turn from its own chat template -----------
+
+def magpie_user_reply(conversation, sample):
+    """Stands in for a model that writes the user's turn: it sees the system prompt about the user,
+    the chat so far, and an open user turn last."""
+    from factory.llm.base import writes_user
+
+    assert writes_user(conversation) and conversation[0]["role"] == "system"
+    shown = conversation[1:-1]
+    assert all(m["role"] in ("user", "assistant") for m in shown)  # the assistant's own system prompt is not shown
+    if "a mime" in conversation[0]["content"] and len(shown) == 2:
+        return "<|im_start|>assistant"
+    return f"Follow-up after {len(shown)} messages."
+
+
+def test_magpie_mode_writes_the_users_turns_from_the_template(write_recipe, tmp_path):
+    asked = []
+
+    def build(config):
+        if config.model == "user-sim":
+            return ScriptedBackend(config, reply_fn=lambda chat, k: asked.append(chat) or magpie_user_reply(chat, k))
+        return ScriptedBackend(config, reply_fn=assistant_reply)
+
+    source = tmp_path / "rows.jsonl"
+    source.write_text(json.dumps({"persona": "a beekeeper", "goal": "keep calm bees"}) + "\n"
+                      + json.dumps({"persona": "a mime", "goal": "learn to juggle"}) + "\n", encoding="utf-8")
+    path = write_recipe(RECIPE.format(source=source, extra="", options=", user_mode: magpie"))
+    driver = Driver(Cache(tmp_path / "cache"), progress=False, backend_factory=build)
+    version, manifest, _ = run_recipe(load_recipe(path), tmp_path / "out", driver=driver)
+    kept = read_version(version)
+    assert kept["messages"].to_list() == [turns(
+        ("Follow-up after 0 messages.", "Reply 1 to: Follow-up after 0 messages."),
+        ("Follow-up after 2 messages.", "Reply 2 to: Follow-up after 2 messages."),
+        ("Follow-up after 4 messages.", "Reply 3 to: Follow-up after 4 messages."))]
+    assert asked[0][0] == {"role": "system", "content": "You are a helpful assistant. The person you are talking with: "
+                                                     "a beekeeper What they want from this chat: keep calm bees."}
+    rejected = read_version(version, "rejected")
+    assert rejected.select("drop_reason", "drop_detail").rows() == [
+        ("template_echo", "turn 2: the simulated user's message holds the template's markup '<|im_start|>'")]
+    assert manifest["steps"][0]["dropped"] == {"template_echo": 1}
+
+
+def test_magpie_mode_on_a_server_needs_the_tokenizer(write_recipe, tmp_path):
+    path = write_recipe("name: c\nllm: {backend: scripted}\nsteps:\n  - conversation: {user_mode: magpie, user_llm: "
+                        "{backend: openai, base_url: 'http://127.0.0.1:9/v1', model: sim}}\n")
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path)
+    assert "steps[0].conversation.user_llm.tokenizer" in str(info.value)

@@ -72,9 +72,10 @@ class Step:
         reports it: checked with the recipe, before any model loads."""
         return []
 
-    def check_backend(self, backend) -> None:
+    def check_backend(self, backend, llm: str | None = None) -> None:
         """Raises :class:`~factory.errors.FactoryError` when ``backend`` (checked, a server probed)
-        cannot serve an LLM step: before the run sends any request."""
+        cannot serve an LLM step, as its own model (``llm`` None) or as the other model ``llm``:
+        before the run sends any request."""
 
     def process(self, data: pl.DataFrame, ctx: StepContext | None = None) -> pl.DataFrame:
         raise NotImplementedError

@@ -14,14 +14,15 @@ from __future__ import annotations
 import functools
 import re
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 from ..config import option
 from ..errors import ParseError
-from ..llm.base import Completion, GenerationParams, Request
+from ..llm.base import Completion, GenerationParams, Request, user_turn
 from ..llm.requests import ToLLM
 from .drops import CUT, TRUNCATED, InvalidRow, dropped
 from .llm_step import LLMStep, LLMStepConfig
+from .magpie import require_user_turns, template_echo, tokenizer_problems
 from .prompts import compile_template
 from .truncation import truncation_detail
 
@@ -85,6 +86,14 @@ class ConversationConfig(LLMStepConfig):
     user_template: str | None = option(None, help="The simulated user's prompt, a Jinja template (inline or a .j2 "
                                                   "file); variables: persona, goal, transcript (the messages so far, "
                                                   "role and content), stop_phrase and the row's columns.")
+    user_mode: Literal["prompt", "magpie"] = option(
+        "prompt", help="How the simulated user writes: `prompt` asks the user model, with `user_template`, for the "
+                       "next message; `magpie` has it write the user's turn itself from its chat template after the "
+                       "chat so far (Magpie), with `user_system` (the persona and goal) as the system prompt: more "
+                       "natural follow-ups from small aligned models; needs a backend that applies the template here "
+                       "(transformers, vllm, or a server with llm.tokenizer); the chat runs all `turns`.")
+    user_system: str | None = option(None, help="With user_mode: magpie, the system prompt the user model sees, a "
+                                                "Jinja template (variables: persona, goal and the row's columns).")
     user_temperature: float = option(0.8, help="The simulated user's sampling temperature.", min=0.0, max=5.0)
     user_max_tokens: int = option(128, help="Most tokens per simulated user message (a longer one drops the "
                                             "row as `truncated`).", min=1)
@@ -156,7 +165,7 @@ class Conversation(LLMStep):
 
     name = "conversation"
     Config = ConversationConfig
-    templates: ClassVar[dict[str, str]] = {"user_template": "conversation_user"}
+    templates: ClassVar[dict[str, str]] = {"user_template": "conversation_user", "user_system": "conversation_user_system"}
     extra_llms: ClassVar[dict[str, str]] = {USER: "user_llm"}  # the simulated user's model, from option user_llm
 
     def __init__(self, config, **kwargs):
@@ -166,8 +175,21 @@ class Conversation(LLMStep):
     def produces(self):
         return [self.config.output_column, self.config.turns_column]
 
+    def check_llm(self, llm):
+        return tokenizer_problems(self.extra_llm_configs.get(USER), ("user_llm", "tokenizer")) \
+            if self.config.user_mode == "magpie" else []
+
+    def check_backend(self, backend, llm=None):
+        if llm == USER and self.config.user_mode == "magpie":
+            require_user_turns(self, backend)
+
     def user_request(self, chat: Chat) -> Request:
         c = self.config
+        if c.user_mode == "magpie":
+            system = self.render(chat.row, "user_system", persona=chat.persona, goal=chat.goal)
+            params = GenerationParams(temperature=c.user_temperature, top_p=c.top_p, max_tokens=c.user_max_tokens,
+                                      max_tokens_option="user_max_tokens")
+            return Request([{"role": "system", "content": system}, *chat.transcript(), user_turn()], params)
         prompt = self.render(chat.row, "user_template", persona=chat.persona, goal=chat.goal,
                              transcript=chat.transcript(), stop_phrase=c.stop_phrase)
         params = GenerationParams(temperature=c.user_temperature, top_p=c.top_p, max_tokens=c.user_max_tokens,
@@ -258,8 +280,11 @@ def take_user_reply(step: Conversation, chat: Chat, completion: Completion, turn
     reply = completion.texts[0]
     try:
         message = clean_user_reply(reply, c.stop_phrase)
+        echo = template_echo(message, None) if message is not None and c.user_mode == "magpie" else None
     except ParseError as err:
         return chat.fail(step, err.reason, turn, str(err), reply)
+    if echo:
+        return chat.fail(step, "template_echo", turn, f"the simulated user's message {echo}", reply)
     if message is None:
         if turn == 1:  # a chat needs a first message
             return chat.fail(step, "user_reply_empty", turn, "the simulated user ended the chat before its "

@@ -113,11 +113,9 @@ class Magpie(LLMStep):
     def check_llm(self, llm):
         return tokenizer_problems(llm)
 
-    def check_backend(self, backend):
-        if not backend.writes_user_turns:
-            why = backend.user_turn_problem() if hasattr(backend, "user_turn_problem") else \
-                f"the {backend.name} backend cannot have the model write a user's turn"
-            raise FactoryError(f"{self.label}: {why}")
+    def check_backend(self, backend, llm=None):
+        if llm is None:
+            require_user_turns(self, backend)
 
     def requires(self):
         source = self.config.system
@@ -221,13 +219,22 @@ def system_problems(step: Magpie) -> list[tuple[str, str, str]]:
     return []
 
 
-def tokenizer_problems(llm) -> list[tuple[str, tuple, str]]:
+def tokenizer_problems(llm, key: tuple = ("llm", "tokenizer")) -> list[tuple[str, tuple, str]]:
     """A server whose model's chat template is not at hand here cannot be asked for a user's turn."""
-    if llm.backend == "openai" and not (llm.tokenizer or os.path.isdir(os.path.expanduser(llm.model))):
-        return [("magpie has the model write the user's turn from its chat template, applied here, and the "
-                 "served model's tokenizer is not at hand", ("llm", "tokenizer"), "set llm.tokenizer to a local "
-                 "folder with it (`factory model export-embedded DIR` writes the embedded model's)")]
+    if llm is not None and llm.backend == "openai" and not (
+            llm.tokenizer or os.path.isdir(os.path.expanduser(llm.model))):
+        return [("the model writes the user's turn from its chat template (Magpie), applied here, and the "
+                 "served model's tokenizer is not at hand", key, f"set {'.'.join(key)} to a local folder with it "
+                 "(`factory model export-embedded DIR` writes the embedded model's)")]
     return []
+
+
+def require_user_turns(step, backend) -> None:
+    """Raises :class:`FactoryError` (with the fix) when ``backend`` cannot have its model write a user's turn."""
+    if not backend.writes_user_turns:
+        why = backend.user_turn_problem() if hasattr(backend, "user_turn_problem") else \
+            f"the {backend.name} backend cannot have the model write a user's turn"
+        raise FactoryError(f"{step.label}: {why}")
 
 
 def user_params(c: MagpieConfig) -> GenerationParams:
