@@ -74,6 +74,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/code_verify.py
 	$(BIN)/python bench/math_verify.py --keys
 	$(BIN)/python bench/viewer.py
+	$(BIN)/python bench/magpie_diversity.py --rows 40
 
 # make gpu-check: packs what bench/gpu_check.py needs on a GPU machine without network into
 # .gpu-check/travel (ignored by git: the factory's dependencies the GPU image lacks, for its
