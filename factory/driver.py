@@ -171,7 +171,7 @@ class Driver:
         """Checks every backend the recipe uses (server reachable, GPU present) before any work."""
         for step in recipe.steps:
             if step.uses_llm:
-                for name, config in [(None, step.llm_config), *extra_llm_configs(step).items()]:
+                for name, config in [(None, step.llm_config), *step.extra_llm_configs.items()]:
                     backend = self.backends.get(config)
                     backend.check()
                     step.check_backend(backend, name)
@@ -317,7 +317,7 @@ class Driver:
             stats = StepStats(step.index, step.name, step.label, step.kind, rows_in=table.height)
             session = LLMSession(step.llm_config, self.cache, seed, self.backends, budget=self.budget,
                                  ledger=None if self.ledger is None else self.ledger.setdefault(step.index, []),
-                                 extras=extra_llm_configs(step)) if step.uses_llm else None
+                                 extras=step.extra_llm_configs) if step.uses_llm else None
             usage = Usage() if session else None
             began = time.perf_counter()
             try:
@@ -454,11 +454,6 @@ class Driver:
 
 USAGE_FIELDS = tuple(f.name for f in dataclasses.fields(Usage))
 GROWTH_MARGIN = 1.2  # a pass of output.rows reads 20% more candidates than the acceptance so far says it needs
-
-
-def extra_llm_configs(step) -> dict:
-    """The step's other models (name -> validated llm config), beside its own ``llm_config``."""
-    return dict(getattr(step, "extra_llm_configs", None) or {})
 
 
 def llm_facts(session: LLMSession, usage: Usage) -> dict:

@@ -167,7 +167,7 @@ class Recipe:
             params = to_dict(step.config)
             if step.uses_llm:
                 params["llm"] = to_dict(step.llm_config)
-                for name, key in getattr(step, "extra_llms", {}).items():
+                for name, key in step.extra_llms.items():
                     params[key] = to_dict(step.extra_llm_configs[name])
             steps.append({step.name: params})
         return {
@@ -194,7 +194,7 @@ class Recipe:
                                                        ("steps", step.index, step.name, "llm"), problems))
                  if step.uses_llm else step for step in self.steps]
         for step in steps:
-            if getattr(step, "extra_llms", None):  # its other models are merged over the new default too
+            if step.uses_llm and step.extra_llms:  # its other models are merged over the new default too
                 step.extra_llm_configs = {
                     name: build_llm_config(merge_llm(to_dict(llm), getattr(step.config, key)),
                                            ("steps", step.index, step.name, key), problems)
@@ -224,6 +224,5 @@ def models_of(steps: list[Step]) -> list[str]:
     steps use, in step order."""
     return list(dict.fromkeys(str(getattr(config, "model", config.backend))
                               for step in steps if step.uses_llm and step.llm_config is not None
-                              for config in [step.llm_config,
-                                             *(getattr(step, "extra_llm_configs", None) or {}).values()]))
+                              for config in [step.llm_config, *step.extra_llm_configs.values()]))
 

@@ -188,7 +188,7 @@ def build_extra_llms(step: Step, llm_data: dict, path: tuple, problems: list[Pro
     `llm:` mapping, e.g. ``{"user": "user_llm"}``); each option is merged over the recipe's ``llm``
     (unset: the recipe's model) and its errors are located at the option (``steps[i].key.user_llm``)."""
     extras = {}
-    for name, key in getattr(step, "extra_llms", {}).items():
+    for name, key in step.extra_llms.items():
         override = getattr(step.config, key)
         config = build_llm_config(merge_llm(llm_data, override), path + (key,), problems)
         if config is not None:

@@ -117,6 +117,7 @@ class OpenAIBackend(Backend):
         self._probe_lock: asyncio.Lock | None = None
         self._timeout = None
         self._tokenizer = _UNSET
+        self._user_turn_end = _UNSET
 
     @property
     def model_id(self) -> str:
@@ -348,6 +349,13 @@ class OpenAIBackend(Backend):
                           "the served model's folder)", file=sys.stderr)
         return self._tokenizer
 
+    def _turn_end(self) -> str | None:
+        """The text that ends a user's turn in the served model's template (read once: a stop of every
+        request that has the model write a user's turn)."""
+        if self._user_turn_end is _UNSET:
+            self._user_turn_end = end_of_user_turn(self._chat_template())
+        return self._user_turn_end
+
     def _render(self, conv: Conversation) -> str:
         return self._chat_template().apply_chat_template(conv, tokenize=False, continue_final_message=True)
 
@@ -397,7 +405,7 @@ class OpenAIBackend(Backend):
         if writes_user(conv):
             payload["prompt"] = render_user_turn(self._chat_template(), conv)
             del payload["messages"]
-            end = end_of_user_turn(self._chat_template())
+            end = self._turn_end()
             if end and end not in params.stop:
                 payload["stop"] = list(params.stop) + [end]
         elif prefix is not None:

@@ -37,12 +37,16 @@ class Step:
     kind: ClassVar[str] = "row"
     version: ClassVar[str] = "1"  # bump when a change in behaviour must invalidate cached results
     uses_llm: ClassVar[bool] = False
+    # Other models an LLM step asks beside its own: name -> the option that holds that model's `llm:`
+    # (resolved, with its own, into ``extra_llm_configs``; see :class:`~factory.llm.requests.ToLLM`).
+    extra_llms: ClassVar[dict[str, str]] = {}
 
     def __init__(self, config: Any, *, index: int = 0, seed: int = 0, base_dir: Path | None = None):
         self.config = config
         self.index = index
         self.seed = seed
         self.base_dir = base_dir or Path.cwd()
+        self.extra_llm_configs: dict = {}  # the validated configs of its extra_llms, by name
         # The step's key path in the recipe: what its stats, drops, errors and manifest entry are named by.
         self.label = format_path(("steps", index, self.name))
 

@@ -168,10 +168,6 @@ class Conversation(LLMStep):
     templates: ClassVar[dict[str, str]] = {"user_template": "conversation_user", "user_system": "conversation_user_system"}
     extra_llms: ClassVar[dict[str, str]] = {USER: "user_llm"}  # the simulated user's model, from option user_llm
 
-    def __init__(self, config, **kwargs):
-        super().__init__(config, **kwargs)
-        self.extra_llm_configs: dict = {}  # set when the recipe is resolved
-
     def produces(self):
         return [self.config.output_column, self.config.turns_column]
 
