@@ -46,6 +46,13 @@ class GenerationParams:
     # can enforce it while decoding do (:attr:`Backend.enforces_schema`); the LLM path checks every
     # reply either way and asks again about the ones that do not match.
     json_schema: str | None = None
+    # Tool use: the canonical JSON text of the OpenAI tool definitions the model may call, and
+    # ``tool_choice`` (``auto``, or ``none`` for an answer in text). A backend that takes tools natively
+    # (:meth:`Backend.takes_tools`: a server's ``tools`` field) gets them so; every other gets the chat
+    # rewritten with the tools in its system prompt (:func:`factory.tools.prompt_messages`) and holds
+    # the reply to ``json_schema``. Replies are JSON either way (:func:`factory.tools.read_reply`).
+    tools: str | None = None
+    tool_choice: str = "auto"
     # How many times the LLM path asks the model to go on with a reply cut at max_tokens (it
     # is not sent to backends, and not part of the sampling key: the first reply is the same).
     continuations: int = 0
@@ -70,7 +77,8 @@ class GenerationParams:
     def sampling_key(self) -> tuple:
         """Everything but the seed: requests with equal keys can share a batch."""
         return (self.n, self.temperature, self.top_p, self.max_tokens, self.stop, self.regex) + \
-            ((self.json_schema,) if self.json_schema else ())  # cache keys of plain requests stay as they were
+            ((self.json_schema,) if self.json_schema else ()) + \
+            ((self.tools, self.tool_choice) if self.tools else ())  # cache keys of plain requests stay as they were
 
 
 @dataclass(frozen=True)
@@ -213,6 +221,12 @@ class Backend:
     def writes_user_turns(self) -> bool:
         """Whether the backend can have the model write a user's turn (:func:`user_turn`): it applies
         the chat template itself, so the model can go on from the start of a user turn."""
+        return False
+
+    def takes_tools(self) -> bool:
+        """Whether requests with ``params.tools`` go to the model natively (a server's ``tools``
+        field, its ``tool_calls`` read back as the reply JSON); False: the LLM path writes the tools
+        into the chat (:func:`factory.tools.prompt_messages`) before the backend sees it."""
         return False
 
     @property

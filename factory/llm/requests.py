@@ -328,6 +328,7 @@ class LLMClient:
             return []
         model_id = self.backend.model_id
         keys, seeded = [], []
+        native_tools = None  # asked of the backend at the first request with tools
         heads: dict[int, str] = {}  # per distinct parameters: the start of the JSON the request's key digests
         for request in requests:
             params = request.params
@@ -339,7 +340,13 @@ class LLMClient:
             asked[what] = before + 1
             seed = seed_of(f"{self.seed}:{what}:{before}")
             keys.append(digest(f"{model_id}:{seed}:{what}"))
-            seeded.append(Request(request.messages, params.with_seed(seed)))
+            messages = request.messages
+            if params.tools:  # the cache key is of the chat as asked; the backend gets what it can read
+                if native_tools is None:
+                    native_tools = self.backend.takes_tools()
+                if not native_tools:
+                    messages = _tools_in_prompt(messages, params.tools)
+            seeded.append(Request(messages, params.with_seed(seed)))
         journal = self.cache.journal("llm", fingerprint(keys))
         cached = journal.read()
         # A reply cached without its finish reasons (by an older version) cannot tell whether it
@@ -425,6 +432,12 @@ class LLMClient:
     def _progress(self, count: int) -> None:
         if self.on_progress is not None and count:
             self.on_progress(count)
+
+
+def _tools_in_prompt(messages: list, tools_text: str) -> list:
+    from ..tools import prompt_messages
+
+    return prompt_messages(messages, _schema(tools_text))
 
 
 @lru_cache(maxsize=64)

@@ -1,0 +1,509 @@
+"""Tools for tool-use data: their definitions, their implementations, and how a model calls them.
+
+* **Definitions** are OpenAI's function tools (``{"type": "function", "function": {"name",
+  "description", "parameters"}}``, the parameters a JSON Schema), read from a JSON or YAML file
+  (a list, or ``{"tools": [...]}``; a bare ``{"name", ...}`` is taken as the function part) or
+  from a row's ``tools`` column (JSON text or a list). A file's problems are reported at its
+  ``file:line`` (:func:`load_tools`).
+* **Implementations** are the functions of a Python file the recipe names, one per tool name
+  (:class:`Implementations`); they run in the sandbox the code verifier uses
+  (:mod:`factory.sandbox`: a process per call, a wall-clock limit, no network unless allowed), with
+  the arguments as keyword arguments and ``__file__`` set, so that a tool can read files beside it.
+* **Replies**: a model that is not given the tools natively (by a server's ``tools`` field) gets
+  them in its system prompt and answers with one JSON object (:func:`reply_schema`, enforced while
+  decoding on ``transformers``, ``vllm`` and servers that take a JSON Schema): either
+  ``{"tool_calls": [{"name": ..., "arguments": {...}}, ...]}`` (several calls in one reply are
+  parallel calls) or ``{"answer": "..."}``. A server that takes ``tools`` answers with OpenAI's
+  ``tool_calls``, which its backend writes as the same JSON (:func:`native_reply_text`): the
+  steps read one format (:func:`read_reply`).
+* **Messages** keep OpenAI's tool format (an assistant message with ``tool_calls``, each call's
+  ``arguments`` JSON text; a ``tool`` message per result with its ``tool_call_id``);
+  :func:`prompt_messages` writes such a chat as plain messages for a model that is not given the
+  tools natively.
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import FactoryError, ParseError
+
+TOOL_CALLS = "tool_calls"
+ANSWER = "answer"
+FORMAT = "format"  # drop reason: a call that does not parse, names no tool, or fails its schema
+EXECUTION = "execution"  # drop reason: an implementation raised, hung, or a simulated result was not JSON
+SEMANTIC = "semantic"  # drop reason: the judge found that the calls and results do not answer the request
+_KW_CALL = "__factory_tool_call__"  # the sandbox calls the tool by name with keyword arguments through it
+_KW_HELPER = f"def {_KW_CALL}(name, arguments):\n    return globals()[name](**arguments)\n"
+
+
+class ToolsError(FactoryError):
+    """A tools file or an implementations file that cannot be used (message at file:line)."""
+
+
+# -- definitions -------------------------------------------------------------------------------
+
+def normalize(entry: Any) -> dict:
+    """A tool definition in OpenAI's layout (``{"type": "function", "function": {...}}``); a bare
+    function part (``{"name", "description", "parameters"}``) is wrapped. Raises ValueError."""
+    if not isinstance(entry, dict):
+        raise ValueError(f"a tool must be a mapping, got {type(entry).__name__}")
+    function = entry.get("function") if entry.get("type") == "function" or "function" in entry else entry
+    if not isinstance(function, dict):
+        raise ValueError("`function` must be a mapping of name, description and parameters")
+    name = function.get("name")
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError("the tool has no `name`")
+    if not name.replace("_", "").replace("-", "").replace(".", "").isalnum():
+        raise ValueError(f"the tool name {name!r} has characters other than letters, digits, _ - and . "
+                         "(OpenAI's rule for function names)")
+    parameters = function.get("parameters", {"type": "object", "properties": {}})
+    if not isinstance(parameters, dict):
+        raise ValueError("`parameters` must be a JSON Schema (a mapping)")
+    if parameters.get("type", "object") != "object":
+        raise ValueError(f"`parameters` must be an object schema (type: object), got type {parameters.get('type')!r}")
+    from jsonschema import Draft202012Validator
+    from jsonschema.exceptions import SchemaError
+
+    try:
+        Draft202012Validator.check_schema(parameters)
+    except SchemaError as err:
+        where = "parameters" + "".join(f".{p}" for p in err.absolute_path)
+        raise ValueError(f"`{where}` is not valid JSON Schema: {err.message}") from None
+    out = {"name": name, "description": str(function.get("description") or ""), "parameters": parameters}
+    if "returns" in function:  # a non-standard schema of the result: the simulator is held to it
+        out["returns"] = function["returns"]
+    return {"type": "function", "function": out}
+
+
+def load_tools(path: str | Path) -> list[dict]:
+    """The tool definitions in a JSON or YAML file.
+
+    Raises:
+        ToolsError: the file is missing or unreadable, or a tool is not valid (``file:line: tool i
+            (name): problem``), or two tools share a name.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ToolsError(f"{path}: no such tools file")
+    text = path.read_text(encoding="utf-8")
+    lines = _lines(text)
+    try:
+        data = json.loads(text)
+    except ValueError as err:
+        if path.suffix.lower() == ".json":
+            raise ToolsError(f"{path}:{err.lineno}: not valid JSON: {err.msg}") from None
+        import yaml
+
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as yerr:
+            mark = getattr(yerr, "problem_mark", None)
+            raise ToolsError(f"{path}:{mark.line + 1 if mark else 1}: neither JSON nor YAML: "
+                             f"{getattr(yerr, 'problem', None) or yerr}") from None
+    prefix: tuple = ()
+    if isinstance(data, dict) and "tools" in data:
+        data, prefix = data["tools"], ("tools",)
+    if not isinstance(data, list) or not data:
+        raise ToolsError(f"{path}:1: a tools file holds a non-empty list of tool definitions (or {{tools: [...]}}), "
+                         f"got {type(data).__name__ if data else 'nothing'}")
+    return check_tools(data, str(path), {k[len(prefix):]: v for k, v in lines.items() if k[:len(prefix)] == prefix})
+
+
+def check_tools(entries: list, where: str, lines: dict | None = None) -> list[dict]:
+    """``entries`` as normalized definitions, or ToolsError naming each bad one (with its line
+    in ``where`` when ``lines`` maps key paths to lines)."""
+    lines = lines or {}
+    tools, problems, seen = [], [], {}
+    for i, entry in enumerate(entries):
+        try:
+            tool = normalize(entry)
+        except ValueError as err:
+            name = _raw_name(entry)
+            line = lines.get((i,))
+            problems.append(f"{where}{f':{line}' if line else ''}: tool {i}{f' ({name})' if name else ''}: {err}")
+            continue
+        name = tool["function"]["name"]
+        if name in seen:
+            line = lines.get((i,))
+            problems.append(f"{where}{f':{line}' if line else ''}: tool {i} ({name}): the name is taken by tool "
+                            f"{seen[name]}; each tool needs its own name")
+            continue
+        seen[name] = i
+        tools.append(tool)
+    if problems:
+        raise ToolsError("; ".join(problems))
+    return tools
+
+
+def _raw_name(entry: Any) -> str | None:
+    if isinstance(entry, dict):
+        function = entry.get("function") if isinstance(entry.get("function"), dict) else entry
+        name = function.get("name")
+        return name if isinstance(name, str) and name else None
+    return None
+
+
+def _lines(text: str) -> dict[tuple, int]:
+    """Key paths of a JSON/YAML text mapped to their lines (empty when YAML cannot read it)."""
+    from .errors import RecipeError
+    from .recipe import parse_yaml
+
+    try:
+        return parse_yaml(text, "<tools>")[1]
+    except RecipeError:
+        return {}
+
+
+def tools_of(value: Any) -> list[dict]:
+    """A row's ``tools`` value (JSON text or a list of definitions) as normalized definitions.
+    Raises ValueError (with what is wrong) for anything else."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError as err:
+            raise ValueError(f"the tools are not JSON: {err}") from None
+    if isinstance(value, dict) and "tools" in value:
+        value = value["tools"]
+    if not isinstance(value, list):
+        raise ValueError(f"the tools must be a list of definitions, got {type(value).__name__}")
+    try:
+        return check_tools(value, "the row's tools")
+    except ToolsError as err:
+        raise ValueError(str(err)) from None
+
+
+def tools_text(tools: list[dict]) -> str:
+    """Definitions as compact JSON text (what rows, requests and cache keys carry)."""
+    return json.dumps(tools, ensure_ascii=False, separators=(",", ":"))
+
+
+def by_name(tools: list[dict]) -> dict[str, dict]:
+    return {t["function"]["name"]: t["function"] for t in tools}
+
+
+# -- implementations ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class CallResult:
+    """What running one call gave: ``ok`` and the result as JSON text, or the error."""
+
+    ok: bool
+    content: str = ""
+    error: str = ""
+
+
+class Implementations:
+    """The functions of one Python file, run by tool name in the sandbox.
+
+    Args:
+        path: the file (read once; never imported into this process).
+        timeout: seconds one call may take (its process is killed after).
+        memory_mb: address space of a call's process.
+        network: whether calls may reach the network (an implementation that calls an API).
+    """
+
+    def __init__(self, path: str | Path, timeout: float = 5.0, memory_mb: int = 1024, network: bool = False):
+        self.path = Path(path).resolve()
+        self.code = self.path.read_text(encoding="utf-8")
+        self.functions = top_level_functions(self.code, str(self.path))
+        self.timeout, self.memory_mb, self.network = timeout, memory_mb, network
+
+    def has(self, name: str) -> bool:
+        return name in self.functions
+
+    def limits(self):
+        from .sandbox import Limits
+
+        return Limits(time=self.timeout, memory_mb=self.memory_mb, network=self.network)
+
+    def program(self, calls: list[tuple[str, dict]]):
+        from .sandbox import Program
+
+        return Program(self.code, setup=(f"__file__ = {str(self.path)!r}\n", _KW_HELPER),
+                       calls=tuple((_KW_CALL, (name, arguments)) for name, arguments in calls))
+
+    def check_imports(self) -> str | None:
+        """Why the file cannot be loaded (its error at file:line), or None: it runs in the sandbox."""
+        from .sandbox import run_program
+
+        from .sandbox import Program
+
+        # The file runs under its own name, so that the line that failed is known.
+        loader = (f"import traceback as _tb\n_path, _code = {str(self.path)!r}, {self.code!r}\n"
+                  "try:\n    exec(compile(_code, _path, 'exec'), {'__file__': _path, '__name__': 'tools'})\n"
+                  "except BaseException as _err:\n"
+                  "    _lines = [f.lineno for f in _tb.extract_tb(_err.__traceback__) if f.filename == _path]\n"
+                  "    print('LINE', _lines[-1] if _lines else getattr(_err, 'lineno', None) or '', flush=True)\n"
+                  "    raise\n")
+        result = run_program(Program(loader, calls=(("str", (1,)),)), self.limits())
+        if result.completed:
+            return None
+        line = next((part[5:].strip() for part in result.stdout.splitlines() if part.startswith("LINE ")), "")
+        return f"{self.path}{':' + line if line else ''}: " \
+               f"{describe_failure(result, self.timeout, 'loading the file')}"
+
+    def run(self, calls: list[tuple[str, dict]]) -> list[CallResult]:
+        """Each call run on its own (a process each, side by side), results in order."""
+        from .sandbox import run_many
+
+        results = run_many([self.program([call]) for call in calls], self.limits())
+        out = []
+        for (name, _), result in zip(calls, results):
+            record = result.first("call")
+            if record is not None and record[2] == "ok":
+                out.append(CallResult(True, record[3]))
+            elif record is not None:
+                detail = record[4] if len(record) > 4 and record[4] else record[3] if len(record) > 3 else "an error"
+                out.append(CallResult(False, error=f"{name} raised {detail}"))
+            else:
+                out.append(CallResult(False, error=f"{name}: {describe_failure(result, self.timeout, 'the call')}"))
+        return out
+
+
+def top_level_functions(code: str, where: str) -> set[str]:
+    """The names of the functions a file defines at its top level.
+
+    Raises:
+        ToolsError: the file does not parse (at its line).
+    """
+    try:
+        tree = ast.parse(code, filename=where)
+    except SyntaxError as err:
+        raise ToolsError(f"{where}:{err.lineno}: {err.msg}") from None
+    return {node.name for node in tree.body if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))}
+
+
+def describe_failure(result, timeout: float, what: str) -> str:
+    if result.outcome == "timeout":
+        return f"{what} did not finish within {timeout:g} s"
+    if result.outcome == "output_limit":
+        return f"{what} printed past the output limit"
+    error = result.first("error")
+    if error is not None:
+        return f"{what} raised {error[3]}" if len(error) > 3 else f"{what} failed ({error})"
+    exited = result.first("exit")
+    if exited is not None:
+        return f"{what} exited with status {exited[1]}"
+    return f"{what} ended with {result.outcome}" + (f" ({result.signal})" if result.signal else "") + \
+        (f": {result.stderr.strip().splitlines()[-1]}" if result.stderr.strip() else "")
+
+
+# -- replies -----------------------------------------------------------------------------------
+
+def reply_schema(tools: list[dict], calls: bool = True, answer: bool = True, max_parallel: int = 4) -> dict:
+    """The JSON Schema of a reply: calls to the tools (each call's arguments held to its tool's
+    parameters; up to ``max_parallel`` in one reply) or an answer in text."""
+    options = []
+    if calls and tools:
+        call_shapes = [{"type": "object", "properties": {"name": {"const": t["function"]["name"]},
+                                                         "arguments": t["function"]["parameters"]},
+                        "required": ["name", "arguments"], "additionalProperties": False} for t in tools]
+        options.append({"type": "object", "properties": {TOOL_CALLS: {
+            "type": "array", "minItems": 1, "maxItems": max_parallel,
+            "items": call_shapes[0] if len(call_shapes) == 1 else {"anyOf": call_shapes}}},
+            "required": [TOOL_CALLS], "additionalProperties": False})
+    if answer or not options:
+        options.append({"type": "object", "properties": {ANSWER: {"type": "string", "minLength": 1}},
+                        "required": [ANSWER], "additionalProperties": False})
+    return options[0] if len(options) == 1 else {"anyOf": options}
+
+
+@dataclass
+class Reply:
+    """A model's reply read: the calls it makes (name, arguments: a mapping, or the raw text when
+    it did not parse), or its answer."""
+
+    calls: list[dict]
+    answer: str | None = None
+
+
+def read_reply(text: str) -> Reply:
+    """The calls or the answer in a reply (see the module's docstring for the format). A reply
+    with no JSON object at all is an answer in text (what models without tools write).
+
+    Raises:
+        ParseError: (``format``) JSON that is neither calls nor an answer.
+    """
+    from .llm.schema import extract_json
+
+    try:
+        value = extract_json(text)
+    except ParseError:
+        if '"tool_calls"' in text or '"name"' in text:
+            raise ParseError("the reply starts a tool call that is not valid JSON", reason=FORMAT) from None
+        if not text.strip():
+            raise ParseError("the reply is empty", reason=FORMAT) from None
+        return Reply([], text.strip())
+    if isinstance(value, dict) and TOOL_CALLS in value:
+        calls = value[TOOL_CALLS]
+        if not isinstance(calls, list) or not calls:
+            raise ParseError("`tool_calls` is not a non-empty list of calls", reason=FORMAT)
+        out = []
+        for k, call in enumerate(calls):
+            if not isinstance(call, dict) or not isinstance(call.get("name"), str):
+                raise ParseError(f"call {k} is not an object with a `name`", reason=FORMAT)
+            arguments = call.get("arguments", {})
+            if isinstance(arguments, str):  # OpenAI's layout: arguments as JSON text
+                try:
+                    arguments = json.loads(arguments) if arguments.strip() else {}
+                except ValueError:
+                    pass  # kept as text: the format check says what is wrong
+            out.append({"name": call["name"], "arguments": arguments})
+        return Reply(out)
+    if isinstance(value, dict) and isinstance(value.get(ANSWER), str):
+        if not value[ANSWER].strip():
+            raise ParseError("the answer is empty", reason=FORMAT)
+        return Reply([], value[ANSWER].strip())
+    raise ParseError("the reply is JSON but neither {\"tool_calls\": [...]} nor {\"answer\": ...}", reason=FORMAT)
+
+
+def call_problem(call: dict, tools: dict[str, dict]) -> str | None:
+    """Why a call is not well formed (an unknown tool, arguments that are not an object or fail
+    the tool's schema: jsonschema's message and where), or None."""
+    name = call["name"]
+    if name not in tools:
+        return f"calls {name!r}, which is not one of the tools offered ({', '.join(sorted(tools))})"
+    arguments = call["arguments"]
+    if not isinstance(arguments, dict):
+        return f"{name}: the arguments are not a JSON object ({str(arguments)[:80]!r})"
+    errors = sorted(_validator(json.dumps(tools[name]["parameters"], sort_keys=True)).iter_errors(arguments),
+                    key=lambda e: list(e.absolute_path))
+    if errors:
+        err = errors[0]
+        at = "".join(f"[{p!r}]" if isinstance(p, int) else f".{p}" for p in err.absolute_path)
+        return f"{name}: arguments{at}: {err.message}"
+    return None
+
+
+@functools.lru_cache(maxsize=256)
+def _validator(schema_text: str):
+    from jsonschema import Draft202012Validator
+
+    return Draft202012Validator(json.loads(schema_text))
+
+
+def call_id(seed: str, turn: int, k: int) -> str:
+    """A call's id (OpenAI's ``call_...``), stable for a row, turn and position."""
+    from .hashing import digest
+
+    return "call_" + digest(f"{seed}:{turn}:{k}")[:16]
+
+
+def assistant_message(calls: list[dict], ids: list[str], content: str | None = None) -> dict:
+    """The assistant's turn that makes ``calls``, in OpenAI's layout (arguments as JSON text)."""
+    return {"role": "assistant", "content": content or "", TOOL_CALLS: [
+        {"id": i, "type": "function", "function": {
+            "name": call["name"], "arguments": call["arguments"] if isinstance(call["arguments"], str) else
+            json.dumps(call["arguments"], ensure_ascii=False)}} for call, i in zip(calls, ids)]}
+
+
+def tool_message(call_id_: str, name: str, content: str) -> dict:
+    """A call's result, in OpenAI's layout."""
+    return {"role": "tool", "tool_call_id": call_id_, "name": name, "content": content}
+
+
+# -- tools in the prompt, for models that are not given them natively ----------------------------
+
+TOOLS_PROMPT = (
+    "You can call these tools (JSON Schema of each one's arguments):\n{tools}\n\n"
+    "Reply with one JSON object and nothing else. To call tools: "
+    '{{"tool_calls": [{{"name": "<tool name>", "arguments": {{...}}}}]}} (several calls in the list run in '
+    "parallel). You will get each result in a message that starts with \"Tool result\". When you can answer the "
+    'user, or when no tool helps: {{"answer": "<your answer>"}}.')
+
+
+def tools_prompt(tools: list[dict]) -> str:
+    listed = "\n".join(json.dumps({"name": f["name"], "description": f["description"], "parameters": f["parameters"]},
+                                  ensure_ascii=False) for f in (t["function"] for t in tools))
+    return TOOLS_PROMPT.format(tools=listed)
+
+
+def prompt_messages(messages: list[dict], tools: list[dict]) -> list[dict]:
+    """A chat in OpenAI's tool layout as plain messages: the tools and the reply format in the
+    system prompt (after the chat's own), each assistant turn's calls as the JSON reply it was,
+    and the results of each round of calls as one user message."""
+    system = tools_prompt(tools)
+    out: list[dict] = []
+    results: list[str] = []
+
+    def flush():
+        if results:
+            out.append({"role": "user", "content": "\n".join(results)})
+            results.clear()
+
+    for message in messages:
+        role = message.get("role")
+        if role == "tool":
+            results.append(f"Tool result ({message.get('name') or 'tool'}, {message.get('tool_call_id')}): "
+                           f"{message.get('content')}")
+            continue
+        flush()
+        if role == "system":
+            system = f"{message.get('content') or ''}\n\n{system}".strip()
+        elif role == "assistant" and message.get(TOOL_CALLS):
+            calls = [{"name": c["function"]["name"], "arguments": _arguments_value(c["function"]["arguments"])}
+                     for c in message[TOOL_CALLS]]
+            out.append({"role": "assistant", "content": json.dumps({TOOL_CALLS: calls}, ensure_ascii=False)})
+        else:
+            out.append({"role": role, "content": message.get("content") or ""})
+    flush()
+    return [{"role": "system", "content": system}] + out
+
+
+def _arguments_value(arguments: Any) -> Any:
+    if isinstance(arguments, str):
+        try:
+            return json.loads(arguments)
+        except ValueError:
+            return arguments
+    return arguments
+
+
+def native_reply_text(message: dict) -> str:
+    """A server's assistant message (OpenAI's ``tool_calls``, or content) as the reply JSON the
+    steps read."""
+    calls = message.get(TOOL_CALLS) or []
+    if calls:
+        return json.dumps({TOOL_CALLS: [{"name": (c.get("function") or {}).get("name"),
+                                          "arguments": (c.get("function") or {}).get("arguments")}
+                                         for c in calls]}, ensure_ascii=False)
+    return json.dumps({ANSWER: message.get("content") or ""}, ensure_ascii=False)
+
+
+def native_messages(messages: list[dict]) -> list[dict]:
+    """A chat as a server that takes tools reads it: the keys each role has, nothing empty."""
+    out = []
+    for m in messages:
+        role = m.get("role")
+        msg = {"role": role, "content": m.get("content") if m.get("content") is not None else ""}
+        if role == "assistant" and m.get(TOOL_CALLS):
+            msg[TOOL_CALLS] = [{"id": c["id"], "type": "function", "function": dict(c["function"])}
+                               for c in m[TOOL_CALLS]]
+        if role == "tool":
+            msg["tool_call_id"] = m.get("tool_call_id")
+            if m.get("name"):
+                msg["name"] = m["name"]
+        out.append(msg)
+    return out
+
+
+def clean_messages(messages: list[dict]) -> list[dict]:
+    """Messages read back from a table (every key of every message, missing ones None) with the
+    keys each message really has: what exports and chat templates expect."""
+    out = []
+    for m in messages or []:
+        m = {k: v for k, v in m.items() if v is not None}
+        if m.get(TOOL_CALLS):
+            m[TOOL_CALLS] = [{k: v for k, v in c.items() if v is not None} for c in m[TOOL_CALLS]]
+        elif TOOL_CALLS in m:
+            del m[TOOL_CALLS]
+        if m.get("role") == "assistant" and TOOL_CALLS in m and "content" not in m:
+            m["content"] = ""
+        out.append(m)
+    return out
