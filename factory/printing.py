@@ -102,7 +102,7 @@ def format_rows(table: pl.DataFrame, picks: list[int], width: int = 110, indent:
     for n, i in enumerate(picks, 1):
         row = table.row(i, named=True)
         if row.get("messages"):
-            fields = [(turn["role"], turn["content"]) for turn in row["messages"]]
+            fields = [(turn["role"], turn_text(turn)) for turn in row["messages"]]
         else:
             fields = [(name, value) for name, value in row.items() if not name.startswith("_")]
         for k, (name, value) in enumerate(fields):
@@ -111,6 +111,14 @@ def format_rows(table: pl.DataFrame, picks: list[int], width: int = 110, indent:
             room = max(width - len(head), 12)
             lines.append(head + (text if len(text) <= room else text[:room - 3] + "..."))
     return lines
+
+
+def turn_text(turn: dict) -> str:
+    """A chat turn as one line: its text, or the tool calls it makes (``name(arguments)``)."""
+    calls = turn.get("tool_calls")
+    if calls:
+        return "; ".join(f"{c['function']['name']}({c['function']['arguments']})" for c in calls)
+    return turn.get("content") or ""
 
 
 def format_examples(table: pl.DataFrame, count: int = 3, width: int = 110) -> str:

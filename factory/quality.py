@@ -97,7 +97,7 @@ def text_parts(table: pl.DataFrame) -> dict:
         turns = (table.select(pl.col("messages")).with_row_index("_row").explode("messages")
                  .select("_row", pl.col("messages").struct.field("role").alias("role"),
                          pl.col("messages").struct.field("content").cast(pl.String).alias("content"))
-                 .filter(pl.col("content").is_not_null()))
+                 .filter(pl.col("content").is_not_null() & (pl.col("content") != "")))  # a turn of tool calls only
         rows = pl.DataFrame({"_row": np.arange(table.height, dtype=np.uint32)})
 
         def joined(roles: list[str]) -> pl.Series:

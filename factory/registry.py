@@ -27,6 +27,7 @@ STEPS: dict[str, str] = {
     "grounded_answer": "factory.steps.grounded.grounded_answer:GroundedAnswer",
     "magpie": "factory.steps.magpie:Magpie",
     "personas": "factory.steps.personas:Personas",
+    "tool_queries": "factory.steps.tool_queries:ToolQueries",
     # your own prompt (text or typed columns)
     "generate": "factory.steps.generate:Generate",
     # distilabel's task library (optional extra: dataset-factory[distilabel])
@@ -34,6 +35,7 @@ STEPS: dict[str, str] = {
     # solving and verifying
     "solve": "factory.steps.solve:Solve",
     "conversation": "factory.steps.conversation:Conversation",
+    "tool_calls": "factory.steps.tool_calls:ToolCalls",
     "verify": "factory.steps.verify:Verify",
     "reward_model": "factory.steps.reward_model:RewardModel",
     # judging
