@@ -35,7 +35,7 @@ def calculator(expression):
     try:
         tree = ast.parse(expression.strip(), mode="eval")
     except SyntaxError as err:
-        raise ValueError(f"cannot read the expression {expression!r}: {err.msg} at column {err.offset}") from None
+        raise ValueError(f"cannot read the expression {expression!r}: {err.msg}") from None
     except RecursionError:
         raise ValueError("the expression is nested too deeply") from None
     try:
