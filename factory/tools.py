@@ -27,6 +27,7 @@ from __future__ import annotations
 import ast
 import functools
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,7 @@ EXECUTION = "execution"  # drop reason: an implementation raised, hung, or a sim
 SEMANTIC = "semantic"  # drop reason: the judge found that the calls and results do not answer the request
 _KW_CALL = "__factory_tool_call__"  # the sandbox calls the tool by name with keyword arguments through it
 _KW_HELPER = f"def {_KW_CALL}(name, arguments):\n    return globals()[name](**arguments)\n"
+TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # OpenAI's rule; a server that enforces it refuses others
 
 
 class ToolsError(FactoryError):
@@ -53,14 +55,16 @@ def normalize(entry: Any) -> dict:
     function part (``{"name", "description", "parameters"}``) is wrapped. Raises ValueError."""
     if not isinstance(entry, dict):
         raise ValueError(f"a tool must be a mapping, got {type(entry).__name__}")
-    function = entry.get("function") if entry.get("type") == "function" or "function" in entry else entry
+    # {"type": "function", "name": ...} (the Responses API's flat layout) is a bare function part too
+    function = entry.get("function") if "function" in entry or (
+        entry.get("type") == "function" and "name" not in entry) else entry
     if not isinstance(function, dict):
         raise ValueError("`function` must be a mapping of name, description and parameters")
     name = function.get("name")
     if not isinstance(name, str) or not name.strip():
         raise ValueError("the tool has no `name`")
-    if not name.replace("_", "").replace("-", "").replace(".", "").isalnum():
-        raise ValueError(f"the tool name {name!r} has characters other than letters, digits, _ - and . "
+    if not TOOL_NAME.fullmatch(name):
+        raise ValueError(f"the tool name {name!r} must be 1 to 64 of the characters a-z A-Z 0-9 _ - "
                          "(OpenAI's rule for function names)")
     parameters = function.get("parameters", {"type": "object", "properties": {}})
     if not isinstance(parameters, dict):
@@ -75,10 +79,21 @@ def normalize(entry: Any) -> dict:
     except SchemaError as err:
         where = "parameters" + "".join(f".{p}" for p in err.absolute_path)
         raise ValueError(f"`{where}` is not valid JSON Schema: {err.message}") from None
+    missing = _required_not_allowed(parameters)
+    if missing:
+        raise ValueError(f"`parameters.required` names {missing!r}, which is not in `parameters.properties` while "
+                         "additionalProperties is false: no call could pass; add it to properties or drop it")
     out = {"name": name, "description": str(function.get("description") or ""), "parameters": parameters}
     if "returns" in function:  # a non-standard schema of the result: the simulator is held to it
         out["returns"] = function["returns"]
     return {"type": "function", "function": out}
+
+
+def _required_not_allowed(parameters: dict) -> str | None:
+    properties = parameters.get("properties")
+    if parameters.get("additionalProperties") is not False or not isinstance(properties, dict):
+        return None
+    return next((k for k in parameters.get("required") or () if k not in properties), None)
 
 
 def load_tools(path: str | Path) -> list[dict]:
@@ -91,8 +106,10 @@ def load_tools(path: str | Path) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         raise ToolsError(f"{path}: no such tools file")
-    text = path.read_text(encoding="utf-8")
-    lines = _lines(text)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise ToolsError(f"{path}: cannot read the tools file ({err}); it must be UTF-8 text (JSON or YAML)") from None
     try:
         data = json.loads(text)
     except ValueError as err:
@@ -106,6 +123,9 @@ def load_tools(path: str | Path) -> list[dict]:
             mark = getattr(yerr, "problem_mark", None)
             raise ToolsError(f"{path}:{mark.line + 1 if mark else 1}: neither JSON nor YAML: "
                              f"{getattr(yerr, 'problem', None) or yerr}") from None
+        lines = _lines(text)
+    else:  # JSON is YAML but for tabs, which JSON allows between tokens (never inside strings)
+        lines = _lines(text.replace("\t", " "))
     prefix: tuple = ()
     if isinstance(data, dict) and "tools" in data:
         data, prefix = data["tools"], ("tools",)
@@ -210,7 +230,10 @@ class Implementations:
 
     def __init__(self, path: str | Path, timeout: float = 5.0, memory_mb: int = 1024, network: bool = False):
         self.path = Path(path).resolve()
-        self.code = self.path.read_text(encoding="utf-8")
+        try:
+            self.code = self.path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            raise ToolsError(f"{path}: cannot read the implementations file ({err})") from None
         self.functions = top_level_functions(self.code, str(self.path))
         self.timeout, self.memory_mb, self.network = timeout, memory_mb, network
 
@@ -252,9 +275,16 @@ class Implementations:
         """Each call run on its own (a process each, side by side), results in order."""
         from .sandbox import run_many
 
-        results = run_many([self.program([call]) for call in calls], self.limits())
+        # A call that cannot run is answered here: no process, and a message that says why.
+        refused = [self._refusal(name, arguments) for name, arguments in calls]
+        results = iter(run_many([self.program([call]) for call, why in zip(calls, refused) if why is None],
+                                self.limits()))
         out = []
-        for (name, _), result in zip(calls, results):
+        for (name, _), why in zip(calls, refused):
+            if why is not None:
+                out.append(CallResult(False, error=why))
+                continue
+            result = next(results)
             record = result.first("call")
             if record is not None and record[2] == "ok":
                 out.append(CallResult(True, record[3]))
@@ -264,6 +294,14 @@ class Implementations:
             else:
                 out.append(CallResult(False, error=f"{name}: {describe_failure(result, self.timeout, 'the call')}"))
         return out
+
+    def _refusal(self, name: str, arguments: Any) -> str | None:
+        if not self.has(name):
+            public = ", ".join(sorted(f for f in self.functions if not f.startswith("_"))) or "none"
+            return f"{name}: {self.path.name} has no function {name!r} (its functions: {public})"
+        if not isinstance(arguments, dict):
+            return f"{name}: the arguments are not a JSON object ({str(arguments)[:80]!r})"
+        return None
 
 
 def top_level_functions(code: str, where: str) -> set[str]:
