@@ -123,8 +123,8 @@ def row_tools(table) -> list[list[dict] | None]:
             raise FactoryError(f"row {i}: its `tools` value cannot be exported: {err}; write the row's tools as "
                                "JSON text of OpenAI function tools ([{\"type\": \"function\", \"function\": {...}}]) "
                                "or drop the `tools` column") from None
-        out.append([{"type": "function", "function": {k: t["function"][k] for k in ("name", "description", "parameters")}}
-                    for t in tools] or None)
+        standard = ("name", "description", "parameters")
+        out.append([{"type": "function", "function": {k: t["function"][k] for k in standard}} for t in tools] or None)
     return out
 
 

@@ -93,8 +93,10 @@ def test_openai_export_is_openais_training_layout(tmp_path):
     assert rows[1] == {"messages": [
         {"role": "user", "content": "Weather in Oslo and Rome?"},
         {"role": "assistant", "tool_calls": [
-            {"id": "call_b", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}},
-            {"id": "call_c", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Rome"}'}}]},
+            {"id": "call_b", "type": "function",
+             "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}},
+            {"id": "call_c", "type": "function",
+             "function": {"name": "get_weather", "arguments": '{"city": "Rome"}'}}]},
         {"role": "tool", "content": '{"temp_c": 5}', "tool_call_id": "call_b"},
         {"role": "tool", "content": '{"temp_c": 18}', "tool_call_id": "call_c"},
         {"role": "assistant", "content": "Oslo 5 C, Rome 18 C."}], "tools": TOOLS_OUT}
@@ -215,7 +217,8 @@ def test_trl_sft_trainer_trains_one_step_on_the_tool_export(tiny_model_dir, tmp_
     assert text == (
         "<|im_start|>system\nTools:\n" + "\n".join(json.dumps(t) for t in TOOLS_OUT) + "<|im_end|>\n"
         "<|im_start|>user\nWeather in Lima in Fahrenheit?<|im_end|>\n"
-        '<|im_start|>assistant\n<tool_call>{"name": "get_weather", "arguments": {"city": "Lima"}}</tool_call><|im_end|>\n'
+        '<|im_start|>assistant\n<tool_call>{"name": "get_weather", "arguments": {"city": "Lima"}}</tool_call>'
+        "<|im_end|>\n"
         '<|im_start|>user\n<tool_response>{"temp_c": 20}</tool_response><|im_end|>\n'
         '<|im_start|>assistant\n<tool_call>{"name": "to_fahrenheit", "arguments": {"celsius": 20}}</tool_call>'
         "<|im_end|>\n"
