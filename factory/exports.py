@@ -28,6 +28,28 @@ Formats:
   llama-factory  <name>.json in sharegpt layout, and dataset_info.json with its entry
   axolotl        train.jsonl ({"messages": [...]}) and axolotl.yaml, the `datasets:` section to
                  paste into an axolotl config (chat_template; for preference data, rl: dpo)
+
+Tool use: conversations keep OpenAI's tool layout (an assistant turn with ``tool_calls``, each
+call's ``arguments`` JSON text; a ``tool`` message per result with ``tool_call_id`` and ``name``),
+and a row's ``tools`` column (JSON text of OpenAI function tools) goes beside its conversation,
+written as OpenAI's function tools with only their standard keys (``name``, ``description``,
+``parameters``: a definition's ``returns`` schema is for the simulator, not the model):
+  trl-sft        "tools": JSON text (TRL's SFTTrainer json.loads a string ``tools`` column and hands
+                 it to the chat template); arguments stay JSON text, so that ``datasets`` does not
+                 unify different tools' arguments into one struct full of nulls
+  openai         "tools": the definitions as objects; tool messages without ``name`` and an
+                 assistant turn that only calls without ``content`` (OpenAI's training layout);
+                 ``parallel_tool_calls`` is left to OpenAI's default (true), which parallel calls need
+  sharegpt /     LLaMA-Factory's roles: a turn's calls are one "function_call" message whose value
+  llama-factory  is the JSON of {"name", "arguments": {...}} (a list of them for parallel calls), the
+                 results of one round one "observation" message (the result, or a JSON list of the
+                 results of parallel calls: its converter wants human/observation and
+                 gpt/function_call to alternate); "tools": JSON text; dataset_info.json maps the
+                 ``tools`` column and the function_call/observation tags
+  axolotl        "tools": a list of definitions with ``parameters`` as JSON text (axolotl's
+                 chat_template strategy reads ``field_tools`` as a list and parses string
+                 parameters and arguments; text keeps Arrow from merging schemas)
+  alpaca         one instruction and one output: a row with tool calls cannot be written in it
 """
 
 from __future__ import annotations
@@ -39,8 +61,10 @@ from pathlib import Path
 import yaml
 
 from .errors import FactoryError
+from .tools import clean_messages, tools_of, tools_text
 
 FORMATS = ("trl-sft", "trl-dpo", "openai", "alpaca", "sharegpt", "llama-factory", "axolotl")
+TOOL_FORMATS = ("trl-sft", "openai", "sharegpt", "llama-factory", "axolotl")  # those that keep tool calls
 SHAREGPT_ROLES = {"system": "system", "user": "human", "assistant": "gpt"}
 ANNOTATIONS = "annotations.jsonl"
 
@@ -48,8 +72,7 @@ ANNOTATIONS = "annotations.jsonl"
 def conversations(table) -> list[list[dict]]:
     """Each row as a chat: its ``messages``, or user (instruction + input) then assistant (response)."""
     if "messages" in table.columns:
-        return [[{"role": m["role"], "content": m["content"]} for m in messages or []]
-                for messages in table["messages"].to_list()]
+        return [[chat_message(m) for m in clean_messages(messages)] for messages in table["messages"].to_list()]
     missing = [c for c in ("instruction", "response") if c not in table.columns]
     if missing:
         raise FactoryError(f"the version has no `messages` column and no {', '.join(missing)} column to build "
@@ -60,6 +83,72 @@ def conversations(table) -> list[list[dict]]:
                                      row["input"].strip() else "")
         chats.append([{"role": "user", "content": user}, {"role": "assistant", "content": row["response"]}])
     return chats
+
+
+def chat_message(m: dict) -> dict:
+    """A message with the keys of OpenAI's chat layout: role and content, an assistant's
+    ``tool_calls`` (arguments as JSON text), a tool result's ``tool_call_id`` and ``name``."""
+    out = {"role": m.get("role"), "content": m.get("content")}
+    if m.get("tool_calls"):
+        out["tool_calls"] = [_call(c) for c in m["tool_calls"]]
+        if out["content"] is None:
+            out["content"] = ""
+    if m.get("role") == "tool":
+        out.update({k: m[k] for k in ("tool_call_id", "name") if m.get(k) is not None})
+    return out
+
+
+def _call(call: dict) -> dict:
+    function = call.get("function") or {}
+    arguments = function.get("arguments")
+    out = {"id": call["id"]} if call.get("id") is not None else {}
+    return {**out, "type": call.get("type") or "function", "function": {
+        "name": function.get("name"),
+        "arguments": arguments if isinstance(arguments, str) else json.dumps(arguments or {}, ensure_ascii=False)}}
+
+
+def row_tools(table) -> list[list[dict] | None]:
+    """Each row's tool definitions (OpenAI's function tools, standard keys only), or None for a
+    row with none (no ``tools`` column, null, or an empty list)."""
+    if "tools" not in table.columns:
+        return [None] * table.height
+    out = []
+    for i, value in enumerate(table["tools"].to_list()):
+        if value is None or (isinstance(value, str) and not value.strip()):
+            out.append(None)
+            continue
+        try:
+            tools = tools_of(value)
+        except ValueError as err:
+            raise FactoryError(f"row {i}: its `tools` value cannot be exported: {err}; write the row's tools as "
+                               "JSON text of OpenAI function tools ([{\"type\": \"function\", \"function\": {...}}]) "
+                               "or drop the `tools` column") from None
+        standard = ("name", "description", "parameters")
+        out.append([{"type": "function", "function": {k: t["function"][k] for k in standard}} for t in tools] or None)
+    return out
+
+
+def calls_tools(chat: list[dict]) -> bool:
+    return any(m.get("tool_calls") or m.get("role") == "tool" for m in chat)
+
+
+def _json_value(text):
+    """JSON text as its value (a call's arguments, a tool's result); other text as it is."""
+    if isinstance(text, str):
+        try:
+            return json.loads(text)
+        except ValueError:
+            return text
+    return text
+
+
+def _openai_message(m: dict) -> dict:
+    # OpenAI's training examples: a tool message has no `name`, a turn that only calls has no content.
+    if m["role"] == "tool":
+        return {k: v for k, v in m.items() if k != "name"}
+    if m.get("tool_calls") and not m.get("content"):
+        return {k: v for k, v in m.items() if k != "content"}
+    return m
 
 
 def preference_rows(table) -> list[dict]:
@@ -81,6 +170,10 @@ def _split_last_assistant(chat: list[dict]) -> tuple[list[dict], dict]:
     return chat[:-1], chat[-1]
 
 
+def _texts(tools: list[list[dict] | None]) -> list[str | None]:
+    return [t if t is None else tools_text(t) for t in tools]
+
+
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
     with open(path, "w", encoding="utf-8") as f:
         for row in rows:
@@ -91,8 +184,47 @@ def _write_json(path: Path, data) -> None:
     path.write_text(json.dumps(data, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
 
 
-def _sharegpt(chat: list[dict]) -> list[dict]:
-    return [{"from": SHAREGPT_ROLES.get(m["role"], m["role"]), "value": m["content"]} for m in chat]
+def _sharegpt(chat: list[dict], row: int = 0) -> list[dict]:
+    """A chat in sharegpt layout; tool calls and results in LLaMA-Factory's function_call and
+    observation roles (one message per round each, so that the roles alternate as it requires)."""
+    out: list[dict] = []
+    results: list[str] = []
+
+    def flush():
+        if results:
+            value = results[0] if len(results) == 1 else \
+                json.dumps([_json_value(r) for r in results], ensure_ascii=False)
+            out.append({"from": "observation", "value": value})
+            results.clear()
+
+    for m in chat:
+        if m["role"] == "tool":
+            results.append(m.get("content") or "")
+            continue
+        flush()
+        if m.get("tool_calls"):
+            if m.get("content"):
+                raise FactoryError(f"row {row}: an assistant turn has both text and tool calls, which sharegpt's "
+                                   "function_call role cannot hold together; export it as trl-sft, openai or axolotl")
+            calls = [{"name": c["function"]["name"], "arguments": _json_value(c["function"]["arguments"])}
+                     for c in m["tool_calls"]]
+            out.append({"from": "function_call",
+                        "value": json.dumps(calls[0] if len(calls) == 1 else calls, ensure_ascii=False)})
+        else:
+            out.append({"from": SHAREGPT_ROLES.get(m["role"], m["role"]), "value": m["content"]})
+    flush()
+    return out
+
+
+def _with_tools(record: dict, tools) -> dict:
+    return record if tools is None else {**record, "tools": tools}
+
+
+def _axolotl_tools(tools: list[dict]) -> list[dict]:
+    # parameters as JSON text: tools with different parameters would otherwise become one Arrow
+    # struct of every tool's fields; axolotl's chat_template strategy parses string parameters.
+    return [{"type": "function", "function": {**t["function"], "parameters": json.dumps(
+        t["function"]["parameters"], ensure_ascii=False)}} for t in tools]
 
 
 def _alpaca(chat: list[dict]) -> dict:
@@ -146,14 +278,14 @@ def export(version_dir: str | Path, fmt: str, out_dir: str | Path, style: str | 
     if fmt == "trl-sft":
         if style not in (None, "messages", "prompt-completion"):
             raise FactoryError(f"trl-sft styles are messages and prompt-completion, not '{style}'")
-        chats = conversations(table)
+        chats, tools = conversations(table), _texts(row_tools(table))
         if style == "prompt-completion":
             rows = []
-            for chat in chats:
+            for chat, row_tools_text in zip(chats, tools):
                 prompt, completion = _split_last_assistant(chat)
-                rows.append({"prompt": prompt, "completion": [completion]})
+                rows.append(_with_tools({"prompt": prompt, "completion": [completion]}, row_tools_text))
         else:
-            rows = [{"messages": chat} for chat in chats]
+            rows = [_with_tools({"messages": chat}, t) for chat, t in zip(chats, tools)]
         _write_jsonl(out / "train.jsonl", rows)
         written.append(out / "train.jsonl")
     elif fmt == "trl-dpo":
@@ -173,7 +305,8 @@ def export(version_dir: str | Path, fmt: str, out_dir: str | Path, style: str | 
                      "non_preferred_output": [{"role": "assistant", "content": p["rejected"]}]}
                     for p in preference_rows(table)]
         else:
-            rows = [{"messages": chat} for chat in conversations(table)]
+            rows = [_with_tools({"messages": [_openai_message(m) for m in chat]}, tools)
+                    for chat, tools in zip(conversations(table), row_tools(table))]
         _write_jsonl(out / "train.jsonl", rows)
         written.append(out / "train.jsonl")
     elif fmt == "alpaca":
@@ -181,16 +314,26 @@ def export(version_dir: str | Path, fmt: str, out_dir: str | Path, style: str | 
             data = [{"instruction": p["prompt"], "input": "", "chosen": p["chosen"], "rejected": p["rejected"]}
                     for p in preference_rows(table)]
         else:
-            data = [_alpaca(chat) for chat in conversations(table)]
+            chats = conversations(table)
+            for i, chat in enumerate(chats):
+                if calls_tools(chat):
+                    raise FactoryError(f"row {i} calls tools, and alpaca (one instruction, one output) cannot hold "
+                                       f"tool calls or their results; export the version as one of "
+                                       f"{', '.join(TOOL_FORMATS)}. Nothing was written")
+            data = [_alpaca(chat) for chat in chats]
         _write_json(out / "train.json", data)
         written.append(out / "train.json")
     elif fmt in ("sharegpt", "llama-factory"):
+        with_tools = False
         if preference:
             data = [{"conversations": [{"from": "human", "value": p["prompt"]}],
                      "chosen": {"from": "gpt", "value": p["chosen"]},
                      "rejected": {"from": "gpt", "value": p["rejected"]}} for p in preference_rows(table)]
         else:
-            data = [{"conversations": _sharegpt(chat)} for chat in conversations(table)]
+            chats, tools = conversations(table), row_tools(table)
+            with_tools = any(t is not None for t in tools) or any(calls_tools(chat) for chat in chats)
+            data = [_with_tools({"conversations": _sharegpt(chat, i)}, t)
+                    for i, (chat, t) in enumerate(zip(chats, _texts(tools)))]
         file_name = "train.json" if fmt == "sharegpt" else f"{name}.json"
         _write_json(out / file_name, data)
         written.append(out / file_name)
@@ -202,6 +345,9 @@ def export(version_dir: str | Path, fmt: str, out_dir: str | Path, style: str | 
             if preference:
                 entry.update(ranking=True, columns={"messages": "conversations", "chosen": "chosen",
                                                     "rejected": "rejected"})
+            elif with_tools:
+                entry["columns"]["tools"] = "tools"
+                entry["tags"].update(observation_tag="observation", function_tag="function_call")
             info_path = out / "dataset_info.json"
             info = json.loads(info_path.read_text(encoding="utf-8")) if info_path.is_file() else {}
             info[name] = entry
@@ -219,13 +365,21 @@ def export(version_dir: str | Path, fmt: str, out_dir: str | Path, style: str | 
                                                   "field_chosen": "chosen", "field_rejected": "rejected",
                                                   "message_property_mappings": mappings}]}
         else:
-            rows = [{"messages": chat} for chat in conversations(table)]
-            snippet = {"datasets": [{"path": str(data_path), "ds_type": "json", "split": "train",
-                                     "type": "chat_template", "field_messages": "messages",
-                                     "message_property_mappings": mappings, "roles_to_train": ["assistant"]}]}
+            tools = row_tools(table)
+            rows = [_with_tools({"messages": chat}, t if t is None else _axolotl_tools(t))
+                    for chat, t in zip(conversations(table), tools)]
+            dataset = {"path": str(data_path), "ds_type": "json", "split": "train", "type": "chat_template",
+                       "field_messages": "messages", "message_property_mappings": mappings,
+                       "roles_to_train": ["assistant"]}
+            if any(t is not None for t in tools):
+                dataset["field_tools"] = "tools"  # the chat template gets each row's tools
+            snippet = {"datasets": [dataset]}
         _write_jsonl(out / "train.jsonl", rows)
+        note = ("# rows carry their tools (field_tools) and the assistant's tool_calls: use a chat_template that "
+                "renders tools\n" if "field_tools" in snippet["datasets"][0] else "")
         (out / "axolotl.yaml").write_text(f"# {manifest['name']} v{manifest['version']}: paste into your axolotl "
-                                          f"config\n" + yaml.safe_dump(snippet, sort_keys=False), encoding="utf-8")
+                                          f"config\n{note}" + yaml.safe_dump(snippet, sort_keys=False),
+                                          encoding="utf-8")
         written += [out / "train.jsonl", out / "axolotl.yaml"]
     record = {"format": fmt, "style": style, "source": str(version_dir.resolve()), "name": manifest["name"],
               "version": manifest["version"], "rows": table.height,
