@@ -61,7 +61,8 @@ from pathlib import Path
 import yaml
 
 from .errors import FactoryError
-from .tools import clean_messages, tools_of, tools_text
+from .llm.tool_format import clean_messages
+from .tools import tools_of, tools_text
 
 FORMATS = ("trl-sft", "trl-dpo", "openai", "alpaca", "sharegpt", "llama-factory", "axolotl")
 TOOL_FORMATS = ("trl-sft", "openai", "sharegpt", "llama-factory", "axolotl")  # those that keep tool calls

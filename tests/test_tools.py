@@ -18,7 +18,8 @@ from pathlib import Path
 import jsonschema
 import pytest
 
-from factory.tools import (CallResult, Implementations, ToolsError, call_problem, by_name, load_tools, reply_schema,
+from factory.llm.tool_format import reply_schema
+from factory.tools import (CallResult, Implementations, ToolsError, call_problem, by_name, load_tools,
                            tools_of, tools_text)
 
 ROOT = Path(__file__).resolve().parent.parent

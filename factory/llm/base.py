@@ -49,8 +49,8 @@ class GenerationParams:
     # Tool use: the canonical JSON text of the OpenAI tool definitions the model may call, and
     # ``tool_choice`` (``auto``, or ``none`` for an answer in text). A backend that takes tools natively
     # (:meth:`Backend.takes_tools`: a server's ``tools`` field) gets them so; every other gets the chat
-    # rewritten with the tools in its system prompt (:func:`factory.tools.prompt_messages`) and holds
-    # the reply to ``json_schema``. Replies are JSON either way (:func:`factory.tools.read_reply`).
+    # rewritten with the tools in its system prompt (:func:`factory.llm.tool_format.prompt_messages`) and holds
+    # the reply to ``json_schema``. Replies are JSON either way (:func:`factory.llm.tool_format.read_reply`).
     tools: str | None = None
     tool_choice: str = "auto"
     # How many times the LLM path asks the model to go on with a reply cut at max_tokens (it
@@ -226,7 +226,7 @@ class Backend:
     def takes_tools(self) -> bool:
         """Whether requests with ``params.tools`` go to the model natively (a server's ``tools``
         field, its ``tool_calls`` read back as the reply JSON); False: the LLM path writes the tools
-        into the chat (:func:`factory.tools.prompt_messages`) before the backend sees it."""
+        into the chat (:func:`factory.llm.tool_format.prompt_messages`) before the backend sees it."""
         return False
 
     @property

@@ -435,7 +435,7 @@ class LLMClient:
 
 
 def _tools_in_prompt(messages: list, tools_text: str) -> list:
-    from ..tools import prompt_messages
+    from .tool_format import prompt_messages
 
     return prompt_messages(messages, _schema(tools_text))
 

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Literal
 
 from .. import tools as T
+from ..llm import tool_format as F
 from ..config import option
 from ..errors import ParseError
 from ..hashing import fingerprint
@@ -251,7 +252,7 @@ def start(step: ToolCalls, row: dict) -> Trajectory:
 def request(step: ToolCalls, t: Trajectory) -> Request:
     c = step.config
     left = c.max_calls - t.calls
-    schema = T.reply_schema(t.tools, calls=left > 0, max_parallel=min(c.max_parallel, max(left, 1)))
+    schema = F.reply_schema(t.tools, calls=left > 0, max_parallel=min(c.max_parallel, max(left, 1)))
     params = dataclasses.replace(step.generation_params(), n=1, json_schema=schema_text(schema),
                                  tools=T.tools_text(t.tools), tool_choice="auto" if left > 0 else "none",
                                  continuations=continuations(c))
@@ -267,9 +268,9 @@ def take_reply(step: ToolCalls, t: Trajectory, completion: Completion, turn: int
     if completion.cut(0):
         return t.fail(step, TRUNCATED, turn, truncation_detail(step), text)
     try:
-        reply = T.read_reply(text)
+        reply = F.read_reply(text)
     except ParseError as err:
-        return t.fail(step, T.FORMAT, turn, str(err), text)
+        return t.fail(step, F.FORMAT, turn, str(err), text)
     if reply.answer is not None:
         if c.expect_calls and t.kind in NEEDS_CALLS and t.calls == 0:
             return t.fail(step, "no_call", turn, f"the request needs tools ({t.kind}) and the model answered "
@@ -281,16 +282,16 @@ def take_reply(step: ToolCalls, t: Trajectory, completion: Completion, turn: int
     for k, call in enumerate(reply.calls):
         problem = T.call_problem(call, offered)
         if problem:
-            return t.fail(step, T.FORMAT, turn, f"call {k}: {problem}", text)
+            return t.fail(step, F.FORMAT, turn, f"call {k}: {problem}", text)
     if len(reply.calls) > c.max_calls - t.calls:
-        return t.fail(step, T.FORMAT, turn, f"{len(reply.calls)} calls where {c.max_calls - t.calls} were left "
+        return t.fail(step, F.FORMAT, turn, f"{len(reply.calls)} calls where {c.max_calls - t.calls} were left "
                                             f"(max_calls: {c.max_calls})", text)
     if c.expect_calls and t.kind == "none":
         return t.fail(step, "unneeded_call", turn, "the request needs no tool and the model called "
                                                    f"{', '.join(call['name'] for call in reply.calls)}", text)
     seed = f"{step.seed}:{step.index}:{t.row.get(c.column)}"
-    ids = [T.call_id(seed, turn, k) for k in range(len(reply.calls))]
-    t.messages.append(T.assistant_message(reply.calls, ids))
+    ids = [F.call_id(seed, turn, k) for k in range(len(reply.calls))]
+    t.messages.append(F.assistant_message(reply.calls, ids))
     t.pending = [(i, call["name"], call["arguments"]) for i, call in zip(ids, reply.calls)]
     return None
 
@@ -330,7 +331,7 @@ def run_calls(step: ToolCalls, runs: list[Trajectory], impl, turn: int):
             t.simulated.add(t.pending[k][1])
     for t in runs:
         if t.failed is None:
-            t.messages += [T.tool_message(i, name, results[id(t), k]) for k, (i, name, _) in enumerate(t.pending)]
+            t.messages += [F.tool_message(i, name, results[id(t), k]) for k, (i, name, _) in enumerate(t.pending)]
             t.calls += len(t.pending)
         t.pending = []
 
