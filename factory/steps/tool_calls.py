@@ -168,11 +168,13 @@ def step_tools(step) -> list[dict] | None:
         return None
     if isinstance(value, list):
         return T.check_tools(value, f"{step.label}.tools")
-    return _load_tools(str(file_path(step, value)))
+    path = file_path(step, value)
+    stat = path.stat() if path.is_file() else None
+    return _load_tools(str(path), stat and (stat.st_mtime_ns, stat.st_size))
 
 
 @functools.lru_cache(maxsize=32)
-def _load_tools(path: str) -> list[dict]:
+def _load_tools(path: str, version) -> list[dict]:  # read again when the file changes
     return T.load_tools(path)
 
 
