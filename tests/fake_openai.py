@@ -18,7 +18,9 @@ Like real servers it can be strict (``accepts``: the only fields it takes; other
 (``models``: others get vLLM's 404), and hold replies to a JSON Schema sent in one of
 ``schema_fields`` (the probe of such a field gets ``{"ok": true}``), and refuse ``tools`` like
 vLLM without ``--enable-auto-tool-choice`` (``takes_tools=False``; a strict server's ``accepts``
-refuses them with a 422 naming them). The backend's probes go to ``probes``, not ``requests``.
+refuses them with a 422 naming them), or take them and drop them from the prompt like a chat template
+with no place for tools (``shows_tools=False``: a probe's ``prompt_tokens`` do not count its tools).
+The backend's probes go to ``probes``, not ``requests``.
 """
 
 from __future__ import annotations
@@ -114,9 +116,11 @@ class JSONHandler(BaseHTTPRequestHandler):
 class FakeOpenAI(ServedInThread):
     def __init__(self, reply_fn=echo, fault_fn=None, latency: float = 0.0, slow_seconds: float = 1.5,
                  accepts: set | None = None, honours_n: bool = True, models: list[str] | None = None,
-                 schema_fields: set | None = None, takes_tools: bool = True):
+                 schema_fields: set | None = None, takes_tools: bool = True,
+                 shows_tools: bool = True):
         self.accepts = accepts
         self.takes_tools = takes_tools
+        self.shows_tools = shows_tools
         self.schema_fields = schema_fields or set()
         self.honours_n = honours_n
         self.models = models
@@ -174,9 +178,11 @@ class FakeOpenAI(ServedInThread):
                         return
                     n = int(payload.get("n", 1)) if server.honours_n else 1
                     held = server.schema_fields & set(payload)
+                    prompt = 7 + (30 * len(payload["tools"]) if "tools" in payload and server.shows_tools else 0)
                     self._send(200, json.dumps({"choices": [{"index": i, "message": {"role": "assistant",
                                                 "content": '{"ok": true}' if held else "O"},
-                                                "finish_reason": "length"} for i in range(n)]})
+                                                "finish_reason": "length"} for i in range(n)],
+                                                "usage": {"prompt_tokens": prompt, "completion_tokens": n}})
                                .encode())
                     return
                 with server.lock:

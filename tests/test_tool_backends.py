@@ -65,7 +65,8 @@ def assert_tools_in_prompt(messages: list[dict]):
     system = messages[0]["content"]
     assert system.startswith("You are helpful.\n\n") and system.count('"name": "get_weather"') == 1
     assert '"required": ["city"]' in system  # the tool's parameters are in the prompt
-    assert json.loads(messages[2]["content"]) == {"tool_calls": [{"name": "get_weather", "arguments": {"city": "Paris"}}]}
+    paris = {"tool_calls": [{"name": "get_weather", "arguments": {"city": "Paris"}}]}
+    assert json.loads(messages[2]["content"]) == paris
     assert messages[3]["content"] == 'Tool result (get_weather, call_1): {"temp": 18}'
     assert all(set(m) == {"role", "content"} for m in messages)
 
@@ -142,6 +143,18 @@ def test_a_server_that_refuses_tools_after_the_probe_answers_every_request_in_th
     assert_tools_in_prompt(answered[-1]["messages"])
     assert backend.server.tools is False
     assert capsys.readouterr().err.count("refused `tools`") == 1
+
+
+def test_a_server_that_accepts_tools_but_drops_them_from_the_prompt_gets_them_in_the_prompt(capsys):
+    # transformers serve with SmolLM2's chat template: `tools` accepted, the prompt the same without them.
+    with FakeOpenAI(reply_fn=calls_rome, shows_tools=False) as server:
+        backend = backend_for(server)
+        [completion] = LLMClient(backend).ask([Request(CHAT, PARAMS)])
+        [sent] = server.requests
+    assert backend.server.tools is False and "does not show them to the model" in capsys.readouterr().err
+    assert "tools" not in sent
+    assert_tools_in_prompt(sent["messages"])
+    assert json.loads(completion.texts[0]) == CALL_ROME
 
 
 def test_native_tools_off_never_sends_tools_and_on_never_asks():

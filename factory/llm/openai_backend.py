@@ -19,7 +19,8 @@ request resent. A prefilled assistant turn is emulated where the server cannot c
 one, and samples a server will not return through ``n`` are asked for one by one.
 
 Requests with tools (``params.tools``) go natively where the server takes OpenAI's ``tools`` field
-(asked once, by a one-token request, at the first such request; or ``native_tools``): the chat in
+(asked once, by one-token requests at the first such request, which also tell whether the served
+chat template shows the tools to the model; or ``native_tools``): the chat in
 OpenAI's tool layout, ``tools`` and ``tool_choice``, and no JSON Schema (the server's tool parser
 answers); each reply's ``tool_calls`` come back as the reply JSON the steps read
 (:func:`factory.tools.native_reply_text`). A server that still refuses tools on a request is
@@ -96,7 +97,8 @@ class OpenAIConfig:
         "auto", hashed_when_set=True,
         help="Requests with tools (tool-use steps): `auto` asks the server once, at the first such request, whether "
              "it takes OpenAI's `tools` field (vLLM needs --enable-auto-tool-choice and --tool-call-parser, "
-             "llama.cpp --jinja) and sends them so where it does, with the tools in the prompt where it does not; "
+             "llama.cpp --jinja) and shows them to the model (a chat template without tools, such as SmolLM2's, "
+             "drops them), and sends them so where it does, with the tools in the prompt where it does not; "
              "`on` sends them natively without asking; `off` always writes them into the prompt (the reply then "
              "held to a JSON Schema where the server takes one). A server that refuses tools on a request gets "
              "it again with the tools in the prompt. Replies are cached alike either way.")
@@ -300,13 +302,13 @@ class OpenAIBackend(Backend):
                 self.server.tools = await self._accepts_tools()
 
     async def _accepts_tools(self) -> bool:
-        payload = {"model": self.config.model, "messages": [{"role": "user", "content": PROBE_PROMPT}],
-                   "max_tokens": 1, "temperature": 0.0, "tools": [PROBE_TOOL], "tool_choice": "auto"}
+        plain = {"model": self.config.model, "messages": [{"role": "user", "content": PROBE_PROMPT}],
+                 "max_tokens": 1, "temperature": 0.0}
         delay = self.config.backoff
         for attempt in range(PROBE_TRIES):
             try:
-                await self._post(payload)
-                return True
+                body = await self._post({**plain, "tools": [PROBE_TOOL], "tool_choice": "auto"})
+                return await self._prompt_has_tools(body, plain)
             except RequestError as err:
                 await self._fatal(err)
                 if err.status in (400, 422):
@@ -319,6 +321,25 @@ class OpenAIBackend(Backend):
                 await asyncio.sleep(min(delay, self.config.max_backoff))
                 delay *= 2
         return False
+
+    async def _prompt_has_tools(self, body: dict, plain: dict) -> bool:
+        """Whether a server that accepted ``tools`` shows them to the model: a chat template without a
+        place for tools (``transformers serve`` with SmolLM2's) drops them, and the prompt counts the
+        same tokens as without them. A server that reports no usage is taken at its word."""
+        with_tools = (body.get("usage") or {}).get("prompt_tokens")
+        if not with_tools:
+            return True
+        try:
+            without = ((await self._post(plain)).get("usage") or {}).get("prompt_tokens")
+        except RequestError:
+            return True
+        if without and int(without) >= int(with_tools):
+            print(f"warning: the server at {self.config.base_url} accepts `tools` but does not show them to the "
+                  f"model (its prompt has {with_tools} tokens with a tool, {without} without: the chat template "
+                  "has no place for tools); requests with tools go with the tools in the prompt (set "
+                  "llm.native_tools: on to send them natively anyway)", file=sys.stderr)
+            return False
+        return True
 
     def _tools_refused(self, message: str) -> None:
         """The server refused ``tools`` on a request: from now on they go in the prompt."""

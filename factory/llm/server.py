@@ -78,7 +78,8 @@ class ServerInfo:
         rejected: fields the server refused by name; never sent again.
         identical_samples: the server returned identical samples at temperature > 0.
         tools: whether requests with tools go to the server natively (OpenAI's ``tools`` field, its
-            ``tool_calls`` read back): learned by a one-token probe at the first such request, or set
+            ``tool_calls`` read back): learned by a one-token probe at the first such request (False too
+            when the prompt counts no more tokens with a tool than without: the chat template drops them), or set
             by ``native_tools``; turned False when the server refuses tools on a request (None: not
             asked, no request had tools).
         probed: the server was asked what it accepts before the run.
