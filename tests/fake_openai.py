@@ -5,15 +5,22 @@ or from ``fault_fn(payload, number)`` (called for every request; number counts f
 A fault is ``"ok"``, an HTTP status such as ``429`` or ``500``, ``"retry_after"`` (429
 with Retry-After: 0), ``"slow"`` (sleeps ``slow_seconds``, past the client's timeout),
 ``"reset"`` (closes the connection), ``"not_json"``, ``"truncated"`` (half a JSON body)
-or ``"empty_choices"``, ``"too_long"`` (vLLM's 400 for a prompt past the context) or
-``"unauthorized"`` (401). Replies are ``reply_fn(payload, index)``, cut after ``max_tokens``
-words with finish reason ``length``; ``latency`` seconds are added to every request.
+or ``"empty_choices"``, ``"too_long"`` (vLLM's 400 for a prompt past the context),
+``"unauthorized"`` (401) or ``"no_tools"`` (vLLM's 400 for ``tools`` when it was started without
+a tool-call parser). Replies are ``reply_fn(payload, index)``, cut after ``max_tokens`` words
+with finish reason ``length``; ``latency`` seconds are added to every request. A reply that is a
+dict ``{"tool_calls": [{"name", "arguments"}, ...]}`` is a model calling tools: OpenAI's
+``tool_calls`` (finish reason ``tool_calls``) for a request that carries ``tools``, else the dict as
+JSON text (what a model with the tools in its prompt writes).
 
 Like real servers it can be strict (``accepts``: the only fields it takes; others get
 ``transformers serve``'s 422), ignore ``n`` (``honours_n=False``) and know only some models
 (``models``: others get vLLM's 404), and hold replies to a JSON Schema sent in one of
-``schema_fields`` (the probe of such a field gets ``{"ok": true}``). The backend's probes
-before a run go to ``probes``, not ``requests``.
+``schema_fields`` (the probe of such a field gets ``{"ok": true}``), and refuse ``tools`` like
+vLLM without ``--enable-auto-tool-choice`` (``takes_tools=False``; a strict server's ``accepts``
+refuses them with a 422 naming them), or take them and drop them from the prompt like a chat template
+with no place for tools (``shows_tools=False``: a probe's ``prompt_tokens`` do not count its tools).
+The backend's probes go to ``probes``, not ``requests``.
 """
 
 from __future__ import annotations
@@ -28,6 +35,9 @@ from factory.llm.server import PROBE_PROMPT
 
 STANDARD = {"model", "messages", "n", "temperature", "top_p", "max_tokens", "stop", "seed"}
 FAULTS = [429, "retry_after", 500, 503, "slow", "reset", "not_json", "truncated", "empty_choices"]
+# vLLM's answer to `tool_choice: auto` when it was started without a tool-call parser.
+NO_TOOLS = {"object": "error", "message": '"auto" tool choice requires --enable-auto-tool-choice and '
+            '--tool-call-parser to be set', "type": "BadRequestError", "param": None, "code": 400}
 
 
 def echo(payload: dict, index: int) -> str:
@@ -40,6 +50,20 @@ def limited(text: str, payload: dict) -> tuple[str, str]:
     words = text.split(" ")
     limit = int(payload.get("max_tokens") or 1 << 30)
     return (" ".join(words[:limit]), "length") if len(words) > limit else (text, "stop")
+
+
+def message_of(reply, payload: dict, index: int) -> tuple[dict, str]:
+    """The assistant message and finish reason of a reply (text, or a dict of tool calls)."""
+    if isinstance(reply, dict):
+        if "tools" not in payload:
+            reply = json.dumps(reply)
+        else:
+            calls = [{"id": f"call_{index}_{k}", "type": "function",
+                      "function": {"name": c["name"], "arguments": c["arguments"] if isinstance(c["arguments"], str)
+                                   else json.dumps(c["arguments"])}} for k, c in enumerate(reply["tool_calls"])]
+            return {"role": "assistant", "content": None, "tool_calls": calls}, "tool_calls"
+    text, finish = limited(reply, payload)
+    return {"role": "assistant", "content": text}, finish
 
 
 class _Server(ThreadingHTTPServer):
@@ -92,8 +116,11 @@ class JSONHandler(BaseHTTPRequestHandler):
 class FakeOpenAI(ServedInThread):
     def __init__(self, reply_fn=echo, fault_fn=None, latency: float = 0.0, slow_seconds: float = 1.5,
                  accepts: set | None = None, honours_n: bool = True, models: list[str] | None = None,
-                 schema_fields: set | None = None):
+                 schema_fields: set | None = None, takes_tools: bool = True,
+                 shows_tools: bool = True):
         self.accepts = accepts
+        self.takes_tools = takes_tools
+        self.shows_tools = shows_tools
         self.schema_fields = schema_fields or set()
         self.honours_n = honours_n
         self.models = models
@@ -146,11 +173,16 @@ class FakeOpenAI(ServedInThread):
                 if payload["messages"][0].get("content") == PROBE_PROMPT:
                     with server.lock:
                         server.probes.append(payload)
+                    if "tools" in payload and not server.takes_tools:
+                        self._send(400, NO_TOOLS)
+                        return
                     n = int(payload.get("n", 1)) if server.honours_n else 1
                     held = server.schema_fields & set(payload)
+                    prompt = 7 + (30 * len(payload["tools"]) if "tools" in payload and server.shows_tools else 0)
                     self._send(200, json.dumps({"choices": [{"index": i, "message": {"role": "assistant",
                                                 "content": '{"ok": true}' if held else "O"},
-                                                "finish_reason": "length"} for i in range(n)]})
+                                                "finish_reason": "length"} for i in range(n)],
+                                                "usage": {"prompt_tokens": prompt, "completion_tokens": n}})
                                .encode())
                     return
                 with server.lock:
@@ -159,6 +191,8 @@ class FakeOpenAI(ServedInThread):
                     fault = server.faults.pop(0) if server.faults else None
                 if fault is None and server.fault_fn is not None:
                     fault = server.fault_fn(payload, number)
+                if "tools" in payload and not server.takes_tools:
+                    fault = "no_tools"
                 fault = fault or "ok"
                 if fault != "ok":
                     with server.lock:
@@ -179,6 +213,9 @@ class FakeOpenAI(ServedInThread):
                                                           "tokens. However, you requested 2100 tokens (1844 in the "
                                                           "messages, 256 in the completion).", "code": 400}}).encode())
                     return
+                if fault == "no_tools":
+                    self._send(400, NO_TOOLS)
+                    return
                 if fault == "unauthorized":
                     self._send(401, json.dumps({"error": {"message": "Incorrect API key provided"}}).encode())
                     return
@@ -192,9 +229,9 @@ class FakeOpenAI(ServedInThread):
                     self._send(200, json.dumps({"choices": []}).encode())
                     return
                 n = int(payload.get("n", 1)) if server.honours_n else 1
-                replies = [limited(server.reply_fn(payload, i), payload) for i in range(n)]
-                choices = [{"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
-                           for i, (text, finish) in enumerate(replies)]
+                replies = [message_of(server.reply_fn(payload, i), payload, i) for i in range(n)]
+                choices = [{"index": i, "message": message, "finish_reason": finish}
+                           for i, (message, finish) in enumerate(replies)]
                 body = json.dumps({"choices": choices, "usage": {"prompt_tokens": 7, "completion_tokens": 3 * n}})
                 if fault == "truncated":
                     body = body[: len(body) // 2]

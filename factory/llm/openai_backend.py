@@ -18,6 +18,14 @@ accepts, and a field a server still rejects by name is dropped, remembered and t
 request resent. A prefilled assistant turn is emulated where the server cannot continue
 one, and samples a server will not return through ``n`` are asked for one by one.
 
+Requests with tools (``params.tools``) go natively where the server takes OpenAI's ``tools`` field
+(asked once, by one-token requests at the first such request, which also tell whether the served
+chat template shows the tools to the model; or ``native_tools``): the chat in
+OpenAI's tool layout, ``tools`` and ``tool_choice``, and no JSON Schema (the server's tool parser
+answers); each reply's ``tool_calls`` come back as the reply JSON the steps read
+(:func:`factory.tools.native_reply_text`). A server that still refuses tools on a request is
+remembered and the request resent with the tools in the prompt, like every later one.
+
 With ``batch: true`` a step's requests go through the server's Batch API instead
 (:mod:`factory.llm.batch_api`): half the price on hosted APIs, hours of latency.
 """
@@ -30,6 +38,7 @@ import os
 import random
 import sys
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Literal
 
 from ..config import option
@@ -38,9 +47,9 @@ from .base import Backend, Completion, Conversation, GenerationParams, OnReply, 
 from .chat_template import end_of_user_turn, render_user_turn
 from .http import Endpoint
 from .ratelimit import RateLimiter, Ticket
-from .server import (JSON_SCHEMA_FIELDS, PROBE_PROMPT, PROBE_SCHEMA, ServerInfo, schema_payload, auth_error,
-                     connection_error, continuation, emulate_prefill, is_quota, is_too_long, model_error,
-                     quota_error, rejected_fields, server_message, RequestError)
+from .server import (JSON_SCHEMA_FIELDS, PROBE_PROMPT, PROBE_SCHEMA, PROBE_TOOL, ServerInfo, schema_payload,
+                     auth_error, connection_error, continuation, emulate_prefill, is_quota, is_too_long, model_error,
+                     quota_error, refuses_tools, rejected_fields, server_message, RequestError)
 
 RETRY_STATUSES = {408, 409, 425, 500, 502, 503, 504, 520, 522, 524, 529}  # 429 is throttling, not a retry
 _UNSET = object()
@@ -84,6 +93,15 @@ class OpenAIConfig:
                    "applied here (exactly what continuing the turn gives). Default: `model`, when it is a local "
                    "folder.")
     check_server: bool = option(True, help="Check the server (reachable, key, model, what it accepts) before the run.")
+    native_tools: Literal["auto", "on", "off"] = option(
+        "auto", hashed_when_set=True,
+        help="Requests with tools (tool-use steps): `auto` asks the server once, at the first such request, whether "
+             "it takes OpenAI's `tools` field (vLLM needs --enable-auto-tool-choice and --tool-call-parser, "
+             "llama.cpp --jinja) and shows them to the model (a chat template without tools, such as SmolLM2's, "
+             "drops them), and sends them so where it does, with the tools in the prompt where it does not; "
+             "`on` sends them natively without asking; `off` always writes them into the prompt (the reply then "
+             "held to a JSON Schema where the server takes one). A server that refuses tools on a request gets "
+             "it again with the tools in the prompt. Replies are cached alike either way.")
     batch: bool = option(False, help="Send each step's requests through the server's Batch API (/v1/files, "
                                      "/v1/batches; OpenAI's, and servers with the same shape): half the price on "
                                      "hosted APIs, results within `batch_window`. Batch ids are kept in the cache the "
@@ -110,6 +128,8 @@ class OpenAIBackend(Backend):
         if config.extensions == "on":
             self.server.prefill, self.server.regex = "native", "structured_outputs"
             self.server.json_schema = "structured_outputs"
+        if config.native_tools != "auto":
+            self.server.tools = config.native_tools == "on"
         self.share = 1.0  # this process's share of the server's limits (1 / replicas on Ray)
         self.cache = None  # where batch ids are kept (see attach)
         self._endpoint: Endpoint | None = None
@@ -144,6 +164,13 @@ class OpenAIBackend(Backend):
         if self.config.check_server and not self.server.probed:
             self._run(self._probe())
         return self._chat_template() is not None and self.server.completions is not False
+
+    def takes_tools(self) -> bool:
+        # `tools` is a standard field (OpenAI's own): asked even with extensions off, and only by a
+        # run that has requests with tools.
+        if self.server.tools is None:
+            self._run(self._probe_tools())
+        return bool(self.server.tools)
 
     def user_turn_problem(self) -> str:
         """Why the server cannot be asked to write a user's turn, with the fix."""
@@ -263,6 +290,70 @@ class OpenAIBackend(Backend):
             if self.config.batch:
                 await self._check_batch_api()
             self.server.probed = True
+
+    async def _probe_tools(self) -> None:
+        """Asks the server once whether it takes OpenAI's ``tools`` field (a one-token request with one
+        small tool): accepted, refused (400/422), or an error that says nothing (a warning; not taken)."""
+        self._open()
+        if self._probe_lock is None:
+            self._probe_lock = asyncio.Lock()
+        async with self._probe_lock:
+            if self.server.tools is None:
+                self.server.tools = await self._accepts_tools()
+
+    async def _accepts_tools(self) -> bool:
+        plain = {"model": self.config.model, "messages": [{"role": "user", "content": PROBE_PROMPT}],
+                 "max_tokens": 1, "temperature": 0.0}
+        delay = self.config.backoff
+        for attempt in range(PROBE_TRIES):
+            try:
+                body = await self._post({**plain, "tools": [PROBE_TOOL], "tool_choice": "auto"})
+                return await self._prompt_has_tools(body, plain)
+            except RequestError as err:
+                await self._fatal(err)
+                if err.status in (400, 422):
+                    return False
+                if not err.retryable or attempt == PROBE_TRIES - 1:
+                    print(f"warning: the server at {self.config.base_url} did not answer whether it takes `tools` "
+                          f"({err}); requests with tools go with the tools in the prompt (set llm.native_tools: on "
+                          "to send them natively)", file=sys.stderr)
+                    return False
+                await asyncio.sleep(min(delay, self.config.max_backoff))
+                delay *= 2
+        return False
+
+    async def _prompt_has_tools(self, body: dict, plain: dict) -> bool:
+        """Whether a server that accepted ``tools`` shows them to the model: a chat template without a
+        place for tools (``transformers serve`` with SmolLM2's) drops them, and the prompt counts the
+        same tokens as without them. A server that reports no usage is taken at its word."""
+        with_tools = (body.get("usage") or {}).get("prompt_tokens")
+        if not with_tools:
+            return True
+        try:
+            without = ((await self._post(plain)).get("usage") or {}).get("prompt_tokens")
+        except RequestError:
+            return True
+        if without and int(without) >= int(with_tools):
+            print(f"warning: the server at {self.config.base_url} accepts `tools` but does not show them to the "
+                  f"model (its prompt has {with_tools} tokens with a tool, {without} without: the chat template "
+                  "has no place for tools); requests with tools go with the tools in the prompt (set "
+                  "llm.native_tools: on to send them natively anyway)", file=sys.stderr)
+            return False
+        return True
+
+    def _tools_refused(self, message: str) -> None:
+        """The server refused ``tools`` on a request: from now on they go in the prompt."""
+        if self.server.tools:
+            self.server.tools = False
+            print(f"warning: the server at {self.config.base_url} refused `tools` ({message}); requests with tools "
+                  "go with the tools in the prompt from now on (serve the model with a tool-call parser, e.g. "
+                  "vLLM's --enable-auto-tool-choice --tool-call-parser, to have them natively)", file=sys.stderr)
+
+    def _native(self, conv: Conversation, params: GenerationParams) -> bool:
+        """Whether this request goes with OpenAI's ``tools`` field: it has tools, the server takes them,
+        and it neither continues a prefill nor writes a user's turn (those need the chat as text)."""
+        return bool(params.tools) and self.server.tools is True and split_prefill(conv)[1] is None \
+            and not writes_user(conv)
 
     async def _check_batch_api(self) -> None:
         """With ``batch: true``: the server has a Batch API (a 404 here, not hours later)."""
@@ -395,6 +486,15 @@ class OpenAIBackend(Backend):
 
     def _payload(self, conv: Conversation, params: GenerationParams, n: int, seed: int) -> dict:
         server = self.server
+        native = False
+        if params.tools:
+            native = self._native(conv, params)
+            if not native and not _in_prompt(conv, params.tools):
+                # Sent natively by the LLM path, but the server refused tools (or a prefill continues
+                # a reply): the tools go in the prompt, the reply held to the schema.
+                from ..tools import prompt_messages
+
+                conv = prompt_messages(conv, _tool_list(params.tools))
         prefix = split_prefill(conv)[1]
         payload = {"model": self.config.model, "messages": conv, "temperature": params.temperature,
                    "top_p": params.top_p, "max_tokens": params.max_tokens, "seed": seed}
@@ -416,7 +516,13 @@ class OpenAIBackend(Backend):
                 del payload["messages"]
             else:
                 payload["messages"] = emulate_prefill(conv, prefix)
-        if params.json_schema and server.json_schema:
+        if native:
+            from ..tools import native_messages
+
+            # No JSON Schema: the server's own tool parser turns the model's calls into tool_calls.
+            payload.update(messages=native_messages(conv), tools=_tool_list(params.tools),
+                           tool_choice=params.tool_choice)
+        elif params.json_schema and server.json_schema:
             payload.update(schema_payload(server.json_schema, json.loads(params.json_schema)))
         elif params.regex and server.regex:
             payload[server.regex] = {"regex": params.regex} if server.regex == "structured_outputs" else params.regex
@@ -435,12 +541,15 @@ class OpenAIBackend(Backend):
         texts: list[str] = []
         finishes: list[str] = []
         prompt_tokens = completion_tokens = 0
+        # Read after the replies, like the prefill below: a server that refused tools on this request
+        # answered the resent one, with the tools in the prompt, in text.
+        native = self._native(conv, params) if params.tools else None
         for body, want in bodies:
             usage = body.get("usage") or {}
             prompt_tokens = int(usage.get("prompt_tokens") or prompt_tokens)
             completion_tokens += int(usage.get("completion_tokens") or 0)
             choices = body["choices"][:want]
-            texts += [_text(choice) for choice in choices]
+            texts += [_text(choice) if native is None else _tool_reply(choice, native) for choice in choices]
             finishes += [choice.get("finish_reason") or "unknown" for choice in choices]
         texts, finishes = texts[:params.n], finishes[:params.n]
         prefix = split_prefill(conv)[1]
@@ -508,6 +617,10 @@ class OpenAIBackend(Backend):
             try:
                 return await self._post(payload, "completions" if "prompt" in payload else "chat/completions")
             except RequestError as err:
+                if "tools" in payload and refuses_tools(err.status, str(err)):
+                    self._tools_refused(str(err))  # the next build puts the tools in the prompt
+                    self.stats.count_retry("unsupported_field")
+                    continue
                 refused = rejected_fields(str(err), [k for k in payload if k not in ("model", "messages")]) \
                     if err.status in (400, 422) else []
                 if refused:
@@ -633,6 +746,48 @@ def _text(choice: dict) -> str:
     if "message" in choice:
         return choice["message"].get("content") or ""
     return choice["text"] or ""
+
+
+def _tool_reply(choice: dict, native: bool) -> str:
+    """A choice's text for a request with tools: the reply JSON of its ``tool_calls`` (arguments as
+    objects where they parse, as the reply schema has them), an answer for a native reply's content,
+    or the text the model wrote with the tools in its prompt."""
+    message = choice.get("message")
+    if not isinstance(message, dict) or not (native or message.get("tool_calls")):
+        return _text(choice)
+    from ..tools import native_reply_text
+
+    calls = []
+    for call in message.get("tool_calls") or []:
+        function = dict(call.get("function") or {})
+        arguments = function.get("arguments")
+        if isinstance(arguments, str):
+            try:
+                function["arguments"] = json.loads(arguments) if arguments.strip() else {}
+            except ValueError:
+                pass  # kept as text: reading the reply says what is wrong
+        calls.append({**call, "function": function})
+    return native_reply_text({**message, "tool_calls": calls})
+
+
+@lru_cache(maxsize=64)
+def _tools_of(text: str) -> tuple:
+    from ..tools import tools_prompt
+
+    tools = json.loads(text)
+    return tools, tools_prompt(tools)
+
+
+def _tool_list(text: str) -> list[dict]:
+    """The tool definitions of a request (``params.tools``, JSON text), read once per text."""
+    return _tools_of(text)[0]
+
+
+def _in_prompt(conv: Conversation, tools_text: str) -> bool:
+    """Whether the tools are already written into the chat's system prompt (the LLM path does it for
+    a server that does not take them; :func:`factory.tools.prompt_messages` ends the system prompt so)."""
+    first = conv[0] if conv else {}
+    return first.get("role") == "system" and str(first.get("content") or "").endswith(_tools_of(tools_text)[1])
 
 
 def _decode(raw: bytes) -> str:

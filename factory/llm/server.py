@@ -3,7 +3,8 @@
 Servers differ beyond the standard chat-completions fields: vLLM and SGLang continue a
 prefilled assistant turn (``continue_final_message``) and constrain replies to a regex
 (``structured_outputs``, ``guided_regex`` before); ``transformers serve`` and OpenAI's own API
-reject any field they do not know (HTTP 400/422); some servers ignore ``n``. The backend
+reject any field they do not know (HTTP 400/422); some servers ignore ``n``; vLLM refuses
+OpenAI's ``tools`` unless it was started with a tool-call parser. The backend
 sends extensions only when it knows the server takes them (:class:`ServerInfo`), learns
 the rest from the server's answers, and emulates what is missing, so a recipe runs
 unchanged on any of them.
@@ -30,6 +31,14 @@ PROBE_SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "re
                 "additionalProperties": False}
 
 PROBE_PROMPT = "Say OK."  # the one-token requests that learn what a server accepts
+# The one small tool of the probe that learns whether a server takes OpenAI's `tools` field.
+PROBE_TOOL = {"type": "function", "function": {"name": "get_time", "description": "The current time.",
+                                                "parameters": {"type": "object", "properties": {}}}}
+TOOL_FIELDS = ("tools", "tool_choice")
+# What a server says when it refuses tools: vLLM without --enable-auto-tool-choice ('"auto" tool choice
+# requires --enable-auto-tool-choice and --tool-call-parser to be set'), llama.cpp without --jinja ("tools
+# param requires --jinja flag"), strict servers naming the fields.
+TOOLS_REFUSED = re.compile(r"\btools?\b|tool[_ ]choice|tool[-_ ]call|function[-_ ]call", re.IGNORECASE)
 
 TOO_LONG = re.compile(r"context length|context_length|maximum context|context window|too long|too many tokens|"
                       r"exceeds? the (?:model|max)|prompt is too|input length", re.IGNORECASE)
@@ -68,6 +77,11 @@ class ServerInfo:
             tokenizer is at hand; None: not asked): a user's turn is written there (Magpie).
         rejected: fields the server refused by name; never sent again.
         identical_samples: the server returned identical samples at temperature > 0.
+        tools: whether requests with tools go to the server natively (OpenAI's ``tools`` field, its
+            ``tool_calls`` read back): learned by a one-token probe at the first such request (False too
+            when the prompt counts no more tokens with a tool than without: the chat template drops them), or set
+            by ``native_tools``; turned False when the server refuses tools on a request (None: not
+            asked, no request had tools).
         probed: the server was asked what it accepts before the run.
     """
 
@@ -80,13 +94,14 @@ class ServerInfo:
     completions: bool | None = None
     rejected: list[str] = field(default_factory=list)
     identical_samples: bool = False
+    tools: bool | None = None
     probed: bool = False
 
     def to_json(self) -> dict:
         return {"models": self.models[:20] if self.models else self.models, "owned_by": self.owned_by,
                 "prefill": self.prefill, "regex": self.regex, "json_schema": self.json_schema, "n": self.n,
                 "completions": self.completions, "rejected_fields": sorted(self.rejected),
-                "identical_samples": self.identical_samples, "probed": self.probed}
+                "identical_samples": self.identical_samples, "tools": self.tools, "probed": self.probed}
 
     def reject(self, name: str) -> None:
         """The server refused ``name``: stop sending it (and what depends on it)."""
@@ -149,6 +164,12 @@ def rejected_fields(message: str, sent: list[str]) -> list[str]:
                                               "not allowed", "not supported", "unsupported", "invalid")):
         return []
     return [name for name in sent if name in OPTIONAL_FIELDS and re.search(rf"\b{re.escape(name)}\b", message)]
+
+
+def refuses_tools(status: int | None, message: str) -> bool:
+    """Whether an error answer to a request that carried ``tools`` says the server does not take
+    them (a 400/422 that speaks of tools and not of the prompt's length)."""
+    return status in (400, 422) and bool(TOOLS_REFUSED.search(message)) and not is_too_long(message)
 
 
 def is_too_long(message: str) -> bool:
