@@ -15,7 +15,8 @@ from factory.llm.batch_api import BatchRunner
 from factory.llm.requests import LLMClient
 from factory.llm.scripted import ScriptedBackend, ScriptedConfig
 from factory.llm.server import RequestError, refuses_tools
-from factory.tools import reply_schema, tools_text
+from factory.llm.tool_format import reply_schema
+from factory.tools import tools_text
 
 from .fake_openai import NO_TOOLS, STANDARD, FakeOpenAI
 

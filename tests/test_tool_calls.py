@@ -60,7 +60,10 @@ SCRIPTS = {
     "Just chat about weather.": [{"tool_calls": [{"name": "weather", "arguments": {"city": "Rome"}}]}],
     "Add 4 and 4 and lie.": [{"tool_calls": [{"name": "add", "arguments": {"a": 4, "b": 4}}]},
                              {"answer": "4 + 4 = 9."}],
-    "Loop forever.": [{"tool_calls": [{"name": "add", "arguments": {"a": 1, "b": 1}}]}] * 9 + [{"answer": "Done."}],
+    "Loop forever.": [{"tool_calls": [{"name": "add", "arguments": {"a": 1, "b": k}}]} for k in range(9)] +
+                     [{"answer": "Done."}],
+    "Add 2 and 2, again.": [{"tool_calls": [{"name": "add", "arguments": {"a": 2, "b": 2}}]},
+                            {"tool_calls": [{"name": "add", "arguments": {"b": 2, "a": 2}}]}],
 }
 KINDS_OF = {"Add 5 and 5, no tools.": "single", "Just chat about weather.": "none", "Hello there!": "none"}
 
@@ -176,7 +179,7 @@ def test_trajectories_run_their_calls_and_keep_openai_tool_messages(tmp_path):
 
 def test_the_three_checks_drop_with_their_reason_and_the_run_goes_on(tmp_path):
     requests = ["Add one and x.", "Book a flight.", "Weather in Oslo?", "Wait for it.", "Price of lowercase acme?",
-                "Add 4 and 4 and lie.", "Add 2 and 3."]
+                "Add 4 and 4 and lie.", "Add 2 and 2, again.", "Add 2 and 3."]
     version, manifest, _ = run(write_files(tmp_path, requests), tmp_path)
     assert read_version(version)["instruction"].to_list() == ["Add 2 and 3."]
     rejected = {r["instruction"]: (r["drop_reason"], r["drop_detail"]) for r in read_version(version, "rejected").to_dicts()}
@@ -188,7 +191,9 @@ def test_the_three_checks_drop_with_their_reason_and_the_run_goes_on(tmp_path):
     assert rejected["Weather in Oslo?"] == ("execution", "turn 1: call 0: weather raised ValueError: no station in Oslo")
     assert rejected["Wait for it."] == ("execution", "turn 1: call 0: slow: the call did not finish within 1 s")
     assert rejected["Add 4 and 4 and lie."] == ("semantic", "turn 2: the judge: add returned 8, the answer says 9.")
-    assert manifest["steps"][0]["dropped"] == {"execution": 2, "format": 3, "semantic": 1}
+    assert rejected["Add 2 and 2, again."] == (
+        "repeated_call", "turn 2: call 0: add with the same arguments was already made: its result is in the chat")
+    assert manifest["steps"][0]["dropped"] == {"execution": 2, "format": 3, "repeated_call": 1, "semantic": 1}
 
 
 def test_a_kind_that_needs_calls_gets_them_and_one_that_needs_none_does_not(tmp_path):

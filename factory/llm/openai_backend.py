@@ -23,7 +23,7 @@ Requests with tools (``params.tools``) go natively where the server takes OpenAI
 chat template shows the tools to the model; or ``native_tools``): the chat in
 OpenAI's tool layout, ``tools`` and ``tool_choice``, and no JSON Schema (the server's tool parser
 answers); each reply's ``tool_calls`` come back as the reply JSON the steps read
-(:func:`factory.tools.native_reply_text`). A server that still refuses tools on a request is
+(:func:`factory.llm.tool_format.native_reply_text`). A server that still refuses tools on a request is
 remembered and the request resent with the tools in the prompt, like every later one.
 
 With ``batch: true`` a step's requests go through the server's Batch API instead
@@ -50,6 +50,7 @@ from .ratelimit import RateLimiter, Ticket
 from .server import (JSON_SCHEMA_FIELDS, PROBE_PROMPT, PROBE_SCHEMA, PROBE_TOOL, ServerInfo, schema_payload,
                      auth_error, connection_error, continuation, emulate_prefill, is_quota, is_too_long, model_error,
                      quota_error, refuses_tools, rejected_fields, server_message, RequestError)
+from .tool_format import native_messages, native_reply_text, prompt_messages, tools_prompt
 
 RETRY_STATUSES = {408, 409, 425, 500, 502, 503, 504, 520, 522, 524, 529}  # 429 is throttling, not a retry
 _UNSET = object()
@@ -492,8 +493,6 @@ class OpenAIBackend(Backend):
             if not native and not _in_prompt(conv, params.tools):
                 # Sent natively by the LLM path, but the server refused tools (or a prefill continues
                 # a reply): the tools go in the prompt, the reply held to the schema.
-                from ..tools import prompt_messages
-
                 conv = prompt_messages(conv, _tool_list(params.tools))
         prefix = split_prefill(conv)[1]
         payload = {"model": self.config.model, "messages": conv, "temperature": params.temperature,
@@ -517,8 +516,6 @@ class OpenAIBackend(Backend):
             else:
                 payload["messages"] = emulate_prefill(conv, prefix)
         if native:
-            from ..tools import native_messages
-
             # No JSON Schema: the server's own tool parser turns the model's calls into tool_calls.
             payload.update(messages=native_messages(conv), tools=_tool_list(params.tools),
                            tool_choice=params.tool_choice)
@@ -755,25 +752,11 @@ def _tool_reply(choice: dict, native: bool) -> str:
     message = choice.get("message")
     if not isinstance(message, dict) or not (native or message.get("tool_calls")):
         return _text(choice)
-    from ..tools import native_reply_text
-
-    calls = []
-    for call in message.get("tool_calls") or []:
-        function = dict(call.get("function") or {})
-        arguments = function.get("arguments")
-        if isinstance(arguments, str):
-            try:
-                function["arguments"] = json.loads(arguments) if arguments.strip() else {}
-            except ValueError:
-                pass  # kept as text: reading the reply says what is wrong
-        calls.append({**call, "function": function})
-    return native_reply_text({**message, "tool_calls": calls})
+    return native_reply_text(message)
 
 
 @lru_cache(maxsize=64)
 def _tools_of(text: str) -> tuple:
-    from ..tools import tools_prompt
-
     tools = json.loads(text)
     return tools, tools_prompt(tools)
 
@@ -785,7 +768,7 @@ def _tool_list(text: str) -> list[dict]:
 
 def _in_prompt(conv: Conversation, tools_text: str) -> bool:
     """Whether the tools are already written into the chat's system prompt (the LLM path does it for
-    a server that does not take them; :func:`factory.tools.prompt_messages` ends the system prompt so)."""
+    a server that does not take them; :func:`factory.llm.tool_format.prompt_messages` ends the system prompt so)."""
     first = conv[0] if conv else {}
     return first.get("role") == "system" and str(first.get("content") or "").endswith(_tools_of(tools_text)[1])
 

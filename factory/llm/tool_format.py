@@ -175,9 +175,11 @@ def prompt_messages(messages: list[dict], tools: list[dict]) -> list[dict]:
 
 
 def _arguments_value(arguments: Any) -> Any:
+    """Arguments as OpenAI writes them (JSON text) as an object; text that does not parse is kept (the
+    format check says what is wrong), empty text is no arguments."""
     if isinstance(arguments, str):
         try:
-            return json.loads(arguments)
+            return json.loads(arguments) if arguments.strip() else {}
         except ValueError:
             return arguments
     return arguments
@@ -187,9 +189,9 @@ def native_reply_text(message: dict) -> str:
     """A server's assistant message (OpenAI's ``tool_calls``, or content) as the reply JSON the
     steps read."""
     calls = message.get(TOOL_CALLS) or []
-    if calls:
+    if calls:  # arguments as objects where they parse, as the reply schema has them
         return json.dumps({TOOL_CALLS: [{"name": (c.get("function") or {}).get("name"),
-                                          "arguments": (c.get("function") or {}).get("arguments")}
+                                          "arguments": _arguments_value((c.get("function") or {}).get("arguments"))}
                                          for c in calls]}, ensure_ascii=False)
     return json.dumps({ANSWER: message.get("content") or ""}, ensure_ascii=False)
 

@@ -14,7 +14,8 @@ jsonschema's message), ``execution`` (the implementation raised or passed the ti
 simulated result is not JSON), ``semantic`` (with ``semantic: true``, a judge, its own
 ``judge_llm``, finds that the calls and results do not answer the request). With ``kind`` from
 ``tool_queries``, a request that needs tools and gets none is ``no_call``, one that needs none
-and gets calls is ``unneeded_call``.
+and gets calls is ``unneeded_call``; a call made again with the same arguments (its result is
+already in the chat: a model going round in circles) is ``repeated_call``.
 """
 
 from __future__ import annotations
@@ -112,7 +113,8 @@ class ToolCalls(LLMStep):
     Requires: ``instruction`` (the request) and tools (the ``tools`` column or option).
     Produces: ``messages`` (OpenAI tool format), ``tools`` (the definitions offered, JSON text),
     ``response`` (the final answer), ``calls``, ``simulated`` (tools a model simulated). Drops:
-    ``format``, ``execution``, ``semantic``, ``no_call``, ``unneeded_call``, ``truncated``.
+    ``format``, ``execution``, ``semantic``, ``no_call``, ``unneeded_call``, ``repeated_call``,
+    ``truncated``.
 
     Example:
         - tool_calls: {tools: tools.json, implementations: tools.py, max_calls: 4, semantic: true}
@@ -288,6 +290,14 @@ def take_reply(step: ToolCalls, t: Trajectory, completion: Completion, turn: int
     if len(reply.calls) > c.max_calls - t.calls:
         return t.fail(step, F.FORMAT, turn, f"{len(reply.calls)} calls where {c.max_calls - t.calls} were left "
                                             f"(max_calls: {c.max_calls})", text)
+    made = [(m["function"]["name"], _canonical(m["function"]["arguments"])) for m in
+            (call for msg in t.messages for call in msg.get("tool_calls") or ())]
+    for k, call in enumerate(reply.calls):
+        key = (call["name"], _canonical(call["arguments"]))
+        if key in made:
+            return t.fail(step, "repeated_call", turn, f"call {k}: {call['name']} with the same arguments was "
+                                                       "already made: its result is in the chat", text)
+        made.append(key)
     if c.expect_calls and t.kind == "none":
         return t.fail(step, "unneeded_call", turn, "the request needs no tool and the model called "
                                                    f"{', '.join(call['name'] for call in reply.calls)}", text)
@@ -296,6 +306,15 @@ def take_reply(step: ToolCalls, t: Trajectory, completion: Completion, turn: int
     t.messages.append(F.assistant_message(reply.calls, ids))
     t.pending = [(i, call["name"], call["arguments"]) for i, call in zip(ids, reply.calls)]
     return None
+
+
+def _canonical(arguments) -> str:
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments)
+        except ValueError:
+            return arguments
+    return json.dumps(arguments, sort_keys=True)
 
 
 def run_calls(step: ToolCalls, runs: list[Trajectory], impl, turn: int):
