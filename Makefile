@@ -73,6 +73,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/rate_limits.py
 	$(BIN)/python bench/code_verify.py
 	$(BIN)/python bench/math_verify.py --keys
+	$(BIN)/python bench/tool_use.py
 	$(BIN)/python bench/viewer.py
 	$(BIN)/python bench/magpie_diversity.py --rows 40
 

@@ -151,3 +151,39 @@ def test_a_json_schema_on_transformers_serve_is_held_or_checked_and_reasked(tran
         final_ok = valid(c.texts[0], schema)
         assert client.usage.reasks == 2 if not final_ok else client.usage.reasks <= 2
     print(f"transformers serve: json_schema={server['json_schema']}, reasks={client.usage.reasks}, reply={c.texts}")
+
+
+@pytest.mark.timeout(900)
+def test_tool_calls_run_on_transformers_serve(transformers_serve, tmp_path):
+    """The bundled tools through a real server: transformers serve accepts OpenAI's `tools` but
+    SmolLM2's template has no place for them, so the backend finds out (the same prompt tokens with
+    and without a tool) and puts them in the prompt; every trajectory is kept or dropped with a
+    reason of the step, none fails in the backend, and the kept ones export for TRL."""
+    base_url, folder = transformers_serve
+    source = tmp_path / "requests.jsonl"
+    source.write_text('{"instruction": "What is 12.5 times 4?"}\n{"instruction": "How many km is 3 miles?"}\n',
+                      encoding="utf-8")
+    recipe = tmp_path / "tools.yaml"
+    recipe.write_text(f"""\
+name: served-tools
+seed: 3
+llm: {{backend: openai, model: "{folder}", base_url: "{base_url}", max_concurrency: 2, timeout: 300}}
+source: {{path: {source}}}
+steps:
+  - tool_calls: {{tools: data/tools/tools.json, implementations: data/tools/tools.py, max_calls: 2, max_tokens: 96}}
+output: {{format: messages}}
+""")
+    out = tmp_path / "out"
+    result = subprocess.run([sys.executable, "-m", "factory", "run", str(recipe), "--out", str(out), "--quiet"],
+                            capture_output=True, text=True, cwd=ROOT, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    version = out / "served-tools" / "v1"
+    manifest = read_manifest(version)
+    step = manifest["steps"][0]
+    assert step["llm"]["server"]["tools"] is False, step["llm"]["server"]
+    assert step["rows_in"] == 2 and step["llm"]["conversations"] >= 2
+    known = {"format", "execution", "semantic", "no_call", "repeated_call", "truncated", "parse_error"}
+    assert set(step.get("dropped", {})) <= known, step.get("dropped")
+    kept = read_version(version)
+    for messages in kept["messages"].to_list() if kept.height else []:
+        assert messages[-1]["role"] == "assistant" and messages[-1]["content"]

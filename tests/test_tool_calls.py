@@ -267,6 +267,22 @@ def test_bad_tools_and_implementations_are_recipe_errors_at_their_line(tmp_path,
         assert part in message
 
 
+def test_the_schema_held_while_decoding_leaves_out_what_grammars_cannot_hold():
+    from factory.llm.tool_format import for_decoding, reply_schema
+
+    tool = {"type": "function", "function": {"name": "f", "description": "", "parameters": {
+        "type": "object", "properties": {"format": {"type": "string", "format": "date", "maxLength": 500},
+                                         "tags": {"type": "array", "uniqueItems": True,
+                                                  "items": {"type": "string", "maxLength": 12}}},
+        "required": ["format"], "additionalProperties": False}}}
+    held = reply_schema([tool], answer=False)["properties"]["tool_calls"]["items"]["properties"]["arguments"]
+    # A property named like a keyword stays; the keywords xgrammar refuses and long lengths go; short ones stay.
+    assert held == {"type": "object", "properties": {"format": {"type": "string"}, "tags": {
+        "type": "array", "items": {"type": "string", "maxLength": 12}}}, "required": ["format"],
+        "additionalProperties": False}
+    assert for_decoding(TOOLS[2]["function"]["parameters"]) == TOOLS[2]["function"]["parameters"]
+
+
 def test_allocate_gives_each_kind_its_share():
     assert sorted(allocate({"single": 0.4, "multiple": 0.2, "parallel": 0.2, "none": 0.2}, 10)) == \
         sorted(["single"] * 4 + ["multiple"] * 2 + ["parallel"] * 2 + ["none"] * 2)

@@ -268,6 +268,40 @@ def test_recipe_on_the_vllm_backend(tmp_path, model_dir):
     print(f"recipe on the vllm backend: {manifest['rows']} rows in {seconds:.0f}s")
 
 
+TOOL_REQUESTS = ["What is 12.5 times 4 plus 3?", "How many kilometres is 26.2 miles?",
+                 "How many days are there between 2024-01-15 and 2024-03-01?", "What is the capital of Japan?"]
+TOOLS_RECIPE = """\
+name: {name}
+seed: 5
+llm: {llm}
+source: {{path: {source}}}
+steps:
+  - tool_calls: {{tools: data/tools/tools.json, implementations: data/tools/tools.py, max_calls: 2, max_tokens: 96}}
+output: {{format: messages}}
+"""
+
+
+def run_tool_recipe(tmp_path: Path, name: str, llm: str) -> dict:
+    source = tmp_path / "requests.jsonl"
+    source.write_text("".join(json.dumps({"instruction": r}) + "\n" for r in TOOL_REQUESTS), encoding="utf-8")
+    recipe = tmp_path / f"{name}.yaml"
+    recipe.write_text(TOOLS_RECIPE.format(name=name, llm=llm, source=source), encoding="utf-8")
+    proc = subprocess.run([str(BIN / "factory"), "run", str(recipe), "--out", str(tmp_path / "out"), "--quiet"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads((Path(proc.stdout.strip().splitlines()[-1]) / "manifest.json").read_text())
+
+
+def test_tool_calls_on_the_vllm_backend_are_held_to_the_tools_schemas(tmp_path, model_dir):
+    llm = f"{{backend: vllm, model: embedded, dtype: float32, kv_cache_gib: 1, export_dir: {model_dir}}}"
+    manifest = run_tool_recipe(tmp_path, "tools-vllm", llm)
+    step = manifest["steps"][0]
+    # Every reply was decoded under the schema built from the tools: each is calls or an answer, and
+    # each call names a bundled tool with arguments of its schema (no `format` drop), whatever ran.
+    assert step["rows_in"] == 4 and "format" not in step.get("dropped", {}), step
+    assert step["llm"]["reasks"] == 0, step["llm"]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -350,6 +384,22 @@ def test_recipe_on_vllms_openai_server(tmp_path, vllm_server, model_dir):
     assert all(c.error is None and c.texts[0].strip() for c in turns), [c.texts for c in turns]
     assert not any("<|im_start|>" in c.texts[0] for c in turns)
     writer.close()
+    # Tools: vllm serve without --enable-auto-tool-choice refuses OpenAI's `tools` (learned once), so the
+    # tools go in the prompt and the reply is held to their schema through response_format.
+    from factory import tools as T
+    from factory.llm.tool_format import prompt_messages, read_reply, reply_schema
+
+    agent = OpenAIBackend(OpenAIConfig(model="smol", base_url=vllm_server))
+    tools = T.load_tools(ROOT / "data" / "tools" / "tools.json")
+    assert agent.takes_tools() is False and agent.describe()["server"]["tools"] is False
+    ask = [{"role": "user", "content": TOOL_REQUESTS[0]}]
+    params = GenerationParams(max_tokens=96, tools=T.tools_text(tools), json_schema=schema_text(reply_schema(tools)))
+    [c] = agent.generate([Request(prompt_messages(ask, tools), params)])
+    assert c.error is None, c.error  # the schema built from the tools is one vLLM's grammar engine takes
+    if c.finish_reasons == ["stop"]:
+        reply = read_reply(c.texts[0])
+        assert reply.answer or all(T.call_problem(call, T.by_name(tools)) is None for call in reply.calls), c.texts
+    agent.close()
     print(f"recipe on vllm serve: {manifest['rows']} rows in {seconds:.0f}s")
 
 

@@ -23,6 +23,10 @@ TOOL_CALLS = "tool_calls"
 ANSWER = "answer"
 FORMAT = "format"  # drop reason: a reply or call that does not parse, names no tool, or fails its schema
 LONGEST_HELD = 64  # string lengths up to this are held while decoding (see for_decoding)
+UNHELD = frozenset({"uniqueItems", "multipleOf", "minProperties", "maxProperties", "patternProperties",
+                    "propertyNames", "dependentRequired", "dependentSchemas", "if", "then", "else", "not",
+                    "contains", "minContains", "maxContains", "format", "unevaluatedProperties",
+                    "unevaluatedItems"})
 
 
 # -- replies ------------------------------------------------------------------------------------
@@ -46,15 +50,25 @@ def reply_schema(tools: list[dict], calls: bool = True, answer: bool = True, max
 
 
 def for_decoding(schema: Any) -> Any:
-    """A tool's parameters as held while decoding: without string lengths over
-    :data:`LONGEST_HELD` (a ``maxLength: 500`` makes the grammar's automaton take seconds and
-    gigabytes to build; the format check still holds a call to the tool's whole schema)."""
-    if isinstance(schema, dict):
-        return {k: for_decoding(v) for k, v in schema.items()
-                if not (k == "maxLength" and isinstance(v, int) and v > LONGEST_HELD)}
-    if isinstance(schema, list):
-        return [for_decoding(v) for v in schema]
-    return schema
+    """A tool's parameters as held while decoding: without the keywords grammar engines do not
+    implement (:data:`UNHELD`: xgrammar refuses a schema with ``uniqueItems``) and without string
+    lengths over :data:`LONGEST_HELD` (a ``maxLength: 500`` takes outlines' automaton seconds and
+    gigabytes to build). The format check still holds each call to its tool's whole schema."""
+    if not isinstance(schema, dict):
+        return schema
+    out = {}
+    for key, value in schema.items():
+        if key in UNHELD or key == "maxLength" and isinstance(value, int) and value > LONGEST_HELD:
+            continue
+        if key in ("properties", "$defs", "definitions") and isinstance(value, dict):
+            out[key] = {name: for_decoding(sub) for name, sub in value.items()}
+        elif key in ("items", "additionalProperties") and isinstance(value, dict):
+            out[key] = for_decoding(value)
+        elif key in ("anyOf", "oneOf", "allOf", "prefixItems") and isinstance(value, list):
+            out[key] = [for_decoding(sub) for sub in value]
+        else:
+            out[key] = value
+    return out
 
 
 @dataclass
