@@ -68,6 +68,27 @@ output: {{format: messages}}
     return recipe
 
 
+def tools_recipe(folder: Path) -> Path:
+    """A `tools` dataset: one trajectory that calls the bundled calculator, which runs."""
+    (folder / "requests.jsonl").write_text('{"instruction": "What is 12.5 times 4?"}\n', encoding="utf-8")
+    recipe = folder / "tools.yaml"
+    tools = ROOT / "data" / "tools"
+    recipe.write_text(f"""\
+name: tools
+seed: 3
+llm:
+  backend: scripted
+  rules:
+    - {{match: "Tool result \\\\(calculator", reply: '{{{{"answer": "12.5 times 4 is 50."}}}}'}}
+    - {{match: ".", reply: '{{{{"tool_calls": [{{{{"name": "calculator", "arguments": {{{{"expression": "12.5 * 4"}}}}}}}}]}}}}'}}
+source: {{path: {folder / "requests.jsonl"}}}
+steps:
+  - tool_calls: {{tools: {tools / "tools.json"}, implementations: {tools / "tools.py"}}}
+output: {{format: messages}}
+""", encoding="utf-8")
+    return recipe
+
+
 @pytest.fixture(scope="module")
 def site(tmp_path_factory, tiny_model_dir):
     """OUT with demo v1, demo v2 (a stricter score filter, v1 as parent) and evolve-run/ (3 rounds,
@@ -87,6 +108,7 @@ def site(tmp_path_factory, tiny_model_dir):
     for rs in state["rounds"]:
         rs["seconds"] = {phase: 1.0 + rs["round"] for phase in rs["seconds"]}
     (out / "evolve-run" / "evolve.json").write_text(json.dumps(state, indent=2), encoding="utf-8")
+    run_recipe(load_recipe(tools_recipe(work)), out, progress=False)
     kept = pl.read_parquet(v1 / "data" / "*.parquet")
     rejected = pl.read_parquet(v1 / "rejected" / "*.parquet")
     assert kept.height > 50, "paging needs more than one page of kept rows; add topics"
@@ -332,6 +354,18 @@ def test_rows_page_search_facets_and_escaping(browser, server, site, shots):
     wanted = kept.filter(pl.col("sample") == 1).height
     wait_for(browser, lambda d: range_text(d) == f"rows 1–{min(wanted, 50)} of {wanted}", "the facet's rows")
     assert {c.find_element("css selector", "[data-field=sample] dd").text for c in cards(browser)} == {"1"}
+    assert error_line(browser) == ""
+
+
+def test_tool_calls_show_as_calls_and_results(browser, server):
+    open_page(browser, server, "/v/tools/1/rows", ".conversation")
+    card = cards(browser)[0]
+    roles = [r.text for r in card.find_elements("css selector", ".conversation .role")]
+    assert roles == ["user", "assistant", "tool · calculator", "assistant"]
+    calls = [c.text for c in card.find_elements("css selector", ".conversation .tool-call")]
+    assert calls == ['calculator({"expression": "12.5 * 4"})']
+    bubbles = [b.text for b in card.find_elements("css selector", ".conversation .bubble")]
+    assert bubbles[2:] == ["50.0", "12.5 times 4 is 50."]
     assert error_line(browser) == ""
 
 

@@ -1078,11 +1078,24 @@ function conversation(messages) {
       h(
         "div",
         {class: `msg role-${String(m.role).replace(/[^a-z_-]/gi, "")}`},
-        h("div", {class: "role"}, String(m.role)),
-        h("div", {class: "bubble"}, typeof m.content === "string" ? longText(m.content) : renderValue(m.content)),
+        h("div", {class: "role"}, m.role === "tool" && m.name ? `tool · ${m.name}` : String(m.role)),
+        h("div", {class: "bubble"}, ...bubble(m)),
       ),
     ),
   );
+}
+
+// A message's text, and the tool calls it makes (OpenAI's layout: name and arguments as JSON text).
+function bubble(m) {
+  const calls = Array.isArray(m.tool_calls) ? m.tool_calls.filter((c) => c && c.function) : [];
+  const parts = [];
+  if (typeof m.content === "string") {
+    if (m.content || !calls.length) parts.push(longText(m.content));
+  } else if (m.content != null) {
+    parts.push(renderValue(m.content));
+  }
+  for (const c of calls) parts.push(h("code", {class: "tool-call"}, `${c.function.name}(${c.function.arguments})`));
+  return parts;
 }
 
 // ---------------------------------------------------------------------------------------------
