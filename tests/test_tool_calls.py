@@ -335,3 +335,35 @@ def test_tool_queries_draws_kinds_and_tool_subsets_with_the_seed(tmp_path):
         Cache(tmp_path / "cache2"), progress=False,
         backend_factory=lambda config: ScriptedBackend(config, reply_fn=writer)))[0]).to_dicts()
     assert [r["tools"] for r in again] == [r["tools"] for r in read_version(version).to_dicts()]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_on_the_embedded_model_every_reply_is_held_to_the_tools_schemas(tmp_path):
+    """transformers + outlines: each reply is decoded under the schema built from the bundled tools,
+    so none is sent back to be fixed and no call fails the format check (the model is weak: what
+    the calls compute is another matter, left to the execution and semantic checks)."""
+    from .conftest import ROOT
+
+    requests = ["What is 12.5 times 4 plus 3?", "How many kilometres is 26.2 miles?",
+                "How many days are there between 2024-01-15 and 2024-03-01?", "What is the capital of Japan?"]
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps({"instruction": r}) + "\n" for r in requests),
+                                         encoding="utf-8")
+    tools = ROOT / "data" / "tools"
+    path = tmp_path / "recipe.yaml"
+    path.write_text(f"""\
+name: embedded-tools
+seed: 5
+llm: {{backend: transformers, model: embedded}}
+source: {{path: rows.jsonl}}
+steps:
+  - tool_calls: {{tools: {tools / "tools.json"}, implementations: {tools / "tools.py"}, max_calls: 2, max_tokens: 96}}
+output: {{format: messages}}
+""", encoding="utf-8")
+    version, manifest, _ = run_recipe(load_recipe(path), tmp_path / "out", progress=False)
+    step = manifest["steps"][0]
+    assert step["rows_in"] == 4 and "format" not in step.get("dropped", {}), step.get("dropped")
+    assert step["llm"]["reasks"] == 0 and step["llm"]["conversations"] >= 4
+    kept = read_version(version)
+    for row in kept.to_dicts():
+        assert row["messages"][-1]["role"] == "assistant" and row["response"]
