@@ -180,6 +180,30 @@ def _lines(text: str) -> dict[tuple, int]:
     return lines
 
 
+def tool_lines(path: str | Path) -> dict[str, int]:
+    """The line where each tool of a tools file is defined (its name's line), by name."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+        data = json.loads(text) if Path(path).suffix.lower() == ".json" else None
+    except (OSError, UnicodeDecodeError, ValueError):
+        return {}
+    lines = _lines(text.replace("\t", " "))
+    if data is None:
+        import yaml
+
+        data = yaml.safe_load(text)
+    prefix = ("tools",) if isinstance(data, dict) and "tools" in data else ()
+    entries = data["tools"] if prefix else data
+    out = {}
+    for i, entry in enumerate(entries if isinstance(entries, list) else []):
+        name = _raw_name(entry)
+        key = prefix + (i, "function", "name") if isinstance(entry, dict) and "function" in entry else \
+            prefix + (i, "name")
+        if name:
+            out[name] = lines.get(key) or lines.get(prefix + (i,))
+    return {k: v for k, v in out.items() if v}
+
+
 def tools_of(value: Any) -> list[dict]:
     """A row's ``tools`` value (JSON text or a list of definitions) as normalized definitions.
     Raises ValueError (with what is wrong) for anything else."""

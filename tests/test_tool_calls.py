@@ -112,7 +112,7 @@ seed: 3
 llm: {{backend: scripted, model: agent}}
 source: {{path: rows.jsonl}}
 steps:
-  - tool_calls: {{tools: tools.json, implementations: tools.py, timeout: 1, simulator_llm: {{model: sim}}{options}}}
+  - tool_calls: {{tools: tools.json, implementations: tools.py, timeout: 1, simulator_llm: {{model: sim}}{simulate}{options}}}
 output: {{format: messages}}
 """
 
@@ -123,7 +123,8 @@ def write_files(tmp_path, requests, options=", semantic: true, judge_llm: {model
     rows = [{"instruction": r, **({"kind": KINDS_OF[r]} if r in KINDS_OF else {})} for r in requests]
     (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     path = tmp_path / "recipe.yaml"
-    path.write_text(RECIPE.format(options=options), encoding="utf-8")
+    simulate = "" if "simulate:" in options else ", simulate: missing"  # stock_price has no function
+    path.write_text(RECIPE.format(options=options, simulate=simulate), encoding="utf-8")
     return path
 
 
@@ -215,10 +216,17 @@ def test_after_max_calls_the_model_may_only_answer(tmp_path):
     assert len(rounds) == 4 and len(models.asked["agent"]) == 6
 
 
-def test_simulate_none_needs_every_function_and_fails_other_calls(tmp_path):
-    path = write_files(tmp_path, ["Price of ACME?"], options=", simulate: none")
-    with pytest.raises(RecipeError, match="has no function for the tools stock_price"):
+@pytest.mark.parametrize("simulate", ["auto", "none"])
+def test_a_tool_of_the_file_without_a_function_is_a_recipe_error(tmp_path, simulate):
+    path = write_files(tmp_path, ["Price of ACME?"], options=f", simulate: {simulate}")
+    line = next(i for i, text in enumerate(json.dumps(TOOLS, indent=1).splitlines(), 1) if '"stock_price"' in text)
+    with pytest.raises(RecipeError) as err:
         load_recipe(path)
+    assert f"tools.py has no function for the tool(s) stock_price (defined at tools.json:{line})" in str(err.value)
+    assert "steps[0].tool_calls.implementations" in str(err.value)
+
+
+def test_simulate_none_fails_calls_of_tools_without_a_function(tmp_path):
     # A row that offers a tool the file lacks (its own `tools` column) fails that call as `execution`.
     path = write_files(tmp_path, [], options=", simulate: none")
     path.write_text(path.read_text(encoding="utf-8").replace("tools: tools.json, ", ""), encoding="utf-8")

@@ -53,9 +53,11 @@ class ToolCallsConfig(LLMStepConfig):
     implementations: str | None = option(None, help="A Python file with one function per tool name (keyword "
                                                     "arguments as the tool's parameters; loaded from this path only), "
                                                     "run in the sandbox for each call.")
-    simulate: Literal["missing", "all", "none"] = option(
-        "missing", help="Which calls a model simulates (`simulator_llm`): those of tools without an "
-                        "implementation (`missing`), `all`, or `none` (such a call fails its row as `execution`).")
+    simulate: Literal["auto", "missing", "all", "none"] = option(
+        "auto", help="Which calls a model simulates (`simulator_llm`). `auto`: with `implementations`, every tool of "
+                     "`tools` must have a function there (a recipe error otherwise) and only tools from elsewhere (a "
+                     "row's own) are simulated; without it, all are. `missing`: any tool without a function. `all`, "
+                     "or `none` (such a call fails its row as `execution`).")
     simulator_llm: dict | None = option(None, help="The backend that simulates tool results, merged over the "
                                                    "recipe's `llm` (default: the recipe's model).")
     simulator_template: str | None = option(None, help="The simulator's prompt (Jinja; variables: tool, arguments, "
@@ -214,9 +216,14 @@ def implementation_problems(step) -> list[tuple]:
         return [(problem, "implementations", "fix the file so that it loads on its own (standard library and "
                                              "installed packages only)")]
     missing = [t["function"]["name"] for t in tools if not impl.has(t["function"]["name"])]
-    if missing and c.simulate == "none":
-        return [(f"{path} has no function for the tools {', '.join(missing)}", "implementations",
-                 "add a function named after each tool, or let a model simulate them (simulate: missing)")]
+    if missing and c.simulate in ("auto", "none"):
+        where = ""
+        if isinstance(c.tools, str):
+            lines = T.tool_lines(file_path(step, c.tools))
+            where = " (defined at " + ", ".join(f"{c.tools}:{lines[n]}" for n in missing if n in lines) + ")"
+        return [(f"{path} has no function for the tool(s) {', '.join(missing)}{where}", "implementations",
+                 f"add `def {missing[0]}(...)` (keyword arguments as its parameters) to {c.implementations}, or set "
+                 "`simulate: missing` to have a model simulate the tools without one")]
     return []
 
 
