@@ -212,6 +212,8 @@ def tools_of(value: Any) -> list[dict]:
             value = json.loads(value)
         except ValueError as err:
             raise ValueError(f"the tools are not JSON: {err}") from None
+    else:  # read from a table: struct columns give every tool every key any tool has, missing ones None
+        value = _without_nulls(value)
     if isinstance(value, dict) and "tools" in value:
         value = value["tools"]
     if not isinstance(value, list):
@@ -220,6 +222,14 @@ def tools_of(value: Any) -> list[dict]:
         return check_tools(value, "the row's tools")
     except ToolsError as err:
         raise ValueError(str(err)) from None
+
+
+def _without_nulls(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _without_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_nulls(v) for v in value]
+    return value
 
 
 def tools_text(tools: list[dict]) -> str:

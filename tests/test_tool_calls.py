@@ -291,6 +291,17 @@ def test_the_schema_held_while_decoding_leaves_out_what_grammars_cannot_hold():
     assert for_decoding(TOOLS[2]["function"]["parameters"]) == TOOLS[2]["function"]["parameters"]
 
 
+def test_tools_read_back_from_a_struct_column_lose_the_keys_other_tools_had():
+    import polars as pl
+
+    from factory.tools import tools_of
+
+    column = pl.DataFrame({"tools": [TOOLS[:2]]})  # Arrow unifies the two tools' parameter keys
+    value = column["tools"].to_list()[0]
+    assert value[1]["function"]["parameters"]["properties"].get("a", "absent") is None  # what the table gives
+    assert tools_of(value) == TOOLS[:2]
+
+
 def test_allocate_gives_each_kind_its_share():
     assert sorted(allocate({"single": 0.4, "multiple": 0.2, "parallel": 0.2, "none": 0.2}, 10)) == \
         sorted(["single"] * 4 + ["multiple"] * 2 + ["parallel"] * 2 + ["none"] * 2)
