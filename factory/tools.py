@@ -94,7 +94,17 @@ def load_tools(path: str | Path) -> list[dict]:
         ToolsError: the file is missing or unreadable, or a tool is not valid (``file:line: tool i
             (name): problem``), or two tools share a name.
     """
-    path = Path(path)
+    entries, lines = _read_tools(Path(path))
+    return check_tools(entries, str(path), lines)
+
+
+def _read_tools(path: Path) -> tuple[list, dict[tuple, int]]:
+    """A tools file's entries (the list, or the one under ``tools:``) as written, and the line of
+    each key path within that list.
+
+    Raises:
+        ToolsError: the file is missing, unreadable, not JSON (a ``.json``) or YAML, or holds no list.
+    """
     if not path.is_file():
         raise ToolsError(f"{path}: no such tools file")
     try:
@@ -123,7 +133,7 @@ def load_tools(path: str | Path) -> list[dict]:
     if not isinstance(data, list) or not data:
         raise ToolsError(f"{path}:1: a tools file holds a non-empty list of tool definitions (or {{tools: [...]}}), "
                          f"got {type(data).__name__ if data else 'nothing'}")
-    return check_tools(data, str(path), {k[len(prefix):]: v for k, v in lines.items() if k[:len(prefix)] == prefix})
+    return data, {k[len(prefix):]: v for k, v in lines.items() if k[:len(prefix)] == prefix}
 
 
 def check_tools(entries: list, where: str, lines: dict | None = None) -> list[dict]:
@@ -181,27 +191,20 @@ def _lines(text: str) -> dict[tuple, int]:
 
 
 def tool_lines(path: str | Path) -> dict[str, int]:
-    """The line where each tool of a tools file is defined (its name's line), by name."""
+    """The line where each tool of a tools file is defined (its name's line), by name; empty when
+    the file cannot be read."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
-        data = json.loads(text) if Path(path).suffix.lower() == ".json" else None
-    except (OSError, UnicodeDecodeError, ValueError):
+        entries, lines = _read_tools(Path(path))
+    except ToolsError:
         return {}
-    lines = _lines(text.replace("\t", " "))
-    if data is None:
-        import yaml
-
-        data = yaml.safe_load(text)
-    prefix = ("tools",) if isinstance(data, dict) and "tools" in data else ()
-    entries = data["tools"] if prefix else data
     out = {}
-    for i, entry in enumerate(entries if isinstance(entries, list) else []):
+    for i, entry in enumerate(entries):
         name = _raw_name(entry)
-        key = prefix + (i, "function", "name") if isinstance(entry, dict) and "function" in entry else \
-            prefix + (i, "name")
-        if name:
-            out[name] = lines.get(key) or lines.get(prefix + (i,))
-    return {k: v for k, v in out.items() if v}
+        key = (i, "function", "name") if isinstance(entry, dict) and "function" in entry else (i, "name")
+        line = lines.get(key) or lines.get((i,))
+        if name and line:
+            out[name] = line
+    return out
 
 
 def tools_of(value: Any) -> list[dict]:

@@ -105,13 +105,7 @@ def read_reply(text: str) -> Reply:
         for k, call in enumerate(calls):
             if not isinstance(call, dict) or not isinstance(call.get("name"), str):
                 raise ParseError(f"call {k} is not an object with a `name`", reason=FORMAT)
-            arguments = call.get("arguments", {})
-            if isinstance(arguments, str):  # OpenAI's layout: arguments as JSON text
-                try:
-                    arguments = json.loads(arguments) if arguments.strip() else {}
-                except ValueError:
-                    pass  # kept as text: the format check says what is wrong
-            out.append({"name": call["name"], "arguments": arguments})
+            out.append({"name": call["name"], "arguments": arguments_value(call.get("arguments", {}))})
         return Reply(out)
     if isinstance(value, dict) and isinstance(value.get(ANSWER), str):
         if not value[ANSWER].strip():
@@ -179,7 +173,7 @@ def prompt_messages(messages: list[dict], tools: list[dict]) -> list[dict]:
         if role == "system":
             system = f"{message.get('content') or ''}\n\n{system}".strip()
         elif role == "assistant" and message.get(TOOL_CALLS):
-            calls = [{"name": c["function"]["name"], "arguments": _arguments_value(c["function"]["arguments"])}
+            calls = [{"name": c["function"]["name"], "arguments": arguments_value(c["function"]["arguments"])}
                      for c in message[TOOL_CALLS]]
             out.append({"role": "assistant", "content": json.dumps({TOOL_CALLS: calls}, ensure_ascii=False)})
         else:
@@ -188,7 +182,7 @@ def prompt_messages(messages: list[dict], tools: list[dict]) -> list[dict]:
     return [{"role": "system", "content": system}] + out
 
 
-def _arguments_value(arguments: Any) -> Any:
+def arguments_value(arguments: Any) -> Any:
     """Arguments as OpenAI writes them (JSON text) as an object; text that does not parse is kept (the
     format check says what is wrong), empty text is no arguments."""
     if isinstance(arguments, str):
@@ -205,7 +199,7 @@ def native_reply_text(message: dict) -> str:
     calls = message.get(TOOL_CALLS) or []
     if calls:  # arguments as objects where they parse, as the reply schema has them
         return json.dumps({TOOL_CALLS: [{"name": (c.get("function") or {}).get("name"),
-                                          "arguments": _arguments_value((c.get("function") or {}).get("arguments"))}
+                                          "arguments": arguments_value((c.get("function") or {}).get("arguments"))}
                                          for c in calls]}, ensure_ascii=False)
     return json.dumps({ANSWER: message.get("content") or ""}, ensure_ascii=False)
 

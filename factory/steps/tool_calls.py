@@ -316,12 +316,8 @@ def take_reply(step: ToolCalls, t: Trajectory, completion: Completion, turn: int
 
 
 def _canonical(arguments) -> str:
-    if isinstance(arguments, str):
-        try:
-            arguments = json.loads(arguments)
-        except ValueError:
-            return arguments
-    return json.dumps(arguments, sort_keys=True)
+    """A call's arguments (an object, or OpenAI's JSON text) as text that equal arguments share."""
+    return json.dumps(F.arguments_value(arguments), sort_keys=True)
 
 
 def run_calls(step: ToolCalls, runs: list[Trajectory], impl, turn: int):
