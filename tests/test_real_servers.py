@@ -63,6 +63,14 @@ def transformers_serve(tmp_path_factory):
         log.close()
 
 
+def factory_run(recipe: Path, out: Path) -> Path:
+    """``factory run RECIPE --out OUT --quiet`` from the project folder; the version folder it printed."""
+    result = subprocess.run([sys.executable, "-m", "factory", "run", str(recipe), "--out", str(out), "--quiet"],
+                            capture_output=True, text=True, cwd=ROOT, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return Path(result.stdout.strip().splitlines()[-1])
+
+
 @pytest.mark.timeout(900)
 def test_a_recipe_runs_unchanged_on_transformers_serve(transformers_serve, tmp_path):
     base_url, folder = transformers_serve
@@ -80,11 +88,8 @@ steps:
   - score: {{min: 1}}
 output: {{format: messages, columns: [instruction, response, score]}}
 """)
-    out = tmp_path / "out"
-    result = subprocess.run([sys.executable, "-m", "factory", "run", str(recipe), "--out", str(out), "--quiet"],
-                            capture_output=True, text=True, cwd=ROOT, timeout=900)
-    assert result.returncode == 0, result.stderr[-3000:]
-    version = out / "served" / "v1"
+    version = factory_run(recipe, tmp_path / "out")
+    assert version == tmp_path / "out" / "served" / "v1"
     manifest = read_manifest(version)
     steps = {s["name"]: s for s in manifest["steps"]}
     server = steps["solve"]["llm"]["server"]
@@ -173,11 +178,8 @@ steps:
   - tool_calls: {{tools: data/tools/tools.json, implementations: data/tools/tools.py, max_calls: 2, max_tokens: 96}}
 output: {{format: messages}}
 """)
-    out = tmp_path / "out"
-    result = subprocess.run([sys.executable, "-m", "factory", "run", str(recipe), "--out", str(out), "--quiet"],
-                            capture_output=True, text=True, cwd=ROOT, timeout=900)
-    assert result.returncode == 0, result.stderr[-3000:]
-    version = out / "served-tools" / "v1"
+    version = factory_run(recipe, tmp_path / "out")
+    assert version == tmp_path / "out" / "served-tools" / "v1"
     manifest = read_manifest(version)
     step = manifest["steps"][0]
     assert step["llm"]["server"]["tools"] is False, step["llm"]["server"]

@@ -241,17 +241,21 @@ output: {{format: messages, columns: [instruction, origin, response, score]}}
 """
 
 
+def factory_run(recipe: Path, out: Path) -> Path:
+    """``factory run RECIPE --out OUT --quiet`` from the project folder; the version folder it printed."""
+    proc = subprocess.run([str(BIN / "factory"), "run", str(recipe), "--out", str(out), "--quiet"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return Path(proc.stdout.strip().splitlines()[-1])
+
+
 def run_recipe(tmp_path: Path, name: str, llm: str) -> tuple[dict, float]:
     recipe = tmp_path / f"{name}.yaml"
     recipe.write_text(RECIPE.format(name=name, llm=llm, seeds=SEEDS), encoding="utf-8")
-    out = tmp_path / "out"
     started = time.perf_counter()
-    proc = subprocess.run([str(BIN / "factory"), "run", str(recipe), "--out", str(out), "--quiet"],
-                          capture_output=True, text=True, cwd=ROOT, timeout=600)
+    version = factory_run(recipe, tmp_path / "out")
     seconds = time.perf_counter() - started
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    version = Path(proc.stdout.strip().splitlines()[-1])
-    assert version == out / name / "v1"  # the last line is the version folder, vLLM's logs stay off stdout
+    assert version == tmp_path / "out" / name / "v1"  # the last line is the version folder, vLLM's logs stay off stdout
     manifest = json.loads((version / "manifest.json").read_text())
     assert manifest["rows"] > 0, manifest
     assert list(version.glob("**/*.parquet"))
@@ -286,10 +290,7 @@ def run_tool_recipe(tmp_path: Path, name: str, llm: str) -> dict:
     source.write_text("".join(json.dumps({"instruction": r}) + "\n" for r in TOOL_REQUESTS), encoding="utf-8")
     recipe = tmp_path / f"{name}.yaml"
     recipe.write_text(TOOLS_RECIPE.format(name=name, llm=llm, source=source), encoding="utf-8")
-    proc = subprocess.run([str(BIN / "factory"), "run", str(recipe), "--out", str(tmp_path / "out"), "--quiet"],
-                          capture_output=True, text=True, cwd=ROOT, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads((Path(proc.stdout.strip().splitlines()[-1]) / "manifest.json").read_text())
+    return json.loads((factory_run(recipe, tmp_path / "out") / "manifest.json").read_text())
 
 
 def test_tool_calls_on_the_vllm_backend_are_held_to_the_tools_schemas(tmp_path, model_dir):
