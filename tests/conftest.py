@@ -89,3 +89,17 @@ def scripted_recipe(write_recipe):
         return write_recipe(text)
 
     return make
+
+
+@pytest.fixture(autouse=True)
+def _close_the_servers_a_test_left_open():
+    """A backend a test made and did not close keeps its server's connection pool and rate limiter
+    for the rest of the session; a later test whose server gets the same port would share them."""
+    from factory.llm.http import Endpoint
+
+    before = set(Endpoint._open)
+    yield
+    for key in set(Endpoint._open) - before:
+        endpoint = Endpoint._open.get(key)
+        if endpoint is not None:
+            endpoint.let_go(everyone=True)

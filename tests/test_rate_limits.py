@@ -175,6 +175,23 @@ def test_a_limit_the_user_states_paces_a_server_that_states_none(tmp_path):
     assert limits == {"per_minute": 600.0, "burst": 10.0, "source": "option"}
 
 
+def test_a_limit_stated_by_a_later_run_paces_a_server_an_open_backend_already_uses(tmp_path):
+    """A notebook: a backend made by hand is still open on the server when a recipe that states a
+    limit runs against it; the run shares that backend's limiter and is paced all the same."""
+    rows = 30
+    with FakeOpenAI() as server:
+        earlier = OpenAIBackend(OpenAIConfig(model="fake", base_url=server.base_url, check_server=False))
+        earlier.chat([USER], GenerationParams(max_tokens=4))
+        try:
+            manifest, wall = run(write_recipe(tmp_path, server.base_url, rows, llm=", requests_per_minute: 600"),
+                                 tmp_path)
+        finally:
+            earlier.close()
+    assert manifest["rows"] == rows
+    assert wall >= 2.0  # 30 requests at 10/s, 10 at once; unpaced, well under 1
+    assert manifest["steps"][0]["llm"]["rate_limits"]["requests"]["source"] == "option"
+
+
 def test_throttling_past_max_wait_stops_the_run_with_one_line():
     with FakeOpenAI(fault_fn=lambda payload, number: "retry_after") as server:
         server_backend = OpenAIBackend(OpenAIConfig(model="fake", base_url=server.base_url, max_wait=1.0,

@@ -108,11 +108,15 @@ class Endpoint:
                                                   skip_auto_headers=("User-Agent",), raise_for_status=False)
         return self._session
 
-    def limiter(self, model: str, make: Callable[[], RateLimiter]) -> RateLimiter:
-        """The rate limiter of ``model`` on this server (limits are per model on hosted APIs)."""
+    def limiter(self, model: str, make: Callable[[], RateLimiter], requests_per_minute: float | None = None,
+                tokens_per_minute: float | None = None) -> RateLimiter:
+        """The rate limiter of ``model`` on this server (limits are per model on hosted APIs); one that
+        exists already takes in the limits stated here."""
         limiter = self.limiters.get(model)
         if limiter is None:
             limiter = self.limiters[model] = make()
+        else:
+            limiter.state(requests_per_minute, tokens_per_minute)
         return limiter
 
 

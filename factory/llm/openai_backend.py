@@ -233,7 +233,8 @@ class OpenAIBackend(Backend):
             c = self.config
             self._limiter = self._endpoint.limiter(c.model, lambda: RateLimiter(
                 c.max_concurrency, c.requests_per_minute, c.tokens_per_minute, c.max_wait, self.share,
-                server=f"the server at {c.base_url}", backoff=c.backoff, max_backoff=c.max_backoff))
+                server=f"the server at {c.base_url}", backoff=c.backoff, max_backoff=c.max_backoff),
+                c.requests_per_minute, c.tokens_per_minute)
         return self._limiter
 
     @property

@@ -243,6 +243,23 @@ class RateLimiter:
         bucket.ceiling = (bucket.capacity, rate)
         return bucket
 
+    def state(self, requests_per_minute: float | None, tokens_per_minute: float | None) -> None:
+        """Takes in the limits a backend that joins this limiter states (a later step, or a later run
+        in the same process, such as a notebook's): the lower of each limit wins, as it would have
+        had it been stated first."""
+        now = time.monotonic()
+        for name, per_minute in (("requests", requests_per_minute), ("tokens", tokens_per_minute)):
+            stated = self._option_bucket(per_minute, now)
+            held = getattr(self, name)
+            if stated is None:
+                continue
+            if held is None or held.rate > stated.rate:
+                if held is not None:
+                    stated.level = min(stated.capacity, held.level)
+                setattr(self, name, stated)
+            elif held.ceiling is None or held.ceiling[1] > stated.rate:  # lower already: the option caps it
+                held.ceiling = stated.ceiling
+
     # -- estimating a request's tokens ---------------------------------------------------------
     def estimate(self, body_bytes: int, max_tokens: int, n: int = 1) -> float:
         """Tokens a request will count for: its prompt (from its size) and ``max_tokens`` per sample."""
