@@ -13,8 +13,9 @@ NUMBER_PATTERN = r"[-−]?\$?\d[\d,]*(?:\.\d+)?(?:\s*/\s*\d+)?|[-−]?\$?\.\d+"
 BOXED = re.compile(r"\\boxed\s*\{")
 
 
-def boxed_contents(text: str) -> list[str]:
-    """Contents of every ``\\boxed{...}``, with nested braces balanced; an unclosed one gives nothing."""
+def boxed_spans(text: str) -> list[tuple[int, int, int]]:
+    """Each closed ``\\boxed{...}``: (where it starts, where its contents start, where its closing
+    brace is), nested braces balanced."""
     found = []
     for match in BOXED.finditer(text):
         depth, start = 1, match.end()
@@ -24,6 +25,11 @@ def boxed_contents(text: str) -> list[str]:
             elif text[pos] == "}":
                 depth -= 1
                 if depth == 0:
-                    found.append(text[start:pos])
+                    found.append((match.start(), start, pos))
                     break
     return found
+
+
+def boxed_contents(text: str) -> list[str]:
+    """Contents of every ``\\boxed{...}``, with nested braces balanced; an unclosed one gives nothing."""
+    return [text[start:end] for _, start, end in boxed_spans(text)]

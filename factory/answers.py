@@ -16,9 +16,9 @@ from typing import Callable
 
 from .answer_patterns import BOXED as _BOXED
 from .answer_patterns import NUMBER_PATTERN as _NUMBER
-from .answer_patterns import boxed_contents
+from .answer_patterns import boxed_contents, boxed_spans
 from .errors import FactoryError
-from .math_answers import extract_math_answer, math_equal, math_keys
+from .math_answers import extract_math_answer, math_answer_marks, math_equal, math_keys
 
 _NUMBER_RE = re.compile(_NUMBER)
 _HASHES = re.compile(rf"####\s*({_NUMBER})")
@@ -98,6 +98,63 @@ def extract_answer(text: str, answer_format: str) -> str | None:
     if answer_format == "math":
         return extract_math_answer(text)
     return text.strip() or None
+
+
+# The end of a sentence: . ! or ? before a space, a closing mark or the end (not the point of 3.5),
+# or a line's end; then what closes around it (**bold**, $math$, a quote, a bracket).
+_SENTENCE_END = re.compile(r"[^\n]*?(?:[.!?](?=[\s*_)\]}\"'$]|$)|(?=\n)|$)[*_)\]}\"'$]*")
+_CLOSING_LINE = re.compile(r"\s*(?:\\\]|\$\$|\\end\{[^}\n]*\})")  # \] or $$ or \end{align} closing a display
+
+
+def _last_number_mark(text: str) -> int | None:
+    """Where the final answer ``extract_number`` reads ends, when a mark points at it (``\\boxed{}``,
+    ``####``, "the answer is"); None when it is only the last number of the reply."""
+    for _, start, close in reversed(boxed_spans(text)):
+        numbers = _NUMBER_RE.findall(_FRAC.sub(r"\1/\2", text[start:close]))
+        if numbers and canonical_number(numbers[-1]) is not None:
+            return close + 1
+    for pattern in (_HASHES, _ANSWER_IS):
+        matches = list(pattern.finditer(text))
+        if matches and canonical_number(matches[-1].group(1)) is not None:
+            return matches[-1].end()
+    return None
+
+
+def _answer_mark_end(text: str, answer_format: str) -> int | None:
+    """Where the marked final answer of ``text`` ends, read as ``extract_answer`` reads it."""
+    if answer_format == "number":
+        return _last_number_mark(text)
+    if answer_format == "math":
+        return math_answer_marks(text)
+    if answer_format == "choice":
+        matches = [m for m in _CHOICE_PATTERNS[0].finditer(text) if m.group(1).upper() in "ABCDEFGHIJ"]
+        return matches[-1].end() if matches else None
+    if answer_format == "text":
+        matches = list(re.finditer(r"(?:final answer|answer)\s*:\s*(.+)", text, re.I))
+        return matches[-1].end() if matches and matches[-1].group(1).strip().strip("*").strip() else None
+    return None
+
+
+def split_after_answer(text: str, answer_format: str) -> tuple[str, str]:
+    """``text`` cut after the sentence of its final answer, and what followed it ("" when nothing did).
+
+    Only a marked answer ends a reply (``\\boxed{}``, ``####``, "the answer is", "Answer:"; for
+    ``text``, its whole line); a reply whose answer is only its last number is never cut. The cut
+    keeps the sentence's end (``The answer is 3.``, ``$\\boxed{18}$.``) and a display it closes
+    (``\\]``, ``$$``), and never changes the answer ``extract_answer`` reads. Text before the final
+    answer stays, even an earlier answer: the cut only ends the reply where its answer did.
+    """
+    end = _answer_mark_end(text, answer_format)
+    if end is None:
+        return text, ""
+    if answer_format != "text":
+        end = _SENTENCE_END.match(text, end).end()
+    while closing := _CLOSING_LINE.match(text, end):
+        end = closing.end()
+    kept, after = text[:end].rstrip(), text[end:].strip()
+    if not after or extract_answer(kept, answer_format) != extract_answer(text, answer_format):
+        return text, ""
+    return kept, after
 
 
 def normalize_text(text: str) -> str:

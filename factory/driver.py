@@ -42,6 +42,7 @@ from .executors.base import Executor, check_output
 from .executors.local import LocalExecutor
 from .hashing import fingerprint
 from .llm import create_backend
+from .llm.base import watching_loads
 from .llm.requests import BackendPool, LLMSession, Usage
 from .steps.context import StepContext, merge_reports
 from .steps.drops import DROP, INTERNAL_PREFIX
@@ -357,11 +358,31 @@ class Driver:
         return fingerprint([step.fingerprint(), session.model_id if session else None]
                            + ([enforced] if enforced is not None else []) + ([others] if others else []))
 
-    def _bar(self, step, total: int | None):
+    @contextlib.contextmanager
+    def _bar(self, step, total: int | None, eta: bool = True):
+        """The step's progress bar; a model that loads while it is open (on its own lines, see
+        :func:`~factory.llm.base.announcing_load`) is left out of its rate and elapsed time. Without
+        ``eta`` it shows no rate and no time left until :meth:`show_eta` is called on it; then the
+        rate is the average since the start (rows that come in bursts make a moving one swing)."""
         from tqdm.auto import tqdm
 
-        return tqdm(total=total, desc=f"[{step.index}] {step.name}", unit="row", file=sys.stderr,
-                    disable=not self.progress, dynamic_ncols=True, mininterval=0.5, leave=True)
+        with tqdm(total=total, desc=f"[{step.index}] {step.name}", unit="row", file=sys.stderr,
+                  disable=not self.progress, dynamic_ncols=True, mininterval=0.5, leave=True,
+                  bar_format=None if eta else "{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]") as bar:
+            def show_eta() -> None:
+                bar.bar_format, bar.smoothing = None, 0
+
+            bar.show_eta = show_eta
+            def loaded(seconds: float) -> None:
+                if not bar.disable:  # a disabled bar keeps no clock
+                    bar.start_t += seconds
+                    bar.last_print_t += seconds
+                for callback in bar.after_load:
+                    callback(seconds)
+
+            bar.after_load = []
+            with watching_loads(loaded):
+                yield bar
 
     def _run_rows(self, step, table: pl.DataFrame, stats: StepStats, session, usage: Usage | None,
                   batch_size: int, max_failure_rate: float):
@@ -377,7 +398,11 @@ class Driver:
         stats.batches, stats.cached_batches = len(batches), len(batches) - len(todo)
         failures = processed = failed_batches_in_a_row = kept_cut = 0
         self._rows_done = 0
-        with self._bar(step, table.height) as bar:
+        # A model in this process answers a batch's requests together, and its rows finish in a burst
+        # at the batch's end: until a batch has ended, a time per row says nothing of the time left.
+        together = session is not None and bool(todo) and session.batches_in_flight(size) <= 1
+        computed_here = set(todo)
+        with self._bar(step, table.height, eta=not together) as bar:
             # Replies move the bar while batches run (several at once, from other threads, on a
             # server); a step may send several requests per row, so a batch never moves it past its rows.
             shown = [0] * len(batches)
@@ -415,6 +440,8 @@ class Driver:
                         _stop_on_failures(stats, failures, processed, max_failure_rate,
                                           split_dropped(outputs[i], stats.label)[1])
                 advance(batch.height, i=i)
+                if together and i in computed_here and processed < table.height:
+                    bar.show_eta()  # the rows of finished batches, over the time they took
                 live.maybe_show(force=True)
         stats.report = merge_reports(r for r in reports if r)
         note_kept_cut(stats, kept_cut)
@@ -520,6 +547,11 @@ class _LiveText:
         self.shown_at = 0.0
         self.started = time.perf_counter()
         self.requests_before = session.live()["requests"] if session is not None else 0
+        self.tokens_before = session.live()["completion_tokens"] if session is not None else 0
+        getattr(bar, "after_load", []).append(self.loaded)
+
+    def loaded(self, seconds: float) -> None:
+        self.started += seconds
 
     def maybe_show(self, force: bool = False) -> None:
         if self.usage is None or self.bar.disable:
@@ -531,7 +563,7 @@ class _LiveText:
         elapsed = max(now - self.started, 1e-9)
         live = self.session.live()
         parts = [f"{(live['requests'] - self.requests_before) / elapsed:.1f} req/s",
-                 f"{self.usage.completion_tokens / elapsed:.0f} tok/s"]
+                 f"{(live['completion_tokens'] - self.tokens_before) / elapsed:.0f} tok/s"]
         if live.get("throttled"):
             parts.append(f"{live['throttled']} throttled")
         if live.get("limits"):

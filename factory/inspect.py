@@ -10,7 +10,7 @@ import polars as pl
 
 from .annotations import agreement, agreement_lines, read_verdicts, verdict_counts, view_folder
 from .quality import quality_text_lines
-from .store import read_manifest, read_version, target_line, truncation_lines, usage_text
+from .store import after_answer_lines, read_manifest, read_version, target_line, truncation_lines, usage_text
 
 DISAGREE_SHOWN = 5  # disagreeing rows named per step; the viewer shows them all
 
@@ -127,7 +127,8 @@ def summarize(version_dir: str | Path, examples: int = 3, tokenizer=None) -> dic
         "rejected_rows": rejected.height,
         "columns": {c: str(t) for c, t in table.schema.items()},
         "steps": [{**{k: s[k] for k in ("index", "name", "rows_in", "rows_out", "dropped", "seconds")},
-                   "acceptance": s.get("acceptance"), "truncation": s.get("truncation")}
+                   "acceptance": s.get("acceptance"), "truncation": s.get("truncation"),
+                   "report": {k: v for k, v in (s.get("report") or {}).items() if k == "after_answer"}}
                   for s in manifest.get("steps", [])],
         "target_rows": manifest.get("target_rows"),
         "usage": manifest.get("usage") or {},
@@ -209,7 +210,7 @@ def render(info: dict, width: int = 100) -> str:
             dropped = ", ".join(f"{k}={v}" for k, v in s["dropped"].items()) or "-"
             out.append(f"{'[' + str(s['index']) + '] ' + s['name']:<24} {s['rows_in']:>7} {s['rows_out']:>7} "
                        f"{s['seconds']:>7.1f}  {dropped}")
-        out += truncation_lines(info["steps"])
+        out += truncation_lines(info["steps"]) + after_answer_lines(info["steps"])
     if info.get("target_rows"):
         out.append(target_line(info["target_rows"], info["rows"]))
     out += [f"llm {usage_text(key, u)}" for key, u in (info.get("usage") or {}).items()]

@@ -22,7 +22,7 @@ import re
 from fractions import Fraction
 from functools import lru_cache
 
-from .answer_patterns import NUMBER_PATTERN, boxed_contents
+from .answer_patterns import NUMBER_PATTERN, boxed_contents, boxed_spans
 from .errors import FactoryError
 from .time_limit import TIMED_OUT, map_limited
 
@@ -72,6 +72,21 @@ def extract_math_answer(text: str) -> str | None:
         return spans[-1]
     numbers = _NUMBER_RE.findall(text)
     return _clean(numbers[-1]) if numbers else None
+
+
+def math_answer_marks(text: str) -> int | None:
+    """Where the final answer ``extract_math_answer`` reads ends, when a mark points at it (the last
+    ``\\boxed{}``, ``####``, "the answer is"); None when it is a bare math span or number."""
+    boxed = [close for _, start, close in boxed_spans(text) if text[start:close].strip()]
+    if boxed:
+        return boxed[-1] + 1
+    for pattern in (_HASHES, _ANSWER_IS):
+        matches = list(pattern.finditer(text))
+        if matches and _after_marker(matches[-1].group(1)):
+            rest = matches[-1].group(1)
+            span = _SPANS.search(rest)
+            return matches[-1].start(1) + (span.end() if span else 0)
+    return None
 
 
 _DELIMITERS = re.compile(r"^\s*(?:\$\$?|\\\(|\\\[)(.*?)(?:\$\$?|\\\)|\\\])\s*$", re.S)

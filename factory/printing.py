@@ -12,7 +12,7 @@ import polars as pl
 
 from .driver import RunResult
 from .recipe_model import Recipe
-from .store import STOPPED, step_label, target_line, truncation_lines
+from .store import STOPPED, after_answer_lines, step_label, target_line, truncation_lines
 
 
 
@@ -37,7 +37,7 @@ def format_summary(manifest: dict) -> str:
     lines = [f"{manifest['name']} v{manifest['version']}: {manifest['rows']} rows "
              f"({manifest['rejected_rows']} dropped) in {manifest['timings']['run_seconds']:.1f}s"]
     lines += format_steps(steps)
-    lines += ["  " + line for line in truncation_lines(steps)]
+    lines += ["  " + line for line in truncation_lines(steps) + after_answer_lines(steps)]
     if manifest.get("target_rows"):
         lines.append("  " + target_line(manifest["target_rows"], manifest["rows"]))
     written = manifest.get("output_format")
@@ -143,8 +143,9 @@ def format_preview(recipe: Recipe, table: pl.DataFrame, result: RunResult, limit
     else:
         read = f"the first {result.source_rows} source rows (--limit {limit})"
     lines = [f"preview of {recipe.name}: {read} -> {table.height} rows in {result.seconds:.1f}s"]
-    lines += format_steps([s.to_json() for s in result.steps])
-    lines += ["  " + line for line in truncation_lines([s.to_json() for s in result.steps])]
+    steps = [s.to_json() for s in result.steps]
+    lines += format_steps(steps)
+    lines += ["  " + line for line in truncation_lines(steps) + after_answer_lines(steps)]
     if recipe.output.rows is not None:
         lines.append(f"  (output.rows: {recipe.output.rows} is not applied in a preview)")
     if table.height:

@@ -220,6 +220,10 @@ def dataset_card(manifest: dict, table: pl.DataFrame, configs: list[dict] | None
     if cut:
         lines += ["", "Replies cut at the token limit (`max_tokens`):", ""] + [f"- {line[len('cut: '):]}"
                                                                                 for line in cut]
+    went_on = after_answer_lines(manifest.get("steps", []))
+    if went_on:
+        lines += ["", "Replies that went on after their final answer:", ""] + \
+            [f"- {line[len('after answer: '):]}" for line in went_on]
     lines += ["", *quality_card_lines(manifest.get("quality")), "## Columns", ""]
     lines += [f"- `{c}`: {t}" for c, t in manifest["columns"].items()]
     lines += ["", "## Load it", "", "```python", "from datasets import load_dataset", "",
@@ -270,6 +274,23 @@ def usage_text(key: str, usage: dict) -> str:
 def usage_card_lines(usage: dict | None) -> list[str]:
     """The card's line on LLM usage, per model."""
     return [f"- LLM usage: {'; '.join(usage_text(key, u) for key, u in usage.items())}"] if usage else []
+
+
+def after_answer_lines(steps: list[dict]) -> list[str]:
+    """One line per step some of whose replies went on after their final answer (``solve``'s
+    ``after_answer``): how many, and what became of them."""
+    lines = []
+    for s in steps:
+        a = (s.get("report") or {}).get("after_answer")
+        if not a or not a.get("went_on"):
+            continue
+        done = {"cut": f"cut there (the text cut is in column `{a.get('column', 'after_answer')}`)",
+                "drop": "dropped as text_after_answer",
+                "keep": f"kept whole; after_answer: cut on {step_label(s)} ends them at their answer, "
+                        "drop drops them"}[a.get("action", "keep")]
+        lines.append(f"after answer: {step_label(s)}: {a['went_on']} of {a['answered']} replies with an answer "
+                     f"went on after it: {done}")
+    return lines
 
 
 def truncation_lines(steps: list[dict]) -> list[str]:

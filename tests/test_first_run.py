@@ -7,6 +7,7 @@ import json
 import re
 
 import polars as pl
+import pytest
 
 from factory.answers import answers_match, false_calculations
 from factory.build import run_recipe
@@ -30,34 +31,50 @@ def answers_by_problem() -> dict[str, str]:
     return dict(zip(*arithmetic(source)[["instruction", "answer"]].to_dict(as_series=False).values()))
 
 
+RAMBLE = "It seems like you're trying to solve a math problem but you're not. What do you need 7 of?"
+
+
 def student(answers: dict[str, str]):
-    """A model that, per problem, answers right with a true sum, wrong, right by a false sum, and rambles."""
+    """A model that, per problem, answers right with a true sum (and, on every other problem, goes on
+    talking after its answer, as the embedded model does), wrong, right by a false sum, and rambles."""
     def reply(conversation, sample):
         problem = re.findall(r"Problem: (.+)\nSolution:", conversation[-1]["content"])[-1]
         answer = int(answers[problem])
-        return [f"{answer} + 0 = {answer}. The answer is {answer}.",
+        goes_on = f" {RAMBLE}" if answer % 2 else ""
+        return [f"{answer} + 0 = {answer}. The answer is {answer}.{goes_on}",
                 f"{answer} + 1 = {answer + 1}. The answer is {answer + 1}.",
                 f"{answer} + 2 = {answer}. The answer is {answer}.",
                 "Let me think about this problem very carefully " * 10][sample % 4]
     return reply
 
 
-def test_quickstart_keeps_only_rows_whose_answer_and_calculations_check(tmp_path):
-    answers = answers_by_problem()
-
+def run_quickstart(tmp_path, answers: dict[str, str], overrides: list[str] | None = None):
     def backends(config):
         if config.backend != "transformers":
             return create_backend(config)
         return ScriptedBackend(ScriptedConfig(model="student"), reply_fn=student(answers))
 
     driver = Driver(Cache(tmp_path / "cache"), progress=False, backend_factory=backends)
-    version, manifest, _ = run_recipe(load_recipe(QUICKSTART), tmp_path / "out", driver=driver)
+    return run_recipe(load_recipe(QUICKSTART, overrides=overrides), tmp_path / "out", driver=driver)[:2]
+
+
+def test_quickstart_keeps_only_rows_whose_answer_and_calculations_check(tmp_path):
+    answers = answers_by_problem()
+    version, manifest = run_quickstart(tmp_path, answers)
     rows = read_version(version)
     assert rows.height == len(answers)  # one checked solution per problem, nothing else
     for row in rows.iter_rows(named=True):
+        answer = int(answers[row["instruction"]])
         assert answers_match(row["prediction"], answers[row["instruction"]], "numeric")
         assert false_calculations(row["response"]) == []
+        # The reply ends where its answer does; what the model said after it is kept beside, not trained on.
+        assert row["response"] == f"{answer} + 0 = {answer}. The answer is {answer}."
+        assert row["after_answer"] == (RAMBLE if answer % 2 else None)
         assert row["messages"][-1] == {"role": "assistant", "content": row["response"]}
+    went_on = sum(int(a) % 2 for a in answers.values())
+    assert 0 < went_on < len(answers)
+    assert manifest["steps"][0]["report"]["after_answer"] == {
+        "answered": 3 * len(answers), "went_on": went_on, "action": "cut", "column": "after_answer"}
     dropped = {s["name"]: s["dropped"] for s in manifest["steps"]}
     assert dropped["solve"] == {"truncated": len(answers)}
     assert dropped["verify"] == {"incorrect": len(answers), "false_calculation": len(answers)}
@@ -65,6 +82,19 @@ def test_quickstart_keeps_only_rows_whose_answer_and_calculations_check(tmp_path
     lucky = rejected.filter(pl.col("drop_reason") == "false_calculation")
     assert lucky["drop_detail"].str.starts_with("false: ").all()
     assert manifest["output_format"] == "messages"
+
+
+def test_replies_that_go_on_after_their_answer_can_be_dropped_with_their_own_reason(tmp_path):
+    answers = answers_by_problem()
+    version, manifest = run_quickstart(tmp_path, answers, ["steps[0].solve.after_answer=drop",
+                                                           "output.columns=[instruction, response]"])
+    went_on = {p for p, a in answers.items() if int(a) % 2}
+    assert set(read_version(version)["instruction"]) == set(answers) - went_on
+    rejected = read_version(version, "rejected").filter(pl.col("drop_reason") == "text_after_answer")
+    assert set(rejected["instruction"]) == went_on and rejected["drop_step"].unique().to_list() == ["steps[0].solve"]
+    detail = rejected["drop_detail"][0]
+    assert detail.startswith("the reply goes on after its answer (") and "The answer is" in detail and "It seems" in detail
+    assert rejected["raw_reply"].str.ends_with(RAMBLE).all()  # nothing is lost: the whole reply is kept
 
 
 def test_a_filter_only_recipe_without_output_writes_the_rows_as_they_are(tmp_path, capsys):
@@ -119,3 +149,57 @@ def test_one_operation_problems_have_exact_answers():
         numbers = [int(n) for n in re.findall(r"\d+", text)]
         a, b = numbers[0], numbers[1]
         assert int(answer) in {a + b, a - b, a * b, a // b if b else None}, text
+
+
+def test_the_model_load_has_its_own_lines_and_the_bar_leaves_it_out_of_its_rate(tmp_path, capsys):
+    """A 2 s load inside the first batch: the bar's elapsed time and rate are the generation's alone,
+    so that its first line does not promise minutes for a run that takes seconds."""
+    import time
+
+    from factory.llm.base import announcing_load
+
+    class SlowToLoad(ScriptedBackend):
+        loaded = False
+
+        def generate(self, requests, on_reply=None):
+            if not self.loaded:
+                with announcing_load("slow-model on cpu") as done:
+                    time.sleep(2.0)
+                    done.append("float32")
+                self.loaded = True
+            return super().generate(requests, on_reply)
+
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps({"instruction": f"task {i}"}) + "\n" for i in range(40)))
+    (tmp_path / "r.yaml").write_text("name: slow\nllm: {backend: transformers, model: embedded}\n"
+                                     "source: {path: in.jsonl}\nsteps:\n  - solve: {max_tokens: 8}\n")
+    driver = Driver(Cache(tmp_path / "cache"), progress=True,
+                    backend_factory=lambda config: SlowToLoad(ScriptedConfig(model="slow")))
+    run_recipe(load_recipe(tmp_path / "r.yaml"), tmp_path / "out", driver=driver)
+    err = capsys.readouterr().err
+    lines = [line.strip() for line in re.split(r"[\r\n]+", err) if line.strip()]
+    assert "loading slow-model on cpu ..." in lines
+    assert any(re.fullmatch(r"loaded in 2\.\ds \(float32\)", line) for line in lines), lines
+    last = [line for line in lines if line.startswith("[0] solve") and "40/40" in line][-1]
+    minutes, seconds = map(int, re.search(r"\[(\d\d):(\d\d)", last).groups())
+    assert minutes * 60 + seconds < 2, last  # the load's 2 s are not in the bar's time
+
+
+def bar_lines(err: str, step: str = "[0] solve") -> list[str]:
+    return [line.strip() for line in re.split(r"[\r\n]+", err) if line.strip().startswith(step)]
+
+
+@pytest.mark.parametrize("rows, batches", [(40, 1), (40, 2)])
+def test_a_local_model_s_bar_promises_no_time_left_until_a_batch_has_ended(tmp_path, capsys, rows, batches):
+    """The rows of a batch a model in this process answers finish together at its end: the bar shows
+    no rate and no time left until then (the first row's time is most of the batch's)."""
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps({"instruction": f"task {i}"}) + "\n" for i in range(rows)))
+    (tmp_path / "r.yaml").write_text(f"name: bar\nbatch_size: {rows // batches}\n"
+                                     "llm: {backend: scripted, model: s}\n"
+                                     "source: {path: in.jsonl}\nsteps:\n  - solve: {max_tokens: 8}\n")
+    run_recipe(load_recipe(tmp_path / "r.yaml"), tmp_path / "out", driver=Driver(Cache(tmp_path / "cache")))
+    lines = bar_lines(capsys.readouterr().err)
+    first_batch = rows // batches
+    early = [line for line in lines if int(re.search(r"(\d+)/" + str(rows), line).group(1)) < first_batch]
+    assert early and not any("<" in line or "row/s" in line for line in early), early
+    # With a batch done and rows left, the rows done so far over their time give the time left.
+    assert ("<" in lines[-1]) == (batches > 1), lines[-1]

@@ -151,6 +151,7 @@ class BackendStats:
     failures: int = 0
     retry_reasons: dict[str, int] = field(default_factory=dict)
     throttled: int = 0  # requests the server refused for its rate limits (429) and that went again
+    completion_tokens: int = 0  # of the replies that came back (what a progress bar shows live)
 
     def count_retry(self, reason: str, count: int = 1) -> None:
         for stats in (self, _CALL.get()):
@@ -178,6 +179,41 @@ def counting_call():
         yield stats
     finally:
         _CALL.reset(token)
+
+
+# Called with the seconds a model took to load, by :func:`announcing_load` (a progress bar that
+# was open meanwhile leaves them out of its rate: see :func:`watching_loads`).
+_LOAD_WATCHERS: list[Callable[[float], None]] = []
+
+
+@contextlib.contextmanager
+def watching_loads(callback: Callable[[float], None]):
+    """Calls ``callback(seconds)`` each time a model loads inside (in this process)."""
+    _LOAD_WATCHERS.append(callback)
+    try:
+        yield
+    finally:
+        _LOAD_WATCHERS.remove(callback)
+
+
+@contextlib.contextmanager
+def announcing_load(what: str):
+    """A model loading, on a line of its own ("loading X ...") and its time on the next ("loaded in
+    4.2s"), above any progress bar; whoever :func:`watching_loads` hears how long it took. The
+    body may add to the second line by yielding it a list (``done.append("float32")``)."""
+    import sys
+    import time
+
+    from tqdm.auto import tqdm
+
+    tqdm.write(f"loading {what} ...", file=sys.stderr)
+    began = time.perf_counter()
+    done: list[str] = []
+    yield done
+    seconds = time.perf_counter() - began
+    tqdm.write(f"loaded in {seconds:.1f}s" + (f" ({', '.join(done)})" if done else ""), file=sys.stderr)
+    for callback in list(_LOAD_WATCHERS):
+        callback(seconds)
 
 
 # Called with ``(position, completion)`` pairs of the replies that are ready, as they become

@@ -378,6 +378,7 @@ class LLMClient:
                 results[i] = completion
                 self.usage.prompt_tokens += completion.prompt_tokens
                 self.usage.completion_tokens += completion.completion_tokens
+                self.backend.stats.completion_tokens += completion.completion_tokens  # the bar's tok/s
                 if completion.error is None:  # a failure is never cached: a re-run asks again
                     entries.append((keys[i], completion.to_json()))
                 elif completion.error_reason == "backend_error":
@@ -528,7 +529,8 @@ class LLMSession:
         """What the backend shows while it works: requests sent so far, and its own (throttling, the
         limits learned)."""
         backend = self.backends.get(self.config)
-        return {"requests": backend.stats.requests, **backend.live()}
+        return {"requests": backend.stats.requests, "completion_tokens": backend.stats.completion_tokens,
+                **backend.live()}
 
     def cost_of(self, usage: dict) -> float:
         """What the tokens of a step's :class:`Usage` (as a dict) cost, at the budget's prices: each

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import sys
 from dataclasses import dataclass
 from typing import Literal
 
@@ -27,6 +26,7 @@ from .base import (
     Conversation,
     OnReply,
     Request,
+    announcing_load,
     by_sampling,
     split_prefill,
     trim_at_stop,
@@ -104,12 +104,15 @@ class TransformersBackend(Backend):
     def load(self) -> None:
         if self.model is not None:
             return
-        from tqdm.auto import tqdm
-
         device = pick_device(self.config.device)
         adapter = f" + LoRA {self.config.adapter}" if self.config.adapter else ""
         dtype = self.dtype_on(device)
-        tqdm.write(f"loading {self.config.model}{adapter} on {device} ({dtype}) ...", file=sys.stderr)
+        with announcing_load(f"{self.config.model}{adapter} on {device}"
+                             + (f" ({dtype})" if dtype != "auto" else "")) as done:
+            self._load(device, dtype)
+            done.append(str(self.model.dtype).removeprefix("torch."))
+
+    def _load(self, device: str, dtype: str) -> None:
         tokenizer = load_tokenizer(self.config.model)
         tokenizer.padding_side = "left"
         if self.config.chat_template:

