@@ -18,7 +18,7 @@ from .answer_patterns import BOXED as _BOXED
 from .answer_patterns import NUMBER_PATTERN as _NUMBER
 from .answer_patterns import boxed_contents, boxed_spans
 from .errors import FactoryError
-from .math_answers import extract_math_answer, math_answer_marks, math_equal, math_keys
+from .math_answers import math_answer_found, math_equal, math_keys
 
 _NUMBER_RE = re.compile(_NUMBER)
 _HASHES = re.compile(rf"####\s*({_NUMBER})")
@@ -43,60 +43,79 @@ def canonical_number(text: str) -> str | None:
     return f"{value:.10g}"
 
 
-def extract_number(text: str) -> str | None:
-    """The final numeric answer: ``\\boxed{}``, then ``#### n``, then "the answer is n", then the last number."""
-    for inner in reversed(boxed_contents(text)):
-        inner = _FRAC.sub(r"\1/\2", inner)
-        numbers = _NUMBER_RE.findall(inner)
+# A reader gives a reply's final answer and where the mark that points at it ends (``\\boxed{}``,
+# ``####``, "the answer is", "Answer:"), or None there when nothing marks it (the last number).
+Found = tuple[str, int | None]
+
+
+def _number_found(text: str) -> Found | None:
+    for _, start, close in reversed(boxed_spans(text)):
+        numbers = _NUMBER_RE.findall(_FRAC.sub(r"\1/\2", text[start:close]))
         if numbers:
             value = canonical_number(numbers[-1])
             if value is not None:
-                return value
+                return value, close + 1
     for pattern in (_HASHES, _ANSWER_IS):
-        matches = pattern.findall(text)
+        matches = list(pattern.finditer(text))
         if matches:
-            value = canonical_number(matches[-1])
+            value = canonical_number(matches[-1].group(1))
             if value is not None:
-                return value
+                return value, matches[-1].end()
     numbers = _NUMBER_RE.findall(text)
-    return canonical_number(numbers[-1]) if numbers else None
+    value = canonical_number(numbers[-1]) if numbers else None
+    return (value, None) if value is not None else None
+
+
+def extract_number(text: str) -> str | None:
+    """The final numeric answer: ``\\boxed{}``, then ``#### n``, then "the answer is n", then the last number."""
+    found = _number_found(text)
+    return found[0] if found else None
 
 
 _CHOICE_PATTERNS = [
-    re.compile(r"(?:answer|choice|option)\s*(?:is|:)?\s*\(?([A-J])\b\)?", re.I),
+    re.compile(r"(?:answer|choice|option)\s*(?:is|:)?\s*\(?([A-J])\b\)?", re.I),  # the one that marks it
     re.compile(r"\(([A-J])\)", re.I),
     re.compile(r"^\s*([A-J])[).:]", re.M),
     re.compile(r"\b([A-J])\s*$"),
 ]
 
 
+def _choice_found(text: str, letters: str = "ABCDEFGHIJ") -> Found | None:
+    for marks, pattern in enumerate(_CHOICE_PATTERNS):
+        matches = [m for m in pattern.finditer(text) if m.group(1).upper() in letters]
+        if matches:
+            return matches[-1].group(1).upper(), matches[-1].end() if marks == 0 else None
+    return None
+
+
 def extract_choice(text: str, letters: str = "ABCDEFGHIJ") -> str | None:
     """The chosen option letter ("the answer is (B)", "Answer: B", "(B)", "B)" at a line start)."""
-    for pattern in _CHOICE_PATTERNS:
-        matches = [m.upper() for m in pattern.findall(text) if m.upper() in letters]
-        if matches:
-            return matches[-1]
-    return None
+    found = _choice_found(text, letters)
+    return found[0] if found else None
+
+
+def _text_found(text: str) -> Found | None:
+    matches = list(re.finditer(r"(?:final answer|answer)\s*:\s*(.+)", text, re.I))
+    if matches:
+        answer = matches[-1].group(1).strip().strip("*").strip()
+        return (answer, matches[-1].end()) if answer else None
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return (lines[-1], None) if lines else None
 
 
 def extract_text(text: str) -> str | None:
     """A free-text answer: what follows the last "Answer:", else the last non-empty line."""
-    matches = re.findall(r"(?:final answer|answer)\s*:\s*(.+)", text, re.I)
-    if matches:
-        return matches[-1].strip().strip("*").strip() or None
-    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
-    return lines[-1] if lines else None
+    found = _text_found(text)
+    return found[0] if found else None
+
+
+_READERS = {"number": _number_found, "choice": _choice_found, "text": _text_found, "math": math_answer_found}
 
 
 def extract_answer(text: str, answer_format: str) -> str | None:
-    if answer_format == "number":
-        return extract_number(text)
-    if answer_format == "choice":
-        return extract_choice(text)
-    if answer_format == "text":
-        return extract_text(text)
-    if answer_format == "math":
-        return extract_math_answer(text)
+    if answer_format in _READERS:
+        found = _READERS[answer_format](text)
+        return found[0] if found else None
     return text.strip() or None
 
 
@@ -104,35 +123,6 @@ def extract_answer(text: str, answer_format: str) -> str | None:
 # or a line's end; then what closes around it (**bold**, $math$, a quote, a bracket).
 _SENTENCE_END = re.compile(r"[^\n]*?(?:[.!?](?=[\s*_)\]}\"'$]|$)|(?=\n)|$)[*_)\]}\"'$]*")
 _CLOSING_LINE = re.compile(r"\s*(?:\\\]|\$\$|\\end\{[^}\n]*\})")  # \] or $$ or \end{align} closing a display
-
-
-def _last_number_mark(text: str) -> int | None:
-    """Where the final answer ``extract_number`` reads ends, when a mark points at it (``\\boxed{}``,
-    ``####``, "the answer is"); None when it is only the last number of the reply."""
-    for _, start, close in reversed(boxed_spans(text)):
-        numbers = _NUMBER_RE.findall(_FRAC.sub(r"\1/\2", text[start:close]))
-        if numbers and canonical_number(numbers[-1]) is not None:
-            return close + 1
-    for pattern in (_HASHES, _ANSWER_IS):
-        matches = list(pattern.finditer(text))
-        if matches and canonical_number(matches[-1].group(1)) is not None:
-            return matches[-1].end()
-    return None
-
-
-def _answer_mark_end(text: str, answer_format: str) -> int | None:
-    """Where the marked final answer of ``text`` ends, read as ``extract_answer`` reads it."""
-    if answer_format == "number":
-        return _last_number_mark(text)
-    if answer_format == "math":
-        return math_answer_marks(text)
-    if answer_format == "choice":
-        matches = [m for m in _CHOICE_PATTERNS[0].finditer(text) if m.group(1).upper() in "ABCDEFGHIJ"]
-        return matches[-1].end() if matches else None
-    if answer_format == "text":
-        matches = list(re.finditer(r"(?:final answer|answer)\s*:\s*(.+)", text, re.I))
-        return matches[-1].end() if matches and matches[-1].group(1).strip().strip("*").strip() else None
-    return None
 
 
 def split_after_answer(text: str, answer_format: str) -> tuple[str, str]:
@@ -144,7 +134,8 @@ def split_after_answer(text: str, answer_format: str) -> tuple[str, str]:
     (``\\]``, ``$$``), and never changes the answer ``extract_answer`` reads. Text before the final
     answer stays, even an earlier answer: the cut only ends the reply where its answer did.
     """
-    end = _answer_mark_end(text, answer_format)
+    found = _READERS[answer_format](text) if answer_format in _READERS else None
+    end = found[1] if found else None
     if end is None:
         return text, ""
     if answer_format != "text":
@@ -152,7 +143,7 @@ def split_after_answer(text: str, answer_format: str) -> tuple[str, str]:
     while closing := _CLOSING_LINE.match(text, end):
         end = closing.end()
     kept, after = text[:end].rstrip(), text[end:].strip()
-    if not after or extract_answer(kept, answer_format) != extract_answer(text, answer_format):
+    if not after or extract_answer(kept, answer_format) != found[0]:
         return text, ""
     return kept, after
 

@@ -362,25 +362,17 @@ class Driver:
     def _bar(self, step, total: int | None, eta: bool = True):
         """The step's progress bar; a model that loads while it is open (on its own lines, see
         :func:`~factory.llm.base.announcing_load`) is left out of its rate and elapsed time. Without
-        ``eta`` it shows no rate and no time left until :meth:`show_eta` is called on it; then the
-        rate is the average since the start (rows that come in bursts make a moving one swing)."""
+        ``eta`` it shows no rate and no time left until :func:`_show_eta`."""
         from tqdm.auto import tqdm
 
         with tqdm(total=total, desc=f"[{step.index}] {step.name}", unit="row", file=sys.stderr,
                   disable=not self.progress, dynamic_ncols=True, mininterval=0.5, leave=True,
                   bar_format=None if eta else "{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]") as bar:
-            def show_eta() -> None:
-                bar.bar_format, bar.smoothing = None, 0
-
-            bar.show_eta = show_eta
             def loaded(seconds: float) -> None:
                 if not bar.disable:  # a disabled bar keeps no clock
                     bar.start_t += seconds
                     bar.last_print_t += seconds
-                for callback in bar.after_load:
-                    callback(seconds)
 
-            bar.after_load = []
             with watching_loads(loaded):
                 yield bar
 
@@ -441,7 +433,7 @@ class Driver:
                                           split_dropped(outputs[i], stats.label)[1])
                 advance(batch.height, i=i)
                 if together and i in computed_here and processed < table.height:
-                    bar.show_eta()  # the rows of finished batches, over the time they took
+                    _show_eta(bar)  # the rows of finished batches, over the time they took
                 live.maybe_show(force=True)
         stats.report = merge_reports(r for r in reports if r)
         note_kept_cut(stats, kept_cut)
@@ -538,6 +530,12 @@ def _stop_on_failures(stats: StepStats, failures: int, processed: int, rate: flo
                            "backend and run the same command again: finished batches are cached")
 
 
+def _show_eta(bar) -> None:
+    """A bar made without ``eta`` shows its rate and time left from now on: the average since the
+    start (rows that come in bursts make a moving one swing)."""
+    bar.bar_format, bar.smoothing = None, 0
+
+
 class _LiveText:
     """The bar's text while an LLM step runs: requests/s, tokens/s, throttled requests and the
     limits learned from the server (refreshed at most twice a second)."""
@@ -545,13 +543,8 @@ class _LiveText:
     def __init__(self, bar, usage: Usage | None, session):
         self.bar, self.usage, self.session = bar, usage, session
         self.shown_at = 0.0
-        self.started = time.perf_counter()
-        self.requests_before = session.live()["requests"] if session is not None else 0
-        self.tokens_before = session.live()["completion_tokens"] if session is not None else 0
-        getattr(bar, "after_load", []).append(self.loaded)
-
-    def loaded(self, seconds: float) -> None:
-        self.started += seconds
+        before = session.live() if session is not None else {"requests": 0, "completion_tokens": 0}
+        self.requests_before, self.tokens_before = before["requests"], before["completion_tokens"]
 
     def maybe_show(self, force: bool = False) -> None:
         if self.usage is None or self.bar.disable:
@@ -560,7 +553,7 @@ class _LiveText:
         if not force and now - self.shown_at < 0.5:
             return
         self.shown_at = now
-        elapsed = max(now - self.started, 1e-9)
+        elapsed = max(self.bar.format_dict["elapsed"], 1e-9)  # the bar's clock: a model's load left out
         live = self.session.live()
         parts = [f"{(live['requests'] - self.requests_before) / elapsed:.1f} req/s",
                  f"{(live['completion_tokens'] - self.tokens_before) / elapsed:.0f} tok/s"]

@@ -22,7 +22,7 @@ import re
 from fractions import Fraction
 from functools import lru_cache
 
-from .answer_patterns import NUMBER_PATTERN, boxed_contents, boxed_spans
+from .answer_patterns import NUMBER_PATTERN, boxed_spans
 from .errors import FactoryError
 from .time_limit import TIMED_OUT, map_limited
 
@@ -53,40 +53,36 @@ def _after_marker(rest: str) -> str | None:
     return _clean(_SENTENCE_END.split(rest, maxsplit=1)[0])
 
 
-def extract_math_answer(text: str) -> str | None:
-    """A reply's final answer as text: the last ``\\boxed{}``, else what follows the last ``####``,
-    else the last "the answer is ...", else the last math span (``$...$``, ``\\(...\\)``,
-    ``\\[...\\]``), else the last number; None when the reply has none of these."""
-    boxed = [inner.strip() for inner in boxed_contents(text) if inner.strip()]
+def math_answer_found(text: str) -> tuple[str, int | None] | None:
+    """A reply's final answer as text and where the mark that points at it ends (None when nothing
+    marks it): the last ``\\boxed{}``, else what follows the last ``####``, else the last "the answer
+    is ...", else (unmarked) the last math span (``$...$``, ``\\(...\\)``, ``\\[...\\]``), else the
+    last number; None when the reply has none of these."""
+    boxed = [(text[start:close].strip(), close) for _, start, close in boxed_spans(text) if text[start:close].strip()]
     if boxed:
-        return _clean(boxed[-1])
+        answer = _clean(boxed[-1][0])
+        return (answer, boxed[-1][1] + 1) if answer else None
     for pattern in (_HASHES, _ANSWER_IS):
-        matches = pattern.findall(text)
+        matches = list(pattern.finditer(text))
         if matches:
-            answer = _after_marker(matches[-1])
+            rest = matches[-1].group(1)
+            answer = _after_marker(rest)
             if answer:
-                return answer
+                span = _SPANS.search(rest)
+                return answer, matches[-1].start(1) + (span.end() if span else 0)
     spans = [next(g for g in m.groups() if g is not None) for m in _SPANS.finditer(text)]
     spans = [s for s in (_clean(s) for s in spans) if s]
     if spans:
-        return spans[-1]
+        return spans[-1], None
     numbers = _NUMBER_RE.findall(text)
-    return _clean(numbers[-1]) if numbers else None
+    answer = _clean(numbers[-1]) if numbers else None
+    return (answer, None) if answer else None
 
 
-def math_answer_marks(text: str) -> int | None:
-    """Where the final answer ``extract_math_answer`` reads ends, when a mark points at it (the last
-    ``\\boxed{}``, ``####``, "the answer is"); None when it is a bare math span or number."""
-    boxed = [close for _, start, close in boxed_spans(text) if text[start:close].strip()]
-    if boxed:
-        return boxed[-1] + 1
-    for pattern in (_HASHES, _ANSWER_IS):
-        matches = list(pattern.finditer(text))
-        if matches and _after_marker(matches[-1].group(1)):
-            rest = matches[-1].group(1)
-            span = _SPANS.search(rest)
-            return matches[-1].start(1) + (span.end() if span else 0)
-    return None
+def extract_math_answer(text: str) -> str | None:
+    """A reply's final answer as text (see :func:`math_answer_found`)."""
+    found = math_answer_found(text)
+    return found[0] if found else None
 
 
 _DELIMITERS = re.compile(r"^\s*(?:\$\$?|\\\(|\\\[)(.*?)(?:\$\$?|\\\)|\\\])\s*$", re.S)
