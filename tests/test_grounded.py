@@ -8,6 +8,7 @@ on CPU): ``python -m tests.test_grounded record``.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -89,11 +90,26 @@ def test_chunks_respect_max_words_and_overlap(max_words, overlap_words):
         shared = next((n for n in range(overlap_words, 0, -1) if tail[-n:] == head[:n]), 0)
         assert (shared > 0) == (overlap_words > 0), (a["chunk_id"], b["chunk_id"])
         assert shared <= overlap_words
-    # Nothing is lost: every word of every section is in some chunk.
-    doc_words = " ".join(read_documents(DOCUMENTS).filter(pl.col("doc_id") == "sourdough.md")["text"][0].split())
-    for c in chunks:
-        if c["doc_id"] == "sourdough.md":
-            assert " ".join(c["chunk_text"].split()[-3:]) in doc_words
+    # Nothing is lost: every word of every section is in some chunk, and nothing is made up:
+    # every chunk is a run of the document's words.
+    for doc in read_documents(DOCUMENTS).iter_rows(named=True):
+        words = body_words(doc["text"])
+        covered = [False] * len(words)
+        for c in chunks:
+            if c["doc_id"] != doc["doc_id"]:
+                continue
+            piece = c["chunk_text"].split()
+            starts = [i for i in range(len(words) - len(piece) + 1) if words[i:i + len(piece)] == piece]
+            assert starts, f"{c['chunk_id']} is not a run of the words of {doc['doc_id']}: {c['chunk_text']!r}"
+            for i in starts:
+                covered[i:i + len(piece)] = [True] * len(piece)
+        lost = [words[i] for i, seen in enumerate(covered) if not seen]
+        assert not lost, f"{doc['doc_id']}: {len(lost)} of {len(words)} words are in no chunk, from {lost[:12]}"
+
+
+def body_words(markdown: str) -> list[str]:
+    """The words of a document without its heading lines (a chunk's heading is in its own column)."""
+    return " ".join(line for line in markdown.splitlines() if not re.match(r"#{1,6}\s", line)).split()
 
 
 def test_a_sentence_longer_than_the_limit_becomes_word_windows():
