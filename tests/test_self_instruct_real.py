@@ -2,7 +2,8 @@
 
 The replies were captured from SmolLM2-135M-Instruct on recipes/self_instruct.yaml's prompts:
 every one must parse to a clean task or instance, or raise ParseError (never crash or
-pass garbage on).
+pass garbage on); what each instance reply must give is in
+tests/data/self_instruct_verdicts.json, written by reading the replies.
 """
 
 from __future__ import annotations
@@ -33,14 +34,40 @@ def test_real_task_replies_keep_their_text():
                                                "How many sons does the man have?")
 
 
-@pytest.mark.parametrize("reply", REPLIES["instances"])
-def test_every_real_instance_reply_parses_or_is_refused(reply):
+# What each saved instance reply must give, pinned by reading the replies
+# (tests/data/self_instruct_verdicts.json).
+VERDICTS = json.loads((Path(__file__).parent / "data" / "self_instruct_verdicts.json").read_text())
+
+
+def outcome(reply: str):
+    """``("ok", (input, output))``, or ``("refused", reason, message)`` for a ParseError."""
     try:
-        task_input, output = parse_instance(reply)
-    except ParseError:
+        return ("ok", parse_instance(reply))
+    except ParseError as err:
+        return ("refused", err.reason, str(err))
+
+
+def test_a_verdict_is_pinned_for_every_saved_instance():
+    assert [v["reply"] for v in VERDICTS["instances"]] == [r[:40] for r in REPLIES["instances"]]
+
+
+@pytest.mark.parametrize("reply, verdict", list(zip(REPLIES["instances"], VERDICTS["instances"])),
+                         ids=[str(i) for i in range(len(REPLIES["instances"]))])
+def test_every_real_instance_reply_gives_its_pinned_instance(reply, verdict):
+    got = outcome(reply)
+    if "refused" in verdict:
+        assert got[:2] == ("refused", verdict["refused"]) and verdict["because"] in got[2], got
         return
+    assert got == ("ok", (verdict["input"], verdict["output"]))
+    task_input, output = got[1]
     assert output and "Output:" not in output and "Input:" not in output
     assert "<noinput>" not in task_input
+
+
+def test_most_real_instance_replies_parse():
+    """A parser that refuses everything fails here even if the table were pinned from it."""
+    parsed = sum(outcome(r)[0] == "ok" for r in REPLIES["instances"])
+    assert parsed >= 0.8 * len(REPLIES["instances"]), f"{parsed} of {len(REPLIES['instances'])} instances parse"
 
 
 @pytest.mark.parametrize("index, expected", [
