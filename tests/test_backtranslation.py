@@ -3,7 +3,8 @@ a second pass with few-shot demonstrations, and the recipe end to end on the emb
 
 The replies in tests/data/backtranslation_replies.json are what SmolLM2-135M-Instruct wrote for
 these prompts over data/documents; re-record them after changing a prompt with
-``python -m tests.test_backtranslation``.
+``python -m tests.test_backtranslation``, then write what each new reply must give in
+tests/data/backtranslation_verdicts.json by reading it.
 """
 
 from __future__ import annotations
@@ -201,19 +202,55 @@ def parse_recorded(record: dict, fewshot_step) -> str:
     return step.parse(record["reply"], rows[record["parent"]])["instruction"]
 
 
-@pytest.mark.parametrize("record", REPLIES["backtranslate"],
-                         ids=[f"{r['pass']}-{r['parent']}-t{r['temperature']}" for r in REPLIES["backtranslate"]])
-def test_every_recorded_backtranslation_reply_parses_clean_or_fails_cleanly(record, fewshot_step):
+# What each saved reply must give, pinned by reading the replies (tests/data/backtranslation_verdicts.json).
+VERDICTS = json.loads((ROOT / "tests" / "data" / "backtranslation_verdicts.json").read_text(encoding="utf-8"))
+
+
+def outcome(parse, *args):
+    """``("ok", value)``, or ``("refused", reason, message)`` for a ParseError."""
     try:
-        instruction = parse_recorded(record, fewshot_step)
+        return ("ok", parse(*args))
     except ParseError as err:
-        assert err.reason in ("parse_error", "copied_example") and str(err)
-        assert err.reason == "parse_error" or record["pass"] == "few_shot"
+        return ("refused", err.reason, str(err))
+
+
+def check_refusal(got, verdict: dict) -> bool:
+    """Whether the verdict is a refusal, after checking that ``got`` is that refusal."""
+    if "refused" not in verdict:
+        assert got[0] == "ok", f"expected a parse, got {got}"
+        return False
+    assert got[:2] == ("refused", verdict["refused"]), f"expected a refusal ({verdict['because']}), got {got}"
+    assert verdict["because"] in got[2]
+    return True
+
+
+@pytest.mark.parametrize("kind", ["backtranslate", "self_curate"])
+def test_a_verdict_is_pinned_for_every_recorded_reply(kind):
+    assert [v["reply"] for v in VERDICTS[kind]] == [r["reply"][:40] for r in REPLIES[kind]]
+
+
+@pytest.mark.parametrize("record, verdict", list(zip(REPLIES["backtranslate"], VERDICTS["backtranslate"])),
+                         ids=[f"{i}-{r['pass']}-{r['parent']}-t{r['temperature']}"
+                              for i, r in enumerate(REPLIES["backtranslate"])])
+def test_every_recorded_backtranslation_reply_gives_its_pinned_instruction(record, verdict, fewshot_step):
+    got = outcome(parse_recorded, record, fewshot_step)
+    if check_refusal(got, verdict):
+        assert verdict["refused"] == "parse_error" or record["pass"] == "few_shot"  # only shown demonstrations
         return
+    instruction = got[1]
+    assert instruction == verdict["instruction"]
     assert instruction == instruction.strip() and "\n" not in instruction
     assert not re.match(r"(?i)^[\"'“*]|^(?:question|instruction|user|sure|here)\b", instruction)
     assert instruction.endswith("?") or not QUESTION_START.match(instruction)
     assert instruction in " ".join(record["reply"].split()).replace('"', "") or instruction in record["reply"]
+
+
+def test_most_recorded_backtranslation_replies_parse(fewshot_step):
+    """A parser that refuses everything fails here even if the table were pinned from it."""
+    for pass_, share in (("zero_shot", 0.75), ("few_shot", 0.6)):
+        records = [r for r in REPLIES["backtranslate"] if r["pass"] == pass_]
+        parsed = sum(outcome(parse_recorded, r, fewshot_step)[0] == "ok" for r in records)
+        assert parsed >= share * len(records), f"{parsed} of {len(records)} {pass_} replies parse"
 
 
 def recorded(pass_: str, parent: str, temperature: float = 0.0) -> str:
@@ -236,14 +273,14 @@ def test_tricky_recorded_replies():
     assert clean(recorded("zero_shot", "git-branches.md#3")) == "How does Git merge branches?"
 
 
-@pytest.mark.parametrize("record", REPLIES["self_curate"], ids=[r["parent"] for r in REPLIES["self_curate"]])
-def test_every_recorded_curation_reply_gives_a_score_or_a_parse_error(record):
-    try:
-        score, reasoning = split_rating(record["reply"])
-    except ParseError as err:
-        assert err.reason == "parse_error"
+@pytest.mark.parametrize("record, verdict", list(zip(REPLIES["self_curate"], VERDICTS["self_curate"])),
+                         ids=[f"{i}-{r['parent']}" for i, r in enumerate(REPLIES["self_curate"])])
+def test_every_recorded_curation_reply_gives_its_pinned_score(record, verdict):
+    got = outcome(split_rating, record["reply"])
+    if check_refusal(got, verdict):
         return
-    assert 1 <= score <= 5
+    score, reasoning = got[1]
+    assert score == verdict["score"]
     assert not re.search(r"(?i)score\s*:", reasoning)
 
 
@@ -255,6 +292,8 @@ def test_recorded_curation_replies_hold_scores_and_failures():
         except ParseError:
             outcomes.append(None)
     assert any(o is None for o in outcomes) and any(o is not None for o in outcomes)
+    assert sum(o is not None for o in outcomes) >= 0.9 * len(outcomes)  # a rater that reads nothing fails
+    assert {1, 5} <= set(outcomes)  # and so does one that gives every reply the same score
 
 
 # -- self-curation -------------------------------------------------------------------------

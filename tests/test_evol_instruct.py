@@ -1,4 +1,8 @@
-"""Evol-Instruct: operations by weight, lineage, elimination rules, parsing real replies, recipes."""
+"""Evol-Instruct: operations by weight, lineage, elimination rules, parsing real replies, recipes.
+
+What each saved reply (tests/data/evol_replies.json) must give is in tests/data/evol_verdicts.json,
+written by reading the replies.
+"""
 
 from __future__ import annotations
 
@@ -243,23 +247,58 @@ def test_the_saved_replies_cover_every_kind():
     assert {r["operation"] for r in EVOLUTIONS} == set(OPERATIONS)
 
 
-@pytest.mark.parametrize("record", EVOLUTIONS, ids=lambda r: f"{r['kind']}-{r['parent'][:24]}")
-def test_every_real_evolution_reply_parses_or_fails_cleanly(record):
+# What each saved reply must give, pinned by reading the replies (tests/data/evol_verdicts.json).
+VERDICTS = json.loads((Path(__file__).parent / "data" / "evol_verdicts.json").read_text(encoding="utf-8"))
+
+
+def outcome(parse, reply):
+    """``("ok", value)``, or ``("refused", reason, message)`` for a ParseError."""
     try:
-        task = clean_evolved_instruction(record["reply"])
-    except ParseError:
+        return ("ok", parse(reply))
+    except ParseError as err:
+        return ("refused", err.reason, str(err))
+
+
+def check_verdict(parse, reply: str, verdict: dict, field: str):
+    got = outcome(parse, reply)
+    if "refused" in verdict:
+        assert got[:2] == ("refused", verdict["refused"]), f"expected a refusal ({verdict['because']}), got {got}"
+        assert verdict["because"] in got[2]
+        return None
+    assert got == ("ok", verdict[field])
+    return got[1]
+
+
+@pytest.mark.parametrize("kind, records", [("evolutions", EVOLUTIONS), ("equality", EQUALITY)])
+def test_a_verdict_is_pinned_for_every_saved_reply(kind, records):
+    assert [v["reply"] for v in VERDICTS[kind]] == [r["reply"][:40] for r in records]
+
+
+@pytest.mark.parametrize("record, verdict", zip(EVOLUTIONS, VERDICTS["evolutions"]),
+                         ids=[f"{i}-{r['kind']}-{r['parent'][:24]}" for i, r in enumerate(EVOLUTIONS)])
+def test_every_real_evolution_reply_gives_its_pinned_task(record, verdict):
+    task = check_verdict(clean_evolved_instruction, record["reply"], verdict, "task")
+    if task is None:
         return
     assert task == task.strip() and len(task.split()) >= 3
     assert "Harder Prompt#" not in task and "New Prompt#" not in task  # a second labelled item is cut
     assert not task.lower().startswith(("sure", "here's", "here is", "#", "task:", "prompt:"))
 
 
-@pytest.mark.parametrize("record", EQUALITY, ids=lambda r: r["reply"][:24])
-def test_every_real_equality_reply_parses_or_fails_cleanly(record):
-    try:
-        assert parse_equality(record["reply"]) in (True, False)
-    except ParseError:
-        pass
+@pytest.mark.parametrize("record, verdict", zip(EQUALITY, VERDICTS["equality"]),
+                         ids=[f"{i}-{r['reply'][:24]}" for i, r in enumerate(EQUALITY)])
+def test_every_real_equality_reply_gives_its_pinned_verdict(record, verdict):
+    check_verdict(parse_equality, record["reply"], verdict, "equal")
+
+
+def test_most_real_replies_parse():
+    """A parser that refuses everything fails here even if the table were pinned from it."""
+    tasks = [outcome(clean_evolved_instruction, r["reply"])[0] for r in EVOLUTIONS]
+    verdicts = [outcome(parse_equality, r["reply"]) for r in EQUALITY]
+    assert tasks.count("ok") >= 0.9 * len(EVOLUTIONS), f"{tasks.count('ok')} of {len(EVOLUTIONS)} evolutions parse"
+    assert sum(v[0] == "ok" for v in verdicts) >= 0.8 * len(EQUALITY), verdicts
+    # Both verdicts occur: a parser that always says "equal" (or never) fails too.
+    assert {v[1] for v in verdicts if v[0] == "ok"} == {True, False}
 
 
 def saved(kind: str, parent_start: str) -> str:

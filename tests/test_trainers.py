@@ -60,6 +60,73 @@ def test_sft_writes_adapter_and_record_and_leaves_the_base_alone(tiny_model_dir,
     assert json.loads((out / "training.json").read_text()) == record
 
 
+QA = [("Name a colour of the sky.", "Blue, on a clear day."), ("What do bees make?", "Bees make honey."),
+      ("Which animal says moo?", "A cow says moo."), ("What is ice made of?", "Ice is frozen water.")]
+
+
+def answer_log_prob(model, tokenizer) -> float:
+    """Mean log-probability of each QA answer's tokens (and its end-of-turn) after its chat prompt,
+    computed here from the model's logits, apart from the trainer's encoding and loss."""
+    import torch
+
+    total, count = 0.0, 0
+    for question, answer in QA:
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
+                                               add_generation_prompt=True)
+        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        answer_ids = tokenizer(answer + "<|im_end|>", add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt_ids + answer_ids])).logits[0].float()
+        # position i predicts token i + 1: the answer's tokens are predicted from the prompt's last on
+        log_probs = torch.log_softmax(logits[len(prompt_ids) - 1:-1], dim=-1)
+        total += log_probs.gather(1, torch.tensor(answer_ids)[:, None]).sum().item()
+        count += len(answer_ids)
+    return total / count
+
+
+@pytest.fixture(scope="module")
+def learnable_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """The tiny Llama with its (tied) embeddings scaled up tenfold. At the usual 0.02 init, a token's
+    logit is at most about |final norm output| x |embedding row| = 5.7 x 0.11, so no adapter on the
+    attention and MLP layers can move the next-token distribution far from uniform (log 49152)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    model.get_input_embeddings().weight.data *= 10
+    out = tmp_path_factory.mktemp("learnable-llama")
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(out)
+    return out
+
+
+def test_sft_learns_its_training_answers(learnable_model_dir, tmp_path):
+    """A few epochs over four conversations: the logged loss falls well below where it starts, and the
+    saved adapter, loaded on the base model with peft, makes the training answers far more likely than
+    the base model does."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    rows = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]} for q, a in QA]
+    rejected = pl.DataFrame({"drop_reason": ["x"], "drop_step": ["s"]})
+    version = write_version(tmp_path, "qa", pl.DataFrame(rows), rejected, {})
+    out = tmp_path / "adapter"
+    sft.main(["--dataset", str(version), "--out", str(out), "--model", str(learnable_model_dir), "--epochs", "20",
+              "--batch-size", "4", "--learning-rate", "0.01", "--lr-scheduler", "constant", "--warmup-ratio", "0",
+              "--lora-dropout", "0", "--save-steps", "1000"])
+    losses = [e["loss"] for e in json.loads((out / "training.json").read_text())["metrics"]["loss_history"]]
+    assert len(losses) == 20
+    # About 11.5 nats a token at first (a random model, near log 49152 = 10.8); 20 steps here reach about 7.
+    assert losses[-1] < losses[0] - 2.0, f"the loss did not fall: {losses[0]:.3f} -> {losses[-1]:.3f}"
+
+    tokenizer = AutoTokenizer.from_pretrained(learnable_model_dir)
+    base = answer_log_prob(AutoModelForCausalLM.from_pretrained(learnable_model_dir).eval(), tokenizer)
+    trained = answer_log_prob(PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(learnable_model_dir),
+                                                        out).eval(), tokenizer)
+    # The first step's loss is the base model's on the same answer tokens (a fresh LoRA adapter adds zero).
+    assert losses[0] == pytest.approx(-base, abs=0.05)
+    assert trained > base + 2.0, f"the adapter does not raise the answers' log-probability: {base:.3f} -> {trained:.3f}"
+
+
 def test_sft_resumes_from_its_last_checkpoint(tiny_model_dir, tmp_path):
     version = conversation_version(tmp_path)
     out = tmp_path / "adapter"
