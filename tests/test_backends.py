@@ -232,14 +232,25 @@ def test_openai_round_trip_with_samples_and_prefill():
         assert second["continue_final_message"] is True and second["add_generation_prompt"] is False
 
 
+# The reason each fault is retried for: the status, a dropped connection, a body that is not
+# an answer, no answer in time.
+REASONS = {500: "http_500", 503: "http_503", "reset": "connection", "not_json": "bad_body", "truncated": "bad_body",
+           "empty_choices": "empty_choices", "slow": "timeout"}
+
+
 @pytest.mark.parametrize("fault", [500, 503, "reset", "not_json", "truncated", "empty_choices", "slow"])
 def test_openai_retries_transient_faults(fault):
-    with FakeOpenAI() as server:
+    # A "slow" answer is due in 600 s: the server moves the client's clock on by that much, so that
+    # its 60 s timeout fires at once, however loaded the machine (one request is in flight at a time).
+    with FakeOpenAI(slow_seconds=600) as server:
         server.faults = [fault, fault]
-        backend = openai(server, timeout=1.0)
+        backend = openai(server, timeout=60.0)
+        server.clock_client(backend._open().loop)
         [c] = backend.chat([USER], GenerationParams())
         assert c.error is None and c.texts == ["echo: Say something. #0"]
+        assert server.injected == [fault, fault] and len(server.requests) == 3  # two faults, then the answer
         assert backend.stats.retries == 2 and backend.stats.throttled == 0
+        assert backend.stats.retry_reasons == {REASONS[fault]: 2}
 
 
 @pytest.mark.parametrize("fault", [429, "retry_after"])
