@@ -73,6 +73,28 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def varied_model_dir(tmp_path_factory) -> Path:
+    """A 2-layer random Llama whose greedy replies depend on the whole prompt (the tiny model above,
+    initialised at a small scale, answers every prompt with the same token): reading a pad token,
+    or a prompt token at the wrong distance, changes its reply. Batching tests compare with it."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from factory.models import EMBEDDED, load_tokenizer
+
+    out = tmp_path_factory.mktemp("varied-llama")
+    tokenizer = load_tokenizer(EMBEDDED)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=1024,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True, initializer_range=0.3)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
 @pytest.fixture
 def write_recipe(tmp_path):
     """Writes recipe text (dedented) to a file in tmp_path and returns its path."""

@@ -3,7 +3,8 @@
 Faults come from ``faults`` (a list consumed one entry per request to /chat/completions)
 or from ``fault_fn(payload, number)`` (called for every request; number counts from 1).
 A fault is ``"ok"``, an HTTP status such as ``429`` or ``500``, ``"retry_after"`` (429
-with Retry-After: 0), ``"slow"`` (sleeps ``slow_seconds``, past the client's timeout),
+with Retry-After: 0), ``"slow"`` (an answer due after ``slow_seconds``, past the client's timeout: see
+below),
 ``"reset"`` (closes the connection), ``"not_json"``, ``"truncated"`` (half a JSON body)
 or ``"empty_choices"``, ``"too_long"`` (vLLM's 400 for a prompt past the context),
 ``"unauthorized"`` (401) or ``"no_tools"`` (vLLM's 400 for ``tools`` when it was started without
@@ -21,11 +22,20 @@ vLLM without ``--enable-auto-tool-choice`` (``takes_tools=False``; a strict serv
 refuses them with a 422 naming them), or take them and drop them from the prompt like a chat template
 with no place for tools (``shows_tools=False``: a probe's ``prompt_tokens`` do not count its tools).
 The backend's probes go to ``probes``, not ``requests``.
+
+A ``"slow"`` request is held until the client hangs up (its timeout), for ``slow_seconds`` at most
+(then answered). With a :class:`ClientClock` on the client's event loop (``clock_client(loop)``) it
+also moves that clock on by ``slow_seconds``: the client's timeout fires at once, at any load of
+the machine, and the client's other timeouts can be generous. The clock moves every timer of the
+loop, so it is for a client with one request in flight at a time. ``wait_idle()`` waits until every
+connection made so far is answered and closed (a client that was killed: what it had sent is in).
 """
 
 from __future__ import annotations
 
+import http.client
 import json
+import select
 import socket
 import threading
 import time
@@ -66,11 +76,61 @@ def message_of(reply, payload: dict, index: int) -> tuple[dict, str]:
     return {"role": "assistant", "content": text}, finish
 
 
+def client_left_within(connection: socket.socket, seconds: float, stopping: threading.Event) -> bool:
+    """Waits up to ``seconds`` for the client at the other end of ``connection`` to hang up (or for
+    ``stopping``); whether it did."""
+    deadline = time.monotonic() + seconds
+    while not stopping.is_set():
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        readable, _, _ = select.select([connection], [], [], min(left, 0.05))
+        if readable:
+            try:
+                if not connection.recv(1, socket.MSG_PEEK):
+                    return True  # end of stream: the client closed the connection
+            except OSError:
+                return True  # reset
+            time.sleep(0.005)  # bytes of a next request on this connection: not a hang-up
+    return True
+
+
+class ClientClock:
+    """The clock of a client's asyncio event loop, which the server moves forward: the loop's timers
+    (a request's timeout, a retry's backoff) come due as if that time had passed."""
+
+    def __init__(self, loop):
+        self.loop = loop
+        self.offset = 0.0
+        wall = loop.time
+        loop.time = lambda: wall() + self.offset  # asyncio schedules and fires timers by loop.time()
+
+    def skip(self, seconds: float) -> None:
+        self.offset += seconds
+        self.loop.call_soon_threadsafe(lambda: None)  # wakes the loop, which then sees its timers due
+
+
 class _Server(ThreadingHTTPServer):
     # The default backlog of 5 overflows under 16 concurrent clients; the kernel then drops
     # SYNs and clients wait a second for the retransmit, which looks like a timeout.
     request_queue_size = 256
     daemon_threads = True
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.connections = 0  # accepted and not yet closed
+        self.stopping = threading.Event()
+        self._count = threading.Lock()
+
+    def process_request(self, request, client_address):
+        with self._count:
+            self.connections += 1
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request):
+        super().shutdown_request(request)
+        with self._count:
+            self.connections -= 1
 
     def handle_error(self, request, client_address):
         pass  # a client that timed out and hung up is part of the test, not news
@@ -125,6 +185,7 @@ class FakeOpenAI(ServedInThread):
         self.honours_n = honours_n
         self.models = models
         self.probes: list[dict] = []
+        self.clock: ClientClock | None = None
         self.faults: list = []
         self.fault_fn = fault_fn
         self.latency = latency
@@ -201,10 +262,15 @@ class FakeOpenAI(ServedInThread):
                     time.sleep(server.latency)
                 if fault == "reset":
                     self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
-                    self.connection.close()
+                    self.connection.close()  # with no linger: a reset, once rfile and wfile let go of it too
+                    self.close_connection = True  # else the handler waits on for the next request: no reset
                     return
                 if fault == "slow":
-                    time.sleep(server.slow_seconds)
+                    if server.clock is not None:
+                        server.clock.skip(server.slow_seconds)
+                    if client_left_within(self.connection, server.slow_seconds, server.httpd.stopping):
+                        self.close_connection = True
+                        return
                 if isinstance(fault, int):
                     self._send(fault, b'{"error": "injected"}')
                     return
@@ -242,3 +308,28 @@ class FakeOpenAI(ServedInThread):
 
         self.httpd = _Server(("127.0.0.1", 0), Handler)
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def __exit__(self, *exc):
+        self.httpd.stopping.set()  # "slow" requests still held end now
+        super().__exit__(*exc)
+
+    def wait_idle(self, timeout: float = 60.0) -> None:
+        """Waits until every connection made so far is handled and closed. A connection of this
+        call's own goes in behind the ones waiting to be accepted; once it is answered they are
+        all accepted, and their handlers have only to read what was sent and answer it."""
+        deadline = time.monotonic() + timeout
+        probe = http.client.HTTPConnection("127.0.0.1", self.httpd.server_address[1], timeout=timeout)
+        try:
+            probe.request("GET", "/v1/models")
+            probe.getresponse().read()
+        finally:
+            probe.close()
+        while self.httpd.connections > 0:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self.httpd.connections} connections still open after {timeout}s")
+            time.sleep(0.005)
+
+    def clock_client(self, loop) -> ClientClock:
+        """Puts a :class:`ClientClock` on the client's event loop, for ``"slow"`` requests to move."""
+        self.clock = ClientClock(loop)
+        return self.clock

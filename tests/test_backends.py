@@ -42,15 +42,74 @@ def tiny_backend(tiny_model_dir):
     backend.close()
 
 
-def test_transformers_batches_keep_order_and_match_single_requests(tiny_backend):
-    convs = [[{"role": "user", "content": "hi " * k}] for k in (1, 9, 3, 14, 2)]
-    params = GenerationParams(max_tokens=6)
-    together = tiny_backend.chat(convs, params)
-    alone = [tiny_backend.chat([c], params)[0] for c in convs]
-    assert [c.texts for c in together] == [c.texts for c in alone]
-    assert [c.prompt_tokens for c in together] == [c.prompt_tokens for c in alone]
-    assert all(0 < c.completion_tokens <= 6 for c in together)
-    assert len({c.prompt_tokens for c in together}) == 5
+# Prompts of different lengths: in a batch, all but the longest are left-padded.
+VARIED = [[{"role": "user", "content": text}] for text in (
+    "Name a colour.", "Write one line about the sea, the ships on it and the lights of the harbour at night.",
+    "What is 2 + 2?", "List three fruits, then say which of them is the sweetest and why you think so.", "Hello")]
+
+
+def bare_greedy(model_dir, conversations, max_tokens: int) -> list[str]:
+    """Each conversation's greedy reply from plain ``generate`` on its prompt alone: no padding, no
+    mask, none of the backend's code. Near-ties would let float noise between a padded and an
+    unpadded read flip a token: every step's best token leads the next by a clear margin."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    replies = []
+    for conversation in conversations:
+        prompt = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+        ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+        with torch.inference_mode():
+            out = model.generate(input_ids=ids, max_new_tokens=max_tokens, do_sample=False, output_scores=True,
+                                 return_dict_in_generate=True, pad_token_id=tokenizer.pad_token_id)
+        assert min(float(top[0] - top[1]) for top in (s[0].topk(2).values for s in out.scores)) > 1e-3
+        replies.append(tokenizer.decode(out.sequences[0, ids.shape[1]:], skip_special_tokens=True))
+    return replies
+
+
+@pytest.fixture(scope="module")
+def varied_replies(varied_model_dir) -> list[str]:
+    return bare_greedy(varied_model_dir, VARIED, 8)
+
+
+def varied_backend(model_dir, **options) -> TransformersBackend:
+    # float32: `auto` is bfloat16 on CPUs with AMX, where padding alone can break near-ties apart.
+    return TransformersBackend(TransformersConfig(model=str(model_dir), dtype="float32", **options))
+
+
+def test_the_varied_model_replies_by_its_prompt_and_notices_padding(varied_model_dir, varied_replies):
+    """What makes the batching tests below able to fail: every prompt has its own reply, and a
+    padded batch read without its attention mask replies otherwise."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    assert len(set(varied_replies)) == len(VARIED)
+    tokenizer = AutoTokenizer.from_pretrained(varied_model_dir, padding_side="left")
+    model = AutoModelForCausalLM.from_pretrained(varied_model_dir, dtype=torch.float32).eval()
+    prompts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in VARIED]
+    batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    with torch.inference_mode():
+        masked = model(**batch).logits[:, -1].argmax(-1)
+        unmasked = model(input_ids=batch["input_ids"]).logits[:, -1].argmax(-1)
+    assert int((masked != unmasked).sum()) >= 2
+
+
+@pytest.mark.parametrize("continuous", [True, False], ids=["slots", "static"])
+def test_transformers_batches_keep_order_and_match_single_requests(varied_model_dir, varied_replies, continuous):
+    # 5 prompts on 4 rows: a batch of 4 with 3 left-padded, then the last one alone.
+    backend = varied_backend(varied_model_dir, batch_size=4, continuous=continuous)
+    params = GenerationParams(max_tokens=8)
+    together = backend.chat(VARIED, params)
+    alone = [backend.chat([c], params)[0] for c in VARIED]
+    assert [c.texts for c in together] == [[reply] for reply in varied_replies]
+    assert [c.texts for c in alone] == [[reply] for reply in varied_replies]
+    prompt_lengths = [len(backend.tokenizer(backend.render(c), add_special_tokens=False)["input_ids"]) for c in VARIED]
+    assert [c.prompt_tokens for c in together] == [c.prompt_tokens for c in alone] == prompt_lengths
+    assert len(set(prompt_lengths)) == 5
+    assert all(c.completion_tokens == 8 for c in together)  # this model writes no end of sequence this soon
+    backend.close()
 
 
 def test_transformers_generation_leaves_autograd_on_for_training_in_the_same_process(tiny_backend):
@@ -61,15 +120,19 @@ def test_transformers_generation_leaves_autograd_on_for_training_in_the_same_pro
     assert not any(p.requires_grad for p in tiny_backend.model.parameters())
 
 
-def test_transformers_samples_share_one_prefill_and_match_the_plain_path(tiny_backend):
-    # Greedy samples of a prompt read once and copied n times equal the prompt's greedy reply,
-    # which takes the plain path (n=1): same tokens, left padding and all.
-    convs = [[{"role": "user", "content": "hi " * k}] for k in (1, 9, 3)]
-    one = tiny_backend.chat(convs, GenerationParams(max_tokens=6))
-    three = tiny_backend.chat(convs, GenerationParams(n=3, max_tokens=6))
-    assert tiny_backend._shares_prefill
-    assert [c.texts for c in three] == [c.texts * 3 for c in one]
-    assert [c.completion_tokens for c in three] == [c.completion_tokens * 3 for c in one]
+@pytest.mark.parametrize("continuous", [True, False], ids=["slots", "static"])
+def test_transformers_samples_share_one_prefill_and_match_the_plain_path(varied_model_dir, varied_replies,
+                                                                         continuous):
+    # Greedy samples of a prompt read once and copied n times equal the prompt's greedy reply on its
+    # own. 9 rows for 3 prompts x 3 samples: the prompts share a batch, left-padded.
+    backend = varied_backend(varied_model_dir, batch_size=9, continuous=continuous)
+    three = backend.chat(VARIED[:3], GenerationParams(n=3, max_tokens=8))
+    assert backend._shares_prefill  # static batches: the shared prefill was taken, not the fallback
+    assert [c.texts for c in three] == [[reply] * 3 for reply in varied_replies[:3]]
+    assert [c.completion_tokens for c in three] == [3 * 8] * 3
+    one = backend.chat(VARIED[:3], GenerationParams(max_tokens=8))  # the plain path (n=1)
+    assert [c.texts * 3 for c in one] == [c.texts for c in three]
+    backend.close()
 
 
 @pytest.mark.parametrize("continuous", [True, False])
@@ -169,14 +232,25 @@ def test_openai_round_trip_with_samples_and_prefill():
         assert second["continue_final_message"] is True and second["add_generation_prompt"] is False
 
 
+# The reason each fault is retried for: the status, a dropped connection, a body that is not
+# an answer, no answer in time.
+REASONS = {500: "http_500", 503: "http_503", "reset": "connection", "not_json": "bad_body", "truncated": "bad_body",
+           "empty_choices": "empty_choices", "slow": "timeout"}
+
+
 @pytest.mark.parametrize("fault", [500, 503, "reset", "not_json", "truncated", "empty_choices", "slow"])
 def test_openai_retries_transient_faults(fault):
-    with FakeOpenAI() as server:
+    # A "slow" answer is due in 600 s: the server moves the client's clock on by that much, so that
+    # its 60 s timeout fires at once, however loaded the machine (one request is in flight at a time).
+    with FakeOpenAI(slow_seconds=600) as server:
         server.faults = [fault, fault]
-        backend = openai(server, timeout=1.0)
+        backend = openai(server, timeout=60.0)
+        server.clock_client(backend._open().loop)
         [c] = backend.chat([USER], GenerationParams())
         assert c.error is None and c.texts == ["echo: Say something. #0"]
+        assert server.injected == [fault, fault] and len(server.requests) == 3  # two faults, then the answer
         assert backend.stats.retries == 2 and backend.stats.throttled == 0
+        assert backend.stats.retry_reasons == {REASONS[fault]: 2}
 
 
 @pytest.mark.parametrize("fault", [429, "retry_after"])

@@ -25,6 +25,7 @@ from factory.cli import main
 from factory.errors import FactoryError
 from factory.recipe import load_recipe
 from factory.driver import Driver
+from factory.llm.http import Endpoint
 from factory.store import read_manifest, read_version
 
 from .conftest import ROOT
@@ -47,7 +48,8 @@ def is_solve(payload: dict) -> bool:
     return not payload["messages"][-1]["content"].startswith("Rate the response")
 
 
-def write_recipe(folder: Path, base_url: str, rows: int = ROWS, max_retries: int = 3, extra: str = "") -> Path:
+def write_recipe(folder: Path, base_url: str, rows: int = ROWS, max_retries: int = 3, extra: str = "",
+                 max_concurrency: int = 16) -> Path:
     source = folder / "tasks.jsonl"
     source.write_text("\n".join(json.dumps({"instruction": f"Task {i}: describe item {i} in one line."})
                                 for i in range(rows)))
@@ -57,7 +59,7 @@ name: faulty
 seed: 4
 batch_size: {BATCH}
 llm: {{backend: openai, model: fake, base_url: "{base_url}", max_retries: {max_retries}, backoff: 0.01,
-       timeout: 1.0, max_concurrency: 16}}
+       timeout: 60, max_concurrency: {max_concurrency}}}
 source: {{path: {source}}}
 {extra}steps:
   - solve: {{temperature: 0.9}}
@@ -107,7 +109,7 @@ def test_sigkill_mid_step_resends_at_most_the_requests_in_flight(tmp_path, execu
         wait_until(lambda: sum(map(is_solve, list(server.requests))) >= KILL_ROWS // 2 + BATCH // 2, timeout=120)
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
-        time.sleep(0.5)  # requests already sent finish on the server side
+        server.wait_idle()  # what the killed run had sent is in
         before = sum(map(is_solve, list(server.requests)))
         assert before < KILL_ROWS
         assert not (out / "faulty").exists() or not list((out / "faulty").glob("v*"))
@@ -143,14 +145,63 @@ def clean_rows(tmp_path_factory) -> int:
     return expected_rows(tmp_path_factory.mktemp("clean"))
 
 
+class FirstTries:
+    """A fault_fn: the first try of one request in 7, chosen by its content (not by when it comes,
+    which depends on the threads), fails with ``fault``; its tries after that are answered."""
+
+    def __init__(self, fault):
+        self.fault = fault
+        self.failed: set[str] = set()
+        self.lock = threading.Lock()
+
+    @staticmethod
+    def key(payload: dict) -> str:
+        return json.dumps([payload["messages"], payload.get("seed"), payload.get("n")], sort_keys=True)
+
+    def chosen(self, payload: dict) -> bool:
+        return int(hashlib.sha256(self.key(payload).encode()).hexdigest()[:8], 16) % 7 == 0
+
+    def __call__(self, payload: dict, number: int):
+        with self.lock:
+            if not self.chosen(payload) or self.key(payload) in self.failed:
+                return None
+            self.failed.add(self.key(payload))
+        return self.fault
+
+
+def clock_the_client(server: FakeOpenAI, monkeypatch) -> None:
+    """Gives ``server`` the clock of the event loop of each endpoint a run opens to it, for its
+    "slow" requests to move past the client's timeout."""
+    made = Endpoint.__init__
+
+    def init(self, key, headers):
+        made(self, key, headers)
+        if key[0] == server.base_url.rstrip("/"):
+            server.clock_client(self.loop)
+
+    monkeypatch.setattr(Endpoint, "__init__", init)
+
+
+REASONS = {500: "http_500", 503: "http_503", "slow": "timeout", "reset": "connection", "not_json": "bad_body",
+           "truncated": "bad_body", "empty_choices": "empty_choices"}
+
+
 @pytest.mark.parametrize("fault", FAULTS, ids=str)
-def test_transient_faults_are_retried_and_counted(fault, tmp_path, clean_rows):
-    # Every 7th request fails once with this fault; its retry succeeds.
-    with FakeOpenAI(reply_fn=model, fault_fn=lambda payload, n: fault if n % 7 == 0 else None,
-                    slow_seconds=1.5) as server:
-        version, manifest, _ = run_in_process(write_recipe(tmp_path, server.base_url), tmp_path, "faulty")
+def test_transient_faults_are_retried_and_counted(fault, tmp_path, clean_rows, monkeypatch):
+    # One request in 7 fails once with this fault; its retry succeeds. Healthy requests have 60 s:
+    # none times out on a loaded machine. A "slow" answer is due in 600 s: the server moves the
+    # client's clock on by that much, which fires every timeout of the client's loop, so that run
+    # sends one request at a time.
+    faults = FirstTries(fault)
+    with FakeOpenAI(reply_fn=model, fault_fn=faults, slow_seconds=600) as server:
+        if fault == "slow":
+            clock_the_client(server, monkeypatch)
+        recipe = write_recipe(tmp_path, server.base_url, max_concurrency=1 if fault == "slow" else 16)
+        version, manifest, _ = run_in_process(recipe, tmp_path, "faulty")
         injected = len(server.injected)
-    assert injected > 0
+        # Each chosen request failed once, then was answered.
+        answered_after_a_fault = {faults.key(p) for p in server.served if faults.chosen(p)}
+    assert injected > 0 and injected == len(answered_after_a_fault) == len(faults.failed)
     assert manifest["rows"] == clean_rows
     assert manifest["backend_failures"] == 0
     reasons = {}
@@ -161,7 +212,7 @@ def test_transient_faults_are_retried_and_counted(fault, tmp_path, clean_rows):
         assert manifest["throttled"] == injected and manifest["retries"] == 0 and not reasons
     else:
         assert manifest["retries"] == injected and manifest["throttled"] == 0
-        assert sum(reasons.values()) == injected
+        assert reasons == {REASONS[fault]: injected}
 
 
 def test_a_request_that_keeps_failing_drops_only_its_row(tmp_path, clean_rows):
