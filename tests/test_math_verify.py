@@ -199,6 +199,24 @@ def test_verify_labels_and_drops_with_reasons_and_counts_comparisons_past_the_li
     assert ctx.report == {"math_timeouts": 1}
 
 
+def test_verify_gives_each_math_comparison_its_math_timeout(monkeypatch):
+    import factory.steps.verify as verify
+
+    asked = []
+    monkeypatch.setattr(verify, "math_verdicts", lambda pairs, seconds: asked.append((pairs, seconds)) or [True, None])
+    batch = pl.DataFrame({"answer": ["#### 7", "\\boxed{2}"], "prediction": ["7", "x"]})
+    out = Verify(VerifyConfig(method="math", math_timeout=2.5)).process(batch, ctx := StepContext())
+    assert asked == [([("7", "7"), ("x", "2")], 2.5)]
+    assert out["correct"].to_list() == [True, False] and ctx.report == {"math_timeouts": 1}
+    # A second batch of the same step adds to the count; a late comparison's detail comes first.
+    batch = batch.with_columns(pl.Series("response", ["3 + 4 = 7", "1 + 1 = 3"]))
+    out = Verify(VerifyConfig(method="math", math_timeout=2.5, check_calculations=True, drop_incorrect=True)).process(
+        batch, ctx)
+    assert ctx.report == {"math_timeouts": 2}
+    assert out[DROP_DETAIL].to_list() == [None, "the math comparison ran past its 2.5 s limit (math_timeout); counted "
+                                                "as incorrect; false: 1 + 1 = 3"]
+
+
 def _verdict_and_seconds(pairs, seconds):
     started = time.monotonic()
     verdicts = math_verdicts(pairs, seconds)
@@ -231,8 +249,14 @@ def _ignore_the_timer(seconds: float) -> str:
     return "finished"
 
 
+def _import_this_module(_) -> None:
+    """A setup: unpickling it imports this module in the worker outside the calls' 0.2 s (the replaced
+    worker's import of it took over 1.2 s on a loaded machine and ended the second call as late)."""
+
+
 def test_a_worker_the_timer_cannot_stop_is_killed_and_replaced():
-    assert map_limited(_ignore_the_timer, [600.0, 0.0], 0.2, where="process") == [TIMED_OUT, "finished"]
+    assert map_limited(_ignore_the_timer, [600.0, 0.0], 0.2, where="process",
+                       setup=_import_this_module) == [TIMED_OUT, "finished"]
 
 
 def _swallow_the_first_interruption(seconds: float) -> str:

@@ -84,10 +84,37 @@ def test_exact_duplicates_are_dropped_whatever_the_case():
     assert pointers(dedup(texts, lowercase=False)) == [None, None, None, 0]
 
 
-def test_rows_without_text_are_never_near_duplicates():
+@pytest.mark.parametrize("verify", [True, False])
+def test_rows_without_text_are_never_near_duplicates(verify):
     texts = ["", None, "   ", "", None, "?!", "Compute 17 times 23.", "Compute 17 times 23."]
-    out = dedup(texts)
+    out = dedup(texts, verify=verify)
     assert pointers(out) == [None] * 7 + [6]
+
+
+@pytest.mark.parametrize("texts", [[], ["only one row"], ["one row", None]])
+def test_a_table_without_two_texts_has_no_pairs(texts):
+    table = pl.DataFrame({"instruction": texts}, schema={"instruction": pl.String})
+    out = MinHashFilter(MinHashConfig()).process(table, ctx := StepContext())
+    assert out[DROP].to_list() == [None] * len(texts)
+    assert (ctx.report["candidate_pairs"], ctx.report["verified_pairs"], ctx.report["dropped"],
+            ctx.report["clusters"]) == (0, 0, 0, 0)
+
+
+def test_a_pair_at_exactly_the_threshold_is_a_near_duplicate():
+    # Ten pairs: 12 words and their first 10 (10 and 8 word 3-grams): Jaccard exactly 0.8. Which
+    # pairs LSH offers is up to the hashes (each about 95 % at the threshold); each one offered is dropped.
+    rng = np.random.default_rng(11)
+    texts = []
+    for _ in range(10):
+        words = sentence(rng, 12)
+        texts += [" ".join(words), " ".join(words[:10])]
+    assert {jaccard(texts[i], texts[i + 1]) for i in range(0, 20, 2)} == {0.8}
+    out = MinHashFilter(MinHashConfig(threshold=0.8)).process(pl.DataFrame({"instruction": texts}),
+                                                              ctx := StepContext())
+    candidates = ctx.report["candidate_pairs"]
+    assert candidates > 0 and ctx.report["verified_pairs"] == candidates
+    assert ctx.report["dropped"] == ctx.report["clusters"] == candidates
+    assert all(row % 2 == 1 and pointer == row - 1 for row, pointer in enumerate(pointers(out)) if pointer is not None)
 
 
 def test_short_texts_are_one_shingle():
@@ -120,6 +147,28 @@ def test_columns_joins_every_column():
     step = MinHashFilter(MinHashConfig(columns=["instruction", "response"]))
     assert step.requires() == ["instruction", "response"]
     assert step.process(table)["_duplicate_of"].to_list() == [None, None, None]
+
+
+def test_columns_are_joined_by_a_line_break_and_a_missing_one_is_left_out():
+    words = sentence(np.random.default_rng(8), 30)
+    split = [(" ".join(words[:10]), " ".join(words[10:])), (" ".join(words[:20]), " ".join(words[20:])),
+             (" ".join(words), None), (None, " ".join(words))]
+    table = pl.DataFrame(split, schema={"instruction": pl.String, "response": pl.String}, orient="row")
+    out = MinHashFilter(MinHashConfig(columns=["instruction", "response"])).process(table)
+    assert out[DROP].to_list() == [None] + ["near_duplicate"] * 3  # the same 30 words, cut in other places
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_char_shingles_of_empty_rows_are_none(normalize):
+    assert dedup(["", "", "abc def", "abc def", None], shingle="char", ngram=3, normalize=normalize)[DROP].to_list() \
+        == [None, None, None, "near_duplicate", None]
+
+
+def test_without_normalize_char_shingles_still_collapse_whitespace_and_case_is_an_option():
+    assert dropped_rows(dedup(["a  b", "A b", "a\tb"], shingle="char", ngram=3, normalize=False)) == [1, 2]
+    texts = ["Hello world there friend", "hello world there friend"]
+    assert dropped_rows(dedup(texts, normalize=False)) == [1]
+    assert dropped_rows(dedup(texts, normalize=False, lowercase=False)) == []
 
 
 def test_char_shingles_catch_a_changed_character():
@@ -169,12 +218,54 @@ def test_chunks_and_blocks_do_not_change_the_result(monkeypatch):
     rng = np.random.default_rng(6)
     originals = [" ".join(sentence(rng, int(rng.integers(1, 120)))) for _ in range(60)]
     texts = originals + [text + " again" for text in originals[:30]] + ["", None]
-    expected = dedup(texts)
-    assert expected[DROP].null_count() < len(texts)
+    expected, estimated = dedup(texts), dedup(texts, verify=False)
+    assert expected[DROP].null_count() < len(texts) and estimated[DROP].null_count() < len(texts)
     monkeypatch.setattr(minhash, "CHUNK_ROWS", 7)  # rows in threads, in chunks of 7 rows
     monkeypatch.setattr(minhash, "CHUNK_BYTES", 500)  # ... or of about 500 bytes of text
     monkeypatch.setattr(minhash, "SHINGLE_BLOCK", 5)  # long rows split between blocks of shingles
+    monkeypatch.setattr(minhash, "PAIR_VALUES", 150)  # exact Jaccard of a few pairs at a time (one pair
+    monkeypatch.setattr(minhash, "PAIR_BLOCK", 3)  # may hold more than that), estimates of 3 pairs
     assert dedup(texts).equals(expected)
+    assert dedup(texts, verify=False).equals(estimated)
+
+
+def test_the_estimate_is_the_share_of_equal_signature_values(monkeypatch):
+    signatures = np.array([[1, 2, 3, 4], [1, 2, 0, 4], [9, 9, 9, 9], [1, 9, 3, 9]], dtype=np.uint32)
+    left, right = np.array([0, 0, 1, 3, 2]), np.array([1, 2, 3, 0, 2])
+    expected = [0.75, 0.0, 0.25, 0.5, 1.0]
+    assert minhash.agreement(signatures, left, right).tolist() == expected
+    monkeypatch.setattr(minhash, "PAIR_BLOCK", 2)  # pairs in blocks of 2: three blocks, the last one short
+    assert minhash.agreement(signatures, left[::-1], right[::-1]).tolist() == expected[::-1]
+
+
+def test_without_verify_the_detail_gives_the_minhash_estimate():
+    # Copies that are the same after simplification have equal signatures: an estimate of exactly 1.
+    out = dedup(["a b c d e", "x y z", "A b c d e!"], verify=False)
+    assert out[DROP].to_list() == [None, None, "near_duplicate"]
+    assert out[DROP_DETAIL].to_list() == [None, None, "estimated Jaccard 1.0 with the kept row (position 0 in "
+                                                      "the step's input)"]
+
+
+def test_the_fingerprint_changes_with_the_options_and_the_polars_version(monkeypatch):
+    # Token hashes come from polars: a cached result from another polars version is not reused.
+    step = MinHashFilter(MinHashConfig())
+    assert step.fingerprint() == MinHashFilter(MinHashConfig()).fingerprint()
+    assert step.fingerprint() != MinHashFilter(MinHashConfig(threshold=0.7)).fingerprint()
+    before = step.fingerprint()
+    monkeypatch.setattr(pl, "__version__", pl.__version__ + ".other")
+    assert step.fingerprint() != before
+
+
+def test_blocks_signed_apart_and_combined_give_the_verdicts_of_the_whole(monkeypatch):
+    # As the Ray executor runs it: `partial` on each block of rows, in order, then `combine`.
+    rng = np.random.default_rng(7)
+    originals = [" ".join(sentence(rng, 40)) for _ in range(6)]
+    table = pl.DataFrame({"instruction": originals + [text + " again" for text in originals[:3]] + [""]})
+    step = MinHashFilter(MinHashConfig())
+    whole = step.process(table)
+    assert dropped_rows(whole) == [6, 7, 8]
+    partials = [step.partial(table.slice(start, 4)) for start in range(0, table.height, 4)]
+    assert step.combine(table, partials).equals(whole)
 
 
 def test_progress_counts_every_row():
@@ -230,11 +321,14 @@ def test_a_recipe_runs_end_to_end_through_the_cli(write_recipe, tmp_path):
 
 
 @pytest.mark.parametrize("options, key, message", [
-    ("threshold: 1.5", "threshold", "threshold must be strictly between 0 and 1, got 1.5"),
+    ("threshold: 1.5", "threshold", "threshold must be strictly between 0 and 1, got 1.5; set it to e.g. 0.8 "
+                                    "(higher drops only closer duplicates)"),
     ("threshold: 0", "threshold", "threshold must be strictly between 0 and 1, got 0.0"),
+    ("threshold: 1", "threshold", "threshold must be strictly between 0 and 1, got 1.0"),
     ("num_perm: 0", "num_perm", "must be at least 16, got 0; set it to 16 or more"),
     ("shingle: words", "shingle", "'words' is not one of word, char; did you mean 'word'?"),
-    ("columns: []", "columns", "`columns` is an empty list"),
+    ("columns: []", "columns", "`columns` is an empty list; name at least one column, or remove `columns` to use "
+                               "`column`"),
     ("colum: instruction", "colum", "unknown key 'colum'; did you mean 'column'?"),
 ])
 def test_bad_options_name_the_key_path_and_the_fix(write_recipe, options, key, message):

@@ -133,6 +133,20 @@ def test_an_empty_reference_without_an_id_is_named_by_its_task(tmp_path):
         Verify(VerifyConfig()).process(batch)
 
 
+@pytest.mark.parametrize("instruction, named", [
+    ("x" * 60, "the row with instruction '" + "x" * 60 + "'"),  # 60 characters: whole
+    ("y" * 60 + "z", "the row with instruction '" + "y" * 60 + "...'"),  # longer: its first 60 and ...
+])
+def test_a_row_is_named_by_its_task_cut_at_60_characters(instruction, named):
+    from factory.steps.verify import Verify, VerifyConfig
+
+    batch = pl.DataFrame({"instruction": ["What is 2 + 2?", instruction], "answer": ["4", ""],
+                          "prediction": ["4", "6"]})
+    with pytest.raises(FactoryError) as err:
+        Verify(VerifyConfig()).process(batch)
+    assert str(err.value).startswith(f"steps[0].verify: {named}: the reference '' in column 'answer' is empty")
+
+
 # -- factory eval and the eval of factory evolve ------------------------------------------
 
 SCRIPTED = ScriptedConfig(rules=[{"match": "eggs", "reply": "9 * 2 = 18. The answer is 18."},
