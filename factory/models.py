@@ -166,17 +166,6 @@ def pick_dtype(dtype: str, device: str):
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
 
 
-def cpu_has_bf16_matrix_units() -> bool:
-    """Whether this CPU multiplies bfloat16 matrices in hardware (Intel AMX): there a bfloat16
-    matmul of a small model's size runs about 4x float32's (0.13 against 0.52 ms for 64 x 576 x
-    1536 on a Xeon here), where without it bfloat16 is several times slower than float32."""
-    try:
-        with open("/proc/cpuinfo") as info:
-            return any(line.startswith("flags") and " amx_bf16" in line for line in info)
-    except OSError:  # not Linux: no way to tell, keep float32
-        return False
-
-
 def load_causal_lm(model: str, *, device: str = "auto", dtype: str = "auto"):
     """Loads ``model`` as a causal LM on ``device`` (GGUF weights are de-quantised)."""
     from transformers import AutoModelForCausalLM

@@ -75,7 +75,7 @@ def varied_replies(varied_model_dir) -> list[str]:
 
 
 def varied_backend(model_dir, **options) -> TransformersBackend:
-    # float32: `auto` is bfloat16 on CPUs with AMX, where padding alone can break near-ties apart.
+    # float32: `auto` is bfloat16 where the CPU probe finds it faster, and padding alone can break its near-ties apart.
     return TransformersBackend(TransformersConfig(model=str(model_dir), dtype="float32", **options))
 
 

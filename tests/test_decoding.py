@@ -3,6 +3,8 @@ rows leaving and joining the batch as replies end."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from factory.llm import GenerationParams, TransformersBackend, TransformersConfig
@@ -12,7 +14,7 @@ PROMPTS = [[{"role": "user", "content": f"question {i}: " + "more words " * (i %
 
 
 def backend(model_dir, **options) -> TransformersBackend:
-    # float32 everywhere: `auto` is bfloat16 on CPUs with AMX, where near-ties could break apart.
+    # float32 everywhere: `auto` is bfloat16 where the CPU probe finds it faster, and its near-ties could break apart.
     b = TransformersBackend(TransformersConfig(model=str(model_dir), **{"dtype": "float32", **options}))
     b.load()
     return b
@@ -83,16 +85,46 @@ def test_a_cache_that_cannot_be_cut_falls_back_to_static_batches(varied_model_di
     assert not b._slots  # and the next calls go straight to static batches
 
 
-def test_auto_dtype_is_bfloat16_only_on_cpus_with_matrix_units(tiny_model_dir, monkeypatch):
+def test_auto_dtype_is_bfloat16_only_where_the_probe_finds_it_faster(tiny_model_dir, monkeypatch):
     import torch
 
-    from factory.llm import transformers_backend
+    from factory.llm import cpu
 
-    for has_units, expected in ((True, torch.bfloat16), (False, torch.float32)):
-        monkeypatch.setattr(transformers_backend, "cpu_has_bf16_matrix_units", lambda: has_units)
+    for speedup, expected in ((1.9, torch.bfloat16), (1.1, torch.float32)):
+        monkeypatch.setattr(cpu, "bfloat16_speedup", lambda speedup=speedup: {"speedup": speedup})
         b = TransformersBackend(TransformersConfig(model=str(tiny_model_dir), device="cpu"))
         b.load()
         assert b.model.dtype == expected
         assert b.chat(PROMPTS[:2], GenerationParams(max_tokens=4))[0].completion_tokens == 4
     explicit = TransformersBackend(TransformersConfig(model=str(tiny_model_dir), device="cpu", dtype="float32"))
     assert explicit.dtype_on("cpu") == "float32"
+
+
+def test_the_dtype_probe_is_measured_once_per_machine_and_kept(tmp_path, monkeypatch):
+    from factory.llm import cpu
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    timed = []
+
+    def fake_time(dtype):
+        timed.append(str(dtype))
+        return 2.0 if "float32" in str(dtype) else 1.0
+
+    monkeypatch.setattr(cpu, "_time_linears", fake_time)
+    first = cpu.bfloat16_speedup()
+    assert first["speedup"] == 2.0 and len(timed) == 2
+    assert cpu.bfloat16_speedup() == first and len(timed) == 2  # read back, not measured again
+    kept = json.loads((tmp_path / "factory" / cpu.PROBE_FILE).read_text())
+    assert list(kept.values()) == [first] and cpu._machine_key() in kept
+    assert cpu.cpu_prefers_bfloat16()
+    monkeypatch.setattr(cpu, "_time_linears", lambda dtype: 1.0)
+    assert cpu.bfloat16_speedup(refresh=True)["speedup"] == 1.0 and not cpu.cpu_prefers_bfloat16()
+    (tmp_path / "factory" / cpu.PROBE_FILE).write_text("not json")  # a damaged file is measured again
+    assert cpu.bfloat16_speedup()["speedup"] == 1.0
+
+
+def test_the_real_probe_times_both_dtypes():
+    from factory.llm import cpu
+
+    for dtype in ("float32", "bfloat16"):
+        assert 0 < cpu._time_linears(getattr(__import__("torch"), dtype)) < 1000

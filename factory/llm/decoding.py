@@ -8,6 +8,11 @@ batch is a set of ``slots``: after each step the finished sequences are dropped 
 batch and its key/value cache, and when enough slots are free the next prompts are
 prefilled and their caches joined to the running ones (left-padded to a common length and
 masked, as ``generate`` pads a batch). Columns that are padding in every row are cut off.
+The cache does all of that in place (:func:`growing_layer`): a row that leaves is overwritten
+by the last row, joining rows are written below the others. Prompts are read once for their
+common prefix (a system prompt, a few-shot template) and then in chunks of similar lengths
+(:func:`shared_prefix`, :func:`length_chunks`). ``bench/embedded_profile.py`` shows where a
+step's time goes; ``docs/performance.md`` has the figures.
 
 It handles what the factory's requests ask of a local model: greedy decoding or sampling
 (temperature, top-p, and the model's own top-k as ``generate`` applies it), several samples
@@ -64,6 +69,7 @@ class SlotDecoder:
             generator: torch.Generator | None = None) -> None:
         """Decodes every sequence (in order of the list, refilling as slots free up); calls
         ``on_finished`` with each as it ends."""
+        self._columns = room_for(self.model, self.slots, params.max_tokens)
         with native_gqa(self.device):
             self._run(sequences, params, on_finished, generator)
 
@@ -72,15 +78,18 @@ class SlotDecoder:
         waiting = list(reversed(sequences))  # pop() takes from the front of the list
         live: list[Sequence] = []
         cache, mask, last = None, None, None
-        # Refill once a quarter of the slots is free: each refill copies the running cache once.
+        # Refill once a quarter of the slots is free: each refill is a forward pass of its own.
         refill_at = max(1, self.slots // 4)
         while waiting or live:
             free = self.slots - len(live)
             if waiting and (not live or free >= min(refill_at, len(waiting))):
-                joining = [waiting.pop() for _ in range(min(free, len(waiting)))]
-                new_cache, new_mask, logits = self._prefill(joining)
+                joining, parts, logits = self._prefill([waiting.pop() for _ in range(min(free, len(waiting)))])
                 first = self._choose(logits, params, generator)
-                cache, mask = (new_cache, new_mask) if cache is None else self._join(cache, mask, new_cache, new_mask)
+                for part_cache, part_mask in parts:
+                    if cache is None:
+                        cache, mask = part_cache, part_mask
+                    else:
+                        mask = _append_rows(cache, mask, part_cache, part_mask)
                 running = len(live)
                 live += joining
                 last = first if last is None else torch.cat([last, first])
@@ -96,14 +105,12 @@ class SlotDecoder:
                 last = self._choose(out.logits[:, -1, :], params, generator)
                 keep = self._advance(live, last.tolist(), params, on_finished)
             if len(keep) < len(live):
-                live = [live[i] for i in keep]
-                if not live:
-                    cache, mask, last = None, None, None
+                if not keep:
+                    live, cache, mask, last = [], None, None, None
                     continue
-                index = torch.tensor(keep, device=self.device)
-                cache.batch_select_indices(index)
-                mask, last = mask[index], last[index]
-                cache, mask = self._trim(cache, mask)
+                order = _fill_holes(keep)
+                mask, last = _drop_rows(cache, mask, last, order)
+                live = [live[i] for i in order]
 
     def _advance(self, live: list[Sequence], tokens: list[int], params: GenerationParams,
                  on_finished: Finished) -> list[int]:
@@ -125,50 +132,59 @@ class SlotDecoder:
         return any(s in tail for s in stop)
 
     def _prefill(self, joining: list[Sequence]):
-        """Reads the prompts of the joining sequences (each distinct prompt once); returns their
-        cache, attention mask and next-token logits, one row per sequence."""
-        distinct: dict[tuple[int, ...], int] = {}
-        rows = [distinct.setdefault(tuple(s.prompt), len(distinct)) for s in joining]
+        """Reads the prompts of the joining sequences, each distinct prompt once. Returns the
+        sequences in the order of their rows, the caches and attention masks of the rows (in
+        parts, to be appended one after the other) and each row's next-token logits.
+
+        The prompts' common prefix (a system prompt, a few-shot template) is read once and its
+        cache shared by every row; the rest of each prompt is read in chunks of similar lengths,
+        so that little is computed on padding. A row's cache is [prefix, padding, its own
+        tokens], masked where it is padding."""
+        distinct: dict[tuple[int, ...], list[Sequence]] = {}
+        for sequence in joining:
+            distinct.setdefault(tuple(sequence.prompt), []).append(sequence)
         prompts = list(distinct)
+        shared = shared_prefix(prompts)
+        prefix = self._read([prompts[0][:shared]], None)[0] if shared else None
+        ordered, parts, logits = [], [], []
+        for chunk in length_chunks([len(p) - shared for p in prompts]):
+            cache, mask, last = self._read([prompts[i][shared:] for i in chunk], prefix)
+            rows = [row for row, i in enumerate(chunk) for _ in distinct[prompts[i]]]
+            if len(rows) > len(chunk):  # several samples of a prompt: its row copied for each
+                index = torch.tensor(rows, device=self.device)
+                cache.batch_select_indices(index)
+                mask, last = mask[index], last[index]
+            ordered += [sequence for i in chunk for sequence in distinct[prompts[i]]]
+            parts.append((cache, mask))
+            logits.append(last)
+        return ordered, parts, torch.cat(logits)
+
+    def _read(self, prompts: list[tuple[int, ...]], prefix):
+        """One forward pass over ``prompts`` (left-padded to a common length), after the one-row
+        cache ``prefix`` when given; returns the cache, the attention mask and the last logits."""
         width = max(len(p) for p in prompts)
         ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(prompts), width), dtype=torch.long)
         for i, prompt in enumerate(prompts):
             ids[i, width - len(prompt):] = torch.tensor(prompt)
             mask[i, width - len(prompt):] = 1
+        cache = growing_cache(self.model, rows=self.slots, columns=self._columns)
+        held = 0
+        if prefix is not None:
+            held = prefix.layers[0].keys.shape[-2]
+            for layer, shared in zip(cache.layers, prefix.layers):
+                layer.lazy_initialization(shared.keys, shared.values)
+                layer.keys = shared.keys.expand(len(prompts), -1, -1, -1)
+                layer.values = shared.values.expand(len(prompts), -1, -1, -1)
+            mask = torch.cat([mask.new_ones((len(prompts), held)), mask], dim=1)
         ids, mask = ids.to(self.device), mask.to(self.device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, held:]
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                         logits_to_keep=1, **{self.cache_key: growing_cache(self.model)})
-        cache = self._cache_of(out)
-        logits = out.logits[:, -1, :]
-        if rows != list(range(len(prompts))):
-            index = torch.tensor(rows, device=self.device)
-            cache.batch_select_indices(index)
-            mask, logits = mask[index], logits[index]
-        return cache, mask, logits
+                         logits_to_keep=1, **{self.cache_key: cache})
+        return self._cache_of(out), mask, out.logits[:, -1, :]
 
     def _cache_of(self, out):
         return out.get(self.cache_key)
-
-    @staticmethod
-    def _join(cache, mask, new_cache, new_mask):
-        """The running rows and the joining ones in one cache, left-padded to a common length."""
-        width = max(mask.shape[1], new_mask.shape[1])
-        for old, new in zip(cache.layers, new_cache.layers):
-            old.keys = torch.cat([_pad_left(old.keys, width, -2), _pad_left(new.keys, width, -2)])
-            old.values = torch.cat([_pad_left(old.values, width, -2), _pad_left(new.values, width, -2)])
-        return cache, torch.cat([_pad_left(mask, width, -1), _pad_left(new_mask, width, -1)])
-
-    @staticmethod
-    def _trim(cache, mask):
-        """Cuts the leading columns that are padding in every row."""
-        lead = int(mask.any(dim=0).long().argmax())
-        if lead > 0:
-            for layer in cache.layers:
-                layer.keys, layer.values = layer.keys[:, :, lead:], layer.values[:, :, lead:]
-            mask = mask[:, lead:]
-        return cache, mask
 
     def _choose(self, logits: torch.Tensor, params: GenerationParams,
                 generator: torch.Generator | None) -> torch.Tensor:
@@ -218,13 +234,15 @@ def cache_argument(model) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
-def growing_cache(model):
-    """An empty cache for ``model`` whose layers grow in place (:func:`growing_layer`)."""
+def growing_cache(model, rows: int = 0, columns: int = 0):
+    """An empty cache for ``model`` whose layers grow in place (:func:`growing_layer`), with room
+    for ``rows`` rows and ``columns`` columns beyond the first tokens written."""
     from transformers import DynamicCache
 
     cache = DynamicCache(config=model.config)
     check_cache(cache)
-    cache.layers = [growing_layer()() for _ in cache.layers]
+    layer = growing_layer()
+    cache.layers = [layer(rows, columns) for _ in cache.layers]
     return cache
 
 
@@ -245,36 +263,208 @@ _GROWING = None
 
 def growing_layer() -> type:
     """transformers' ``DynamicLayer`` appends a token by concatenation, which copies the layer's
-    whole cache at every step (about a seventh of a CPU decoding step of the embedded model).
-    This one keeps its keys and values as views of buffers with room to grow, and writes each
-    token in place; it copies only when the buffer is full or the rows changed (a row left,
-    rows joined, padding was cut)."""
+    whole cache at every step, and cutting or joining rows copies it again. This layer keeps its
+    keys and values as views ``buffer[:rows, :, start:end]`` of buffers with room for more rows
+    and columns: a token is written in place, a finished row is overwritten by the last row,
+    joining rows are written below the others, and leading padding is cut by moving ``start``.
+    It copies the cache only when a buffer is full, or when its keys were replaced from outside
+    (transformers' own ``batch_select_indices``, say)."""
     global _GROWING
     if _GROWING is None:
         from transformers.cache_utils import DynamicLayer
 
         class GrowingLayer(DynamicLayer):
-            buffers: tuple[torch.Tensor, torch.Tensor] | None = None
+            def __init__(self, rows: int = 0, columns: int = 0):
+                super().__init__()
+                self.room_rows, self.room_columns = rows, columns
+                self.buffers: tuple[torch.Tensor, torch.Tensor] | None = None
+                self.rows = self.start = self.end = 0
+                self._view = None
 
             def update(self, key_states, value_states, *args, **kwargs):
                 if not self.is_initialized:
                     self.lazy_initialization(key_states, value_states)
-                held = self.keys.shape[-2] if self.keys.numel() else 0
-                needed = held + key_states.shape[-2]
-                room = self.buffers
-                if (room is None or needed > room[0].shape[-2] or room[0].shape[0] != key_states.shape[0]
-                        or (held and self.keys.data_ptr() != room[0].data_ptr())):
-                    shape = (*key_states.shape[:2], needed + max(32, needed // 4), key_states.shape[-1])
-                    room = key_states.new_empty(shape), value_states.new_empty(shape)
-                    if held:
-                        room[0][:, :, :held], room[1][:, :, :held] = self.keys, self.values
-                    self.buffers = room
-                room[0][:, :, held:needed], room[1][:, :, held:needed] = key_states, value_states
-                self.keys, self.values = room[0][:, :, :needed], room[1][:, :, :needed]
+                self._adopt(key_states)
+                new = key_states.shape[-2]
+                self._make_room(self.rows, right=new)
+                keys, values = self.buffers
+                keys[:self.rows, :, self.end:self.end + new] = key_states
+                values[:self.rows, :, self.end:self.end + new] = value_states
+                self.end += new
+                return self._set_view()
+
+            def _adopt(self, like: torch.Tensor) -> None:
+                """Takes keys and values set from outside (or none yet) into buffers of its own."""
+                if self.buffers is not None and self.keys is self._view:
+                    return
+                held = self.keys.shape[-2] if self.keys is not None and self.keys.numel() else 0
+                self.rows = self.keys.shape[0] if held else like.shape[0]
+                old = (self.keys, self.values)
+                self.buffers, self.start, self.end = None, 0, 0
+                self._allocate(self.rows, held, like)
+                if held:
+                    self.buffers[0][:self.rows, :, :held], self.buffers[1][:self.rows, :, :held] = old
+                self.end = held
+
+            def _allocate(self, rows: int, columns: int, like: torch.Tensor, left: int = 0) -> None:
+                """New buffers for ``rows`` rows and ``columns`` columns (plus room), holding the current
+                rows ``left`` columns to the right of column 0, which is zeros up to there."""
+                width = left + columns
+                # Room for the tokens still to come on the first allocation (the rows' prompts), and
+                # then twice what is held: each new buffer's pages are faulted in as it is written.
+                room = max(self.room_columns, 32) if self.buffers is None else max(width, self.room_columns, 32)
+                shape = (max(rows, self.room_rows), like.shape[1], width + room, like.shape[-1])
+                keys, values = like.new_empty(shape), like.new_empty(shape)
+                if self.buffers is not None:
+                    held = self.end - self.start
+                    keys[:self.rows, :, left:left + held] = self.buffers[0][:self.rows, :, self.start:self.end]
+                    values[:self.rows, :, left:left + held] = self.buffers[1][:self.rows, :, self.start:self.end]
+                    self.start, self.end = 0, left + held
+                if left:
+                    keys[:self.rows, :, :left] = 0
+                    values[:self.rows, :, :left] = 0
+                self.buffers = keys, values
+
+            def _make_room(self, rows: int, right: int = 0, left: int = 0) -> None:
+                """Room for ``rows`` rows, ``right`` more columns after the last and ``left`` more before
+                the first (zeros in the current rows)."""
+                keys, _ = self.buffers
+                if rows > keys.shape[0] or self.end + right > keys.shape[2] or left > self.start:
+                    self._allocate(rows, self.end - self.start + right, keys, left=left)
+                elif left:
+                    self.start -= left
+                    for buffer in self.buffers:
+                        buffer[:self.rows, :, self.start:self.start + left] = 0
+
+            def _set_view(self):
+                keys, values = self.buffers
+                self.keys = self._view = keys[:self.rows, :, self.start:self.end]
+                self.values = values[:self.rows, :, self.start:self.end]
                 return self.keys, self.values
+
+            def append_rows(self, other) -> None:
+                """Writes the rows of ``other`` below these, right-aligned (left-padded with zeros)."""
+                self._adopt(other.keys)
+                count, width = other.keys.shape[0], other.keys.shape[-2]
+                self._make_room(self.rows + count, left=max(0, width - (self.end - self.start)))
+                for buffer, states in zip(self.buffers, (other.keys, other.values)):
+                    buffer[self.rows:self.rows + count, :, self.start:self.end - width] = 0
+                    buffer[self.rows:self.rows + count, :, self.end - width:self.end] = states
+                self.rows += count
+                self._set_view()
+
+            def move_rows(self, holes: torch.Tensor, movers: torch.Tensor, rows: int) -> None:
+                """Copies rows ``movers`` onto rows ``holes`` and keeps the first ``rows``."""
+                self._adopt(self.keys)
+                if len(holes):
+                    for buffer in self.buffers:
+                        buffer[holes, :, self.start:self.end] = buffer[movers, :, self.start:self.end]
+                self.rows = rows
+                self._set_view()
+
+            def cut_left(self, columns: int) -> None:
+                self._adopt(self.keys)
+                self.start += columns
+                self._set_view()
 
         _GROWING = GrowingLayer
     return _GROWING
+
+
+def _append_rows(cache, mask: torch.Tensor, new_cache, new_mask: torch.Tensor) -> torch.Tensor:
+    """Appends the rows of ``new_cache`` to ``cache``; returns the attention mask of all rows."""
+    for layer, new in zip(cache.layers, new_cache.layers):
+        layer.append_rows(new)
+    width = max(mask.shape[1], new_mask.shape[1])
+    return torch.cat([_pad_left(mask, width, -1), _pad_left(new_mask, width, -1)])
+
+
+def _fill_holes(keep: list[int]) -> list[int]:
+    """The rows' new order when only ``keep`` go on: each kept row stays where it is, except the
+    last ones, which move into the places of the rows that left (one copy per row that left)."""
+    count = len(keep)
+    kept = set(keep)
+    movers = iter(row for row in keep if row >= count)
+    return [row if row in kept else next(movers) for row in range(count)]
+
+
+def _drop_rows(cache, mask: torch.Tensor, last: torch.Tensor, order: list[int]):
+    """Keeps the rows ``order`` (from :func:`_fill_holes`) of the cache, the mask and the last
+    tokens, then cuts the leading columns that are padding in every row."""
+    moved = [(hole, row) for hole, row in enumerate(order) if hole != row]
+    holes = torch.tensor([h for h, _ in moved], dtype=torch.long, device=mask.device)
+    movers = torch.tensor([r for _, r in moved], dtype=torch.long, device=mask.device)
+    for layer in cache.layers:
+        layer.move_rows(holes, movers, len(order))
+    index = torch.tensor(order, device=mask.device)
+    mask, last = mask[index], last[index]
+    lead = int(mask.any(dim=0).long().argmax())
+    if lead > 0:
+        for layer in cache.layers:
+            layer.cut_left(lead)
+        mask = mask[:, lead:]
+    return mask, last
+
+
+CACHE_MEMORY_SHARE = 0.125  # of the available memory, for the key/value cache reserved at once
+
+
+def room_for(model, rows: int, tokens: int) -> int:
+    """Columns of key/value cache to reserve beyond the prompts: ``tokens`` (the reply's budget) when
+    ``rows`` rows of it take at most an eighth of the free memory (the GPU's, for a model on one),
+    else 0 (the cache then grows as it fills)."""
+    config = getattr(model, "config", None)
+    try:
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        layers, heads = text.num_hidden_layers, getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+        dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    except (AttributeError, TypeError, ZeroDivisionError):
+        return 0
+    weight = next(model.parameters())
+    needed = 2 * layers * heads * dim * weight.element_size() * rows * tokens
+    if weight.device.type == "cuda":
+        available = torch.cuda.mem_get_info(weight.device)[0]
+    else:
+        from .cpu import available_memory
+
+        available = available_memory()
+    return tokens if available is None or needed <= CACHE_MEMORY_SHARE * available else 0
+
+
+SHARED_MIN = 8  # a common prefix shorter than this is read with each prompt
+CHUNK_MIN = 256  # tokens: a prefill chunk is not cut before it holds this many (small matmuls are slow)
+
+
+def shared_prefix(prompts: list[tuple[int, ...]]) -> int:
+    """The length of the prompts' common prefix worth reading once: 0 for one prompt or a prefix
+    under :data:`SHARED_MIN` tokens; at most the shortest prompt's length less one, so that every
+    prompt keeps a token of its own to read (its logits give the first reply token)."""
+    if len(prompts) < 2:
+        return 0
+    first, shortest = prompts[0], min(len(p) for p in prompts)
+    length = 0
+    while length < shortest - 1 and all(p[length] == first[length] for p in prompts):
+        length += 1
+    return length if length >= SHARED_MIN else 0
+
+
+def length_chunks(lengths: list[int]) -> list[list[int]]:
+    """The indices of ``lengths``, longest first, cut into chunks to prefill one at a time: a chunk
+    is closed when the next length would make more than a fifth of it padding, once it holds
+    :data:`CHUNK_MIN` tokens."""
+    chunks: list[list[int]] = []
+    current: list[int] = []
+    tokens = 0
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        if current:
+            width = lengths[current[0]]
+            padded = (len(current) + 1) * width
+            if len(current) * width >= CHUNK_MIN and padded - (tokens + lengths[i]) > padded / 5:
+                chunks.append(current)
+                current, tokens = [], 0
+        current.append(i)
+        tokens += lengths[i]
+    return chunks + [current] if current else chunks
 
 
 def _pad_left(tensor: torch.Tensor, width: int, dim: int) -> torch.Tensor:

@@ -12,7 +12,6 @@ from ..hashing import fingerprint_int
 from ..models import (
     adapter_fingerprint,
     check_adapter,
-    cpu_has_bf16_matrix_units,
     load_causal_lm,
     load_tokenizer,
     model_fingerprint,
@@ -51,9 +50,10 @@ class TransformersConfig:
                                          "under a JSON Schema always take static batches.")
     device: str = option("auto", help="`auto` (CUDA when available, else CPU), `cpu`, `cuda`, `cuda:1`...")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = option(
-        "auto", help="Weights dtype; `auto` is bfloat16 on a GPU and on a CPU with bfloat16 matrix units "
-                     "(Intel AMX: about 1.4x the tokens/s of float32 with the embedded model), float32 on "
-                     "other CPUs.")
+        "auto", help="Weights dtype; `auto` is bfloat16 on a GPU, and on a CPU where a probe (run once per "
+                     "machine, kept in ~/.cache/factory/cpu_dtype_probe.json) finds bfloat16 matmuls at least "
+                     "1.4x as fast as float32's (AMX, or AVX-512 with bf16); float32 on other CPUs. bfloat16 "
+                     "replies differ from float32's after some tokens.")
     max_input_tokens: int = option(4096, help="Longer prompts fail with reason `prompt_too_long`.", min=1)
     chat_template: str | None = option(None, help="A Jinja chat template for models that ship none.")
 
@@ -129,16 +129,23 @@ class TransformersBackend(Backend):
         # Inference only: no parameter needs a gradient. Set on this model, not with the
         # process-wide torch.set_grad_enabled, which would break training in the same process.
         model.requires_grad_(False)
+        if device == "cpu":
+            from .cpu import pack_linears, use_decode_attention
+
+            log.debug("%d linear layers packed for oneDNN", pack_linears(model))
+            use_decode_attention(model)
         if model.generation_config.pad_token_id is None:
             model.generation_config.pad_token_id = tokenizer.pad_token_id
         self.model, self.tokenizer, self.device = model, tokenizer, device
 
     def dtype_on(self, device: str) -> str:
-        """The weights' dtype: the configured one, or for `auto` on a CPU, bfloat16 where the CPU
-        has matrix units for it (the models are trained in bfloat16; the embedded one is 4-bit
-        weights to begin with)."""
-        if self.config.dtype == "auto" and device == "cpu" and cpu_has_bf16_matrix_units():
-            return "bfloat16"
+        """The weights' dtype: the configured one, or for `auto` on a CPU, bfloat16 where it measures
+        faster (:func:`factory.llm.cpu.cpu_prefers_bfloat16`; the models are trained in bfloat16, the
+        embedded one is 4-bit weights to begin with), else float32."""
+        if self.config.dtype == "auto" and device == "cpu":
+            from .cpu import cpu_prefers_bfloat16
+
+            return "bfloat16" if cpu_prefers_bfloat16() else "float32"
         return self.config.dtype
 
     @property
