@@ -247,15 +247,9 @@ def worker(name: str, spec_path: Path, out_path: Path) -> None:
 
 def cpu_line() -> str:
     """The CPU's model name and the flags that decide the dtypes and kernels."""
-    name, flags = "unknown CPU", set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and name == "unknown CPU":
-                name = line.split(":", 1)[1].strip()
-            elif line.startswith("flags") and not flags:
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
+    from factory.models import cpu_info
+
+    name, flags = cpu_info()
     shown = [f for f in ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile") if f in flags]
     return f"CPU: {name}; flags: {' '.join(shown) or 'none of avx2/avx512/amx'}"
 

@@ -166,6 +166,26 @@ def pick_dtype(dtype: str, device: str):
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
 
 
+def cpu_info() -> tuple[str, frozenset[str]]:
+    """This CPU's model name and flags, from ``/proc/cpuinfo`` (the platform's processor name and no
+    flags where there is none)."""
+    import platform
+
+    name, flags = "", frozenset()
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("model name") and not name:
+                    name = line.split(":", 1)[1].strip()
+                elif line.startswith("flags") and not flags:
+                    flags = frozenset(line.split(":", 1)[1].split())
+                if name and flags:
+                    break
+    except OSError:
+        pass
+    return name or platform.processor() or platform.machine(), flags
+
+
 def load_causal_lm(model: str, *, device: str = "auto", dtype: str = "auto"):
     """Loads ``model`` as a causal LM on ``device`` (GGUF weights are de-quantised)."""
     from transformers import AutoModelForCausalLM

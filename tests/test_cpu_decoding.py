@@ -177,8 +177,8 @@ def test_prompts_read_in_parts_reply_as_plain_generate(varied_model_dir, varied_
     reads = []
     original = decoding.SlotDecoder._read
     monkeypatch.setattr(decoding.SlotDecoder, "_read",
-                        lambda self, prompts, prefix: reads.append((len(prompts), prefix is not None))
-                        or original(self, prompts, prefix))
+                        lambda self, prompts, prefix, reserve: reads.append((len(prompts), prefix is not None))
+                        or original(self, prompts, prefix, reserve))
     b = TransformersBackend(TransformersConfig(model=str(varied_model_dir), dtype="float32", batch_size=8))
     assert [c.texts[0] for c in b.chat(VARIED, GenerationParams(max_tokens=8))] == varied_replies
     if shared_min == 8:  # the prefix read on its own (one row), then the prompts after it
@@ -223,8 +223,8 @@ def test_embedded_greedy_replies_are_token_identical_to_plain_generate(monkeypat
     reads = []
     original = decoding.SlotDecoder._read
     monkeypatch.setattr(decoding.SlotDecoder, "_read",
-                        lambda self, prompts, prefix: reads.append(prefix is not None)
-                        or original(self, prompts, prefix))
+                        lambda self, prompts, prefix, reserve: reads.append(prefix is not None)
+                        or original(self, prompts, prefix, reserve))
     b = TransformersBackend(TransformersConfig(model="embedded", dtype="float32", batch_size=4))
     b.load()
     assert sum(hasattr(m, "_packed_weight") for m in b.model.modules()) > 200

@@ -4,7 +4,7 @@
 which repacks the weight on every call and, on AMD CPUs, takes a slower code path: measured
 on a 2-core AMD EPYC (AVX-512, no AMX) at the embedded model's decoding shapes (64 rows),
 0.77 ms for a 576 x 1536 projection against 0.53 ms through oneDNN with the weight packed in
-advance, and 39 ms against 18 ms for its 49,152-token output layer (``bench/cpu_linear.py``).
+advance, and 39 ms against 18 ms for its 49,152-token output layer (``docs/performance.md``).
 :func:`pack_linears` packs the weight of every plain ``nn.Linear`` once
 (``torch.ops.mkldnn._reorder_linear_weight``) and routes the layer's forward through
 ``torch.ops.mkldnn._linear_pointwise``, the kernels ``torch.compile`` uses on a CPU. The
@@ -157,6 +157,8 @@ def bfloat16_speedup(refresh: bool = False) -> dict:
     import datetime
     import json
 
+    from ..models import cpu_info
+
     key = _machine_key()
     path = _cache_home() / PROBE_FILE
     try:
@@ -167,7 +169,7 @@ def bfloat16_speedup(refresh: bool = False) -> dict:
         return known[key]
     times = {name: _time_linears(dtype) for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16))}
     result = {"float32_ms": round(times["float32"], 4), "bfloat16_ms": round(times["bfloat16"], 4),
-              "speedup": round(times["float32"] / times["bfloat16"], 3), "cpu": _cpu_name(),
+              "speedup": round(times["float32"] / times["bfloat16"], 3), "cpu": cpu_info()[0],
               "measured": datetime.datetime.now().isoformat(timespec="seconds")}
     known[key] = result
     try:
@@ -216,30 +218,14 @@ def _time_linears(dtype: torch.dtype) -> float:
     return best
 
 
-def _cpu_name() -> str:
-    import platform
-
-    try:
-        with open("/proc/cpuinfo") as info:
-            for line in info:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _machine_key() -> str:
     import hashlib
 
-    flags = ""
-    try:
-        with open("/proc/cpuinfo") as info:
-            flags = next((line for line in info if line.startswith("flags")), "")
-    except OSError:
-        pass
-    digest = hashlib.sha256(flags.encode()).hexdigest()[:12]
-    return f"{_cpu_name()} | flags {digest} | torch {torch.__version__} | {torch.get_num_threads()} threads"
+    from ..models import cpu_info
+
+    name, flags = cpu_info()
+    digest = hashlib.sha256(" ".join(sorted(flags)).encode()).hexdigest()[:12]
+    return f"{name} | flags {digest} | torch {torch.__version__} | {torch.get_num_threads()} threads"
 
 
 def _cache_home():

@@ -83,7 +83,8 @@ class SlotDecoder:
         while waiting or live:
             free = self.slots - len(live)
             if waiting and (not live or free >= min(refill_at, len(waiting))):
-                joining, parts, logits = self._prefill([waiting.pop() for _ in range(min(free, len(waiting)))])
+                joining, parts, logits = self._prefill([waiting.pop() for _ in range(min(free, len(waiting)))],
+                                                       running=cache is not None)
                 first = self._choose(logits, params, generator)
                 for part_cache, part_mask in parts:
                     if cache is None:
@@ -131,10 +132,12 @@ class SlotDecoder:
         tail = self.tokenizer.decode(sequence.tokens[-(max(len(s) for s in stop) + 8):], skip_special_tokens=True)
         return any(s in tail for s in stop)
 
-    def _prefill(self, joining: list[Sequence]):
+    def _prefill(self, joining: list[Sequence], running: bool):
         """Reads the prompts of the joining sequences, each distinct prompt once. Returns the
         sequences in the order of their rows, the caches and attention masks of the rows (in
-        parts, to be appended one after the other) and each row's next-token logits.
+        parts, to be appended one after the other) and each row's next-token logits. Without a
+        ``running`` cache, the first part becomes it: only that one reserves room for every slot
+        and the replies' tokens; the prefix and the other parts are copied out and dropped.
 
         The prompts' common prefix (a system prompt, a few-shot template) is read once and its
         cache shared by every row; the rest of each prompt is read in chunks of similar lengths,
@@ -145,10 +148,11 @@ class SlotDecoder:
             distinct.setdefault(tuple(sequence.prompt), []).append(sequence)
         prompts = list(distinct)
         shared = shared_prefix(prompts)
-        prefix = self._read([prompts[0][:shared]], None)[0] if shared else None
+        prefix = self._read([prompts[0][:shared]], None, reserve=False)[0] if shared else None
         ordered, parts, logits = [], [], []
         for chunk in length_chunks([len(p) - shared for p in prompts]):
-            cache, mask, last = self._read([prompts[i][shared:] for i in chunk], prefix)
+            cache, mask, last = self._read([prompts[i][shared:] for i in chunk], prefix,
+                                           reserve=not running and not parts)
             rows = [row for row, i in enumerate(chunk) for _ in distinct[prompts[i]]]
             if len(rows) > len(chunk):  # several samples of a prompt: its row copied for each
                 index = torch.tensor(rows, device=self.device)
@@ -159,16 +163,18 @@ class SlotDecoder:
             logits.append(last)
         return ordered, parts, torch.cat(logits)
 
-    def _read(self, prompts: list[tuple[int, ...]], prefix):
+    def _read(self, prompts: list[tuple[int, ...]], prefix, reserve: bool):
         """One forward pass over ``prompts`` (left-padded to a common length), after the one-row
-        cache ``prefix`` when given; returns the cache, the attention mask and the last logits."""
+        cache ``prefix`` when given; returns the cache (with room for every slot and the replies'
+        tokens when ``reserve``), the attention mask and the last logits."""
         width = max(len(p) for p in prompts)
         ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(prompts), width), dtype=torch.long)
         for i, prompt in enumerate(prompts):
             ids[i, width - len(prompt):] = torch.tensor(prompt)
             mask[i, width - len(prompt):] = 1
-        cache = growing_cache(self.model, rows=self.slots, columns=self._columns)
+        cache = growing_cache(self.model, rows=self.slots, columns=self._columns) if reserve else \
+            growing_cache(self.model)
         held = 0
         if prefix is not None:
             held = prefix.layers[0].keys.shape[-2]
